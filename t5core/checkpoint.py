@@ -1,0 +1,357 @@
+"""What is this checkpoint? One detector for every format users have, and lazy per-tensor access to it.
+
+Formats: Hugging Face folders (single or sharded safetensors, or pytorch_model.bin read with weights_only),
+diffusers repos (text_encoder_2/ etc.), ComfyUI single files (any key prefix, scaled fp8 included), full
+encoder-decoder checkpoints (the encoder is taken), and tensorizer `enc.tensors` + config.json folders.
+Keys are reported in Hugging Face T5 naming with the prefix stripped; `native_target` maps them onto
+T5EncoderStack's fused parameters.
+"""
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .t5_common import GELUApprox, T5Config, T5FFNType
+
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".tensors", ".bin", ".pt", ".pth")
+DIFFUSERS_T5_SUBFOLDERS = ("text_encoder_2", "text_encoder_3", "text_encoder")
+# Each marker locates the encoder inside any prefix; group 1 is the prefix to strip.
+HF_MARKER = re.compile(r"^(.*?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")
+NATIVE_MARKER = re.compile(r"^(.*?)layers\.0\.attn\.qkv_proj\.weight$")
+FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used; the message names the file and the key or problem."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor sources: keys, shapes and one tensor at a time, never the whole file in memory
+# --------------------------------------------------------------------------------------------------
+class SafetensorsSource:
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self.handles, self.file_of = [], {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for bad headers / short files
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+            self.handles.append(h)
+            for k in h.keys():
+                self.file_of[k] = (f, h)
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.file_of[key][1].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        f, h = self.file_of[key]
+        try:
+            return h.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e}); the file may be truncated or corrupt") from e
+
+
+class TensorizerSource:
+    def __init__(self, path: Path) -> None:
+        try:
+            from tensorizer import TensorDeserializer
+        except ImportError as e:
+            raise CheckpointError(f"{path}: reading tensorizer files needs `pip install tensorizer`") from e
+        try:
+            self.deser = TensorDeserializer(str(path), lazy_load=True, device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable tensorizer file ({e})") from e
+        self.path = path
+
+    def keys(self) -> list[str]:
+        return list(self.deser.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.get(key).shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self.deser[key]
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e}); the file may be truncated or corrupt") from e
+
+
+class TorchFileSource:
+    """pytorch_model.bin and friends: tensors only (weights_only=True), memory-mapped."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.file_of, self.tensors = {}, {}
+        for f in files:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"{f}: not a loadable tensor-only torch file ({e})") from e
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{f}: expected a state dict of tensors, got {type(sd).__name__}")
+            self.tensors.update(sd)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Key naming
+# --------------------------------------------------------------------------------------------------
+_HF_LAYER = re.compile(r"^encoder\.block\.(\d+)\.layer\.([01])\.(.+)$")
+_HF_LAYER_PARTS = {
+    "SelfAttention.q.weight": ("attn.qkv_proj.weight", 0, 3),
+    "SelfAttention.k.weight": ("attn.qkv_proj.weight", 1, 3),
+    "SelfAttention.v.weight": ("attn.qkv_proj.weight", 2, 3),
+    "SelfAttention.o.weight": ("attn.o_proj.weight", 0, 1),
+    "SelfAttention.relative_attention_bias.weight": ("attn.relative_attention_bias.weight", 0, 1),
+    "DenseReluDense.wi_0.weight": ("ffn.ff_in.weight", 0, 2),
+    "DenseReluDense.wi_1.weight": ("ffn.ff_in.weight", 1, 2),
+    "DenseReluDense.wi.weight": ("ffn.ff_in.weight", 0, 1),
+    "DenseReluDense.wo.weight": ("ffn.ff_out.weight", 0, 1),
+}
+
+
+def native_target(hf_key: str, config: T5Config) -> Optional[tuple[str, int, int]]:
+    """Hugging Face key (prefix stripped) -> (T5EncoderStack parameter, part, parts); parts > 1 means the
+    tensor fills rows [part*n/parts, (part+1)*n/parts) of a fused parameter. None: not an encoder weight."""
+    if hf_key in ("shared.weight", "encoder.embed_tokens.weight"):
+        return "vocab_embed.weight", 0, 1
+    if hf_key == "encoder.final_layer_norm.weight":
+        return "ln.weight", 0, 1
+    m = _HF_LAYER.match(hf_key)
+    if m is None:
+        return None
+    block, sub, rest = int(m[1]), m[2], m[3]
+    if rest == "layer_norm.weight":
+        return f"layers.{block}.ln{int(sub) + 1}.weight", 0, 1
+    if rest not in _HF_LAYER_PARTS:
+        return None
+    name, part, parts = _HF_LAYER_PARTS[rest]
+    if name.endswith("relative_attention_bias.weight") and not config.pos_emb_per_layer:
+        return ("relative_attention_bias.weight", 0, 1) if block == 0 else None
+    return f"layers.{block}.{name}", part, parts
+
+
+def hf_key_of(native: str, part: int, config: T5Config) -> str:
+    """Inverse of native_target, for writing Hugging Face-compatible files."""
+    if native == "vocab_embed.weight":
+        return "shared.weight"
+    if native == "ln.weight":
+        return "encoder.final_layer_norm.weight"
+    if native == "relative_attention_bias.weight":
+        return "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    m = re.match(r"^layers\.(\d+)\.(.+)$", native)
+    block, rest = m[1], m[2]
+    if rest in ("ln1.weight", "ln2.weight"):
+        return f"encoder.block.{block}.layer.{int(rest[2]) - 1}.layer_norm.weight"
+    gated = config.ffn_type == T5FFNType.GEGLU
+    for hf_rest, (name, p, parts) in _HF_LAYER_PARTS.items():
+        if name == rest and p == part and (rest != "ffn.ff_in.weight" or (parts == 2) == gated):
+            sub = 0 if hf_rest.startswith("SelfAttention") else 1
+            return f"encoder.block.{block}.layer.{sub}.{hf_rest}"
+    raise KeyError(native)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config: from config.json (Hugging Face or native) or inferred from shapes
+# --------------------------------------------------------------------------------------------------
+def config_from_hf(hf: dict) -> T5Config:
+    proj = hf.get("feed_forward_proj", "relu")
+    extra = hf.get("t5core", {})
+    return T5Config(
+        vocab_size=hf["vocab_size"], hidden_dim=hf["d_model"], num_layers=hf["num_layers"],
+        n_head=hf["num_heads"], kv_heads=hf["num_heads"], head_dim=hf["d_kv"], ff_dim=hf["d_ff"],
+        eps=hf.get("layer_norm_epsilon", 1e-6),
+        ffn_type=T5FFNType.GEGLU if proj.startswith("gated") else T5FFNType.ReLU,
+        gelu_approx=GELUApprox.Tanh if hf.get("dense_act_fn", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh") else GELUApprox.None_,
+        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        pos_emb_per_layer=hf.get("model_type") == "umt5",
+        pad_token_id=hf.get("pad_token_id", 0),
+        **extra,
+    )
+
+
+def hf_config_dict(config: T5Config) -> dict:
+    """A config.json that transformers' T5/UMT5EncoderModel reads; t5core-only state goes under "t5core"."""
+    gated = config.ffn_type == T5FFNType.GEGLU
+    umt5 = config.pos_emb_per_layer
+    extra = {k: v for k, v in config.model_dump(include={"elementwise_affine", "enc_attn_out_scales", "enc_ffn_out_scales"}).items()
+             if v not in (None, True)}
+    return {
+        "architectures": ["UMT5EncoderModel" if umt5 else "T5EncoderModel"],
+        "model_type": "umt5" if umt5 else "t5",
+        "vocab_size": config.vocab_size, "d_model": config.hidden_dim, "d_kv": config.head_dim,
+        "d_ff": config.ff_dim, "num_layers": config.num_layers, "num_heads": config.n_head,
+        "relative_attention_num_buckets": config.relative_attention_num_buckets,
+        "relative_attention_max_distance": config.relative_attention_max_distance,
+        "layer_norm_epsilon": config.eps, "dropout_rate": 0.0,
+        "feed_forward_proj": ("gated-gelu" if gated else "relu"),
+        "dense_act_fn": ("gelu_new" if config.gelu_approx == GELUApprox.Tanh else "gelu") if gated else "relu",
+        "is_gated_act": gated, "is_encoder_decoder": False, "use_cache": False,
+        "pad_token_id": config.pad_token_id, "eos_token_id": 1, "decoder_start_token_id": 0,
+        "tie_word_embeddings": False, "torch_dtype": str(config.dtype).removeprefix("torch."),
+        **({"t5core": extra} if extra else {}),
+    }
+
+
+def infer_config(shape_of: dict[str, tuple[int, ...]], where: Path) -> T5Config:
+    """Architecture from Hugging Face-named shapes alone (ComfyUI files carry no config)."""
+    def need(key):
+        if key not in shape_of:
+            raise CheckpointError(f"{where}: T5 encoder key {key!r} is missing; cannot infer the architecture")
+        return shape_of[key]
+
+    blocks = {int(m[1]) for k in shape_of if (m := _HF_LAYER.match(k))}
+    inner, d_model = need("encoder.block.0.layer.0.SelfAttention.q.weight")
+    buckets, heads = need("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    emb = shape_of.get("shared.weight") or shape_of.get("encoder.embed_tokens.weight")
+    if emb is None:
+        raise CheckpointError(f"{where}: no token embedding ('shared.weight' or 'encoder.embed_tokens.weight')")
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shape_of
+    ff = need("encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
+    return T5Config(
+        vocab_size=emb[0], hidden_dim=d_model, num_layers=max(blocks) + 1, n_head=heads, kv_heads=heads,
+        head_dim=inner // heads, ff_dim=ff, relative_attention_num_buckets=buckets,
+        ffn_type=T5FFNType.GEGLU if gated else T5FFNType.ReLU,
+        pos_emb_per_layer="encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in shape_of,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The detector
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """An opened T5 encoder checkpoint: lazy tensors in Hugging Face naming, plus its config."""
+
+    path: Path
+    format: str
+    source: object
+    keys: dict[str, str]  # HF-style key (prefix stripped) -> key in the source
+    config: T5Config
+    native: bool = False  # keys are already T5EncoderStack names (tensorizer files written by t5core)
+    tokenizer: Optional[Path] = None
+    tokenizer_bytes: Optional[bytes] = field(default=None, repr=False)  # ComfyUI files may embed `spiece_model`
+
+    def get(self, key: str, device="cpu") -> torch.Tensor:
+        """One tensor, on `device`, dequantized if it is ComfyUI scaled fp8 (weight * scale_weight)."""
+        src_key = self.keys[key]
+        t = self.source.get(src_key).to(device)
+        if t.dtype in FP8_DTYPES:
+            scale_key = src_key.removesuffix("weight") + "scale_weight"
+            if scale_key not in set(self.source.keys()):
+                raise CheckpointError(f"{self.path}: float8 tensor {src_key!r} has no {scale_key!r} to dequantize it")
+            t = t.float() * self.source.get(scale_key).to(device).float()
+        return t
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.source.shape(self.keys[key])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+
+
+def _resolve(path: Path, subfolder: Optional[str]) -> tuple[list[Path], Optional[dict], Path]:
+    """-> weight files, config.json contents (if any), folder they came from."""
+    if subfolder:
+        if not (path / subfolder).is_dir():
+            have = sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+            raise CheckpointError(f"{path}: no subfolder {subfolder!r} (subfolders here: {have})")
+        path = path / subfolder
+    if path.is_file():
+        cfg = path.parent / "config.json"
+        return [path], (_read_json(cfg) if path.suffix == ".tensors" and cfg.exists() else None), path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if (path / "model_index.json").exists():  # a diffusers repo: its T5 lives in a subfolder
+        for sub in DIFFUSERS_T5_SUBFOLDERS:
+            cfg = path / sub / "config.json"
+            if cfg.exists() and _read_json(cfg).get("model_type") in ("t5", "mt5", "umt5"):
+                return _resolve(path / sub, None)
+        raise CheckpointError(f"{path}: a diffusers repo without a T5 text encoder in {DIFFUSERS_T5_SUBFOLDERS}")
+    cfg = _read_json(path / "config.json") if (path / "config.json").exists() else None
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).exists():
+            shards = sorted(set(_read_json(path / index)["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).exists()]
+            if missing:
+                raise CheckpointError(f"{path / index}: shard files missing: {missing}")
+            return [path / s for s in shards], cfg, path
+    for name in ("enc.tensors", "model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return [path / name], cfg, path
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if len(files) != 1:
+        raise CheckpointError(f"{path}: expected one weight file (or an index), found {[f.name for f in files] or 'none'}")
+    return files, cfg, path
+
+
+def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
+    """Open any supported T5 encoder checkpoint without reading its tensors."""
+    from .tokenizer import find_tokenizer
+
+    path = Path(path).expanduser()
+    files, cfg_json, folder = _resolve(path, subfolder)
+    suffix = files[0].suffix
+    if suffix == ".tensors":
+        source, fmt = TensorizerSource(files[0]), "tensorizer"
+    elif suffix in (".safetensors", ".sft"):
+        source, fmt = SafetensorsSource(files), "safetensors"
+    else:
+        source, fmt = TorchFileSource(files), "torch"
+    where = files[0] if len(files) == 1 else folder
+    all_keys = source.keys()
+
+    native, prefix = False, None
+    for key in all_keys:
+        if m := HF_MARKER.match(key):
+            prefix = m[1]
+            break
+        if m := NATIVE_MARKER.match(key):
+            prefix, native = m[1], True
+            break
+    if prefix is None:
+        sample = ", ".join(all_keys[:3]) or "no tensors"
+        raise CheckpointError(
+            f"{where}: not a T5 encoder checkpoint (no key like 'encoder.block.0.layer.0.SelfAttention.q.weight'); "
+            f"its keys start: {sample}")
+    keys = {k[len(prefix):]: k for k in all_keys if k.startswith(prefix)}
+    if fmt == "safetensors" and any(k.endswith("scale_weight") for k in keys.values()):
+        fmt = "comfyui-scaled-fp8"
+
+    if cfg_json is not None and "hidden_dim" in cfg_json:
+        config = T5Config.model_validate(cfg_json)
+    elif cfg_json is not None and "d_model" in cfg_json:
+        config = config_from_hf(cfg_json)
+    elif native:
+        raise CheckpointError(f"{where}: t5core-native weights need the config.json written beside them")
+    else:
+        config = infer_config({k: source.shape(v) for k, v in keys.items() if native_target(k, _PROBE) or "relative" in k}, where)
+    emb_bytes = None
+    if "spiece_model" in all_keys:
+        emb_bytes = bytes(source.get("spiece_model").numpy().tobytes())
+    return Checkpoint(path=where, format=fmt, source=source, keys=keys, config=config, native=native,
+                      tokenizer=find_tokenizer(folder), tokenizer_bytes=emb_bytes)
+
+
+# A config used only to ask native_target whether a key belongs to an encoder at all.
+_PROBE = T5Config(vocab_size=1, hidden_dim=1, num_layers=1, n_head=1, kv_heads=1, head_dim=1, ff_dim=1, pos_emb_per_layer=True)

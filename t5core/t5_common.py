@@ -1,0 +1,142 @@
+"""Config, dtypes and the small building blocks shared by the encoder (RMSNorm, relative position buckets)."""
+import math
+from enum import Enum
+from typing import Any, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
+from torch import FloatTensor, LongTensor, Tensor, nn
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16"}
+
+
+def parse_dtype(val: "str | torch.dtype") -> torch.dtype:
+    """'bf16', 'bfloat16', 'torch.bfloat16' or torch.bfloat16 -> torch.bfloat16; anything else is a clear error."""
+    if isinstance(val, torch.dtype):
+        if val not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {val}; supported: {', '.join(DTYPES)}")
+        return val
+    name = str(val).lower().removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {val!r}; supported: {', '.join(DTYPES)} (or bf16, fp16, fp32)")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class T5AttnImpl(str, Enum):
+    SDPA = "sdpa"
+    Flex = "flex"
+
+
+class T5FFNType(str, Enum):
+    ReLU = "ReLU"  # T5 v1.0: wo(relu(wi x))
+    GEGLU = "GEGLU"  # T5 v1.1, mT5, UMT5: wo(gelu(wi_0 x) * wi_1 x)
+
+
+class GELUApprox(str, Enum):
+    None_ = "none"
+    Tanh = "tanh"
+
+
+class T5Config(BaseModel):
+    """Encoder hyperparameters. Field names follow nai-t5, so its config.json files validate as they are."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore")
+
+    vocab_size: int
+    hidden_dim: int
+    num_layers: int
+    n_head: int
+    kv_heads: int
+    head_dim: int
+    ff_dim: int
+    dropout: float = 0.0
+    eps: float = 1e-6
+    dtype: torch.dtype = torch.float32
+    ffn_type: T5FFNType = T5FFNType.GEGLU
+    gelu_approx: GELUApprox = GELUApprox.Tanh
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    # UMT5 keeps one relative-position table per layer; T5 and mT5 share block 0's.
+    pos_emb_per_layer: bool = False
+    scale_qk: bool = False
+    pad_token_id: int = 0
+    attn_impl: T5AttnImpl = T5AttnImpl.SDPA
+    flex_kernel_options: dict[str, Any] = {}
+    # False once the RMSNorm scales have been folded into the following projections.
+    elementwise_affine: bool = True
+    # Power-of-two factors already baked into the weights (float16 residual scaling); None means all 1.
+    enc_attn_out_scales: Optional[list[float]] = None
+    enc_ffn_out_scales: Optional[list[float]] = None
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _parse_dtype(cls, val: Any) -> torch.dtype:
+        return parse_dtype(val)
+
+    @field_serializer("dtype")
+    def _dump_dtype(self, val: torch.dtype) -> str:
+        return dtype_name(val)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    def residual_scales(self) -> tuple[list[float], list[float]]:
+        n = self.num_layers
+        return list(self.enc_attn_out_scales or [1.0] * n), list(self.enc_ffn_out_scales or [1.0] * n)
+
+
+class RMSNorm(nn.Module):
+    """T5 LayerNorm: no mean subtraction, no bias, computed in float32.
+
+    `eps` is per instance because float16 residual scaling divides the stream by c, and the norm stays
+    exactly invariant only if eps is divided by c**2 with it.
+    """
+
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool = True, device=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device)) if elementwise_affine else None
+
+    def forward(self, x: FloatTensor) -> FloatTensor:
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x if self.weight is None else x * self.weight.float()
+
+
+def relative_position_bucket(rel_pos: LongTensor, num_buckets: int = 32, max_distance: int = 128) -> LongTensor:
+    """Bidirectional T5 buckets for offsets key - query: half the buckets per direction, the first half of
+    those exact, the rest log-spaced up to max_distance. Same float32 arithmetic as the reference, so bucket
+    boundaries agree exactly."""
+    num_buckets //= 2
+    buckets = (rel_pos > 0).long() * num_buckets
+    dist = rel_pos.abs()
+    max_exact = num_buckets // 2
+    log_bucket = max_exact + (
+        torch.log(dist.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return buckets + torch.where(dist < max_exact, dist, log_bucket)
+
+
+def relative_offset_bias(table: Tensor, seq_len: int, num_buckets: int, max_distance: int) -> FloatTensor:
+    """Bias by relative offset, [heads, 2*seq_len - 1] float32: entry j is the bias for key - query = j - (seq_len-1).
+
+    T5's bias depends only on the offset, so this small table replaces the [heads, L, L] matrix for flex."""
+    offsets = torch.arange(-(seq_len - 1), seq_len, device=table.device)
+    buckets = relative_position_bucket(offsets, num_buckets, max_distance)  # [2L-1]
+    return table.float()[buckets].t().contiguous()  # [H, 2L-1]
+
+
+def gelu_fn(approx: GELUApprox):
+    return lambda x: nn.functional.gelu(x, approximate="tanh" if approx == GELUApprox.Tanh else "none")

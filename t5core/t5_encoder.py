@@ -1,0 +1,231 @@
+"""The T5 encoder stack: fused QKV and gate/up projections, a float32 residual, SDPA or flex attention.
+
+Shapes: B batch, L tokens, D hidden_dim, H heads, Dh head_dim, I = H*Dh, F ff_dim.
+"""
+from typing import Optional
+
+import torch
+from torch import BoolTensor, FloatTensor, LongTensor, Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.functional import scaled_dot_product_attention
+
+from .t5_common import RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, relative_offset_bias
+
+# Eager flex attention materialises the scores; on CUDA it must run compiled to be fast.
+_flex_compiled = torch.compile(flex_attention, dynamic=False)
+
+
+class NonFiniteOutputError(FloatingPointError):
+    """A float16 forward overflowed; the message names the first layer that produced inf/NaN."""
+
+
+class T5SelfAttention(nn.Module):
+    def __init__(self, config: T5Config, has_bias_table: bool) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.scale = config.head_dim**-0.5 if config.scale_qk else 1.0
+        self.kernel_options = dict(config.flex_kernel_options) or None
+        self.qkv_proj = nn.Linear(config.hidden_dim, 3 * config.inner_dim, bias=False, dtype=config.dtype)
+        self.o_proj = nn.Linear(config.inner_dim, config.hidden_dim, bias=False, dtype=config.dtype)
+        # UMT5 only: each layer owns its table [buckets, H]
+        self.relative_attention_bias = (
+            nn.Embedding(config.relative_attention_num_buckets, config.n_head, dtype=torch.float32)
+            if has_bias_table
+            else None
+        )
+
+    def forward(self, x: Tensor, bias: Tensor, block_mask: Optional[BlockMask], flex: bool) -> Tensor:
+        B, L, _ = x.shape
+        qkv = self.qkv_proj(x).view(B, L, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
+        if flex:
+            # bias: [H, 2L-1] float32, indexed by relative offset; the score stays float32 inside the kernel
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[h, kv_idx - q_idx + (L - 1)]
+
+            attn = _flex_compiled if x.is_cuda else flex_attention
+            out = attn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale,
+                       kernel_options=self.kernel_options)
+        else:
+            # bias: [1 or B, H, L, L] in x.dtype, padding already folded in
+            out = scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # [B, L, D]
+
+
+class T5FFN(nn.Module):
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.gated = config.ffn_type == T5FFNType.GEGLU
+        # gated: rows [0, F) are wi_0 (gate), rows [F, 2F) are wi_1 (up)
+        self.ff_in = nn.Linear(config.hidden_dim, config.ff_dim * (2 if self.gated else 1), bias=False, dtype=config.dtype)
+        self.ff_out = nn.Linear(config.ff_dim, config.hidden_dim, bias=False, dtype=config.dtype)
+        self.act = gelu_fn(config.gelu_approx) if self.gated else torch.relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.ff_in(x)  # [B, L, 2F] or [B, L, F]
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.ff_out(h)  # [B, L, D]
+
+
+class T5EncoderLayer(nn.Module):
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.ln1 = RMSNorm(config.hidden_dim, config.eps, config.elementwise_affine)
+        self.attn = T5SelfAttention(config, has_bias_table=config.pos_emb_per_layer)
+        self.ln2 = RMSNorm(config.hidden_dim, config.eps, config.elementwise_affine)
+        self.ffn = T5FFN(config)
+        # Multipliers of the float32 residual (powers of two, see scale_residuals_enc); tensors, not Python
+        # floats, so one compiled layer serves every layer whatever its scale.
+        self.register_buffer("attn_res_scale", torch.ones(()), persistent=False)
+        self.register_buffer("ffn_res_scale", torch.ones(()), persistent=False)
+
+    def forward(self, x: FloatTensor, bias: Tensor, block_mask: Optional[BlockMask] = None, flex: bool = False) -> FloatTensor:
+        dtype = self.attn.o_proj.weight.dtype
+        x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, block_mask, flex).float()
+        x = x * self.ffn_res_scale + self.ffn(self.ln2(x).to(dtype)).float()
+        return x  # [B, L, D] float32
+
+
+def make_self_attn_block_mask(mask: BoolTensor, mask_pad_queries: bool = False, block_size: int = 128) -> BlockMask:
+    """Padding block mask from a [B, L] key mask (True = real token). Blocks made only of padding are skipped.
+
+    mask_pad_queries also drops pad-query rows: their outputs become meaningless (zeros), real rows are unchanged."""
+    B, L = mask.shape
+
+    def keep_real_keys(b, h, q_idx, kv_idx):
+        return mask[b, kv_idx]
+
+    def keep_real_pairs(b, h, q_idx, kv_idx):
+        return mask[b, kv_idx] & mask[b, q_idx]
+
+    return create_block_mask(keep_real_pairs if mask_pad_queries else keep_real_keys, B, None, L, L,
+                             device=mask.device, BLOCK_SIZE=block_size)
+
+
+class T5EncoderStack(nn.Module):
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab_embed = nn.Embedding(config.vocab_size, config.hidden_dim, dtype=config.dtype)
+        self.relative_attention_bias = (
+            None if config.pos_emb_per_layer
+            else nn.Embedding(config.relative_attention_num_buckets, config.n_head, dtype=torch.float32)
+        )
+        self.layers = nn.ModuleList([T5EncoderLayer(config) for _ in range(config.num_layers)])
+        self.ln = RMSNorm(config.hidden_dim, config.eps)  # final norm keeps its scale: nothing follows to fold it into
+        self._offset_bias: dict[int, Tensor] = {}  # seq_len -> [1 or num_layers, H, 2L-1] float32
+        self.apply_residual_scales_from_config()
+
+    # -- residual scaling bookkeeping ----------------------------------------------------------------
+    def apply_residual_scales_from_config(self) -> None:
+        """Set per-layer residual multipliers and norm eps from config.enc_*_scales.
+
+        Layer i multiplies the residual by its attention scale, then by its FFN scale; every norm reads the
+        stream at the cumulative scale c so far, so its eps becomes eps * c**2 (RMSNorm(c x; c^2 eps) = RMSNorm(x))."""
+        attn_scales, ffn_scales = self.config.residual_scales()
+        c = 1.0
+        for layer, sa, sf in zip(self.layers, attn_scales, ffn_scales):
+            layer.ln1.eps = self.config.eps * c * c
+            c *= sa
+            layer.ln2.eps = self.config.eps * c * c
+            c *= sf
+            layer.attn_res_scale.fill_(sa)
+            layer.ffn_res_scale.fill_(sf)
+        self.ln.eps = self.config.eps * c * c
+
+    # -- position bias -------------------------------------------------------------------------------
+    def bind_score_mods(self, seq_len: int) -> None:
+        """Precompute the relative-position bias for sequences of seq_len tokens (done lazily otherwise)."""
+        self._offset_bias_for(seq_len)
+
+    def _offset_bias_for(self, seq_len: int) -> Tensor:
+        bias = self._offset_bias.get(seq_len)
+        if bias is None:
+            tables = ([self.relative_attention_bias.weight] if self.relative_attention_bias is not None
+                      else [layer.attn.relative_attention_bias.weight for layer in self.layers])
+            cfg = self.config
+            bias = torch.stack([
+                relative_offset_bias(t, seq_len, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+                for t in tables
+            ])
+            self._offset_bias[seq_len] = bias
+        return bias
+
+    def _apply(self, fn, *args, **kwargs):
+        self._offset_bias.clear()  # device or dtype moves invalidate the cached bias
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._offset_bias.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _sdpa_bias(self, offset_bias: Tensor, seq_len: int, input_mask: Optional[BoolTensor], dtype) -> Tensor:
+        """[n, H, 2L-1] offset table -> [n, 1 or B, H, L, L] additive mask in the compute dtype."""
+        idx = torch.arange(seq_len, device=offset_bias.device)
+        rel = idx[None, :] - idx[:, None] + (seq_len - 1)  # [L, L]: key - query, shifted
+        bias = offset_bias[:, :, rel].unsqueeze(1)  # [n, 1, H, L, L]
+        if input_mask is not None:
+            pad = ~input_mask.bool()[None, :, None, None, :]  # [1, B, 1, 1, L]
+            bias = bias.masked_fill(pad, torch.finfo(dtype).min)
+        return bias.to(dtype)
+
+    def compile_layers(self, **compile_kwargs) -> "T5EncoderStack":
+        """Regional compilation: every layer runs the same compiled code (parameters are graph inputs), so the
+        cost is one layer's compile, not the whole stack's. Shapes are fixed: pad to a few lengths."""
+        for layer in self.layers:
+            layer.compile(**{"dynamic": False, "fullgraph": True, **compile_kwargs})
+        return self
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: LongTensor,
+        input_mask: Optional[BoolTensor] = None,
+        block_mask: Optional[BlockMask] = None,
+    ) -> FloatTensor:
+        """input_ids [B, L] -> embeddings [B, L, D] float32.
+
+        SDPA takes input_mask [B, L] (True = real token); flex takes a block_mask from make_self_attn_block_mask."""
+        B, L = input_ids.shape
+        flex = self.config.attn_impl == T5AttnImpl.Flex
+        if flex and input_mask is not None and block_mask is None:
+            raise ValueError("flex attention ignores input_mask: pass block_mask=make_self_attn_block_mask(mask)")
+        dtype = self.layers[0].attn.o_proj.weight.dtype
+        x = self.vocab_embed(input_ids).float()  # [B, L, D]
+        offset_bias = self._offset_bias_for(L)
+        biases = offset_bias if flex else self._sdpa_bias(offset_bias, L, input_mask, dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, biases[i if len(biases) > 1 else 0], block_mask, flex)
+        return self.ln(x)
+
+    @torch.inference_mode()
+    def encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor] = None) -> FloatTensor:
+        """Forward with the right mask for the configured attention, and a check that float16 stayed finite."""
+        device = self.vocab_embed.weight.device
+        input_ids = input_ids.to(device)
+        mask = None if attention_mask is None else attention_mask.to(device).bool()
+        if self.config.attn_impl == T5AttnImpl.Flex:
+            block_mask = None if mask is None or bool(mask.all()) else make_self_attn_block_mask(mask)
+            out = self(input_ids, block_mask=block_mask)
+        else:
+            out = self(input_ids, input_mask=mask)
+        if not bool(torch.isfinite(out if mask is None else out[mask]).all()):
+            self._raise_non_finite(input_ids, mask)
+        return out
+
+    def _raise_non_finite(self, input_ids: LongTensor, mask: Optional[BoolTensor]):
+        """Rerun eagerly layer by layer to name where inf/NaN first appears (only on the failure path)."""
+        from .precision import trace_layers  # precision imports this module
+
+        report = trace_layers(self, input_ids, mask)
+        bad = next((r for r in report if not r.finite), None)
+        where = bad.name if bad is not None else "the final norm"
+        raise NonFiniteOutputError(
+            f"{self.layers[0].attn.o_proj.weight.dtype} encoder produced inf/NaN, first at "
+            f"{where}. The residual stream overflowed float16: calibrate residual scales "
+            f"(`python -m t5core calibrate MODEL`, or fp16_scales='calibrate') or use bfloat16."
+        )

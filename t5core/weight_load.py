@@ -1,0 +1,190 @@
+"""The one load path: stream tensors from any checkpoint into T5EncoderStack, fusing and scaling on the way.
+
+Each tensor goes file -> device -> (float32 when fusing) -> target dtype, one at a time, so host memory holds
+at most one tensor beyond the memory map, and norm fusion / residual scaling cost one rounding in total.
+"""
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, native_target, open_checkpoint
+from .fuse_norm_scales import norm_consumers, scale_input_columns
+from .residual_scale import combined_config
+from .t5_common import T5AttnImpl, T5Config, parse_dtype
+from .t5_encoder import T5EncoderStack
+
+# projection weight -> the norm whose scale it absorbs when fusing
+_FUSE_INTO = {"attn.qkv_proj.weight": "ln1.weight", "ffn.ff_in.weight": "ln2.weight"}
+
+
+def _norm_key_for(native: str) -> Optional[str]:
+    """'layers.3.attn.qkv_proj.weight' -> 'layers.3.ln1.weight'; None for weights no norm feeds."""
+    m = re.match(r"^(layers\.\d+)\.(.+)$", native)
+    return f"{m[1]}.{_FUSE_INTO[m[2]]}" if m and m[2] in _FUSE_INTO else None
+
+
+@torch.no_grad()
+def stream_into_module(
+    model: T5EncoderStack,
+    ckpt: Checkpoint,
+    fuse_norm_scales: bool = False,
+    norm_fusion_via_f32: bool = True,
+    weight_factors: Optional[dict[str, float]] = None,
+) -> None:
+    """Fill every parameter of `model` (on its device and dtypes) from `ckpt`.
+
+    fuse_norm_scales folds the checkpoint's norm scales into the QKV / FFN-input projections (the model's norms
+    must then be scale-free); weight_factors multiplies named parameters (residual scaling)."""
+    params = dict(model.named_parameters())
+    weight_factors = weight_factors or {}
+    if not fuse_norm_scales and model.config.elementwise_affine is False and ckpt.config.elementwise_affine:
+        raise CheckpointError(f"{ckpt.path}: the model has no norm scales but the checkpoint does: pass fuse_norm_scales=True")
+    # native key -> (key in ckpt, part, parts)
+    plan: dict[str, list[tuple[str, int, int]]] = {}
+    native_norms: dict[str, str] = {}
+    for key in ckpt.keys:
+        target = (key, 0, 1) if ckpt.native else native_target(key, model.config)
+        if target is None:
+            continue  # decoder, lm_head, a duplicate embedding, ComfyUI markers
+        name = target[0]
+        if name.endswith(("ln1.weight", "ln2.weight")):
+            native_norms[name] = key
+        if name == "vocab_embed.weight" and name in plan:
+            continue  # shared.weight and encoder.embed_tokens.weight are the same tensor
+        plan.setdefault(name, []).append((key, target[1], target[2]))
+
+    for name, param in params.items():
+        parts = plan.get(name)
+        if not parts:
+            raise CheckpointError(f"{ckpt.path}: missing weight for {name} (a truncated or non-T5-encoder checkpoint?)")
+        rows = param.shape[0] // parts[0][2]
+        if len(parts) != parts[0][2]:
+            raise CheckpointError(f"{ckpt.path}: {name} needs {parts[0][2]} tensors, found {[p[0] for p in parts]}")
+        for key, part, _ in parts:
+            expected = (rows, *param.shape[1:])
+            if tuple(ckpt.shape(key)) != expected:
+                raise CheckpointError(
+                    f"{ckpt.path}: {key} has shape {tuple(ckpt.shape(key))}, expected {expected} for {name} "
+                    f"(config says hidden {model.config.hidden_dim}, heads {model.config.n_head}, ff {model.config.ff_dim})")
+            t = ckpt.get(key, device=param.device)
+            norm_name = _norm_key_for(name) if fuse_norm_scales else None
+            if norm_name is not None and norm_name in native_norms:
+                t = scale_input_columns(t if norm_fusion_via_f32 else t.to(param.dtype),
+                                        ckpt.get(native_norms[norm_name], device=param.device), norm_fusion_via_f32)
+            factor = weight_factors.get(name, 1.0)
+            if factor != 1.0:
+                t = t.float() * factor
+            param[part * rows:(part + 1) * rows].copy_(t)
+            del t
+    model._offset_bias.clear()
+
+
+def build_empty(config: T5Config, device) -> T5EncoderStack:
+    """A model with uninitialised storage on `device`: loading overwrites every parameter anyway."""
+    with torch.device("meta"):
+        model = T5EncoderStack(config)
+    model = model.to_empty(device=device)
+    model.apply_residual_scales_from_config()
+    return model.eval()
+
+
+def load_checkpoint_into(
+    model: T5EncoderStack,
+    ckpt: Checkpoint,
+    fuse_norm_scales: bool = False,
+    norm_fusion_via_f32: bool = True,
+    enc_attn_out_scales: Optional[Sequence[float]] = None,
+    enc_ffn_out_scales: Optional[Sequence[float]] = None,
+) -> T5EncoderStack:
+    """Stream ckpt into model with optional fusion and residual scales; updates model.config to match."""
+    config, factors = combined_config(model, enc_attn_out_scales, enc_ffn_out_scales)
+    if fuse_norm_scales:
+        for norm, _, _ in norm_consumers(model):
+            norm.weight = None
+        config = config.model_copy(update={"elementwise_affine": False})
+    stream_into_module(model, ckpt, fuse_norm_scales, norm_fusion_via_f32, factors)
+    model.config = config
+    model.apply_residual_scales_from_config()
+    return model
+
+
+class FusingDeserializer:
+    """Drop-in for tensorizer's TensorDeserializer that can fuse norm scales and apply float16 residual
+    scales while loading. Reads every format open_checkpoint knows, not only tensorizer files."""
+
+    def __init__(self, path, lazy_load: bool = True, dtype: Optional[torch.dtype] = None, device=None, subfolder=None):
+        self.ckpt = open_checkpoint(path, subfolder=subfolder)
+        self.dtype = dtype
+        self.device = device
+
+    def _check_model(self, model: T5EncoderStack) -> None:
+        have = model.layers[0].attn.o_proj.weight.dtype
+        if self.dtype is not None and have != parse_dtype(self.dtype):
+            raise ValueError(f"model was built in {have} but the deserializer was asked for {self.dtype}: "
+                             f"set the config's dtype to match")
+        if self.device is not None:
+            model.to(self.device)
+
+    def load_into_module(self, model: T5EncoderStack) -> T5EncoderStack:
+        self._check_model(model)
+        return load_checkpoint_into(model, self.ckpt)
+
+    def load_with_fusions(
+        self,
+        model: T5EncoderStack,
+        fuse_norm_scales: bool = False,
+        norm_fusion_via_f32: bool = False,
+        enc_attn_out_scales: Optional[Sequence[float]] = None,
+        enc_ffn_out_scales: Optional[Sequence[float]] = None,
+    ) -> T5EncoderStack:
+        self._check_model(model)
+        return load_checkpoint_into(model, self.ckpt, fuse_norm_scales, norm_fusion_via_f32,
+                                    enc_attn_out_scales, enc_ffn_out_scales)
+
+    def close(self) -> None:
+        self.ckpt = None
+
+
+def load_encoder(
+    path,
+    dtype="float32",
+    device="cpu",
+    attn_impl: Optional[str] = None,
+    fuse_norms: bool = False,
+    fp16_scales="auto",
+    compile: bool = False,
+    subfolder: Optional[str] = None,
+) -> T5EncoderStack:
+    """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`.
+
+    dtype: float32 / bfloat16 / float16. attn_impl: "sdpa", "flex", or None (flex on CUDA, SDPA elsewhere).
+    fuse_norms: fold norm scales into the projections while loading.
+    fp16_scales (float16 only): "auto" (scales saved with the checkpoint, else the preset for its size),
+    None (no scaling), or a list of FFN-out scales, or a (attn_out_scales, ffn_out_scales) pair.
+    compile: torch.compile each layer once (regional compilation) for fixed-shape speed."""
+    from .checkpoint_info import suggested_scales
+
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    ckpt = open_checkpoint(path, subfolder=subfolder)
+    impl = T5AttnImpl(attn_impl) if attn_impl else (T5AttnImpl.Flex if device.type == "cuda" else T5AttnImpl.SDPA)
+    config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl})
+    attn_scales = ffn_scales = None
+    if dtype == torch.float16 and fp16_scales is not None and not config.enc_ffn_out_scales:
+        if isinstance(fp16_scales, str):
+            if fp16_scales != "auto":
+                raise ValueError(f"fp16_scales: expected 'auto', None or a list of scales, got {fp16_scales!r}")
+            attn_scales, ffn_scales = suggested_scales(config)
+        elif len(fp16_scales) == 2 and not isinstance(fp16_scales[0], (int, float)):
+            attn_scales, ffn_scales = fp16_scales
+        else:
+            ffn_scales = fp16_scales
+    model = build_empty(config, device)
+    load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True,
+                         enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
+    model.source_path = Path(ckpt.path)
+    if compile:
+        model.compile_layers()
+    return model
