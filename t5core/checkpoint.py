@@ -60,28 +60,42 @@ class SafetensorsSource:
 
 
 class TensorizerSource:
+    """Lazy tensorizer reads are sequential: a read behind the current position reopens the file."""
+
     def __init__(self, path: Path) -> None:
         try:
-            from tensorizer import TensorDeserializer
+            import tensorizer  # noqa: F401
         except ImportError as e:
             raise CheckpointError(f"{path}: reading tensorizer files needs `pip install tensorizer`") from e
-        try:
-            self.deser = TensorDeserializer(str(path), lazy_load=True, device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable tensorizer file ({e})") from e
         self.path = path
+        self._open()
+        self.order = {k: i for i, k in enumerate(self.deser.keys())}
+
+    def _open(self) -> None:
+        from tensorizer import TensorDeserializer
+
+        try:
+            self.deser = TensorDeserializer(str(self.path), lazy_load=True, device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: not a readable tensorizer file ({e})") from e
+        self.position = -1
 
     def keys(self) -> list[str]:
-        return list(self.deser.keys())
+        return list(self.order)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.get(key).shape)
+        entry = getattr(self.deser, "_metadata", {}).get((key,))  # header only; tensorizer has no public shape query
+        return tuple(entry.shape) if entry is not None else tuple(self.get(key).shape)
 
     def get(self, key: str) -> torch.Tensor:
+        if self.order[key] <= self.position:
+            self._open()
         try:
-            return self.deser[key]
+            t = self.deser[key]
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e}); the file may be truncated or corrupt") from e
+        self.position = self.order[key]
+        return t
 
 
 class TorchFileSource:

@@ -47,6 +47,11 @@ class GELUApprox(str, Enum):
     Tanh = "tanh"
 
 
+# name: (hidden_dim, heads, ff_dim, layers); head_dim 64, vocab 32128
+V1_1_PRESETS = {"small": (512, 6, 1024, 8), "base": (768, 12, 2048, 12), "large": (1024, 16, 2816, 24),
+                "xl": (2048, 32, 5120, 24), "xxl": (4096, 64, 10240, 24)}
+
+
 class T5Config(BaseModel):
     """Encoder hyperparameters. Field names follow nai-t5, so its config.json files validate as they are."""
 
@@ -86,6 +91,15 @@ class T5Config(BaseModel):
     @field_serializer("dtype")
     def _dump_dtype(self, val: torch.dtype) -> str:
         return dtype_name(val)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "T5Config":
+        """T5 v1.1 encoder presets: small, base, large, xl, xxl."""
+        if name.lower() not in V1_1_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {list(V1_1_PRESETS)}")
+        d, heads, ff, layers = V1_1_PRESETS[name.lower()]
+        return cls(vocab_size=32128, hidden_dim=d, num_layers=layers, n_head=heads, kv_heads=heads, head_dim=64,
+                   ff_dim=ff, **overrides)
 
     @property
     def inner_dim(self) -> int:

@@ -2,6 +2,7 @@
 
 Shapes: B batch, L tokens, D hidden_dim, H heads, Dh head_dim, I = H*Dh, F ff_dim.
 """
+import warnings
 from typing import Optional
 
 import torch
@@ -11,8 +12,10 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from .t5_common import RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, relative_offset_bias
 
-# Eager flex attention materialises the scores; on CUDA it must run compiled to be fast.
+# Eager flex attention materialises the scores; on CUDA it must run compiled to be fast. On CPU the eager
+# form is the intended (small-scale) path, so its "called without torch.compile" warning is noise.
 _flex_compiled = torch.compile(flex_attention, dynamic=False)
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 
 class NonFiniteOutputError(FloatingPointError):
@@ -172,6 +175,15 @@ class T5EncoderStack(nn.Module):
             pad = ~input_mask.bool()[None, :, None, None, :]  # [1, B, 1, 1, L]
             bias = bias.masked_fill(pad, torch.finfo(dtype).min)
         return bias.to(dtype)
+
+    @torch.no_grad()
+    def set_weight_dtype(self, dtype: torch.dtype) -> "T5EncoderStack":
+        """Cast the projection and embedding weights (norms and bias tables stay float32), in place."""
+        for mod in [self.vocab_embed, *(m for layer in self.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj,
+                                                                                layer.ffn.ff_in, layer.ffn.ff_out))]:
+            mod.weight.data = mod.weight.data.to(dtype)
+        self.config = self.config.model_copy(update={"dtype": dtype})
+        return self
 
     def compile_layers(self, **compile_kwargs) -> "T5EncoderStack":
         """Regional compilation: every layer runs the same compiled code (parameters are graph inputs), so the

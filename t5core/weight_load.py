@@ -11,7 +11,9 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, native_target, open_checkpoint
 from .fuse_norm_scales import norm_consumers, scale_input_columns
-from .residual_scale import combined_config
+from .calibrate import calibrate_fp16_scales, load_calibrated_scales
+from .checkpoint_info import suggested_scales
+from .residual_scale import combined_config, scale_residuals_enc
 from .t5_common import T5AttnImpl, T5Config, parse_dtype
 from .t5_encoder import T5EncoderStack
 
@@ -55,29 +57,37 @@ def stream_into_module(
             continue  # shared.weight and encoder.embed_tokens.weight are the same tensor
         plan.setdefault(name, []).append((key, target[1], target[2]))
 
-    for name, param in params.items():
+    for name in params:
         parts = plan.get(name)
         if not parts:
             raise CheckpointError(f"{ckpt.path}: missing weight for {name} (a truncated or non-T5-encoder checkpoint?)")
-        rows = param.shape[0] // parts[0][2]
         if len(parts) != parts[0][2]:
             raise CheckpointError(f"{ckpt.path}: {name} needs {parts[0][2]} tensors, found {[p[0] for p in parts]}")
-        for key, part, _ in parts:
-            expected = (rows, *param.shape[1:])
-            if tuple(ckpt.shape(key)) != expected:
-                raise CheckpointError(
-                    f"{ckpt.path}: {key} has shape {tuple(ckpt.shape(key))}, expected {expected} for {name} "
-                    f"(config says hidden {model.config.hidden_dim}, heads {model.config.n_head}, ff {model.config.ff_dim})")
-            t = ckpt.get(key, device=param.device)
-            norm_name = _norm_key_for(name) if fuse_norm_scales else None
-            if norm_name is not None and norm_name in native_norms:
-                t = scale_input_columns(t if norm_fusion_via_f32 else t.to(param.dtype),
-                                        ckpt.get(native_norms[norm_name], device=param.device), norm_fusion_via_f32)
-            factor = weight_factors.get(name, 1.0)
-            if factor != 1.0:
-                t = t.float() * factor
-            param[part * rows:(part + 1) * rows].copy_(t)
-            del t
+    # norm scales are tiny: read them first, so the big tensors can follow in file order
+    norm_scales = ({name: ckpt.get(key, device=model.ln.weight.device) for name, key in native_norms.items()}
+                   if fuse_norm_scales else {})
+    for key in ckpt.keys:
+        target = (key, 0, 1) if ckpt.native else native_target(key, model.config)
+        if target is None or target[0] not in params or (key, target[1], target[2]) not in plan[target[0]]:
+            continue
+        name, part, parts = target
+        param = params[name]
+        rows = param.shape[0] // parts
+        expected = (rows, *param.shape[1:])
+        if tuple(ckpt.shape(key)) != expected:
+            raise CheckpointError(
+                f"{ckpt.path}: {key} has shape {tuple(ckpt.shape(key))}, expected {expected} for {name} "
+                f"(config says hidden {model.config.hidden_dim}, heads {model.config.n_head}, ff {model.config.ff_dim})")
+        t = ckpt.get(key, device=param.device)
+        norm_name = _norm_key_for(name)
+        if norm_name in norm_scales:
+            t = scale_input_columns(t if norm_fusion_via_f32 else t.to(param.dtype), norm_scales[norm_name],
+                                    norm_fusion_via_f32)
+        factor = weight_factors.get(name, 1.0)
+        if factor != 1.0:
+            t = t.float() * factor
+        param[part * rows:(part + 1) * rows].copy_(t)
+        del t
     model._offset_bias.clear()
 
 
@@ -161,30 +171,43 @@ def load_encoder(
 
     dtype: float32 / bfloat16 / float16. attn_impl: "sdpa", "flex", or None (flex on CUDA, SDPA elsewhere).
     fuse_norms: fold norm scales into the projections while loading.
-    fp16_scales (float16 only): "auto" (scales saved with the checkpoint, else the preset for its size),
-    None (no scaling), or a list of FFN-out scales, or a (attn_out_scales, ffn_out_scales) pair.
+    fp16_scales (float16 only): "auto" (scales in the checkpoint, else calibrated ones saved beside it, else the
+    preset for its size), "calibrate" (measure now on varied prompts), None, a list of FFN-out scales, or an
+    (attn_out_scales, ffn_out_scales) pair.
     compile: torch.compile each layer once (regional compilation) for fixed-shape speed."""
-    from .checkpoint_info import suggested_scales
-
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     ckpt = open_checkpoint(path, subfolder=subfolder)
     impl = T5AttnImpl(attn_impl) if attn_impl else (T5AttnImpl.Flex if device.type == "cuda" else T5AttnImpl.SDPA)
     config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl})
-    attn_scales = ffn_scales = None
-    if dtype == torch.float16 and fp16_scales is not None and not config.enc_ffn_out_scales:
-        if isinstance(fp16_scales, str):
-            if fp16_scales != "auto":
-                raise ValueError(f"fp16_scales: expected 'auto', None or a list of scales, got {fp16_scales!r}")
-            attn_scales, ffn_scales = suggested_scales(config)
-        elif len(fp16_scales) == 2 and not isinstance(fp16_scales[0], (int, float)):
-            attn_scales, ffn_scales = fp16_scales
-        else:
-            ffn_scales = fp16_scales
-    model = build_empty(config, device)
-    load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True,
-                         enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
+    scaled = dtype == torch.float16 and fp16_scales is not None and not config.enc_ffn_out_scales
+    if scaled and fp16_scales == "calibrate":
+        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder)
+        scale_residuals_enc(model, *calibrate_fp16_scales(model, _tokenizer_of(ckpt)))
+        model.set_weight_dtype(torch.float16)
+    else:
+        attn_scales, ffn_scales = _fp16_scales(fp16_scales, ckpt) if scaled else (None, None)
+        model = build_empty(config, device)
+        load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True,
+                             enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
     model.source_path = Path(ckpt.path)
     if compile:
         model.compile_layers()
     return model
+
+
+def _fp16_scales(fp16_scales, ckpt: Checkpoint):
+    """'auto': calibrated scales saved beside the checkpoint, else the preset for its size, else none."""
+    if isinstance(fp16_scales, str):
+        if fp16_scales != "auto":
+            raise ValueError(f"fp16_scales: expected 'auto', 'calibrate', None or a list of scales, got {fp16_scales!r}")
+        return load_calibrated_scales(ckpt.path) or suggested_scales(ckpt.config)
+    if len(fp16_scales) == 2 and not isinstance(fp16_scales[0], (int, float)):
+        return tuple(fp16_scales)
+    return None, list(fp16_scales)
+
+
+def _tokenizer_of(ckpt: Checkpoint):
+    from .tokenizer import BUNDLED_SPIECE, load_tokenizer
+
+    return load_tokenizer(ckpt.tokenizer or ckpt.tokenizer_bytes or BUNDLED_SPIECE)

@@ -1,0 +1,139 @@
+"""python -m t5core {encode, convert, calibrate, precision, bench, demo}"""
+import argparse
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+
+def _scales_arg(text: str):
+    """'auto' | 'none' | 'calibrate' | '1,1,0.5,...' (FFN-out scales) | 'ATTN;FFN' (two lists)."""
+    if text in ("auto", "calibrate"):
+        return text
+    if text == "none":
+        return None
+
+    def floats(s):
+        return [float(Fraction(x.strip())) for x in s.split(",") if x.strip()]
+
+    if ";" in text:
+        attn, ffn = text.split(";")
+        return floats(attn), floats(ffn)
+    return floats(text)
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32") -> None:
+    p.add_argument("--dtype", default=dtype_default, help="float32 | bfloat16 | float16 (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default %(default)s)")
+    p.add_argument("--attn", choices=["sdpa", "flex"], default=None, help="attention kernel (default: flex on CUDA, sdpa on CPU)")
+    p.add_argument("--fuse-norms", action="store_true", help="fold RMSNorm scales into the following projections")
+    p.add_argument("--fp16-scales", type=_scales_arg, default="auto",
+                   help="float16 residual scales: auto (saved, calibrated or preset by size), none, calibrate, "
+                        "or per-layer FFN-out scales '1,1,1/2,...' (default auto)")
+    p.add_argument("--subfolder", default=None, help="subfolder of a diffusers repo, e.g. text_encoder_2")
+
+
+def _load(args, model_path):
+    import t5core
+
+    return t5core.load_encoder(model_path, dtype=args.dtype, device=args.device, attn_impl=args.attn,
+                               fuse_norms=args.fuse_norms, fp16_scales=args.fp16_scales, subfolder=args.subfolder)
+
+
+def _tokenizer_for(args, ckpt_path):
+    from .tokenizer import BUNDLED_SPIECE, find_tokenizer, load_tokenizer
+
+    path = args.tokenizer or find_tokenizer(Path(ckpt_path) / (args.subfolder or ""))
+    if path is None:
+        print(f"no tokenizer beside {ckpt_path}; using the bundled T5 tokenizer", file=sys.stderr)
+        path = BUNDLED_SPIECE
+    return load_tokenizer(path)
+
+
+def cmd_encode(args) -> None:
+    from safetensors.torch import save_file
+
+    tok = _tokenizer_for(args, args.model)
+    ids, mask = tok(args.prompts, max_length=args.max_length, pad_to=args.pad_to)
+    model = _load(args, args.model)
+    emb = model.encode(ids, mask).float().cpu()
+    save_file({"embeddings": emb.contiguous(), "input_ids": ids, "attention_mask": mask.to(ids.dtype)}, args.out)
+    print(f"wrote {args.out}: embeddings {list(emb.shape)} float32, {int(mask.sum())} real tokens")
+
+
+def cmd_convert(args) -> None:
+    from .checkpoint import open_checkpoint
+    from .save import save_encoder
+    from .tokenizer import load_tokenizer
+
+    if args.fp16_scales not in ("auto", None) and args.dtype not in ("float16", "fp16"):
+        raise SystemExit("--fp16-scales needs --dtype float16")
+    ckpt = open_checkpoint(args.src, subfolder=args.subfolder)
+    tok_src = args.tokenizer or ckpt.tokenizer or ckpt.tokenizer_bytes
+    model = _load(args, args.src)
+    out = save_encoder(model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None)
+    c = model.config
+    print(f"wrote {out} ({args.format}, {args.dtype}, norms {'fused' if not c.elementwise_affine else 'kept'}, "
+          f"ffn scales {c.enc_ffn_out_scales}, tokenizer {'copied' if tok_src is not None else 'none found'})")
+
+
+def cmd_calibrate(args) -> None:
+    from .calibrate import calibrate_fp16_scales, save_calibrated_scales
+
+    tok = _tokenizer_for(args, args.model)
+    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else None
+    args.dtype, args.fp16_scales = "float32", None
+    model = _load(args, args.model)
+    attn, ffn = calibrate_fp16_scales(model, tok, [p for p in prompts or [] if p.strip()] or None, args.headroom)
+    where = save_calibrated_scales(model.source_path, attn, ffn, args.headroom)
+    print(f"attention-out scales: {attn}\nFFN-out scales:       {ffn}\nsaved to {where} (used by dtype float16 loads)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m t5core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("encode", help="encode prompts to a .safetensors file of embeddings")
+    p.add_argument("--model", required=True, help="weights: HF/diffusers folder, ComfyUI file, or tensorizer folder")
+    p.add_argument("--tokenizer", default=None, help="spiece.model, tokenizer.json or a folder (default: beside the model)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate longer prompts, with a warning (default 512)")
+    p.add_argument("--pad-to", type=int, default=None, help="pad every prompt to this many tokens")
+    p.add_argument("--out", required=True, help="output .safetensors: embeddings [B,L,D] float32, input_ids, attention_mask")
+    p.add_argument("prompts", nargs="+")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint as a tensorizer folder or a Hugging Face folder")
+    p.add_argument("src")
+    p.add_argument("out_dir")
+    p.add_argument("--format", choices=["tensorizer", "safetensors"], default="tensorizer")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to copy (default: the one beside SRC, if any)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("calibrate", help="find float16 residual scales with headroom and save them beside the model")
+    p.add_argument("model")
+    p.add_argument("--prompts", default=None, help="text file, one prompt a line (default: a built-in varied set)")
+    p.add_argument("--headroom", type=float, default=4.0, help="keep activations this many times below 65504")
+    p.add_argument("--tokenizer", default=None)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    from . import bench, demo
+    from .scripts import t5_encoder_precision_parity as precision
+
+    for name, mod, help_ in (("precision", precision, "per-layer absmax and error vs float32"),
+                             ("bench", bench, "speed vs transformers (CUDA; --size small on CPU)"),
+                             ("demo", demo, "build, save, load, tokenize, encode and check a small model")):
+        p = sub.add_parser(name, help=help_, description=mod.__doc__)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError and bad arguments: a message, not a traceback
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Pick float16 residual scales from the activations of real prompts, with headroom.
+
+Runs the encoder (in float32, or whatever precision it has, as long as it is finite) over a prompt set, records
+each layer's attention-out and FFN-out absmax over real tokens, and chooses, layer by layer, the largest power
+of two <= 1 that keeps every scaled output `headroom` times below the float16 maximum."""
+import json
+import random
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .precision import FLOAT16_MAX, trace_layers
+from .residual_scale import output_weight_factors
+
+# Short, long, repetitive and unusual-unicode prompts: activations peak on different kinds of input.
+BUILTIN_PROMPTS = [
+    "a cat",
+    "illustration of a nice tree",
+    "A photograph of an astronaut riding a horse on the moon, highly detailed, 8k, dramatic lighting",
+    "masterpiece, best quality, " * 40,
+    "the the the the the the the the the the the the the the the the the the the the",
+    "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
+    "東京の夜景、ネオン、雨、映画のような構図",
+    "Ünïcödé façade — naïve café, ½ ¾ ™ © ∑ ∫ √ ∞ ≠ ≤ ≥ 🙂🚀🌲",
+    "0123456789 " * 30,
+    "A sprawling fantasy city built into the side of a waterfall at dusk, lanterns glowing along wooden "
+    "walkways, airships docking at towers, a crowd of travellers in colourful robes, mist rising from the "
+    "river below, painted in the style of a detailed matte painting with soft volumetric light. " * 4,
+    "<extra_id_0> a sentinel token and </s> an end token inside the text",
+    "\t  spaced   out\n\nprompt  with   tabs\tand newlines  ",
+]
+
+
+def _random_batches(vocab_size: int, n: int = 8, seed: int = 0):
+    gen = random.Random(seed)
+    for _ in range(n):
+        length = gen.choice([4, 32, 128, 512])
+        yield torch.tensor([[gen.randrange(3, min(vocab_size, 32000)) for _ in range(length - 1)] + [1]])
+
+
+def measure_output_absmax(model, tokenizer=None, prompts: Optional[Sequence[str]] = None, max_length: int = 512):
+    """-> per layer (attention-out absmax, FFN-out absmax, FFN-hidden absmax), unscaled units."""
+    n = model.config.num_layers
+    stats = {}
+    device = model.vocab_embed.weight.device
+    if tokenizer is not None:
+        batches = []
+        for text in prompts or BUILTIN_PROMPTS:  # one at a time: no padding, exact lengths
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # long built-in prompts are meant to be truncated
+                ids, _ = tokenizer([text], max_length=max_length)
+            batches.append(ids)
+    else:
+        batches = list(_random_batches(model.config.vocab_size))
+    for ids in batches:
+        for s in trace_layers(model, ids.to(device)):
+            stats[s.name] = max(stats.get(s.name, 0.0), s.absmax)
+    # undo scales already baked into the weights
+    factors = output_weight_factors(*model.config.residual_scales())
+    attn = [stats[f"layers.{i}.attn"] / factors[f"layers.{i}.attn.o_proj.weight"] for i in range(n)]
+    ffn = [stats[f"layers.{i}.ffn"] / factors[f"layers.{i}.ffn.ff_out.weight"] for i in range(n)]
+    hidden = [stats[f"layers.{i}.ffn.hidden"] for i in range(n)]
+    return attn, ffn, hidden
+
+
+def choose_scales(attn_absmax, ffn_absmax, headroom: float = 4.0) -> tuple[list[float], list[float]]:
+    """Greedy, first layer to last: shrink only when the cumulative-scaled output would pass the limit."""
+    limit = FLOAT16_MAX / headroom
+    c, attn_scales, ffn_scales = 1.0, [], []
+    for a, f in zip(attn_absmax, ffn_absmax):
+        for absmax, out in ((a, attn_scales), (f, ffn_scales)):
+            s = 1.0
+            while c * s * absmax > limit:
+                s /= 2
+            out.append(s)
+            c *= s
+    return attn_scales, ffn_scales
+
+
+def calibrate_fp16_scales(model, tokenizer=None, prompts=None, headroom: float = 4.0, max_length: int = 512):
+    """-> (attn_out_scales, ffn_out_scales) in total, relative to unscaled weights.
+
+    Use them with load_encoder(..., dtype="float16", fp16_scales=(attn, ffn)), or with scale_residuals_enc on an
+    unscaled model before casting it to float16."""
+    attn, ffn, hidden = measure_output_absmax(model, tokenizer, prompts, max_length)
+    for i, h in enumerate(hidden):
+        if h * headroom > FLOAT16_MAX:
+            warnings.warn(f"layer {i}: FFN hidden activations reach {h:.0f}, within {headroom}x of the float16 "
+                          f"limit; residual scales cannot reduce them, so prefer bfloat16 for this model")
+    return choose_scales(attn, ffn, headroom)
+
+
+def scales_sidecar(weights_path) -> Path:
+    """Where calibrated scales live: fp16_scales.json in a model folder, <file>.fp16_scales.json beside a file."""
+    p = Path(weights_path)
+    return p / "fp16_scales.json" if p.is_dir() else p.with_name(p.name + ".fp16_scales.json")
+
+
+def save_calibrated_scales(weights_path, attn_scales, ffn_scales, headroom: float) -> Path:
+    path = scales_sidecar(weights_path)
+    path.write_text(json.dumps({"enc_attn_out_scales": attn_scales, "enc_ffn_out_scales": ffn_scales,
+                                "headroom": headroom}, indent=2))
+    return path
+
+
+def load_calibrated_scales(weights_path) -> Optional[tuple[list[float], list[float]]]:
+    path = scales_sidecar(weights_path)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data["enc_attn_out_scales"], data["enc_ffn_out_scales"]
