@@ -31,32 +31,56 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Tensor sources: keys, shapes and one tensor at a time, never the whole file in memory
 # --------------------------------------------------------------------------------------------------
-class SafetensorsSource:
-    def __init__(self, files: list[Path]) -> None:
-        from safetensors import safe_open
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None)}
 
-        self.handles, self.file_of = [], {}
+
+class SafetensorsSource:
+    """Reads safetensors files tensor by tensor with plain reads (no memory map), so host memory holds one
+    tensor at a time whatever the file size."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
         for f in files:
+            self._read_header(f)
+
+    def _read_header(self, f: Path) -> None:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise CheckpointError(f"{f}: not a safetensors file (bad header length); it may be truncated or corrupt")
             try:
-                h = safe_open(str(f), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types for bad headers / short files
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e}); it may be truncated or corrupt") from e
-            self.handles.append(h)
-            for k in h.keys():
-                self.file_of[k] = (f, h)
+                header = json.loads(fh.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{f}: corrupt safetensors header ({e})") from e
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            start, end = info["data_offsets"]
+            if dtype is None:
+                raise CheckpointError(f"{f}: tensor {key!r} has unsupported dtype {info.get('dtype')}")
+            if 8 + n + end > size:
+                raise CheckpointError(f"{f}: truncated: tensor {key!r} ends at byte {8 + n + end} but the file has "
+                                      f"{size} bytes; re-download it")
+            self.entries[key] = (f, dtype, tuple(info["shape"]), 8 + n + start, end - start)
 
     def keys(self) -> list[str]:
-        return list(self.file_of)
+        return list(self.entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.file_of[key][1].get_slice(key).get_shape())
+        return self.entries[key][2]
 
     def get(self, key: str) -> torch.Tensor:
-        f, h = self.file_of[key]
-        try:
-            return h.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e}); the file may be truncated or corrupt") from e
+        f, dtype, shape, offset, nbytes = self.entries[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(memoryview(buf.numpy())) != nbytes:
+                raise CheckpointError(f"{f}: short read for tensor {key!r}; the file is truncated")
+        return buf.view(dtype).reshape(shape)
 
 
 class TensorizerSource:
