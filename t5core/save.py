@@ -38,7 +38,7 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
         from tensorizer import TensorSerializer
 
         serializer = TensorSerializer(str(out / "enc.tensors"))
-        serializer.write_state_dict(model.state_dict())
+        serializer.write_module(model)  # (not write_state_dict: TensorDeserializer.load_into_module needs this form)
         serializer.close()
         (out / "config.json").write_text(model.config.model_dump_json(indent=2))
     else:

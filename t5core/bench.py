@@ -1,0 +1,642 @@
+"""Speed and accuracy of t5core against transformers, on one set of random T5 v1.1 weights (issue 4).
+
+One process builds a transformers T5EncoderModel with transformers' own random init, in float32 on the device:
+that model is the reference (TF32 off). It is saved once as a Hugging Face folder, and every variant loads from
+that folder: ours through t5core.load_encoder (the product path, norms fused), transformers through
+from_pretrained. Every variant sees the same token ids.
+
+Sections (--sections):
+  speed       median ms per (variant, shape) with CUDA events, speedup vs transformers eager and compiled at the
+              same shape, achieved TFLOP/s and its share of a bf16 8192^3 torch.mm measured in the same run,
+              relative error vs the float32 reference on real tokens, first-call seconds (compile included)
+  load        bf16 safetensors folder -> encoder ready on the device: ours vs transformers, seconds and memory
+  cold-start  first call of one compiled variant in fresh processes: with an empty inductor/Triton cache, then
+              again with that cache kept (a warm restart)
+Markdown tables are printed at the end; --out-json keeps every number (rewritten after every case).
+
+Cases run shape by shape (every variant at the first shape, then the next shape...), with all variants' models
+alive at once (XXL: 7 x 9.5 GB after the 19 GB float32 reference is freed), so that a run cut short by
+--budget-s still has the most important shape for everyone. Float32 weights are written to $TMPDIR (19 GB at
+XXL: about 20-40 s; set TMPDIR=/dev/shm to keep them in memory); the float32 reference must stay exact, so no
+smaller copy is used for the float16 variant.
+"""
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .checkpoint import open_checkpoint
+from .precision import relative_error
+from .t5_common import V1_1_PRESETS, T5FFNType
+from .t5_encoder import make_self_attn_block_mask
+from .weight_load import load_encoder
+
+FIRST_CALL_TAG = "T5CORE_FIRST_CALL "  # prefix of the JSON line a --first-call-only child prints
+
+
+# -- variants and shapes --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    impl: str  # "ours" | "hf"
+    dtype: torch.dtype
+    attn: str  # ours: "sdpa" | "flex"; transformers: "eager" | "sdpa"
+    compiled: bool = False  # ours: regional (compile_layers); transformers: torch.compile of the whole model
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("ours-flex-compile-bf16", "ours", torch.bfloat16, "flex", True),
+    Variant("ours-sdpa-bf16", "ours", torch.bfloat16, "sdpa"),
+    Variant("ours-sdpa-compile-bf16", "ours", torch.bfloat16, "sdpa", True),
+    Variant("ours-flex-compile-fp16", "ours", torch.float16, "flex", True),  # fp16_scales="auto": preset by size
+    Variant("ours-sdpa-fp32", "ours", torch.float32, "sdpa"),
+    Variant("hf-eager-bf16", "hf", torch.bfloat16, "eager"),
+    Variant("hf-sdpa-bf16", "hf", torch.bfloat16, "sdpa"),
+    Variant("hf-compile-bf16", "hf", torch.bfloat16, "sdpa", True),  # transformers' default attention, compiled
+    Variant("hf-eager-fp32", "hf", torch.float32, "eager"),
+]}
+# most important first: a run cut by the time budget loses the tail
+DEFAULT_VARIANTS = {
+    "cuda": "ours-flex-compile-bf16,hf-eager-bf16,hf-compile-bf16,ours-sdpa-bf16,hf-sdpa-bf16,"
+            "ours-sdpa-compile-bf16,ours-flex-compile-fp16",
+    "cpu": "ours-sdpa-fp32,hf-eager-fp32",
+}
+DEFAULT_SHAPES = {"cuda": "1x512,8x512,pad8x256,1x256,8x256", "cpu": "1x128"}
+BASELINE_EAGER = ("hf-eager-bf16", "hf-eager-fp32")  # the first present is the "x vs HF eager" baseline
+BASELINE_COMPILE = ("hf-compile-bf16",)
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq_len: int
+    padded: bool = False  # prompts of random lengths 20..200 (at most seq_len), right-padded, with a mask
+
+    @property
+    def name(self) -> str:
+        return f"{'pad' if self.padded else ''}{self.batch}x{self.seq_len}"
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    """'1x512,8x512,pad8x256' -> shapes."""
+    shapes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        padded = part.startswith("pad")
+        try:
+            batch, seq_len = (int(x) for x in part.removeprefix("pad").split("x"))
+        except ValueError:
+            raise ValueError(f"bad shape {part!r}: expected BxL or padBxL, e.g. 1x512 or pad8x256") from None
+        shapes.append(Shape(batch, seq_len, padded))
+    return shapes
+
+
+def parse_variants(text: str) -> list[Variant]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    return [VARIANTS[n] for n in names]
+
+
+@dataclass
+class Inputs:
+    ids: torch.Tensor  # [B, L] int64: random ids, EOS (1) last, pads 0
+    mask: Optional[torch.Tensor]  # [B, L] bool (True = real token), None when nothing is padded
+    hf_mask: Optional[torch.Tensor]  # the same as int64, as transformers takes it
+
+
+def make_inputs(shape: Shape, vocab_size: int, device, seed: int = 0) -> Inputs:
+    gen = torch.Generator().manual_seed(seed)
+    B, L = shape.batch, shape.seq_len
+    ids = torch.randint(3, min(vocab_size, 32000), (B, L), generator=gen)
+    if shape.padded:
+        lo, hi = min(20, L), min(200, L)
+        lengths = torch.randint(lo, hi + 1, (B,), generator=gen).tolist()
+    else:
+        lengths = [L] * B
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        ids[i, n - 1], ids[i, n:] = 1, 0
+        mask[i, :n] = True
+    ids = ids.to(device)
+    if not shape.padded:
+        return Inputs(ids, None, None)
+    mask = mask.to(device)
+    return Inputs(ids, mask, mask.long())
+
+
+def encoder_flops(cfg, batch: int, seq_len: int) -> float:
+    """Matmul FLOPs of one forward over all B*L positions (pads included: every variant computes them)."""
+    d, inner, ff = cfg.hidden_dim, cfg.inner_dim, cfg.ff_dim
+    ff_in = 2 * ff if cfg.ffn_type == T5FFNType.GEGLU else ff
+    per_token = 2 * (d * 3 * inner + inner * d + d * ff_in + ff * d) + 4 * seq_len * inner  # + QK^T and PV
+    return float(per_token) * batch * seq_len * cfg.num_layers
+
+
+# -- timing -------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_first_call(fn: Callable, device: torch.device):
+    """-> (seconds, output) of one call, compilation included, synchronized."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def time_calls(fn: Callable, device: torch.device, seconds: float, min_runs: int = 5, max_runs: int = 300) -> dict:
+    """Median ms after 3 warm-up calls, over enough calls to fill `seconds`; CUDA events around each call."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    sync(device)
+    per_call = (time.perf_counter() - start) / 3
+    n = int(min(max(seconds / max(per_call, 1e-6), min_runs), max_runs))
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for begin, end in events:
+            begin.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [begin.elapsed_time(end) for begin, end in events]
+    else:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    q = statistics.quantiles(times, n=10)
+    return {"ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "runs": n}
+
+
+def matmul_peak_tflops(device: torch.device) -> dict:
+    """The matrix-unit ceiling of this run: bf16 8192^3 torch.mm on random data (CPU: float32 2048^3)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_calls(lambda: torch.mm(a, b), device, seconds=0.5, min_runs=10, max_runs=50)
+    return {"tflops": 2 * n**3 / (t["ms"] * 1e-3) / 1e12, "n": n, "dtype": str(dtype).removeprefix("torch.")}
+
+
+# -- models -------------------------------------------------------------------------------------------------
+def hf_v1_1_config(size: str):
+    from transformers import T5Config as HFT5Config
+
+    d, heads, ff, layers = V1_1_PRESETS[size]
+    return HFT5Config(vocab_size=32128, d_model=d, d_kv=64, d_ff=ff, num_layers=layers, num_heads=heads,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
+                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                      tie_word_embeddings=False, attn_implementation="eager")
+
+
+def build_hf_reference(size: str, device, seed: int = 0):
+    """transformers' own random init (normal weights, unit norms; never zeros), float32, eager attention,
+    created directly on `device` (initialising 4.8 B parameters on the CPU would take minutes)."""
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = T5EncoderModel(hf_v1_1_config(size))
+    return model.eval()
+
+
+def load_hf(folder, dtype: torch.dtype, attn: str, device):
+    """transformers' own load path; float16 keeps `wo` in float32 (its _keep_in_fp32_modules)."""
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
+                                          device_map=str(device)).eval()
+
+
+def hf_forward(model) -> Callable[[Inputs], torch.Tensor]:
+    @torch.inference_mode()
+    def call(inp: Inputs) -> torch.Tensor:
+        return model(input_ids=inp.ids, attention_mask=inp.hf_mask).last_hidden_state  # [B, L, D]
+
+    return call
+
+
+def load_variant(v: Variant, folder, device):
+    """-> (model, call(inputs) -> [B, L, D]). Ours: the product path, encode() (it builds the flex block mask)."""
+    if v.impl == "ours":
+        model = load_encoder(folder, v.dtype, device, attn_impl=v.attn, fuse_norms=True, compile=v.compiled)
+        return model, lambda inp: model.encode(inp.ids, inp.mask)
+    model = load_hf(folder, v.dtype, v.attn, device)
+    return model, hf_forward(torch.compile(model, dynamic=False) if v.compiled else model)
+
+
+def variant_note(v: Variant, model) -> str:
+    """Float16 rows name the residual scales in effect ({layer: FFN-out scale}, 1 elsewhere)."""
+    if v.impl != "ours" or v.dtype != torch.float16:
+        return ""
+    scaled = {i: s for i, s in enumerate(model.config.enc_ffn_out_scales or []) if s != 1}
+    return f"fp16 ffn scales {scaled}" if scaled else "no fp16 scales"
+
+
+def free(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- one run ------------------------------------------------------------------------------------------------
+class Stop(Exception):
+    """SIGTERM (the device runner's time limit): print what we have."""
+
+
+class Run:
+    """Results, time budget and JSON of one bench invocation."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.start = time.perf_counter()
+        self.results: dict = {"meta": {}, "speed": [], "load": [], "cold_start": []}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def over_budget(self) -> bool:
+        return self.elapsed() > self.args.budget_s
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def save(self) -> None:
+        if self.args.out_json:
+            self.results["meta"]["wall_s"] = self.elapsed()
+            Path(self.args.out_json).write_text(json.dumps(self.results, indent=1, default=str))
+
+
+def short_error(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def run_speed(run: Run, folder: Path, cfg, refs: dict, peak: float) -> None:
+    args, device = run.args, run.device
+    variants, shapes = parse_variants(args.variants), parse_shapes(args.shapes)
+    loaded: dict[str, tuple] = {}  # name -> (model, call, note) or (None, None, error)
+    try:
+        for shape in shapes:
+            inp = make_inputs(shape, cfg.vocab_size, device, args.seed)
+            ref = refs[shape.name]
+            real = (lambda t: t) if inp.mask is None else (lambda t: t[inp.mask])
+            flops = encoder_flops(cfg, shape.batch, shape.seq_len)
+            for v in variants:
+                row = {"variant": v.name, "shape": shape.name, "flops": flops}
+                run.results["speed"].append(row)
+                if run.over_budget():
+                    row["error"] = f"skipped: past --budget-s {args.budget_s:.0f}"
+                    continue
+                if v.name not in loaded:
+                    try:
+                        t0 = time.perf_counter()
+                        model, call = load_variant(v, folder, device)
+                        loaded[v.name] = (model, call, variant_note(v, model))
+                        run.log(f"loaded {v.name} in {time.perf_counter() - t0:.1f}s")
+                    except Exception as e:  # one broken variant must not lose the run
+                        loaded[v.name] = (None, None, f"load: {short_error(e)}")
+                        free(device)
+                model, call, note = loaded[v.name]
+                if model is None:
+                    row["error"] = note
+                    continue
+                row["note"] = note
+                try:
+                    row["first_call_s"], out = time_first_call(lambda: call(inp), device)
+                    row["rel_err"] = relative_error(real(out.float()), real(ref))
+                    del out
+                    row.update(time_calls(lambda: call(inp), device, args.seconds_per_case))
+                    row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                    row["peak_share"] = row["tflops"] / peak
+                    if v.attn == "flex" and inp.mask is not None:
+                        mask_ms = time_calls(lambda: make_self_attn_block_mask(inp.mask), device, 0.2)["ms"]
+                        row["note"] = f"{note}; block mask {mask_ms:.2f} ms (in the time)".lstrip("; ")
+                    run.log(f"{v.name} {shape.name}: {row['ms']:.2f} ms, first call {row['first_call_s']:.1f}s, "
+                            f"rel err {row['rel_err']:.2e}")
+                except Exception as e:
+                    row["error"] = short_error(e)
+                    run.log(f"{v.name} {shape.name}: {row['error']}")
+                    free(device)
+                run.save()
+    finally:
+        add_ratios(run.results["speed"])
+        loaded.clear()
+        free(device)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speedup = baseline ms / this row's ms, at the same shape."""
+    ms = {(r["variant"], r["shape"]): r["ms"] for r in rows if "ms" in r}
+    for r in rows:
+        for key, names in (("x_hf_eager", BASELINE_EAGER), ("x_hf_compile", BASELINE_COMPILE)):
+            base = next((ms[(n, r["shape"])] for n in names if (n, r["shape"]) in ms), None)
+            if base is not None and "ms" in r:
+                r[key] = base / r["ms"]
+
+
+def reference_outputs(ref_model, cfg, shapes: list[Shape], device, seed: int) -> dict:
+    """Float32 transformers outputs (TF32 off) for every shape, kept on the device."""
+    refs = {}
+    for shape in shapes:
+        inp = make_inputs(shape, cfg.vocab_size, device, seed)
+        refs[shape.name] = hf_forward(ref_model)(inp).float()
+    return refs
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def warm_read(folder: Path) -> None:
+    """Read every file once so both loaders start from the page cache (it cannot be dropped here)."""
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def run_load(run: Run, folder16: Path) -> None:
+    device = run.device
+    warm_read(folder16)
+    loaders = [
+        ("ours: t5core.load_encoder(bf16, fuse_norms=True)",
+         lambda: load_encoder(folder16, torch.bfloat16, device, fuse_norms=True)),
+        (f"transformers: from_pretrained(dtype=bf16, device_map={str(device)!r})",
+         lambda: load_hf(folder16, torch.bfloat16, "sdpa", device)),
+    ]
+    for name, fn in loaders:
+        row = {"loader": name}
+        run.results["load"].append(row)
+        try:
+            free(device)
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            row["seconds"], model = time_first_call(fn, device)
+            row["weight_gb"] = weight_bytes(model) / 1e9
+            if device.type == "cuda":
+                free(device)
+                row["allocated_gb"] = (torch.cuda.memory_allocated(device) - base) / 1e9
+                row["peak_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
+            run.log(f"load {name}: {row['seconds']:.2f}s")
+            del model
+        except Exception as e:
+            row["error"] = short_error(e)
+        free(device)
+        run.save()
+
+
+def run_cold_start(run: Run, folder: Path, workdir: Path) -> None:
+    """The same first call in two fresh processes: empty inductor + Triton caches, then those caches kept."""
+    args = run.args
+    cache = workdir / "compile-cache"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    shape = parse_shapes(args.shapes)[0]
+    cmd = [sys.executable, "-m", "t5core.bench", "--first-call-only", "--model", str(folder), "--device", args.device,
+           "--variants", args.cold_variant, "--shapes", shape.name, "--seed", str(args.seed)]
+    for label in ("cold: empty compile caches", "warm restart: caches kept"):
+        row = {"run": label, "variant": args.cold_variant, "shape": shape.name}
+        run.results["cold_start"].append(row)
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(60.0, args.budget_s))
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(FIRST_CALL_TAG)]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"child exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+            row.update(json.loads(lines[-1].removeprefix(FIRST_CALL_TAG)))
+            row["process_s"] = time.perf_counter() - start
+            run.log(f"cold start, {label}: first call {row['first_call_s']:.1f}s")
+        except Exception as e:
+            row["error"] = short_error(e)
+        run.save()
+
+
+def first_call_only(args) -> None:
+    """Child of --sections cold-start: load one variant, time its first and next calls, print one JSON line."""
+    device = torch.device(args.device)
+    (v,), (shape,) = parse_variants(args.variants), parse_shapes(args.shapes)
+    load_s, (model, call) = time_first_call(lambda: load_variant(v, args.model, device), device)
+    inp = make_inputs(shape, open_checkpoint(args.model).config.vocab_size, device, args.seed)
+    first_s, _ = time_first_call(lambda: call(inp), device)
+    second_s, _ = time_first_call(lambda: call(inp), device)
+    steady = time_calls(lambda: call(inp), device, seconds=0.3, min_runs=5, max_runs=50)["ms"]
+    print(FIRST_CALL_TAG + json.dumps({"load_s": load_s, "first_call_s": first_s, "second_call_s": second_s,
+                                       "steady_ms": steady}), flush=True)
+
+
+# -- tables -------------------------------------------------------------------------------------------------
+def fmt(x, kind: str = "ms") -> str:
+    if x is None:
+        return ""
+    if kind == "err":
+        return f"{x:.2e}"
+    if kind == "x":
+        return f"{x:.2f}x"
+    if kind == "pct":
+        return f"{100 * x:.0f}%"
+    return f"{x:.2f}" if abs(x) < 100 else f"{x:.1f}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def speed_table(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        spread = (r["p90_ms"] - r["p10_ms"]) / r["ms"] if "ms" in r else None
+        note = r.get("error") or r.get("note", "")
+        out.append([r["variant"], r["shape"], fmt(r.get("ms")), fmt(spread, "pct"), fmt(r.get("x_hf_eager"), "x"),
+                    fmt(r.get("x_hf_compile"), "x"), fmt(r.get("tflops")), fmt(r.get("peak_share"), "pct"),
+                    fmt(r.get("rel_err"), "err"), fmt(r.get("first_call_s")), note])
+    return md_table(["variant", "shape", "median ms", "p10-p90", "x HF eager", "x HF compile", "TFLOP/s",
+                     "of mm peak", "rel err vs f32", "first call s", "note"], out)
+
+
+def load_table(rows: list[dict]) -> str:
+    return md_table(["loader", "seconds", "weights GB", "allocated GB", "peak GB", "error"], [
+        [r["loader"], fmt(r.get("seconds")), fmt(r.get("weight_gb")), fmt(r.get("allocated_gb")),
+         fmt(r.get("peak_gb")), r.get("error", "")] for r in rows])
+
+
+def cold_table(rows: list[dict]) -> str:
+    return md_table(["run", "variant", "shape", "process s", "load s", "first call s", "second call s", "steady ms",
+                     "error"], [
+        [r["run"], r["variant"], r["shape"], fmt(r.get("process_s")), fmt(r.get("load_s")),
+         fmt(r.get("first_call_s")), fmt(r.get("second_call_s")), fmt(r.get("steady_ms")), r.get("error", "")]
+        for r in rows])
+
+
+def print_report(run: Run, stopped: Optional[str]) -> None:
+    m, res = run.results["meta"], run.results
+    print("\n## t5core bench")
+    print(f"device {m.get('device_name')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
+          f"size {m.get('size')} {m.get('dims', '')}, wall {run.elapsed():.0f}s" + (f", STOPPED: {stopped}" if stopped else ""))
+    if res["speed"]:
+        print(f"matmul peak {fmt(m.get('mm_peak_tflops'))} TFLOP/s ({m.get('mm_peak_what')}); work per shape: "
+              + ", ".join(f"{s} {f / 1e12:.3f} TFLOP" for s, f in m.get("flops", {}).items()))
+        print("ours: t5core.load_encoder(fuse_norms=True), timed through encode(); HF: T5EncoderModel "
+              "from_pretrained, compile = torch.compile(model, dynamic=False); rel err on real tokens vs HF float32 "
+              "(TF32 off). First call includes compilation; inductor caches carry across variants and shapes in "
+              "one process (see cold-start for a fresh process). Padded TFLOP/s counts pads.\n")
+        print(speed_table(res["speed"]))
+    if res["load"]:
+        print("\nLoad: bf16 safetensors folder -> ready encoder (synchronized; no forward). Files read once "
+              "before timing: both loaders read a warm page cache. GB deltas of torch.cuda memory.\n")
+        print(load_table(res["load"]))
+    if res["cold_start"]:
+        print("\nCold start: separate processes; 'first call' = compile + one forward.\n")
+        print(cold_table(res["cold_start"]))
+
+
+# -- entry points ---------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda | cpu (default: cuda if present)")
+    p.add_argument("--size", choices=list(V1_1_PRESETS), default=None,
+                   help="random T5 v1.1 weights of this size (default: xxl on CUDA, small on CPU)")
+    p.add_argument("--model", default=None, help="a Hugging Face T5 folder to use instead of random weights")
+    p.add_argument("--sections", default="speed", help="comma list of speed, load, cold-start (default speed)")
+    p.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} "
+                   f"(default on CUDA: {DEFAULT_VARIANTS['cuda']}; on CPU: {DEFAULT_VARIANTS['cpu']})")
+    p.add_argument("--shapes", default=None, help="comma list of BxL or padBxL (8 random-length prompts padded "
+                   f"to L) (default on CUDA: {DEFAULT_SHAPES['cuda']}; on CPU: {DEFAULT_SHAPES['cpu']})")
+    p.add_argument("--seconds-per-case", type=float, default=1.0, help="timed calls fill this long (default 1)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="skip speed cases that would start after this many seconds of the run (default 480)")
+    p.add_argument("--cold-variant", default="ours-flex-compile-bf16",
+                   help="variant timed by cold-start, at the first of --shapes (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-json", default=None, help="write every number here")
+    p.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)  # cold-start's child process
+
+
+def _setup(args) -> torch.device:
+    device = torch.device(args.device)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    args.size = args.size or ("xxl" if kind == "cuda" else "small")
+    args.variants = args.variants or DEFAULT_VARIANTS[kind]
+    args.shapes = args.shapes or DEFAULT_SHAPES[kind]
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be true float32
+    torch.backends.cudnn.allow_tf32 = False
+    # one process compiles many (model, shape, mask) combinations; past the limit dynamo would silently run eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
+    quiet_transformers()
+    return device
+
+
+def quiet_transformers() -> None:
+    """No progress bars: the device runner returns only the last 12000 characters of output."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+def run(args) -> dict:
+    device = _setup(args)
+    if args.first_call_only:
+        first_call_only(args)
+        return {}
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if sections - {"speed", "load", "cold-start"}:
+        raise ValueError(f"unknown sections {sections - {'speed', 'load', 'cold-start'}}")
+    parse_variants(args.variants + "," + args.cold_variant), parse_shapes(args.shapes)  # fail fast on typos
+    bench = Run(args, device)
+    stopped = None
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        with tempfile.TemporaryDirectory(prefix="t5core-bench-") as tmp:
+            _run_sections(bench, sections, Path(tmp))
+    except (Stop, KeyboardInterrupt) as e:
+        stopped = str(e) or type(e).__name__
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bench.save()
+        print_report(bench, stopped)
+    return bench.results
+
+
+def _raise_stop(signum, frame):
+    raise Stop(f"signal {signum} after the time limit")
+
+
+def _run_sections(run: Run, sections: set[str], workdir: Path) -> None:
+    import transformers
+
+    args, device = run.args, run.device
+    meta = run.results["meta"]
+    meta.update(torch=torch.__version__, transformers=transformers.__version__, size=args.model or args.size,
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    shapes = parse_shapes(args.shapes)
+
+    if args.model:
+        ref_model, folder32 = load_hf(args.model, torch.float32, "eager", device), Path(args.model)
+    else:
+        ref_model, folder32 = build_hf_reference(args.size, device, args.seed), workdir / "float32"
+        if "speed" in sections:
+            ref_model.save_pretrained(folder32)
+            run.log(f"built and saved float32 {args.size} weights")
+    cfg = open_checkpoint(folder32).config if "speed" in sections or args.model else None
+
+    refs, peak = {}, None
+    if "speed" in sections:
+        meta["dims"] = f"(d {cfg.hidden_dim}, heads {cfg.n_head}, ff {cfg.ff_dim}, layers {cfg.num_layers})"
+        meta["flops"] = {s.name: encoder_flops(cfg, s.batch, s.seq_len) for s in shapes}
+        refs = reference_outputs(ref_model, cfg, shapes, device, args.seed)
+        mm = matmul_peak_tflops(device)
+        peak = meta["mm_peak_tflops"] = mm["tflops"]
+        meta["mm_peak_what"] = f"{mm['dtype']} {mm['n']}^3 torch.mm, median"
+        run.log(f"reference outputs done; matmul peak {peak:.0f} TFLOP/s")
+
+    folder16 = workdir / "bfloat16"
+    if sections & {"load", "cold-start"}:
+        ref_model.to(torch.bfloat16).save_pretrained(folder16)  # the reference is no longer needed
+    del ref_model
+    free(device)
+
+    if "speed" in sections:
+        run_speed(run, folder32, cfg, refs, peak)
+        refs.clear()
+        free(device)
+    if "load" in sections:
+        run_load(run, folder16)
+    if "cold-start" in sections:
+        run_cold_start(run, Path(args.model) if args.model else folder16, workdir)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m t5core bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
