@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .checkpoint import Checkpoint, CheckpointError, config_from_hf, hf_config_dict, hf_key_of, native_target, open_checkpoint
 from .checkpoint_info import suggested_scales
 from .residual_scale import output_weight_factors
-from .t5_common import DTYPES, T5AttnImpl, T5Config, parse_dtype
+from .t5_common import DTYPES, T5AttnImpl, T5Config, T5FFNType, parse_dtype
 from .t5_encoder import T5EncoderStack
 from .weight_load import build_empty, load_checkpoint_into, load_encoder
 
@@ -166,14 +166,13 @@ class FastT5EncoderModel(PreTrainedModel):
             raise ValueError(f"{type(hf_model).__name__} has its weights on the meta device (sequential CPU offload?): "
                              "convert it before enabling offload")
         dtype = _requested_dtype(torch_dtype, None) or hf_model.dtype
-        ckpt = _module_checkpoint(hf_model)
         impl = T5AttnImpl(attn_impl) if attn_impl else (T5AttnImpl.Flex if device.type == "cuda" else T5AttnImpl.SDPA)
-        config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl})
+        config = config_from_hf(hf_model.config.to_dict()).model_copy(update={"dtype": dtype, "attn_impl": impl})
         attn_scales, ffn_scales = _fp16_scales_for(config, fp16_scales)
         if fuse_norms or _any_scale(attn_scales) or _any_scale(ffn_scales):
             encoder = build_empty(config, device)
-            load_checkpoint_into(encoder, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True,
-                                 enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
+            load_checkpoint_into(encoder, _module_checkpoint(hf_model), fuse_norm_scales=fuse_norms,
+                                 norm_fusion_via_f32=True, enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
         else:
             encoder = _share_weights(hf_model, config)
         if compile:
@@ -236,15 +235,18 @@ def swap_text_encoder(pipe, **load_kwargs):
     IF, AuraFlow, Wan, ...), keeps device and dtype (unless torch_dtype is given), shares weights where possible
     (see FastT5EncoderModel.from_hf_model, which takes load_kwargs) and re-applies model CPU offload if it was on.
     Returns pipe."""
-    slots = [name for name, comp in pipe.components.items() if type(comp).__name__ in HF_T5_CLASSES]
+    models = {name: comp for name, comp in pipe.components.items() if isinstance(comp, nn.Module)}
+    slots = [name for name, comp in models.items() if type(comp).__name__ in HF_T5_CLASSES]
     if not slots:
-        found = {name: type(comp).__name__ for name, comp in pipe.components.items() if isinstance(comp, nn.Module)}
+        if any(isinstance(comp, FastT5EncoderModel) for comp in models.values()):
+            return pipe  # swapped already
+        found = {name: type(comp).__name__ for name, comp in models.items()}
         raise ValueError(f"{type(pipe).__name__} has no transformers T5 encoder to swap (its models: {found})")
     offload_device = getattr(pipe, "_offload_device", None) if getattr(pipe, "_all_hooks", None) else None
     for name in slots:
-        new = FastT5EncoderModel.from_hf_model(getattr(pipe, name), **load_kwargs)
-        _check_dtype_matches_denoiser(pipe, name, new.dtype)
-        setattr(pipe, name, new)  # also records ("t5core.hf", "FastT5EncoderModel") in the pipeline config
+        old = getattr(pipe, name)
+        _check_dtype_matches_denoiser(pipe, name, _requested_dtype(load_kwargs.get("torch_dtype"), None) or old.dtype)
+        setattr(pipe, name, FastT5EncoderModel.from_hf_model(old, **load_kwargs))  # also updates model_index
     if offload_device is not None:
         pipe.enable_model_cpu_offload(device=offload_device)  # hooks were on the old module
     return pipe
@@ -276,7 +278,7 @@ def _fused_parts(name: str, config: T5Config) -> int:
     """How many Hugging Face tensors are stacked (by rows) in a T5EncoderStack parameter."""
     if name.endswith("attn.qkv_proj.weight"):
         return 3
-    if name.endswith("ffn.ff_in.weight") and config.ffn_type.value == "GEGLU":
+    if name.endswith("ffn.ff_in.weight") and config.ffn_type == T5FFNType.GEGLU:
         return 2
     return 1
 
@@ -370,11 +372,13 @@ def _module_checkpoint(hf_model: PreTrainedModel) -> Checkpoint:
 
 @torch.no_grad()
 def _share_weights(hf_model: PreTrainedModel, config: T5Config) -> T5EncoderStack:
-    """A T5EncoderStack using hf_model's tensors where dtype and device allow (see from_hf_model)."""
+    """A T5EncoderStack using hf_model's tensors where dtype and device allow (see from_hf_model).
+
+    Only names are kept between parameters, so each replaced HF projection is freed as soon as its fused
+    successor exists: the peak is one fused parameter more than hf_model, not a second model."""
     device = hf_model.device
-    hf_params = dict(hf_model.named_parameters())  # tied shared / embed_tokens appear once
-    sources: dict[str, dict[int, str]] = {}  # native name -> {part: HF name}
-    for key in hf_params:
+    sources: dict[str, dict[int, str]] = {}  # native name -> {part: HF name}; tied embeddings appear once
+    for key, _ in hf_model.named_parameters():
         if (target := native_target(key, config)) is not None:
             sources.setdefault(target[0], {}).setdefault(target[1], key)
     with torch.device("meta"):
@@ -382,11 +386,12 @@ def _share_weights(hf_model: PreTrainedModel, config: T5Config) -> T5EncoderStac
     state = {}
     for name, param in encoder.named_parameters():
         keys = [k for _, k in sorted(sources[name].items())]
-        parts = [hf_params[k].detach().to(param.dtype) for k in keys]  # no copy when the dtype already matches
+        same_dtype = all(hf_model.get_parameter(k).dtype == param.dtype for k in keys)
+        parts = [hf_model.get_parameter(k).detach().to(param.dtype) for k in keys]  # no copy when same_dtype
         state[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
-        shared = len(parts) > 1 and all(hf_params[k].dtype == param.dtype for k in keys)
-        if shared:  # the HF projections become views of the fused one, so their own storage is freed
-            for key, view in zip(keys, state[name].chunk(len(parts))):
+        del parts
+        if len(keys) > 1 and same_dtype:  # the HF projections become views of the fused one
+            for key, view in zip(keys, state[name].chunk(len(keys))):
                 _set_parameter(hf_model, key, view)
     encoder.load_state_dict(state, assign=True)
     for module in encoder.modules():  # the residual-scale buffers are not in a state dict: make them real

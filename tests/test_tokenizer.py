@@ -1,0 +1,401 @@
+"""t5core.tokenizer against Hugging Face's T5 tokenizer (test-only dependency: transformers / tokenizers).
+
+The reference is `T5TokenizerFast(tokenizer_file=tokenizer.json)`, which runs the file's own pipeline. Note that
+transformers 5's `from_pretrained(folder)` rebuilds a T5 pipeline instead (WhitespaceSplit + prepend "always"),
+which differs from tokenizer.json next to literal special tokens, so it is only compared on ordinary prompts.
+"""
+
+import copy
+import json
+import pickle
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import sentencepiece
+import torch
+from sentencepiece import sentencepiece_model_pb2 as sp_pb
+
+from t5core.tokenizer import (
+    BUNDLED_SPIECE,
+    PromptTruncatedWarning,
+    T5Tokenizer,
+    find_tokenizer,
+    load_tokenizer,
+    tokenizer_json_to_spiece,
+)
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/t5-tokenizer"
+TOKENIZER_JSON = TOKENIZER_DIR / "tokenizer.json"
+
+needs_tokenizer = pytest.mark.skipif(not TOKENIZER_JSON.is_file(), reason=f"no T5 tokenizer at {TOKENIZER_DIR}")
+pytestmark = needs_tokenizer
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompts
+
+# Ordinary prompts: here plain sentencepiece, transformers' sentencepiece backend and from_pretrained agree with
+# tokenizer.json (no special-token text next to words, no exotic whitespace or combining-mark stacks).
+ORDINARY = [
+    "A photo of a cat wearing a tiny wizard hat, highly detailed, 8k",
+    "  leading and trailing spaces   ",
+    "multiple     spaces\tand\ttabs\nand newlines\r\n",
+    "Café crème brûlée à la française, naïve coöperation",
+    "Müller's Straße in Zürich",
+    "日本語のテキストと English mixed",
+    "emoji 😀🎉👍🏽 and ❤️ hearts",
+    "ＦＵＬＬ－ＷＩＤＴＨ\u3000ｔｅｘｔ １２３",
+    "ligatures: ﬁne ﬂow ﬀ",
+    "numbers 3.14159 and 1,000,000 and 2024-01-01",
+    "The quick brown fox jumps over the lazy dog.",
+    "Quotes “smart” ‘single’ — em dash – en dash …",
+    "unknown ☃ snowman ⚡",
+    "URL https://example.com/path?q=1&x=2",
+    "C++ code: int main() { return 0; }",
+    "",
+    "Ελληνικά και русский текст",
+    "wow!!! so cool... really???",
+    "aaaaaaa zzzzzz xxx",
+]
+ORDINARY_WITH_SPECIALS = ["fill <extra_id_0> the <extra_id_1> blanks", "text </s> inside", "a <pad> b <unk> c"]
+
+# Edge cases written out, one concern each.
+EDGE = [
+    " ", "   ", "\t\n", "a", " a", "a ", "a  b", "▁", "a ▁b", "a▁▁b", "▁hello",
+    "hello<extra_id_0>world", "hello <extra_id_0> world", "hello<extra_id_0> world", "hello <extra_id_0>world",
+    "<extra_id_0>", "<extra_id_0>x", " <extra_id_0> x", "<extra_id_0>   <extra_id_1>", "<extra_id_99><extra_id_0>",
+    "a</s>b", "</s>", "end </s>", "<pad><unk></s>", "x<unk>y",
+    "<extra_id_100>", "<extra_id_1", "extra_id_0>", "<extra_id_-1>", "<EXTRA_ID_0>",
+    "full-width ＜/s＞ and ＜extra_id_3＞ and ＜unk＞", "a＜/s＞b", "x＜extra_id_0＞y",
+    "a\x85b\x85", "trailing nbsp\xa0", "line\u2028sep", "ideographic\u3000space\u3000", "zero\u200bwidth\ufeffbom",
+    "soft\xadhyphen", "ctrl\x00\x01\x1f\x7fchars", "\x1c\x1d\x1e\x1f", "crlf\r\nline\rcr",
+    "NFD: Ame\u0301lie cafe\u0301 n\u0303",
+    "Vietnamese NFD: Tie\u0302\u0301ng Vie\u0323\u0302t",
+    "stacked e\u0301\u0301\u0301",
+    "zalgo: h\u0335\u0321\u0327e\u0336\u0322l\u0334\u031bl\u0337o\u0338",
+    "full-width + mark: Ａ\u0301 ▁\u0302",
+    "\u0301 leading mark",
+    "ZWJ family 👨\u200d👩\u200d👧\u200d👦, flags 🇩🇪🇯🇵, keycap 1\ufe0f\u20e3, ©\ufe0f ™\ufe0f",
+    "halfwidth ｶﾞｷﾞ ﾊﾟ", "Hangul jamo \u1100\u1161\u11a8 and 한국어", "Thai ภาษาไทย ำ", "Hindi हिन्दी क्ष",
+    "Arabic العربية \u0600\u0661", "compat ①②③ ⑴ ½ ² ㎏ ℃ № ™ Ⅻ ㈱", "math 𝐀𝐁𝐂 𝒜 ℝ∑∫√∞≠≤",
+    "Ǆǅǆ İı ß ẞ ﬅ", "xxx AAA !!! ... ??? ---- ==== lololol hahaha", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "mixed\tTABS\t\tand  \n\n newlines ", "<<>> </ s> < /s> <s> </S>",
+]
+
+WORDS = (
+    "a photo of the cat dog wearing hat in on red blue big small castle mountain sunset highly detailed 8k "
+    "artstation trending portrait woman man cinematic lighting octane render masterpiece"
+).split()
+POOLS = [
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "0123456789.,:;",
+    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
+    " \t\n\r\x0b\x0c\x85\xa0\u2000\u2003\u200a\u3000\u2028\u2029\u202f\u205f\x1c\x1f\u1680",
+    "\u0300\u0301\u0302\u0303\u0308\u0327\u0323\u20dd\u0345",
+    "éèêëàáâäçñøåæœßÉÀÇ",
+    "日本語中文字漢字のテキスト한국어텍스트",
+    "😀👨\u200d👩\u200d👧🇩🇪👍🏽❤\ufe0f✨",
+    "ＡＢＣａｂｃ１２３！？（）＜＞／ｓ",
+    "ﬁﬂﬀﬃ№™℃㎏㈱①⑴ⅻ½²",
+    "العربية हिन्दी ภาษาไทย Ελληνικά Русский",
+    "▁_",
+    "\u200b\u200c\ufeff\u00ad\x00\x01\x7f",
+    "ǅǈǋ\u0130\u0131ﬅ\U0001d400\U0001d41a\u2126\u212b\u2160\u33a1\uff9e\uff76\uff9f",
+]
+SPECIALS = ["<extra_id_0>", "<extra_id_17>", "<extra_id_99>", "</s>", "<pad>", "<unk>", "<extra_id_100>", "＜/s＞"]
+SEPARATORS = ["", " ", " ", " ", "  ", "\t", "\n", "\u3000", " \n "]
+REPEATS = ["!!!", "...", "???", "xxx", "AAA", "zzzz", "----"]
+
+
+def _random_prompt(rng: random.Random) -> str:
+    parts = []
+    for _ in range(rng.randint(1, 15)):
+        r = rng.random()
+        if r < 0.4:
+            parts.append(rng.choice(WORDS) + (rng.choice(REPEATS) if rng.random() < 0.2 else ""))
+        elif r < 0.5:
+            parts.append(rng.choice(SPECIALS))
+        else:
+            pool = rng.choice(POOLS)
+            parts.append("".join(rng.choice(pool) for _ in range(rng.randint(1, 6))))
+        parts.append(rng.choice(SEPARATORS))
+    return "".join(parts)
+
+
+def _long_prompts() -> list[str]:
+    rng = random.Random(7)
+    return [
+        "a highly detailed painting of a castle on a mountain at sunset, " * 60,
+        " ".join(_random_prompt(rng) for _ in range(80)),
+        "<extra_id_0> " + "word " * 700 + "</s> tail",
+    ]
+
+
+def _prompts() -> list[str]:
+    rng = random.Random(1234)
+    prompts = ORDINARY + ORDINARY_WITH_SPECIALS + EDGE + [_random_prompt(rng) for _ in range(160)] + _long_prompts()
+    return list(dict.fromkeys(prompts))  # without repeats
+
+
+PROMPTS = _prompts()
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def hf_fast():
+    transformers = pytest.importorskip("transformers")
+    return transformers.T5TokenizerFast(tokenizer_file=str(TOKENIZER_JSON))
+
+
+@pytest.fixture(scope="module")
+def hf_ids(hf_fast):
+    return hf_fast(PROMPTS)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def tok_json() -> T5Tokenizer:
+    return load_tokenizer(TOKENIZER_JSON)
+
+
+@pytest.fixture(scope="module")
+def converted_spiece(tmp_path_factory) -> Path:
+    return tokenizer_json_to_spiece(TOKENIZER_JSON, tmp_path_factory.mktemp("converted") / "spiece.model")
+
+
+@pytest.fixture(scope="module")
+def saved_spiece(tok_json, tmp_path_factory) -> Path:
+    return tok_json.save(tmp_path_factory.mktemp("saved"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ids against Hugging Face
+
+
+def test_prompt_set_is_varied_enough(tok_json):
+    assert len(PROMPTS) >= 200
+    assert max(len(tok_json.encode_ids(p)) for p in PROMPTS) > 512
+
+
+def test_ids_match_hf_via_tokenizer_json(tok_json, hf_ids):
+    for prompt, expected in zip(PROMPTS, hf_ids):
+        assert tok_json.encode_ids(prompt) == expected, repr(prompt)
+
+
+@pytest.mark.parametrize("route", ["converted_file", "saved_folder", "uint8_tensor"])
+def test_ids_match_hf_via_spiece_model(route, converted_spiece, saved_spiece, hf_ids):
+    # (converted and saved files are the same bytes: test_spiece_file_is_a_plain_t5_sentencepiece_model)
+    sources = {
+        "converted_file": converted_spiece,
+        "saved_folder": saved_spiece.parent,
+        "uint8_tensor": torch.frombuffer(bytearray(saved_spiece.read_bytes()), dtype=torch.uint8),  # as ComfyUI's
+    }
+    tok = load_tokenizer(sources[route])
+    for prompt, expected in zip(PROMPTS, hf_ids):
+        assert tok.encode_ids(prompt) == expected, repr(prompt)
+
+
+def test_special_ids_and_vocab(tok_json, saved_spiece, hf_fast):
+    for tok in (tok_json, load_tokenizer(saved_spiece)):
+        assert (tok.pad_id(), tok.eos_id(), tok.unk_id(), tok.vocab_size) == (0, 1, 2, 32100)
+        assert tok.encode_ids("<extra_id_0>", add_eos=False) == [32099]
+        assert tok.encode_ids("<extra_id_99>", add_eos=False) == [32000]
+        names = [f"<extra_id_{k}>" for k in range(100)] + ["<pad>", "</s>", "<unk>"]
+        assert [tok.encode_ids(n, add_eos=False)[0] for n in names] == hf_fast.convert_tokens_to_ids(names)
+    assert tok_json.encode_ids("") == [1]
+    assert tok_json.encode_ids("a photo", add_eos=False) + [1] == tok_json.encode_ids("a photo")
+
+
+def test_spiece_file_is_a_plain_t5_sentencepiece_model(converted_spiece, saved_spiece):
+    # same bytes both ways; 32000 pieces without sentinels, like T5's own spiece.model
+    assert converted_spiece.read_bytes() == saved_spiece.read_bytes()
+    proto = sp_pb.ModelProto.FromString(saved_spiece.read_bytes())
+    assert len(proto.pieces) == 32000
+    assert not any("extra_id" in p.piece for p in proto.pieces)
+    Piece = sp_pb.ModelProto.SentencePiece
+    assert [p.type for p in proto.pieces[:4]] == [Piece.CONTROL, Piece.CONTROL, Piece.UNKNOWN, Piece.NORMAL]
+    spec = proto.normalizer_spec
+    assert spec.precompiled_charsmap and spec.add_dummy_prefix and spec.remove_extra_whitespaces
+    # the sentencepiece runtime itself reads it, and agrees with us on ordinary text
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(saved_spiece))
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
+    tok = load_tokenizer(saved_spiece)
+    for prompt in ORDINARY:
+        assert sp.encode(prompt) == tok.encode_ids(prompt, add_eos=False), repr(prompt)
+
+
+def test_bundled_spiece_is_the_real_t5_tokenizer(converted_spiece):
+    if not BUNDLED_SPIECE.is_file():
+        pytest.skip(f"no bundled tokenizer at {BUNDLED_SPIECE}")
+    assert BUNDLED_SPIECE.read_bytes() == converted_spiece.read_bytes()
+
+
+def test_pickle_and_deepcopy(tok_json):
+    prompt = "a cat <extra_id_0> wearing a hat"
+    for clone in (pickle.loads(pickle.dumps(tok_json)), copy.deepcopy(tok_json)):
+        assert clone.encode_ids(prompt) == tok_json.encode_ids(prompt)
+
+
+def test_transformers_sentencepiece_routes_agree_on_ordinary_prompts(tok_json, saved_spiece):
+    """transformers 5 has no slow T5Tokenizer any more (and T5Tokenizer(vocab_file=...) ignores the file); its
+    generic sentencepiece backend on our spiece.model and from_pretrained of both folders stand in for it."""
+    transformers = pytest.importorskip("transformers")
+    backend_cls = getattr(transformers, "SentencePieceBackend", None)
+    if backend_cls is None:
+        pytest.skip("transformers has no SentencePieceBackend")
+    sentinels = [f"<extra_id_{k}>" for k in reversed(range(100))]  # added in id order 32000, 32001, ...
+    slow = backend_cls(
+        vocab_file=str(saved_spiece), legacy=True, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=sentinels,
+    )
+    from_spiece = transformers.T5TokenizerFast.from_pretrained(str(saved_spiece.parent))
+    from_json = transformers.T5TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+    for prompt in ORDINARY + ORDINARY_WITH_SPECIALS:
+        ours = tok_json.encode_ids(prompt, add_eos=False)
+        assert slow.encode(prompt, add_special_tokens=False) == ours, repr(prompt)
+        assert from_spiece(prompt, add_special_tokens=False)["input_ids"] == ours, repr(prompt)
+        assert from_json(prompt, add_special_tokens=False)["input_ids"] == ours, repr(prompt)
+
+
+@pytest.mark.parametrize("scheme", ["always", "never"])
+def test_other_prepend_schemes_follow_tokenizer_json(scheme, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    data = json.loads(TOKENIZER_JSON.read_text(encoding="utf-8"))
+    data["pre_tokenizer"]["prepend_scheme"] = scheme
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    reference = tokenizers.Tokenizer.from_file(str(path))
+    tok = load_tokenizer(path)
+    for prompt in ORDINARY + ORDINARY_WITH_SPECIALS + EDGE:
+        assert tok.encode_ids(prompt) == reference.encode(prompt).ids, repr(prompt)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batches: truncation and padding
+
+
+@pytest.mark.parametrize("max_length", [1, 5, 77, 512])
+def test_truncation_and_padding_match_hf(max_length, tok_json, hf_fast):
+    texts = ORDINARY + ORDINARY_WITH_SPECIALS + _long_prompts()
+    expected = hf_fast(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+    with pytest.warns(PromptTruncatedWarning):
+        ids, mask = tok_json(texts, max_length=max_length, pad_to=max_length)
+    assert ids.dtype == torch.long and mask.dtype == torch.bool
+    assert torch.equal(ids, expected["input_ids"])
+    assert torch.equal(mask, expected["attention_mask"].bool())
+
+
+def test_padding_to_longest_and_pad_to(tok_json):
+    texts = ["a cat", "", "a photo of a cat wearing a hat"]
+    rows = [tok_json.encode_ids(t) for t in texts]
+    ids, mask = tok_json(texts)
+    assert ids.shape == mask.shape == (3, max(map(len, rows)))
+    for i, row in enumerate(rows):
+        assert ids[i, : len(row)].tolist() == row and mask[i].sum() == len(row)
+        assert (ids[i, len(row) :] == 0).all() and not mask[i, len(row) :].any()
+    assert ids[1].tolist()[:1] == [1]  # the empty prompt is just EOS
+
+    ids, mask = tok_json(texts, pad_to=20)
+    assert ids.shape == (3, 20) and mask.sum().item() == sum(map(len, rows))
+    with pytest.raises(ValueError, match="pad_to"):
+        tok_json(texts, pad_to=3)
+    single, _ = tok_json("a cat")
+    assert single.tolist() == [rows[0]]
+
+
+def test_truncation_warns_with_index_and_count(tok_json):
+    long_text = "word " * 600
+    n = len(tok_json.encode_ids(long_text))
+    with pytest.warns(PromptTruncatedWarning, match=rf"prompt 1 .*dropped its last {n - 512} tokens"):
+        ids, mask = tok_json(["short", long_text], max_length=512)
+    assert ids.shape == (2, 512) and ids[1, -1].item() == 1 and mask[1].all()
+    assert ids[1].tolist() == tok_json.encode_ids(long_text)[:511] + [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fitting prompts, including exactly max_length tokens, do not warn
+        tok_json(["short", long_text], max_length=n)
+    with pytest.raises(ValueError, match="max_length"):
+        tok_json("x", max_length=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding files, errors
+
+
+def _write_clip_like_tokenizer(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {}}}))
+    (folder / "vocab.json").write_text("{}")
+
+
+def test_find_tokenizer_layouts(tmp_path, saved_spiece):
+    spiece = saved_spiece.read_bytes()
+    # Flux-style diffusers repo: CLIP in tokenizer/, T5 in tokenizer_2/
+    flux = tmp_path / "flux"
+    (flux / "text_encoder_2").mkdir(parents=True)
+    (flux / "text_encoder_2" / "model.safetensors").write_bytes(b"")
+    _write_clip_like_tokenizer(flux / "tokenizer")
+    (flux / "tokenizer_2").mkdir()
+    (flux / "tokenizer_2" / "spiece.model").write_bytes(spiece)
+    expected = flux / "tokenizer_2" / "spiece.model"
+    assert find_tokenizer(flux / "text_encoder_2") == expected
+    assert find_tokenizer(flux / "text_encoder_2" / "model.safetensors") == expected
+    assert find_tokenizer(flux) == expected  # repo root: CLIP's tokenizer.json is skipped
+    assert find_tokenizer(expected) == expected
+
+    # SD3-style: T5 in tokenizer_3/ as tokenizer.json only
+    sd3 = tmp_path / "sd3"
+    (sd3 / "text_encoder_3").mkdir(parents=True)
+    _write_clip_like_tokenizer(sd3 / "tokenizer")
+    _write_clip_like_tokenizer(sd3 / "tokenizer_2")
+    (sd3 / "tokenizer_3").mkdir()
+    (sd3 / "tokenizer_3" / "tokenizer.json").write_bytes(TOKENIZER_JSON.read_bytes())
+    assert find_tokenizer(sd3 / "text_encoder_3") == sd3 / "tokenizer_3" / "tokenizer.json"
+
+    # tokenizer in the same folder as the weights
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "t5.safetensors").write_bytes(b"")
+    (flat / "spiece.model").write_bytes(spiece)
+    assert find_tokenizer(flat / "t5.safetensors") == flat / "spiece.model"
+
+    empty = tmp_path / "empty" / "text_encoder"
+    empty.mkdir(parents=True)
+    assert find_tokenizer(empty) is None
+    assert find_tokenizer(tmp_path / "does-not-exist" / "x.safetensors") is None
+
+
+def test_folder_prefers_spiece_model(tmp_path, saved_spiece):
+    (tmp_path / "spiece.model").write_bytes(saved_spiece.read_bytes())
+    (tmp_path / "tokenizer.json").write_text("not json at all")  # would fail if it were read
+    assert load_tokenizer(tmp_path).encode_ids("a cat") == load_tokenizer(saved_spiece).encode_ids("a cat")
+
+
+def test_errors_name_the_path(tmp_path, saved_spiece):
+    missing = tmp_path / "nope" / "spiece.model"
+    with pytest.raises(FileNotFoundError, match="nope") as err:
+        load_tokenizer(missing)
+    assert "spiece.model" in str(err.value) and "tokenizer.json" in str(err.value)
+
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="empty_folder.*expected"):
+        load_tokenizer(empty)
+
+    cases = {
+        "garbage.model": b"this is not a sentencepiece model \x00\xff\x13",
+        "truncated.model": saved_spiece.read_bytes()[:5000],
+        "empty.model": b"",
+        "broken.json": b'{"model": {"type": "Unigram", "vocab": [',
+        "bpe.json": json.dumps({"model": {"type": "BPE", "vocab": {}}}).encode(),
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            load_tokenizer(path)
+    with pytest.raises(ValueError, match="sentencepiece model bytes"):
+        load_tokenizer(b"\x00\x01garbage")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        tokenizer_json_to_spiece(tmp_path / "missing.json", tmp_path / "out.model")
