@@ -113,13 +113,12 @@ class T5Config(BaseModel):
 class RMSNorm(nn.Module):
     """T5 LayerNorm: no mean subtraction, no bias, computed in float32.
 
-    `eps` is per instance because float16 residual scaling divides the stream by c, and the norm stays
-    exactly invariant only if eps is divided by c**2 with it.
-    """
+    eps is a per-instance tensor: float16 residual scaling divides the stream by c, and the norm stays exactly
+    invariant only if eps is divided by c**2 with it; as a tensor it changes no compiled code."""
 
     def __init__(self, dim: int, eps: float, elementwise_affine: bool = True, device=None) -> None:
         super().__init__()
-        self.eps = eps
+        self.register_buffer("eps", torch.tensor(eps, device=device), persistent=False)
         self.weight = nn.Parameter(torch.ones(dim, device=device)) if elementwise_affine else None
 
     def forward(self, x: FloatTensor) -> FloatTensor:

@@ -121,6 +121,9 @@ class T5EncoderStack(nn.Module):
         self.layers = nn.ModuleList([T5EncoderLayer(config) for _ in range(config.num_layers)])
         self.ln = RMSNorm(config.hidden_dim, config.eps)  # final norm keeps its scale: nothing follows to fold it into
         self._offset_bias: dict[int, Tensor] = {}  # seq_len -> [1 or num_layers, H, 2L-1] float32
+        self.cuda_graphs = True  # used by encode() once the layers are compiled
+        self._graphs: dict[tuple[int, int], tuple] = {}  # (B, L) -> (graph, static input_ids, static output)
+        self._graph_pool, self._graph_ptrs = None, None
         self.apply_residual_scales_from_config()
 
     # -- residual scaling bookkeeping ----------------------------------------------------------------
@@ -132,13 +135,13 @@ class T5EncoderStack(nn.Module):
         attn_scales, ffn_scales = self.config.residual_scales()
         c = 1.0
         for layer, sa, sf in zip(self.layers, attn_scales, ffn_scales):
-            layer.ln1.eps = self.config.eps * c * c
+            layer.ln1.eps.fill_(self.config.eps * c * c)
             c *= sa
-            layer.ln2.eps = self.config.eps * c * c
+            layer.ln2.eps.fill_(self.config.eps * c * c)
             c *= sf
             layer.attn_res_scale.fill_(sa)
             layer.ffn_res_scale.fill_(sf)
-        self.ln.eps = self.config.eps * c * c
+        self.ln.eps.fill_(self.config.eps * c * c)
 
     # -- position bias -------------------------------------------------------------------------------
     def bind_score_mods(self, seq_len: int) -> None:
@@ -159,7 +162,8 @@ class T5EncoderStack(nn.Module):
         return bias
 
     def _apply(self, fn, *args, **kwargs):
-        self._offset_bias.clear()  # device or dtype moves invalidate the cached bias
+        self._offset_bias.clear()  # device or dtype moves invalidate the cached bias and graphs
+        self._graphs.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -216,18 +220,51 @@ class T5EncoderStack(nn.Module):
 
     @torch.inference_mode()
     def encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor] = None) -> FloatTensor:
-        """Forward with the right mask for the configured attention, and a check that float16 stayed finite."""
+        """input_ids [B, L] (+ mask [B, L], True = real token) -> [B, L, D] float32, with the right mask for the
+        configured attention. Compiled CUDA models replay a CUDA graph per unpadded shape (no launch gaps);
+        float16 outputs are checked for overflow (the only host sync)."""
         device = self.vocab_embed.weight.device
-        input_ids = input_ids.to(device)
-        mask = None if attention_mask is None else attention_mask.to(device).bool()
-        if self.config.attn_impl == T5AttnImpl.Flex:
-            block_mask = None if mask is None or bool(mask.all()) else make_self_attn_block_mask(mask)
-            out = self(input_ids, block_mask=block_mask)
+        padded = attention_mask is not None and not bool(attention_mask.all())  # checked before the copy: no sync
+        input_ids = input_ids.to(device, non_blocking=True)
+        mask = attention_mask.to(device, non_blocking=True).bool() if padded else None
+        if not padded and self._uses_cuda_graphs():
+            out = self._graphed_forward(input_ids)
+        elif self.config.attn_impl == T5AttnImpl.Flex:
+            out = self(input_ids, block_mask=None if mask is None else make_self_attn_block_mask(mask))
         else:
             out = self(input_ids, input_mask=mask)
-        if not bool(torch.isfinite(out if mask is None else out[mask]).all()):
-            self._raise_non_finite(input_ids, mask)
+        if self.layers[0].attn.o_proj.weight.dtype == torch.float16:
+            if not bool(torch.isfinite(out if mask is None else out[mask]).all()):
+                self._raise_non_finite(input_ids, mask)
         return out
+
+    def _uses_cuda_graphs(self) -> bool:
+        return self.cuda_graphs and self.vocab_embed.weight.is_cuda and self.layers[0]._compiled_call_impl is not None
+
+    def _graphed_forward(self, input_ids: LongTensor) -> FloatTensor:
+        # Weights moved piecemeal (e.g. by an offloading manager) invalidate captured addresses: recapture.
+        ptrs = tuple(p.data_ptr() for p in self.parameters())
+        if ptrs != self._graph_ptrs:
+            self._graphs.clear()
+            self._graph_ptrs = ptrs
+        key = tuple(input_ids.shape)
+        if key not in self._graphs:
+            static_ids = input_ids.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (compiles) off the capture
+                for _ in range(2):
+                    self(static_ids)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                static_out = self(static_ids)
+            self._graph_pool = graph.pool()
+            self._graphs[key] = (graph, static_ids, static_out)
+        graph, static_ids, static_out = self._graphs[key]
+        static_ids.copy_(input_ids)
+        graph.replay()
+        return static_out.clone()  # the next replay overwrites static_out
 
     def _raise_non_finite(self, input_ids: LongTensor, mask: Optional[BoolTensor]):
         """Rerun eagerly layer by layer to name where inf/NaN first appears (only on the failure path)."""
