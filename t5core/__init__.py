@@ -2,10 +2,10 @@
 from .checkpoint import CheckpointError, open_checkpoint
 from .t5_common import T5AttnImpl, T5Config
 from .t5_encoder import NonFiniteOutputError, T5EncoderStack, make_self_attn_block_mask
-from .tokenizer import load_tokenizer
+from .tokenizer import find_tokenizer, load_tokenizer
 from .weight_load import FusingDeserializer, load_encoder
 
 __all__ = [
     "CheckpointError", "FusingDeserializer", "NonFiniteOutputError", "T5AttnImpl", "T5Config", "T5EncoderStack",
-    "load_encoder", "load_tokenizer", "make_self_attn_block_mask", "open_checkpoint",
+    "find_tokenizer", "load_encoder", "load_tokenizer", "make_self_attn_block_mask", "open_checkpoint",
 ]

@@ -7,11 +7,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds; deselect with -m 'not slow'")
-    config.addinivalue_line("markers", "gpu: needs CUDA")
-
-
 def pytest_collection_modifyitems(config, items):
     import torch
 
