@@ -10,15 +10,21 @@ Sections (--sections):
               same shape, achieved TFLOP/s and its share of a bf16 8192^3 torch.mm measured in the same run,
               relative error vs the float32 reference on real tokens, first-call seconds (compile included)
   load        bf16 safetensors folder -> encoder ready on the device: ours vs transformers, seconds and memory
-  cold-start  first call of one compiled variant in fresh processes: with an empty inductor/Triton cache, then
-              again with that cache kept (a warm restart)
+  cold-start  first call of one compiled variant (--cold-variant, at the first of --shapes) in fresh processes
+              loading a bf16 copy of the weights: with an empty inductor/Triton cache, then again with that
+              cache kept (a warm restart)
 Markdown tables are printed at the end; --out-json keeps every number (rewritten after every case).
 
 Cases run shape by shape (every variant at the first shape, then the next shape...), with all variants' models
 alive at once (XXL: 7 x 9.5 GB after the 19 GB float32 reference is freed), so that a run cut short by
---budget-s still has the most important shape for everyone. Float32 weights are written to $TMPDIR (19 GB at
-XXL: about 20-40 s; set TMPDIR=/dev/shm to keep them in memory); the float32 reference must stay exact, so no
-smaller copy is used for the float16 variant.
+--budget-s still has the most important shape for everyone (SIGTERM, as from `timeout`, also prints what is
+done). Float32 weights are written to $TMPDIR (19 GB at XXL: about 20-40 s; TMPDIR=/dev/shm keeps them in
+memory); every variant loads from them, so bf16 and float16 are each rounded once from the exact float32
+reference. The load and cold-start sections write a bf16 copy (9.5 GB) as well.
+
+  python -m t5core bench                                  # XXL on CUDA: all default variants and shapes
+  python -m t5core bench --sections load,cold-start
+  python -m t5core bench --device cpu --size base         # CPU: ours float32 vs transformers eager, 1 x 128
 """
 import argparse
 import json
@@ -158,8 +164,12 @@ def time_first_call(fn: Callable, device: torch.device):
     return time.perf_counter() - start, out
 
 
-def time_calls(fn: Callable, device: torch.device, seconds: float, min_runs: int = 5, max_runs: int = 300) -> dict:
-    """Median ms after 3 warm-up calls, over enough calls to fill `seconds`; CUDA events around each call."""
+def time_calls(fn: Callable, device: torch.device, seconds: float, min_runs: int = 5, max_runs: int = 300,
+               sync_each: bool = True) -> dict:
+    """Median ms after 3 warm-up calls, over enough calls to fill `seconds`; CUDA events around each call.
+
+    sync_each: wait for each call before launching the next, so a call's time is the latency a caller sees,
+    launch gaps included, for every variant alike (back to back, eager models would hide them by pipelining)."""
     sync(device)
     start = time.perf_counter()
     for _ in range(3):
@@ -173,6 +183,8 @@ def time_calls(fn: Callable, device: torch.device, seconds: float, min_runs: int
             begin.record()
             fn()
             end.record()
+            if sync_each:
+                end.synchronize()
         torch.cuda.synchronize(device)
         times = [begin.elapsed_time(end) for begin, end in events]
     else:
@@ -186,11 +198,11 @@ def time_calls(fn: Callable, device: torch.device, seconds: float, min_runs: int
 
 
 def matmul_peak_tflops(device: torch.device) -> dict:
-    """The matrix-unit ceiling of this run: bf16 8192^3 torch.mm on random data (CPU: float32 2048^3)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    """The matrix-unit ceiling of this run: bf16 8192^3 torch.mm on random data (CPU: float32 1024^3)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_calls(lambda: torch.mm(a, b), device, seconds=0.5, min_runs=10, max_runs=50)
+    t = time_calls(lambda: torch.mm(a, b), device, seconds=0.5, min_runs=10, max_runs=50, sync_each=False)
     return {"tflops": 2 * n**3 / (t["ms"] * 1e-3) / 1e12, "n": n, "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -258,8 +270,9 @@ def free(device) -> None:
 
 
 # -- one run ------------------------------------------------------------------------------------------------
-class Stop(Exception):
-    """SIGTERM (the device runner's time limit): print what we have."""
+class Stop(BaseException):
+    """SIGTERM (the device runner's time limit): print what we have. A BaseException, like KeyboardInterrupt,
+    so that the per-variant `except Exception` handlers let it through."""
 
 
 class Run:
@@ -290,57 +303,77 @@ def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:160]}"
 
 
+@dataclass
+class Loaded:
+    """A variant ready to time, or why it is not."""
+    model: object = None
+    call: Optional[Callable[[Inputs], torch.Tensor]] = None
+    note: str = ""
+    error: str = ""
+
+
+def load_for_speed(run: Run, v: Variant, folder: Path) -> Loaded:
+    try:
+        start = time.perf_counter()
+        model, call = load_variant(v, folder, run.device)
+        run.log(f"loaded {v.name} in {time.perf_counter() - start:.1f}s")
+        return Loaded(model, call, variant_note(v, model))
+    except Exception as e:  # one broken variant must not lose the run
+        free(run.device)
+        return Loaded(error=f"load: {short_error(e)}")
+
+
+def real_tokens(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if mask is None else t[mask]  # [B, L, D] -> [real tokens, D]
+
+
+def time_case(run: Run, row: dict, v: Variant, loaded: Loaded, inp: Inputs, ref: torch.Tensor, peak: float) -> None:
+    """Fill one speed row: first call, error vs float32, median ms, TFLOP/s."""
+    device = run.device
+    row["note"] = loaded.note
+    try:
+        row["first_call_s"], out = time_first_call(lambda: loaded.call(inp), device)
+        row["rel_err"] = relative_error(real_tokens(out.float(), inp.mask), real_tokens(ref, inp.mask))
+        del out
+        row.update(time_calls(lambda: loaded.call(inp), device, run.args.seconds_per_case))
+        row["tflops"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
+        row["peak_share"] = row["tflops"] / peak
+        if v.attn == "flex" and inp.mask is not None:  # encode() builds the block mask on every call
+            mask_ms = time_calls(lambda: make_self_attn_block_mask(inp.mask), device, 0.2)["ms"]
+            row["note"] = f"{loaded.note}; block mask {mask_ms:.2f} ms (in the time)".lstrip("; ")
+        run.log(f"{v.name} {row['shape']}: {row['ms']:.2f} ms, first call {row['first_call_s']:.1f}s, "
+                f"rel err {row['rel_err']:.2e}")
+    except Exception as e:
+        row["error"] = short_error(e)
+        run.log(f"{v.name} {row['shape']}: {row['error']}")
+        free(device)
+
+
 def run_speed(run: Run, folder: Path, cfg, refs: dict, peak: float) -> None:
-    args, device = run.args, run.device
+    """Shape by shape, every variant; models stay loaded (and compiled) across shapes."""
+    args = run.args
     variants, shapes = parse_variants(args.variants), parse_shapes(args.shapes)
-    loaded: dict[str, tuple] = {}  # name -> (model, call, note) or (None, None, error)
+    models: dict[str, Loaded] = {}
     try:
         for shape in shapes:
-            inp = make_inputs(shape, cfg.vocab_size, device, args.seed)
-            ref = refs[shape.name]
-            real = (lambda t: t) if inp.mask is None else (lambda t: t[inp.mask])
-            flops = encoder_flops(cfg, shape.batch, shape.seq_len)
+            inp = make_inputs(shape, cfg.vocab_size, run.device, args.seed)
             for v in variants:
-                row = {"variant": v.name, "shape": shape.name, "flops": flops}
+                row = {"variant": v.name, "shape": shape.name, "flops": encoder_flops(cfg, shape.batch, shape.seq_len)}
                 run.results["speed"].append(row)
                 if run.over_budget():
                     row["error"] = f"skipped: past --budget-s {args.budget_s:.0f}"
                     continue
-                if v.name not in loaded:
-                    try:
-                        t0 = time.perf_counter()
-                        model, call = load_variant(v, folder, device)
-                        loaded[v.name] = (model, call, variant_note(v, model))
-                        run.log(f"loaded {v.name} in {time.perf_counter() - t0:.1f}s")
-                    except Exception as e:  # one broken variant must not lose the run
-                        loaded[v.name] = (None, None, f"load: {short_error(e)}")
-                        free(device)
-                model, call, note = loaded[v.name]
-                if model is None:
-                    row["error"] = note
+                if v.name not in models:
+                    models[v.name] = load_for_speed(run, v, folder)
+                if models[v.name].error:
+                    row["error"] = models[v.name].error
                     continue
-                row["note"] = note
-                try:
-                    row["first_call_s"], out = time_first_call(lambda: call(inp), device)
-                    row["rel_err"] = relative_error(real(out.float()), real(ref))
-                    del out
-                    row.update(time_calls(lambda: call(inp), device, args.seconds_per_case))
-                    row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-                    row["peak_share"] = row["tflops"] / peak
-                    if v.attn == "flex" and inp.mask is not None:
-                        mask_ms = time_calls(lambda: make_self_attn_block_mask(inp.mask), device, 0.2)["ms"]
-                        row["note"] = f"{note}; block mask {mask_ms:.2f} ms (in the time)".lstrip("; ")
-                    run.log(f"{v.name} {shape.name}: {row['ms']:.2f} ms, first call {row['first_call_s']:.1f}s, "
-                            f"rel err {row['rel_err']:.2e}")
-                except Exception as e:
-                    row["error"] = short_error(e)
-                    run.log(f"{v.name} {shape.name}: {row['error']}")
-                    free(device)
+                time_case(run, row, v, models[v.name], inp, refs[shape.name], peak)
                 run.save()
     finally:
         add_ratios(run.results["speed"])
-        loaded.clear()
-        free(device)
+        models.clear()
+        free(run.device)
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -373,14 +406,16 @@ def weight_bytes(model) -> int:
 
 def warm_read(folder: Path) -> None:
     """Read every file once so both loaders start from the page cache (it cannot be dropped here)."""
-    for f in folder.iterdir():
+    for f in (f for f in folder.iterdir() if f.is_file()):
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
 
 
 def run_load(run: Run, folder16: Path) -> None:
+    """Seconds from a bf16 safetensors folder to weights on the device (synchronized), and the memory it took."""
     device = run.device
+    cuda = device.type == "cuda"
     warm_read(folder16)
     loaders = [
         ("ours: t5core.load_encoder(bf16, fuse_norms=True)",
@@ -393,13 +428,13 @@ def run_load(run: Run, folder16: Path) -> None:
         run.results["load"].append(row)
         try:
             free(device)
-            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            if device.type == "cuda":
+            if cuda:
+                base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             row["seconds"], model = time_first_call(fn, device)
             row["weight_gb"] = weight_bytes(model) / 1e9
-            if device.type == "cuda":
-                free(device)
+            if cuda:
+                free(device)  # allocated after empty_cache: what the model keeps
                 row["allocated_gb"] = (torch.cuda.memory_allocated(device) - base) / 1e9
                 row["peak_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
             run.log(f"load {name}: {row['seconds']:.2f}s")
@@ -414,8 +449,9 @@ def run_cold_start(run: Run, folder: Path, workdir: Path) -> None:
     """The same first call in two fresh processes: empty inductor + Triton caches, then those caches kept."""
     args = run.args
     cache = workdir / "compile-cache"
+    repo = str(Path(__file__).resolve().parents[1])  # the child imports this checkout's t5core
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     shape = parse_shapes(args.shapes)[0]
     cmd = [sys.executable, "-m", "t5core.bench", "--first-call-only", "--model", str(folder), "--device", args.device,
            "--variants", args.cold_variant, "--shapes", shape.name, "--seed", str(args.seed)]
@@ -472,7 +508,7 @@ def speed_table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         spread = (r["p90_ms"] - r["p10_ms"]) / r["ms"] if "ms" in r else None
-        note = r.get("error") or r.get("note", "")
+        note = r.get("error") or ("not finished; " if "ms" not in r else "") + r.get("note", "")
         out.append([r["variant"], r["shape"], fmt(r.get("ms")), fmt(spread, "pct"), fmt(r.get("x_hf_eager"), "x"),
                     fmt(r.get("x_hf_compile"), "x"), fmt(r.get("tflops")), fmt(r.get("peak_share"), "pct"),
                     fmt(r.get("rel_err"), "err"), fmt(r.get("first_call_s")), note])
@@ -498,12 +534,16 @@ def print_report(run: Run, stopped: Optional[str]) -> None:
     m, res = run.results["meta"], run.results
     print("\n## t5core bench")
     print(f"device {m.get('device_name')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
-          f"size {m.get('size')} {m.get('dims', '')}, wall {run.elapsed():.0f}s" + (f", STOPPED: {stopped}" if stopped else ""))
+          f"size {m.get('size')} {m.get('dims', '')}, wall {run.elapsed():.0f}s"
+          + (f", STOPPED: {stopped}" if stopped else ""))
     if res["speed"]:
         print(f"matmul peak {fmt(m.get('mm_peak_tflops'))} TFLOP/s ({m.get('mm_peak_what')}); work per shape: "
               + ", ".join(f"{s} {f / 1e12:.3f} TFLOP" for s, f in m.get("flops", {}).items()))
-        print("ours: t5core.load_encoder(fuse_norms=True), timed through encode(); HF: T5EncoderModel "
-              "from_pretrained, compile = torch.compile(model, dynamic=False); rel err on real tokens vs HF float32 "
+        print("ours: t5core.load_encoder(fuse_norms=True), timed through encode() (compiled: CUDA graph replay at "
+              "unpadded shapes); HF: T5EncoderModel "
+              "from_pretrained, compile = torch.compile(model, dynamic=False). Each call synchronized (latency), "
+              f"{'host clock' if m.get('device_name') == 'cpu' else 'CUDA events'}, median. Rel err on real tokens "
+              "vs HF float32 "
               "(TF32 off). First call includes compilation; inductor caches carry across variants and shapes in "
               "one process (see cold-start for a fresh process). Padded TFLOP/s counts pads.\n")
         print(speed_table(res["speed"]))
@@ -526,11 +566,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sections", default="speed", help="comma list of speed, load, cold-start (default speed)")
     p.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} "
                    f"(default on CUDA: {DEFAULT_VARIANTS['cuda']}; on CPU: {DEFAULT_VARIANTS['cpu']})")
-    p.add_argument("--shapes", default=None, help="comma list of BxL or padBxL (8 random-length prompts padded "
-                   f"to L) (default on CUDA: {DEFAULT_SHAPES['cuda']}; on CPU: {DEFAULT_SHAPES['cpu']})")
+    p.add_argument("--shapes", default=None, help="comma list of BxL or padBxL (B prompts of random lengths 20..200 "
+                   f"padded to L) (default on CUDA: {DEFAULT_SHAPES['cuda']}; on CPU: {DEFAULT_SHAPES['cpu']})")
     p.add_argument("--seconds-per-case", type=float, default=1.0, help="timed calls fill this long (default 1)")
-    p.add_argument("--budget-s", type=float, default=480.0,
-                   help="skip speed cases that would start after this many seconds of the run (default 480)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="skip the speed cases not started within this many seconds of the run (default 420)")
     p.add_argument("--cold-variant", default="ours-flex-compile-bf16",
                    help="variant timed by cold-start, at the first of --shapes (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -591,34 +631,24 @@ def _run_sections(run: Run, sections: set[str], workdir: Path) -> None:
     import transformers
 
     args, device = run.args, run.device
-    meta = run.results["meta"]
-    meta.update(torch=torch.__version__, transformers=transformers.__version__, size=args.model or args.size,
-                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    shapes = parse_shapes(args.shapes)
-
+    run.results["meta"].update(
+        torch=torch.__version__, transformers=transformers.__version__, size=args.model or args.size,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if args.model:
-        ref_model, folder32 = load_hf(args.model, torch.float32, "eager", device), Path(args.model)
+        ref_model = load_hf(args.model, torch.float32, "eager", device)
     else:
-        ref_model, folder32 = build_hf_reference(args.size, device, args.seed), workdir / "float32"
-        if "speed" in sections:
+        ref_model = build_hf_reference(args.size, device, args.seed)
+    if "speed" in sections:
+        folder32 = Path(args.model) if args.model else workdir / "float32"
+        if not args.model:
             ref_model.save_pretrained(folder32)
             run.log(f"built and saved float32 {args.size} weights")
-    cfg = open_checkpoint(folder32).config if "speed" in sections or args.model else None
-
-    refs, peak = {}, None
-    if "speed" in sections:
-        meta["dims"] = f"(d {cfg.hidden_dim}, heads {cfg.n_head}, ff {cfg.ff_dim}, layers {cfg.num_layers})"
-        meta["flops"] = {s.name: encoder_flops(cfg, s.batch, s.seq_len) for s in shapes}
-        refs = reference_outputs(ref_model, cfg, shapes, device, args.seed)
-        mm = matmul_peak_tflops(device)
-        peak = meta["mm_peak_tflops"] = mm["tflops"]
-        meta["mm_peak_what"] = f"{mm['dtype']} {mm['n']}^3 torch.mm, median"
-        run.log(f"reference outputs done; matmul peak {peak:.0f} TFLOP/s")
-
+        cfg = open_checkpoint(folder32).config
+        refs, peak = prepare_speed(run, ref_model, cfg)
     folder16 = workdir / "bfloat16"
     if sections & {"load", "cold-start"}:
-        ref_model.to(torch.bfloat16).save_pretrained(folder16)  # the reference is no longer needed
-    del ref_model
+        ref_model.to(torch.bfloat16).save_pretrained(folder16)
+    del ref_model  # 19 GB at XXL: only its outputs are needed from here on
     free(device)
 
     if "speed" in sections:
@@ -628,7 +658,20 @@ def _run_sections(run: Run, sections: set[str], workdir: Path) -> None:
     if "load" in sections:
         run_load(run, folder16)
     if "cold-start" in sections:
-        run_cold_start(run, Path(args.model) if args.model else folder16, workdir)
+        run_cold_start(run, folder16, workdir)
+
+
+def prepare_speed(run: Run, ref_model, cfg) -> tuple[dict, float]:
+    """-> (float32 reference outputs per shape, matmul peak TFLOP/s); records both in the meta."""
+    meta, shapes = run.results["meta"], parse_shapes(run.args.shapes)
+    meta["dims"] = f"(d {cfg.hidden_dim}, heads {cfg.n_head}, ff {cfg.ff_dim}, layers {cfg.num_layers})"
+    meta["flops"] = {s.name: encoder_flops(cfg, s.batch, s.seq_len) for s in shapes}
+    refs = reference_outputs(ref_model, cfg, shapes, run.device, run.args.seed)
+    mm = matmul_peak_tflops(run.device)
+    meta["mm_peak_tflops"] = mm["tflops"]
+    meta["mm_peak_what"] = f"{mm['dtype']} {mm['n']}^3 torch.mm, median"
+    run.log(f"reference outputs done; matmul peak {mm['tflops']:.3g} TFLOP/s")
+    return refs, mm["tflops"]
 
 
 def main(argv=None) -> dict:

@@ -26,7 +26,8 @@ if __package__ in (None, ""):  # run as a file from a checkout: make `t5core` im
 
 import torch
 
-from t5core.bench import Shape, build_hf_reference, free, load_hf, make_inputs, md_table, quiet_transformers
+from t5core.bench import (Shape, build_hf_reference, free, load_hf, make_inputs, md_table, quiet_transformers,
+                          short_error)
 from t5core.precision import QUANTILES, diff_quantiles, relative_error, trace_layers
 from t5core.residual_scale import output_weight_factors
 from t5core.t5_common import V1_1_PRESETS, T5AttnImpl, dtype_name, parse_dtype
@@ -123,10 +124,11 @@ def single(args, path, ids, mask, ref, ref_out, device) -> dict:
                          fp16_scales=args.fp16_scales)
     layers = layer_rows(model, ref, ids, mask)
     err = compare(forward(model, ids, mask), ref_out, mask)
-    bad = next((r["name"] for r in layers if not r["finite"]), "none")
+    bad = next((r["name"] for r in layers if not r["finite"]), "none")  # trace order = execution order
     print(f"\n{dtype_name(dtype)} ({model.config.attn_impl.value}, norms {'fused' if args.fuse_norms else 'kept'}, "
-          f"FFN-out scales {model.config.enc_ffn_out_scales}, attention-out scales {model.config.enc_attn_out_scales})\n")
-    print(md_table(["layer output", "float32 absmax", f"{dtype_name(dtype)} absmax (as stored)", "residual scale", "finite"],
+          f"{scales_text(model.config)})\n")
+    headers = ["layer output", "float32 absmax", f"{dtype_name(dtype)} absmax (as stored)", "residual scale", "finite"]
+    print(md_table(headers,
                    [[r["name"], f"{r['absmax_f32']:.4g}", f"{r['absmax']:.4g}", f"{r['scale']:g}", str(r["finite"])]
                     for r in layers]))
     print(f"\nfirst layer with inf/NaN: {bad}\n")
@@ -135,7 +137,7 @@ def single(args, path, ids, mask, ref, ref_out, device) -> dict:
 
 
 def report_configs(args, path, device):
-    """(name, loader, forward, note) for every row of the issue-3 report; loaders run one at a time."""
+    """(name, loader, forward) for every row of the issue-3 report; the loaders run one at a time."""
     ours = dict(attn_impl=args.attn, fuse_norms=args.fuse_norms)
     return [
         ("ours fp16 + residual scales",
@@ -151,12 +153,19 @@ def report_configs(args, path, device):
     ]
 
 
+def scales_text(config) -> str:
+    """Residual scales in effect, as {layer: scale} for the layers that are not 1."""
+    attn, ffn = ({i: s for i, s in enumerate(scales) if s != 1} for scales in config.residual_scales())
+    if not attn and not ffn:
+        return "no residual scales"
+    return f"residual scales: FFN-out {ffn}" + (f", attention-out {attn}" if attn else "")
+
+
 def describe(model) -> str:
-    """What precision a row really ran: transformers' wo dtype, our scales."""
+    """What precision a row really ran: transformers' wo dtype, our weights and scales."""
     if hasattr(model, "encoder"):  # transformers
         return f"wo {dtype_name(model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype)}"
-    scaled = {i: s for i, s in enumerate(model.config.enc_ffn_out_scales or []) if s != 1}
-    return f"weights {dtype_name(model.layers[0].attn.o_proj.weight.dtype)}" + (f", ffn scales {scaled}" if scaled else "")
+    return f"weights {dtype_name(model.layers[0].attn.o_proj.weight.dtype)}, {scales_text(model.config)}"
 
 
 def report(args, path, ids, mask, ref_out, device) -> dict:
@@ -171,7 +180,7 @@ def report(args, path, ids, mask, ref_out, device) -> dict:
                 row["note"] += f"; first inf/NaN at {first_non_finite(trace_layers(model, ids, mask))}"
             del model
         except Exception as e:  # e.g. transformers rows on a non-Hugging-Face file
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            row["error"] = short_error(e)
         free(device)
         rows.append(row)
         print(f"done: {name}", file=sys.stderr, flush=True)

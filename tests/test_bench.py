@@ -1,0 +1,125 @@
+"""The benchmark (python -m t5core bench) and the precision tool on CPU with a small random T5 v1.1:
+every table row present, numbers sane, float16 with residual scales closer to float32 than bfloat16."""
+import json
+import math
+
+import pytest
+import torch
+
+from t5core import bench
+from t5core.scripts import t5_encoder_precision_parity as precision
+from t5core.t5_common import T5Config
+from tiny_models import TOKENIZER_DIR, make_hf_encoder, save_hf
+
+BENCH_VARIANTS = ["ours-sdpa-bf16", "hf-eager-bf16", "ours-sdpa-fp32"]
+BENCH_SHAPES = ["1x32", "pad3x32"]
+
+
+def test_shapes_inputs_and_flops():
+    shapes = bench.parse_shapes("1x512, pad8x256")
+    assert [s.name for s in shapes] == ["1x512", "pad8x256"] and shapes[1].padded and not shapes[0].padded
+    with pytest.raises(ValueError):
+        bench.parse_shapes("8by512")
+    with pytest.raises(ValueError):
+        bench.parse_variants("ours-sdpa-bf16,nope")
+    # the published figure: 4.845 TFLOP per 512-token prompt for T5 v1.1 XXL
+    assert bench.encoder_flops(T5Config.from_name("xxl"), 1, 512) == pytest.approx(4.845e12, rel=1e-3)
+
+    inp = bench.make_inputs(bench.Shape(8, 256, padded=True), 32128, "cpu", seed=1)
+    lengths = inp.mask.sum(1)
+    assert inp.ids.shape == (8, 256) and lengths.min() >= 20 and lengths.max() <= 200
+    for row, n in zip(inp.ids, lengths.tolist()):
+        assert row[n - 1] == 1 and (row[n:] == 0).all() and (row[: n - 1] >= 3).all()
+    assert torch.equal(inp.hf_mask, inp.mask.long())
+    dense = bench.make_inputs(bench.Shape(2, 16), 32128, "cpu")
+    assert dense.mask is None and (dense.ids[:, -1] == 1).all()
+
+
+@pytest.mark.slow
+def test_bench_cpu_small(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    res = bench.main(["--size", "small", "--device", "cpu", "--sections", "speed,load,cold-start",
+                      "--variants", ",".join(BENCH_VARIANTS), "--shapes", ",".join(BENCH_SHAPES),
+                      "--seconds-per-case", "0.02", "--cold-variant", "ours-sdpa-fp32", "--out-json", str(out_json)])
+    printed = capsys.readouterr().out
+
+    speed = {(r["variant"], r["shape"]): r for r in res["speed"]}
+    assert list(speed) == [(v, s) for s in BENCH_SHAPES for v in BENCH_VARIANTS]  # shape-major order
+    for (v, s), r in speed.items():
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["p10_ms"] <= r["ms"] <= r["p90_ms"] and r["runs"] >= 5
+        assert r["x_hf_eager"] > 0 and r["tflops"] > 0 and r["peak_share"] > 0 and r["first_call_s"] > 0
+        assert math.isfinite(r["rel_err"]) and r["rel_err"] < (1e-5 if v.endswith("fp32") else 3e-2)
+        assert f"| {v} | {s} |" in printed
+    assert speed[("hf-eager-bf16", "1x32")]["x_hf_eager"] == pytest.approx(1.0)
+
+    assert [r["loader"].split(":")[0] for r in res["load"]] == ["ours", "transformers"]
+    for r in res["load"]:
+        assert "error" not in r and r["seconds"] > 0 and r["weight_gb"] > 0
+    assert [r["run"].split(":")[0] for r in res["cold_start"]] == ["cold", "warm restart"]
+    for r in res["cold_start"]:
+        assert "error" not in r, r
+        assert r["first_call_s"] > 0 and r["steady_ms"] > 0 and r["process_s"] > r["load_s"]
+
+    assert "| variant | shape | median ms |" in printed and "| loader |" in printed and "| run |" in printed
+    assert json.loads(out_json.read_text())["speed"][0]["variant"] == BENCH_VARIANTS[0]
+
+
+@pytest.mark.slow
+def test_precision_layers_cpu():
+    res = precision.main(["--size", "small", "--device", "cpu", "--seq-len", "32", "--dtype", "float16"])
+    names = [r["name"] for r in res["layers"]]
+    per_layer = ("layers.{}.attn", "layers.{}.ffn.hidden", "layers.{}.ffn", "layers.{}")
+    assert names == [n.format(i) for i in range(8) for n in per_layer] + ["final_norm"]
+    assert all(r["finite"] and r["absmax"] > 0 and r["absmax_f32"] > 0 for r in res["layers"])
+    assert res["first_non_finite"] == "none"
+    scale = {r["name"]: r["scale"] for r in res["layers"]}  # small preset: FFN-out 1/2 in layers 2 and 7
+    assert scale["layers.1"] == 1 and scale["layers.2.ffn.hidden"] == 1 and scale["layers.2"] == 0.5
+    assert scale["layers.7.attn"] == 0.5 and scale["layers.7"] == 0.25 and scale["final_norm"] == 1
+    (err,) = res["errors"]
+    assert err["finite"] and 0 < err["rel_err"] < 5e-3
+
+
+def test_precision_names_the_overflowing_layer(tmp_path):
+    """A model whose layer-1 FFN output passes 65504: float16 without scales breaks there, calibrated scales fix it."""
+    hf = make_hf_encoder("t5-v1_1", num_layers=4, seed=3)
+    with torch.no_grad():
+        hf.encoder.block[1].layer[1].DenseReluDense.wo.weight[:8] *= 4e5
+    folder = save_hf(hf, tmp_path / "overflow")
+    base = ["--model", str(folder), "--device", "cpu", "--seq-len", "24", "--dtype", "float16"]
+
+    broken = precision.main(base + ["--fp16-scales", "none"])
+    assert broken["first_non_finite"] == "layers.1.ffn" and not broken["errors"][0]["finite"]
+    fixed = precision.main(base + ["--fp16-scales", "calibrate"])
+    assert fixed["first_non_finite"] == "none" and fixed["errors"][0]["rel_err"] < 5e-3
+    assert any(r["scale"] < 1 for r in fixed["layers"] if r["name"] == "layers.1")
+
+
+@pytest.mark.slow
+def test_precision_report_cpu():
+    args = ["--size", "small", "--device", "cpu", "--report", "--fuse-norms"]
+    if TOKENIZER_DIR.exists():  # real prompts: padded batch, errors over real tokens only
+        args += ["--tokenizer", str(TOKENIZER_DIR), "--prompt", "a cat", "--prompt", "a photo of a tree at dusk"]
+    else:
+        args += ["--seq-len", "48"]
+    rows = {r["config"]: r for r in precision.main(args)["errors"]}
+    assert list(rows) == [name for name, _, _ in precision.report_configs(precision_args(), None, "cpu")]
+    for name, r in rows.items():
+        assert "error" not in r, r
+        assert r["finite"] and math.isfinite(r["rel_err"])
+        q = list(r["quantiles"].values())
+        assert q == sorted(q) and q[0] >= 0
+    bf16 = rows["ours bf16"]["rel_err"]
+    assert rows["ours fp16 + residual scales"]["rel_err"] < bf16
+    assert rows["ComfyUI-style: fp16 weights, fp32 compute"]["rel_err"] < bf16
+    assert rows["transformers fp16 (eager)"]["note"] == "wo float32"  # transformers' _keep_in_fp32_modules
+    assert rows["transformers bf16 (eager)"]["note"] == "wo bfloat16"
+    assert rows["transformers fp32 (reference check)"]["rel_err"] < 1e-5
+
+
+def precision_args():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    precision.add_arguments(p)
+    return p.parse_args([])
