@@ -25,7 +25,7 @@ def _scales_arg(text: str):
 def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32") -> None:
     p.add_argument("--dtype", default=dtype_default, help="float32 | bfloat16 | float16 (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default %(default)s)")
-    p.add_argument("--attn", choices=["sdpa", "flex"], default=None, help="attention kernel (default: flex on CUDA, sdpa on CPU)")
+    p.add_argument("--attn", choices=["sdpa", "flex"], default=None, help="attention kernel (default: sdpa)")
     p.add_argument("--fuse-norms", action="store_true", help="fold RMSNorm scales into the following projections")
     p.add_argument("--fp16-scales", type=_scales_arg, default="auto",
                    help="float16 residual scales: auto (saved, calibrated or preset by size), none, calibrate, "
@@ -122,11 +122,8 @@ def main(argv=None) -> None:
     for name, module, help_ in (("precision", "t5core.scripts.t5_encoder_precision_parity", "per-layer absmax and error vs float32"),
                                 ("bench", "t5core.bench", "speed vs transformers (CUDA; --size small on CPU)"),
                                 ("demo", "t5core.demo", "build, save, load, tokenize, encode and check a small model")):
-        try:  # TEMP until all modules land
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        p = sub.add_parser(name, help=help_, description=mod.__doc__)
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
 

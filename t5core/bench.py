@@ -65,7 +65,9 @@ VARIANTS = {v.name: v for v in [
     Variant("ours-sdpa-bf16", "ours", torch.bfloat16, "sdpa"),
     Variant("ours-sdpa-compile-bf16", "ours", torch.bfloat16, "sdpa", True),
     Variant("ours-flex-compile-fp16", "ours", torch.float16, "flex", True),  # fp16_scales="auto": preset by size
+    Variant("ours-sdpa-compile-fp16", "ours", torch.float16, "sdpa", True),
     Variant("ours-sdpa-fp32", "ours", torch.float32, "sdpa"),
+    Variant("ours-sdpa-compile-fp32", "ours", torch.float32, "sdpa", True),  # CPU: whole stack, frozen weights
     Variant("hf-eager-bf16", "hf", torch.bfloat16, "eager"),
     Variant("hf-sdpa-bf16", "hf", torch.bfloat16, "sdpa"),
     Variant("hf-compile-bf16", "hf", torch.bfloat16, "sdpa", True),  # transformers' default attention, compiled
@@ -73,9 +75,9 @@ VARIANTS = {v.name: v for v in [
 ]}
 # most important first: a run cut by the time budget loses the tail
 DEFAULT_VARIANTS = {
-    "cuda": "ours-flex-compile-bf16,hf-eager-bf16,hf-compile-bf16,ours-sdpa-bf16,hf-sdpa-bf16,"
-            "ours-sdpa-compile-bf16,ours-flex-compile-fp16",
-    "cpu": "ours-sdpa-fp32,hf-eager-fp32",
+    "cuda": "ours-sdpa-compile-bf16,hf-eager-bf16,hf-compile-bf16,ours-flex-compile-bf16,ours-sdpa-compile-fp16,"
+            "ours-sdpa-bf16,hf-sdpa-bf16,ours-flex-compile-fp16",
+    "cpu": "ours-sdpa-compile-fp32,ours-sdpa-fp32,hf-eager-fp32",
 }
 DEFAULT_SHAPES = {"cuda": "1x512,8x512,pad8x256,1x256,8x256", "cpu": "1x128"}
 BASELINE_EAGER = ("hf-eager-bf16", "hf-eager-fp32")  # the first present is the "x vs HF eager" baseline
@@ -571,7 +573,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds-per-case", type=float, default=1.0, help="timed calls fill this long (default 1)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip the speed cases not started within this many seconds of the run (default 420)")
-    p.add_argument("--cold-variant", default="ours-flex-compile-bf16",
+    p.add_argument("--cold-variant", default="ours-sdpa-compile-bf16",
                    help="variant timed by cold-start, at the first of --shapes (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=None, help="write every number here")

@@ -286,10 +286,11 @@ class Checkpoint:
     tokenizer: Optional[Path] = None
     tokenizer_bytes: Optional[bytes] = field(default=None, repr=False)  # ComfyUI files may embed `spiece_model`
 
-    def get(self, key: str, device="cpu") -> torch.Tensor:
-        """One tensor, on `device`, dequantized if it is ComfyUI scaled fp8 (weight * scale_weight)."""
+    def get(self, key: str, device="cpu", host: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One tensor, on `device`, dequantized if it is ComfyUI scaled fp8 (weight * scale_weight).
+        `host`: the tensor already read from the file (by iter_tensors' read-ahead)."""
         src_key = self.keys[key]
-        t = self.source.get(src_key).to(device)
+        t = (self.source.get(src_key) if host is None else host).to(device)
         if t.dtype in FP8_DTYPES:
             scale_key = src_key.removesuffix("weight") + "scale_weight"
             if scale_key not in set(self.source.keys()):
@@ -299,6 +300,26 @@ class Checkpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(self.keys[key])
+
+    def iter_tensors(self, keys: list[str], device, read_ahead: int = 4):
+        """(key, tensor on device) in order. Safetensors files are read on worker threads a few tensors ahead,
+        so disk reads overlap the host-to-device copies; host memory holds at most read_ahead + 1 tensors."""
+        if not isinstance(self.source, SafetensorsSource):  # tensorizer reads are sequential
+            yield from ((k, self.get(k, device)) for k in keys)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(read_ahead) as pool:
+            pending = deque()
+            for key in keys:
+                pending.append((key, pool.submit(self.source.get, self.keys[key])))
+                if len(pending) > read_ahead:
+                    k, fut = pending.popleft()
+                    yield k, self.get(k, device, host=fut.result())
+            while pending:
+                k, fut = pending.popleft()
+                yield k, self.get(k, device, host=fut.result())
 
 
 def _read_json(path: Path) -> dict:

@@ -51,9 +51,6 @@ class FastT5EncoderModel(PreTrainedModel):
     def __init__(self, config, encoder: Optional[T5EncoderStack] = None) -> None:
         super().__init__(config)
         self.encoder = encoder if encoder is not None else T5EncoderStack(config_from_hf(config.to_dict()))
-        # attn_impl chosen per call from where the weights are (flex on CUDA, SDPA elsewhere), so a model loaded
-        # on the CPU and moved later (pipe.to("cuda"), enable_model_cpu_offload) still gets flex attention.
-        self.auto_attn = True
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -84,7 +81,6 @@ class FastT5EncoderModel(PreTrainedModel):
             if attention_mask.dim() != 2:
                 raise ValueError(f"attention_mask must be [batch, seq_len] (1 = real token), got shape {tuple(attention_mask.shape)}")
             attention_mask = attention_mask.bool()
-        self._pick_attention()
         states = self._hidden_states(input_ids, attention_mask) if output_hidden_states else None
         if states is not None:
             last = states[-1]
@@ -95,13 +91,6 @@ class FastT5EncoderModel(PreTrainedModel):
         if not return_dict:
             return (last,) if states is None else (last, states)
         return BaseModelOutput(last_hidden_state=last, hidden_states=states)
-
-    def _pick_attention(self) -> None:
-        if not self.auto_attn:
-            return
-        want = T5AttnImpl.Flex if self.encoder.vocab_embed.weight.is_cuda else T5AttnImpl.SDPA
-        if self.encoder.config.attn_impl != want:
-            self.encoder.config = self.encoder.config.model_copy(update={"attn_impl": want})
 
     def _hidden_states(self, input_ids: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, ...]:
         """Every layer's output [B, L, D] in self.dtype, divided by the float16 residual scale in effect there."""
@@ -132,7 +121,7 @@ class FastT5EncoderModel(PreTrainedModel):
 
         torch_dtype / dtype: float32, bfloat16 or float16; None or "auto" keeps the stored dtype (float8 files
         load as bfloat16), as transformers does. device / device_map ({"": device} or a device string) place the
-        weights; attn_impl None picks flex on CUDA and SDPA elsewhere at every call. fuse_norms, fp16_scales and
+        weights; attn_impl: "sdpa" (default) or "flex". fuse_norms, fp16_scales and
         compile are t5core.load_encoder's options; a float16 load with fp16_scales="auto" reuses scales saved
         by save_pretrained. Hub names are not downloaded: pass a local path."""
         if model_args:
@@ -166,7 +155,7 @@ class FastT5EncoderModel(PreTrainedModel):
             raise ValueError(f"{type(hf_model).__name__} has its weights on the meta device (sequential CPU offload?): "
                              "convert it before enabling offload")
         dtype = _requested_dtype(torch_dtype, None) or hf_model.dtype
-        impl = T5AttnImpl(attn_impl) if attn_impl else (T5AttnImpl.Flex if device.type == "cuda" else T5AttnImpl.SDPA)
+        impl = T5AttnImpl(attn_impl or "sdpa")
         config = config_from_hf(hf_model.config.to_dict()).model_copy(update={"dtype": dtype, "attn_impl": impl})
         attn_scales, ffn_scales = _fp16_scales_for(config, fp16_scales)
         if fuse_norms or _any_scale(attn_scales) or _any_scale(ffn_scales):
@@ -176,7 +165,7 @@ class FastT5EncoderModel(PreTrainedModel):
         else:
             encoder = _share_weights(hf_model, config)
         if compile:
-            encoder.compile_layers()
+            encoder.compile_for_inference()
         return cls._wrap(encoder, attn_impl, name_or_path=hf_model.name_or_path)
 
     @classmethod
@@ -184,7 +173,6 @@ class FastT5EncoderModel(PreTrainedModel):
         config = _hf_config(encoder.config)
         config._name_or_path = name_or_path
         model = cls(config, encoder=encoder)
-        model.auto_attn = attn_impl is None
         return model.eval()
 
     # -- saving --------------------------------------------------------------------------------------

@@ -38,17 +38,18 @@ def trace_layers(model, input_ids: LongTensor, mask: Optional[BoolTensor] = None
         hooks.append(layer.register_forward_hook(lambda m, a, out, n=f"layers.{i}": record(n, out)))
     hooks.append(model.ln.register_forward_hook(lambda m, a, out: record("final_norm", out)))
     # hooks call .item(): run compiled layers eagerly for the trace
-    compiled = [layer._compiled_call_impl for layer in model.layers]
+    modules = [model, *model.layers]
+    compiled = [m._compiled_call_impl for m in modules]
     try:
-        for layer in model.layers:
-            layer._compiled_call_impl = None
+        for m in modules:
+            m._compiled_call_impl = None
         if model.config.attn_impl == T5AttnImpl.Flex:
             model(input_ids, block_mask=None if real is None else make_self_attn_block_mask(real))
         else:
             model(input_ids, input_mask=real)
     finally:
-        for layer, impl in zip(model.layers, compiled):
-            layer._compiled_call_impl = impl
+        for m, impl in zip(modules, compiled):
+            m._compiled_call_impl = impl
         for h in hooks:
             h.remove()
     return stats

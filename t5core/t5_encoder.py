@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 from torch import BoolTensor, FloatTensor, LongTensor, Tensor, nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.functional import scaled_dot_product_attention
 
 from .t5_common import RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, relative_offset_bias
@@ -22,6 +22,16 @@ class NonFiniteOutputError(FloatingPointError):
     """A float16 forward overflowed; the message names the first layer that produced inf/NaN."""
 
 
+class F32OutLinear(nn.Linear):
+    """A projection whose result is consumed in float32 (the residual add, the gated activation): on CUDA the
+    half-precision matmul writes its fp32 accumulator directly, one rounding fewer. [.., K] -> [.., N] float32."""
+
+    def forward(self, x: Tensor) -> FloatTensor:
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            return torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+        return super().forward(x).float()
+
+
 class T5SelfAttention(nn.Module):
     def __init__(self, config: T5Config, has_bias_table: bool) -> None:
         super().__init__()
@@ -29,7 +39,7 @@ class T5SelfAttention(nn.Module):
         self.scale = config.head_dim**-0.5 if config.scale_qk else 1.0
         self.kernel_options = dict(config.flex_kernel_options) or None
         self.qkv_proj = nn.Linear(config.hidden_dim, 3 * config.inner_dim, bias=False, dtype=config.dtype)
-        self.o_proj = nn.Linear(config.inner_dim, config.hidden_dim, bias=False, dtype=config.dtype)
+        self.o_proj = F32OutLinear(config.inner_dim, config.hidden_dim, bias=False, dtype=config.dtype)
         # UMT5 only: each layer owns its table [buckets, H]
         self.relative_attention_bias = (
             nn.Embedding(config.relative_attention_num_buckets, config.n_head, dtype=torch.float32)
@@ -52,7 +62,7 @@ class T5SelfAttention(nn.Module):
         else:
             # bias: [1 or B, H, L, L] in x.dtype, padding already folded in
             out = scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # [B, L, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # [B, L, D] float32
 
 
 class T5FFN(nn.Module):
@@ -60,18 +70,18 @@ class T5FFN(nn.Module):
         super().__init__()
         self.gated = config.ffn_type == T5FFNType.GEGLU
         # gated: rows [0, F) are wi_0 (gate), rows [F, 2F) are wi_1 (up)
-        self.ff_in = nn.Linear(config.hidden_dim, config.ff_dim * (2 if self.gated else 1), bias=False, dtype=config.dtype)
-        self.ff_out = nn.Linear(config.ff_dim, config.hidden_dim, bias=False, dtype=config.dtype)
+        self.ff_in = F32OutLinear(config.hidden_dim, config.ff_dim * (2 if self.gated else 1), bias=False, dtype=config.dtype)
+        self.ff_out = F32OutLinear(config.ff_dim, config.hidden_dim, bias=False, dtype=config.dtype)
         self.act = gelu_fn(config.gelu_approx) if self.gated else torch.relu
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.ff_in(x)  # [B, L, 2F] or [B, L, F]
+    def forward(self, x: Tensor) -> FloatTensor:
+        h = self.ff_in(x)  # [B, L, 2F] or [B, L, F] float32
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self.ff_out(h)  # [B, L, D]
+        return self.ff_out(h.to(x.dtype))  # [B, L, D] float32
 
 
 class T5EncoderLayer(nn.Module):
@@ -88,16 +98,34 @@ class T5EncoderLayer(nn.Module):
 
     def forward(self, x: FloatTensor, bias: Tensor, block_mask: Optional[BlockMask] = None, flex: bool = False) -> FloatTensor:
         dtype = self.attn.o_proj.weight.dtype
-        x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, block_mask, flex).float()
-        x = x * self.ffn_res_scale + self.ffn(self.ln2(x).to(dtype)).float()
+        x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, block_mask, flex)
+        x = x * self.ffn_res_scale + self.ffn(self.ln2(x).to(dtype))
         return x  # [B, L, D] float32
 
 
 def make_self_attn_block_mask(mask: BoolTensor, mask_pad_queries: bool = False, block_size: int = 128) -> BlockMask:
     """Padding block mask from a [B, L] key mask (True = real token). Blocks made only of padding are skipped.
 
-    mask_pad_queries also drops pad-query rows: their outputs become meaningless (zeros), real rows are unchanged."""
+    mask_pad_queries also drops pad-query rows: their outputs become meaningless (zeros), real rows are unchanged.
+    Built from block-level any/all of the mask with plain tensor ops (no mask_mod evaluation over L x L, no host
+    sync), so it costs microseconds and can be captured in a CUDA graph."""
     B, L = mask.shape
+    n = -(-L // block_size)
+    blocks = nn.functional.pad(mask.bool(), (0, n * block_size - L)).view(B, n, block_size)
+    real_any = blocks.any(-1)  # [B, n]: the block holds a real token
+    real_all = blocks.all(-1) | (torch.arange(n, device=mask.device) == n - 1) & blocks[..., : L - (n - 1) * block_size].all(-1)
+    key_any, key_all = real_any[:, None, :], real_all[:, None, :]  # [B, 1(q), n(kv)]
+    if mask_pad_queries:
+        q_any, q_all = real_any[:, :, None], real_all[:, :, None]  # [B, n(q), 1]
+        partial_or_full, full = key_any & q_any, key_all & q_all
+    else:
+        partial_or_full, full = key_any.expand(B, n, n), key_all.expand(B, n, n)
+    partial = partial_or_full & ~full
+
+    def to_blocks(sel: Tensor):  # [B, n, n] bool -> counts [B, 1, n], indices [B, 1, n, n] (selected first)
+        counts = sel.sum(-1, dtype=torch.int32)
+        order = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[:, None], order[:, None]
 
     def keep_real_keys(b, h, q_idx, kv_idx):
         return mask[b, kv_idx]
@@ -105,8 +133,8 @@ def make_self_attn_block_mask(mask: BoolTensor, mask_pad_queries: bool = False, 
     def keep_real_pairs(b, h, q_idx, kv_idx):
         return mask[b, kv_idx] & mask[b, q_idx]
 
-    return create_block_mask(keep_real_pairs if mask_pad_queries else keep_real_keys, B, None, L, L,
-                             device=mask.device, BLOCK_SIZE=block_size)
+    return BlockMask.from_kv_blocks(*to_blocks(partial), *to_blocks(full), BLOCK_SIZE=block_size,
+                                    mask_mod=keep_real_pairs if mask_pad_queries else keep_real_keys, seq_lengths=(L, L))
 
 
 class T5EncoderStack(nn.Module):
@@ -122,7 +150,7 @@ class T5EncoderStack(nn.Module):
         self.ln = RMSNorm(config.hidden_dim, config.eps)  # final norm keeps its scale: nothing follows to fold it into
         self._offset_bias: dict[int, Tensor] = {}  # seq_len -> [1 or num_layers, H, 2L-1] float32
         self.cuda_graphs = True  # used by encode() once the layers are compiled
-        self._graphs: dict[tuple[int, int], tuple] = {}  # (B, L) -> (graph, static input_ids, static output)
+        self._graphs: dict[tuple, tuple] = {}  # (B, L, padded) -> (graph, static (ids, mask), static output)
         self._graph_pool, self._graph_ptrs = None, None
         self.apply_residual_scales_from_config()
 
@@ -189,6 +217,15 @@ class T5EncoderStack(nn.Module):
         self.config = self.config.model_copy(update={"dtype": dtype})
         return self
 
+    def compile_for_inference(self) -> "T5EncoderStack":
+        """CUDA: regional compilation + CUDA graphs in encode(). CPU: the whole stack compiled with frozen
+        weights (constant-folded into oneDNN's prepacked layout), which beats eager on CPU GEMMs; weights must
+        not change afterwards."""
+        if self.vocab_embed.weight.is_cuda:
+            return self.compile_layers()
+        self.compile(dynamic=False, options={"freezing": True})
+        return self
+
     def compile_layers(self, **compile_kwargs) -> "T5EncoderStack":
         """Regional compilation: every layer runs the same compiled code (parameters are graph inputs), so the
         cost is one layer's compile, not the whole stack's. Shapes are fixed: pad to a few lengths."""
@@ -221,48 +258,51 @@ class T5EncoderStack(nn.Module):
     @torch.inference_mode()
     def encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor] = None) -> FloatTensor:
         """input_ids [B, L] (+ mask [B, L], True = real token) -> [B, L, D] float32, with the right mask for the
-        configured attention. Compiled CUDA models replay a CUDA graph per unpadded shape (no launch gaps);
-        float16 outputs are checked for overflow (the only host sync)."""
+        configured attention. Compiled CUDA models replay one CUDA graph per shape (no launch gaps); float16
+        outputs are checked for overflow (the only host sync)."""
         device = self.vocab_embed.weight.device
         padded = attention_mask is not None and not bool(attention_mask.all())  # checked before the copy: no sync
         input_ids = input_ids.to(device, non_blocking=True)
         mask = attention_mask.to(device, non_blocking=True).bool() if padded else None
-        if not padded and self._uses_cuda_graphs():
-            out = self._graphed_forward(input_ids)
-        elif self.config.attn_impl == T5AttnImpl.Flex:
-            out = self(input_ids, block_mask=None if mask is None else make_self_attn_block_mask(mask))
-        else:
-            out = self(input_ids, input_mask=mask)
+        run = self._graphed_forward if self._uses_cuda_graphs() else self._masked_forward
+        out = run(input_ids, mask)
         if self.layers[0].attn.o_proj.weight.dtype == torch.float16:
             if not bool(torch.isfinite(out if mask is None else out[mask]).all()):
                 self._raise_non_finite(input_ids, mask)
         return out
 
+    def _masked_forward(self, input_ids: LongTensor, mask: Optional[BoolTensor]) -> FloatTensor:
+        if self.config.attn_impl == T5AttnImpl.Flex:
+            return self(input_ids, block_mask=None if mask is None else make_self_attn_block_mask(mask))
+        return self(input_ids, input_mask=mask)
+
     def _uses_cuda_graphs(self) -> bool:
         return self.cuda_graphs and self.vocab_embed.weight.is_cuda and self.layers[0]._compiled_call_impl is not None
 
-    def _graphed_forward(self, input_ids: LongTensor) -> FloatTensor:
+    def _graphed_forward(self, input_ids: LongTensor, mask: Optional[BoolTensor]) -> FloatTensor:
         # Weights moved piecemeal (e.g. by an offloading manager) invalidate captured addresses: recapture.
         ptrs = tuple(p.data_ptr() for p in self.parameters())
         if ptrs != self._graph_ptrs:
             self._graphs.clear()
             self._graph_ptrs = ptrs
-        key = tuple(input_ids.shape)
+        key = (*input_ids.shape, mask is not None)
         if key not in self._graphs:
-            static_ids = input_ids.clone()
+            static = (input_ids.clone(), None if mask is None else mask.clone())
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up (compiles) off the capture
                 for _ in range(2):
-                    self(static_ids)
+                    self._masked_forward(*static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                static_out = self(static_ids)
+                static_out = self._masked_forward(*static)
             self._graph_pool = graph.pool()
-            self._graphs[key] = (graph, static_ids, static_out)
-        graph, static_ids, static_out = self._graphs[key]
+            self._graphs[key] = (graph, static, static_out)
+        graph, (static_ids, static_mask), static_out = self._graphs[key]
         static_ids.copy_(input_ids)
+        if mask is not None:
+            static_mask.copy_(mask)
         graph.replay()
         return static_out.clone()  # the next replay overwrites static_out
 

@@ -66,19 +66,22 @@ def stream_into_module(
     # norm scales are tiny: read them first, so the big tensors can follow in file order
     norm_scales = ({name: ckpt.get(key, device=model.ln.weight.device) for name, key in native_norms.items()}
                    if fuse_norm_scales else {})
+    work = {}  # key in ckpt -> (parameter, part, parts), in file order
     for key in ckpt.keys:
         target = (key, 0, 1) if ckpt.native else native_target(key, model.config)
-        if target is None or target[0] not in params or (key, target[1], target[2]) not in plan[target[0]]:
-            continue
-        name, part, parts = target
+        if target is not None and target[0] in params and (key, target[1], target[2]) in plan[target[0]]:
+            work[key] = target
+            param, rows = params[target[0]], params[target[0]].shape[0] // target[2]
+            if tuple(ckpt.shape(key)) != (rows, *param.shape[1:]):
+                raise CheckpointError(
+                    f"{ckpt.path}: {key} has shape {tuple(ckpt.shape(key))}, expected {(rows, *param.shape[1:])} for "
+                    f"{target[0]} (config says hidden {model.config.hidden_dim}, heads {model.config.n_head}, "
+                    f"ff {model.config.ff_dim})")
+    device = next(iter(params.values())).device
+    for key, t in ckpt.iter_tensors(list(work), device):
+        name, part, parts = work[key]
         param = params[name]
         rows = param.shape[0] // parts
-        expected = (rows, *param.shape[1:])
-        if tuple(ckpt.shape(key)) != expected:
-            raise CheckpointError(
-                f"{ckpt.path}: {key} has shape {tuple(ckpt.shape(key))}, expected {expected} for {name} "
-                f"(config says hidden {model.config.hidden_dim}, heads {model.config.n_head}, ff {model.config.ff_dim})")
-        t = ckpt.get(key, device=param.device)
         norm_name = _norm_key_for(name)
         if norm_name in norm_scales:
             t = scale_input_columns(t if norm_fusion_via_f32 else t.to(param.dtype), norm_scales[norm_name],
@@ -169,16 +172,18 @@ def load_encoder(
 ) -> T5EncoderStack:
     """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`.
 
-    dtype: float32 / bfloat16 / float16. attn_impl: "sdpa", "flex", or None (flex on CUDA, SDPA elsewhere).
+    dtype: float32 / bfloat16 / float16. attn_impl: "sdpa" (default) or "flex". Compiled,
+    the two run at the same speed unpadded on an H200 and SDPA is faster on padded batches (BENCHMARKS.md).
     fuse_norms: fold norm scales into the projections while loading.
     fp16_scales (float16 only): "auto" (scales in the checkpoint, else calibrated ones saved beside it, else the
     preset for its size), "calibrate" (measure now on varied prompts), None, a list of FFN-out scales, or an
     (attn_out_scales, ffn_out_scales) pair.
-    compile: torch.compile each layer once (regional compilation) for fixed-shape speed."""
+    compile: torch.compile for fixed-shape speed (CUDA: one layer compiled and reused, CUDA graphs; CPU: frozen
+    weights)."""
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     ckpt = open_checkpoint(path, subfolder=subfolder)
-    impl = T5AttnImpl(attn_impl) if attn_impl else (T5AttnImpl.Flex if device.type == "cuda" else T5AttnImpl.SDPA)
+    impl = T5AttnImpl(attn_impl or "sdpa")
     config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl})
     scaled = dtype == torch.float16 and fp16_scales is not None and not config.enc_ffn_out_scales
     if scaled and fp16_scales == "calibrate":
@@ -192,7 +197,7 @@ def load_encoder(
                              enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
     model.source_path = Path(ckpt.path)
     if compile:
-        model.compile_layers()
+        model.compile_for_inference()
     return model
 
 

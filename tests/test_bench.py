@@ -95,7 +95,6 @@ def test_precision_names_the_overflowing_layer(tmp_path):
     assert any(r["scale"] < 1 for r in fixed["layers"] if r["name"] == "layers.1")
 
 
-@pytest.mark.slow
 def test_precision_report_cpu():
     args = ["--size", "small", "--device", "cpu", "--report", "--fuse-norms"]
     if TOKENIZER_DIR.exists():  # real prompts: padded batch, errors over real tokens only
@@ -110,7 +109,12 @@ def test_precision_report_cpu():
         q = list(r["quantiles"].values())
         assert q == sorted(q) and q[0] >= 0
     bf16 = rows["ours bf16"]["rel_err"]
-    assert rows["ours fp16 + residual scales"]["rel_err"] < bf16
+    fp16 = rows["ours fp16 + residual scales"]["rel_err"]
+    # issue 3: float16 with scales within 1/8 of bfloat16's error as users know it (transformers), and well
+    # under our own bfloat16, which already keeps a float32 residual (the ideal ratio there is the rounding
+    # step ratio, 8, so it is asserted at 6)
+    assert fp16 <= rows["transformers bf16 (eager)"]["rel_err"] / 8, rows
+    assert fp16 <= bf16 / 6, rows
     assert rows["ComfyUI-style: fp16 weights, fp32 compute"]["rel_err"] < bf16
     assert rows["transformers fp16 (eager)"]["note"] == "wo float32"  # transformers' _keep_in_fp32_modules
     assert rows["transformers bf16 (eager)"]["note"] == "wo bfloat16"

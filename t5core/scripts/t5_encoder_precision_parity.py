@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16-scales", type=_scales_arg, default="auto",
                    help="auto | none | calibrate | '1,1,1/2,...' (FFN-out scales per layer) (default auto)")
     p.add_argument("--fuse-norms", action="store_true", help="fold the norm scales into the projections (ours)")
-    p.add_argument("--attn", choices=["sdpa", "flex"], default=None, help="ours (default: flex on CUDA, sdpa on CPU)")
+    p.add_argument("--attn", choices=["sdpa", "flex"], default=None, help="ours (default: sdpa)")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--report", action="store_true", help="the issue-3 table of all precisions instead")
     p.add_argument("--seed", type=int, default=0)
