@@ -1,3 +1,5 @@
+# Experiment (2026-11-28, H200): float32-output projections on vs off (plain F.linear + .float()), bf16 and fp16,
+# 1x512 and a padded 8x256 batch, CUDA-graphed and not. Run from the repo root: python3 benchmarks/f32_out_probe.py
 import time, torch, sys
 sys.path.insert(0, '.')
 import torch.nn.functional as F
@@ -5,7 +7,7 @@ from transformers import T5EncoderModel, T5Config as HC
 from t5core.checkpoint import Checkpoint, infer_config
 from t5core.weight_load import build_empty, load_checkpoint_into
 from t5core.checkpoint_info import suggested_scales
-from t5core.t5_encoder import ResidualOutLinear
+from t5core.t5_encoder import F32OutLinear
 from t5core.t5_common import T5AttnImpl
 torch.backends.cuda.matmul.allow_tf32 = False; torch.backends.cudnn.allow_tf32 = False
 dev = 'cuda'
@@ -38,10 +40,10 @@ with torch.inference_mode():
     hb = hf.to(torch.bfloat16)
     out.append(f"hf bf16 rel {rel(hb(input_ids=ids).last_hidden_state, ref):.3e}")
     hf.to(torch.float32)
-orig = ResidualOutLinear.forward
+orig = F32OutLinear.forward
 for mode in ['f32out', 'plain']:
     if mode == 'plain':
-        ResidualOutLinear.forward = lambda self, x: F.linear(x, self.weight).float()
+        F32OutLinear.forward = lambda self, x: F.linear(x, self.weight).float()
     torch._dynamo.reset()
     for dtype in [torch.bfloat16, torch.float16]:
         c = cfg.model_copy(update={'dtype': dtype, 'attn_impl': T5AttnImpl.Flex})

@@ -1,3 +1,6 @@
+# Experiment (2026-11-28, H200): GEMM shapes of one XXL layer, SDPA backends vs flex attention (kernel options,
+# offset-table vs full bias score_mod), and the whole encoder compiled with and without CUDA graph replay, with a
+# kernel-time profile. Run from the repo root: python3 benchmarks/kernel_probe.py
 import time, math, torch, sys
 sys.path.insert(0, '.')
 from t5core.t5_common import T5Config, T5AttnImpl

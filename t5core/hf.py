@@ -19,11 +19,10 @@ from transformers import T5Config as HFT5Config
 from transformers.modeling_outputs import BaseModelOutput
 
 from .checkpoint import Checkpoint, CheckpointError, config_from_hf, hf_config_dict, hf_key_of, native_target, open_checkpoint
-from .checkpoint_info import suggested_scales
 from .residual_scale import output_weight_factors
 from .t5_common import DTYPES, T5AttnImpl, T5Config, T5FFNType, parse_dtype
 from .t5_encoder import T5EncoderStack
-from .weight_load import build_empty, load_checkpoint_into, load_encoder
+from .weight_load import build_empty, load_checkpoint_into, load_encoder, resolve_fp16_scales
 
 # config.json key holding the float16 residual scales an encoder ran with. The saved weights are unscaled (so
 # transformers reads them correctly); a float16 reload with fp16_scales="auto" applies these scales again.
@@ -319,16 +318,10 @@ def _device_from(device, device_map) -> torch.device:
 
 
 def _fp16_scales_for(config: T5Config, fp16_scales):
-    """load_encoder's rule: float16 only; "auto" = the preset for a known size; a list = FFN scales; a pair = both."""
+    """load_encoder's rule, for float16 only."""
     if config.dtype != torch.float16 or fp16_scales is None:
         return None, None
-    if isinstance(fp16_scales, str):
-        if fp16_scales != "auto":
-            raise ValueError(f"fp16_scales: expected 'auto', None or a list of scales, got {fp16_scales!r}")
-        return suggested_scales(config)
-    if len(fp16_scales) == 2 and not isinstance(fp16_scales[0], (int, float)):
-        return tuple(fp16_scales)
-    return None, list(fp16_scales)
+    return resolve_fp16_scales(fp16_scales, config)
 
 
 def _any_scale(scales) -> bool:

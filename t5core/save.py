@@ -2,7 +2,6 @@
 import json
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 

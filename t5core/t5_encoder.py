@@ -111,9 +111,9 @@ def make_self_attn_block_mask(mask: BoolTensor, mask_pad_queries: bool = False, 
     sync), so it costs microseconds and can be captured in a CUDA graph."""
     B, L = mask.shape
     n = -(-L // block_size)
-    blocks = nn.functional.pad(mask.bool(), (0, n * block_size - L)).view(B, n, block_size)
-    real_any = blocks.any(-1)  # [B, n]: the block holds a real token
-    real_all = blocks.all(-1) | (torch.arange(n, device=mask.device) == n - 1) & blocks[..., : L - (n - 1) * block_size].all(-1)
+    pad = (0, n * block_size - L)  # positions past L do not exist: they count for "all", not for "any"
+    real_any = nn.functional.pad(mask.bool(), pad, value=False).view(B, n, block_size).any(-1)  # [B, n]
+    real_all = nn.functional.pad(mask.bool(), pad, value=True).view(B, n, block_size).all(-1)  # [B, n]
     key_any, key_all = real_any[:, None, :], real_all[:, None, :]  # [B, 1(q), n(kv)]
     if mask_pad_queries:
         q_any, q_all = real_any[:, :, None], real_all[:, :, None]  # [B, n(q), 1]

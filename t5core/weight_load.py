@@ -191,7 +191,8 @@ def load_encoder(
         scale_residuals_enc(model, *calibrate_fp16_scales(model, _tokenizer_of(ckpt)))
         model.set_weight_dtype(torch.float16)
     else:
-        attn_scales, ffn_scales = _fp16_scales(fp16_scales, ckpt) if scaled else (None, None)
+        attn_scales, ffn_scales = (resolve_fp16_scales(fp16_scales, ckpt.config, load_calibrated_scales(ckpt.path))
+                                   if scaled else (None, None))
         model = build_empty(config, device)
         load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True,
                              enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
@@ -201,12 +202,13 @@ def load_encoder(
     return model
 
 
-def _fp16_scales(fp16_scales, ckpt: Checkpoint):
-    """'auto': calibrated scales saved beside the checkpoint, else the preset for its size, else none."""
+def resolve_fp16_scales(fp16_scales, config: T5Config, saved=None):
+    """fp16_scales as load_encoder takes it -> (attn_out_scales, ffn_out_scales). 'auto': `saved` (calibrated)
+    scales, else the preset for the detected size, else none; a list: FFN-out scales; a pair: both."""
     if isinstance(fp16_scales, str):
         if fp16_scales != "auto":
             raise ValueError(f"fp16_scales: expected 'auto', 'calibrate', None or a list of scales, got {fp16_scales!r}")
-        return load_calibrated_scales(ckpt.path) or suggested_scales(ckpt.config)
+        return saved or suggested_scales(config)
     if len(fp16_scales) == 2 and not isinstance(fp16_scales[0], (int, float)):
         return tuple(fp16_scales)
     return None, list(fp16_scales)

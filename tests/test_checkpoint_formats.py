@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import t5core
 from t5core.checkpoint import CheckpointError, open_checkpoint

@@ -82,3 +82,27 @@ def test_bias_computed_once_per_length(pair):
     ids, mask = _batch(512, [16])
     model.encode(ids, mask)
     assert model._offset_bias[16] is cached
+
+
+@pytest.mark.parametrize("L", [5, 128, 200, 300])
+@pytest.mark.parametrize("mask_pad_queries", [False, True])
+def test_block_mask_matches_create_block_mask(L, mask_pad_queries):
+    """The tensor-op block mask selects the same blocks as flex's create_block_mask and attends identically,
+    for right padding and for arbitrary holes."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    gen = torch.Generator().manual_seed(L)
+    lengths = torch.randint(1, L + 1, (3,), generator=gen)
+    for mask in (torch.arange(L)[None] < lengths[:, None], torch.rand(3, L, generator=gen) > 0.5):
+        mask[:, 0] = True
+
+        def mask_mod(b, h, q, kv):
+            return (mask[b, kv] & mask[b, q]) if mask_pad_queries else mask[b, kv]
+
+        ours = t5core.make_self_attn_block_mask(mask, mask_pad_queries=mask_pad_queries)
+        ref = create_block_mask(mask_mod, 3, None, L, L, device="cpu")
+        assert torch.equal(ours.kv_num_blocks + ours.full_kv_num_blocks, ref.kv_num_blocks + ref.full_kv_num_blocks)
+        q, k, v = (torch.randn(3, 2, L, 16, generator=gen) for _ in range(3))
+        rows = mask if mask_pad_queries else torch.ones_like(mask)
+        diff = (flex_attention(q, k, v, block_mask=ours) - flex_attention(q, k, v, block_mask=ref)).transpose(1, 2)
+        assert diff[rows].abs().max() < 1e-5

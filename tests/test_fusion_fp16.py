@@ -6,7 +6,7 @@ import t5core
 from t5core.calibrate import calibrate_fp16_scales, choose_scales
 from t5core.fuse_norm_scales import fuse_norm_scales_enc
 from t5core.residual_scale import scale_residuals_enc
-from t5core.weight_load import FusingDeserializer, build_empty
+from t5core.weight_load import FusingDeserializer
 from tiny_models import TOKENIZER_DIR, make_hf_encoder, rel_err, save_hf
 
 PROMPTS = ["a photo of a cat", "illustration of a nice tree, watercolor, soft light", "hello world " * 30, "東京の夜景 🌃"]

@@ -1,0 +1,21 @@
+# Interleaved CPU comparison (T5 v1.1 base shape, float32, 1 x 128): ours eager, ours compile=True, transformers eager,
+# alternating every round so the VM's drift hits all three alike. Run: python3 benchmarks/cpu_interleaved.py
+import torch, tempfile, time, statistics
+import t5core
+from transformers import T5EncoderModel, T5Config
+torch.manual_seed(0)
+hc = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, feed_forward_proj='gated-gelu')
+hf = T5EncoderModel(hc).eval(); d = tempfile.mkdtemp(); hf.save_pretrained(d)
+ids = torch.randint(3, 32000, (1, 128))
+eager = t5core.load_encoder(d, fuse_norms=True)
+comp = t5core.load_encoder(d, fuse_norms=True, compile=True)
+fns = {"ours eager": lambda: eager.encode(ids), "ours compile": lambda: comp.encode(ids), "hf eager": lambda: hf(input_ids=ids)}
+times = {k: [] for k in fns}
+with torch.inference_mode():
+    t = time.perf_counter(); comp.encode(ids); print("compile", time.perf_counter() - t)
+    for f in fns.values(): f(); f()
+    for r in range(40):
+        for k, f in fns.items():
+            t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
+med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+print({k: f"{v:.1f} ms" for k, v in med.items()}, "ratio eager", med["hf eager"] / med["ours eager"], "ratio compile", med["hf eager"] / med["ours compile"])
