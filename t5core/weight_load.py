@@ -1,7 +1,7 @@
 """The one load path: stream tensors from any checkpoint into T5EncoderStack, fusing and scaling on the way.
 
-Each tensor goes file -> device -> (float32 when fusing) -> target dtype, one at a time, so host memory holds
-at most one tensor beyond the memory map, and norm fusion / residual scaling cost one rounding in total.
+Each tensor goes file -> device -> (float32 when fusing) -> target dtype on its own, so host memory holds only the
+few tensors being read ahead, and norm fusion / residual scaling cost one rounding in total.
 """
 import re
 from pathlib import Path
@@ -43,40 +43,33 @@ def stream_into_module(
     weight_factors = weight_factors or {}
     if not fuse_norm_scales and model.config.elementwise_affine is False and ckpt.config.elementwise_affine:
         raise CheckpointError(f"{ckpt.path}: the model has no norm scales but the checkpoint does: pass fuse_norm_scales=True")
-    # native key -> (key in ckpt, part, parts)
-    plan: dict[str, list[tuple[str, int, int]]] = {}
-    native_norms: dict[str, str] = {}
+    work: dict[str, tuple[str, int, int]] = {}  # key in ckpt -> (parameter, part, parts), in file order
+    norm_keys: dict[str, str] = {}  # norm parameter name -> key in ckpt (their scales may be fused instead)
     for key in ckpt.keys:
         target = (key, 0, 1) if ckpt.native else native_target(key, model.config)
         if target is None:
-            continue  # decoder, lm_head, a duplicate embedding, ComfyUI markers
-        name = target[0]
+            continue  # decoder, lm_head, ComfyUI markers, buffers
+        name, _, parts = target
         if name.endswith(("ln1.weight", "ln2.weight")):
-            native_norms[name] = key
-        if name == "vocab_embed.weight" and name in plan:
-            continue  # shared.weight and encoder.embed_tokens.weight are the same tensor
-        plan.setdefault(name, []).append((key, target[1], target[2]))
-
+            norm_keys[name] = key
+        if name not in params or target in work.values():
+            continue  # a norm fused away, or shared.weight / encoder.embed_tokens.weight: the same tensor twice
+        rows = params[name].shape[0] // parts
+        if tuple(ckpt.shape(key)) != (rows, *params[name].shape[1:]):
+            raise CheckpointError(
+                f"{ckpt.path}: {key} has shape {tuple(ckpt.shape(key))}, expected {(rows, *params[name].shape[1:])} "
+                f"for {name} (config says hidden {model.config.hidden_dim}, heads {model.config.n_head}, "
+                f"ff {model.config.ff_dim})")
+        work[key] = target
     for name in params:
-        parts = plan.get(name)
-        if not parts:
+        found = [key for key, t in work.items() if t[0] == name]
+        if not found:
             raise CheckpointError(f"{ckpt.path}: missing weight for {name} (a truncated or non-T5-encoder checkpoint?)")
-        if len(parts) != parts[0][2]:
-            raise CheckpointError(f"{ckpt.path}: {name} needs {parts[0][2]} tensors, found {[p[0] for p in parts]}")
+        if len(found) != work[found[0]][2]:
+            raise CheckpointError(f"{ckpt.path}: {name} needs {work[found[0]][2]} tensors, found {found}")
     # norm scales are tiny: read them first, so the big tensors can follow in file order
-    norm_scales = ({name: ckpt.get(key, device=model.ln.weight.device) for name, key in native_norms.items()}
+    norm_scales = ({name: ckpt.get(key, device=model.ln.weight.device) for name, key in norm_keys.items()}
                    if fuse_norm_scales else {})
-    work = {}  # key in ckpt -> (parameter, part, parts), in file order
-    for key in ckpt.keys:
-        target = (key, 0, 1) if ckpt.native else native_target(key, model.config)
-        if target is not None and target[0] in params and (key, target[1], target[2]) in plan[target[0]]:
-            work[key] = target
-            param, rows = params[target[0]], params[target[0]].shape[0] // target[2]
-            if tuple(ckpt.shape(key)) != (rows, *param.shape[1:]):
-                raise CheckpointError(
-                    f"{ckpt.path}: {key} has shape {tuple(ckpt.shape(key))}, expected {(rows, *param.shape[1:])} for "
-                    f"{target[0]} (config says hidden {model.config.hidden_dim}, heads {model.config.n_head}, "
-                    f"ff {model.config.ff_dim})")
     device = next(iter(params.values())).device
     for key, t in ckpt.iter_tensors(list(work), device):
         name, part, parts = work[key]
@@ -125,7 +118,8 @@ def load_checkpoint_into(
 
 class FusingDeserializer:
     """Drop-in for tensorizer's TensorDeserializer that can fuse norm scales and apply float16 residual
-    scales while loading. Reads every format open_checkpoint knows, not only tensorizer files."""
+    scales while loading. Reads every format open_checkpoint knows, not only tensorizer files. Reads are always
+    lazy (one tensor at a time); lazy_load is accepted for TensorDeserializer's signature."""
 
     def __init__(self, path, lazy_load: bool = True, dtype: Optional[torch.dtype] = None, device=None, subfolder=None):
         self.ckpt = open_checkpoint(path, subfolder=subfolder)
