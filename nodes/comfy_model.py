@@ -206,7 +206,9 @@ class T5Encoder:
             plan = self.plan
             model = t5core().load_encoder(plan.path, dtype=plan.dtype, device=offload_device,
                                           attn_impl=self.attention(), fuse_norms=plan.fuse_norms,
-                                          fp16_scales=plan.fp16_scales, compile=plan.compile)
+                                          fp16_scales=plan.fp16_scales)
+            if plan.compile:  # regional: valid on whichever device ComfyUI moves the weights to (graphs on CUDA)
+                model.compile_layers()
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             self._patcher = ModelPatcher(model, load_device=load_device, offload_device=offload_device, size=size)
         return self._patcher

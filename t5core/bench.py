@@ -541,8 +541,8 @@ def print_report(run: Run, stopped: Optional[str]) -> None:
     if res["speed"]:
         print(f"matmul peak {fmt(m.get('mm_peak_tflops'))} TFLOP/s ({m.get('mm_peak_what')}); work per shape: "
               + ", ".join(f"{s} {f / 1e12:.3f} TFLOP" for s, f in m.get("flops", {}).items()))
-        print("ours: t5core.load_encoder(fuse_norms=True), timed through encode() (compiled: CUDA graph replay at "
-              "unpadded shapes); HF: T5EncoderModel "
+        print("ours: t5core.load_encoder(fuse_norms=True), timed through encode() (compiled: one CUDA graph replayed "
+              "per shape); HF: T5EncoderModel "
               "from_pretrained, compile = torch.compile(model, dynamic=False). Each call synchronized (latency), "
               f"{'host clock' if m.get('device_name') == 'cpu' else 'CUDA events'}, median. Rel err on real tokens "
               "vs HF float32 "

@@ -4,12 +4,9 @@ Runs the encoder (in float32, or whatever precision it has, as long as it is fin
 each layer's attention-out and FFN-out absmax over real tokens, and chooses, layer by layer, the largest power
 of two <= 1 that keeps every scaled output `headroom` times below the float16 maximum."""
 import json
-import random
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
-
-import torch
 
 from .precision import FLOAT16_MAX, trace_layers
 from .residual_scale import output_weight_factors
@@ -33,28 +30,15 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def _random_batches(vocab_size: int, n: int = 8, seed: int = 0):
-    gen = random.Random(seed)
-    for _ in range(n):
-        length = gen.choice([4, 32, 128, 512])
-        yield torch.tensor([[gen.randrange(3, min(vocab_size, 32000)) for _ in range(length - 1)] + [1]])
-
-
-def measure_output_absmax(model, tokenizer=None, prompts: Optional[Sequence[str]] = None, max_length: int = 512):
+def measure_output_absmax(model, tokenizer, prompts: Optional[Sequence[str]] = None, max_length: int = 512):
     """-> per layer (attention-out absmax, FFN-out absmax, FFN-hidden absmax), unscaled units."""
     n = model.config.num_layers
     stats = {}
     device = model.vocab_embed.weight.device
-    if tokenizer is not None:
-        batches = []
-        for text in prompts or BUILTIN_PROMPTS:  # one at a time: no padding, exact lengths
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # long built-in prompts are meant to be truncated
-                ids, _ = tokenizer([text], max_length=max_length)
-            batches.append(ids)
-    else:
-        batches = list(_random_batches(model.config.vocab_size))
-    for ids in batches:
+    for text in prompts or BUILTIN_PROMPTS:  # one at a time: no padding, exact lengths
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # long built-in prompts are meant to be truncated
+            ids, _ = tokenizer([text], max_length=max_length)
         for s in trace_layers(model, ids.to(device)):
             stats[s.name] = max(stats.get(s.name, 0.0), s.absmax)
     # undo scales already baked into the weights
@@ -79,7 +63,7 @@ def choose_scales(attn_absmax, ffn_absmax, headroom: float = 4.0) -> tuple[list[
     return attn_scales, ffn_scales
 
 
-def calibrate_fp16_scales(model, tokenizer=None, prompts=None, headroom: float = 4.0, max_length: int = 512):
+def calibrate_fp16_scales(model, tokenizer, prompts=None, headroom: float = 4.0, max_length: int = 512):
     """-> (attn_out_scales, ffn_out_scales) in total, relative to unscaled weights.
 
     Use them with load_encoder(..., dtype="float16", fp16_scales=(attn, ffn)), or with scale_residuals_enc on an

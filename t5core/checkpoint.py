@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Tensor sources: keys, shapes and one tensor at a time, never the whole file in memory
+# Tensor sources: keys, shapes and single tensors, never the whole file in memory
 # --------------------------------------------------------------------------------------------------
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -37,8 +37,8 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 class SafetensorsSource:
-    """Reads safetensors files tensor by tensor with plain reads (no memory map), so host memory holds one
-    tensor at a time whatever the file size."""
+    """Reads safetensors files tensor by tensor with plain reads (no memory map): host memory holds only the
+    tensors being read, whatever the file size. Each read opens its own handle, so reads may run concurrently."""
 
     def __init__(self, files: list[Path]) -> None:
         self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
@@ -126,7 +126,7 @@ class TorchFileSource:
     """pytorch_model.bin and friends: tensors only (weights_only=True), memory-mapped."""
 
     def __init__(self, files: list[Path]) -> None:
-        self.file_of, self.tensors = {}, {}
+        self.tensors = {}
         for f in files:
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -207,9 +207,14 @@ def hf_key_of(native: str, part: int, config: T5Config) -> str:
 # --------------------------------------------------------------------------------------------------
 # Config: from config.json (Hugging Face or native) or inferred from shapes
 # --------------------------------------------------------------------------------------------------
+# config.json key for the float16 residual scales a model ran with; Hugging Face-form weights are stored
+# unscaled (so transformers reads them), and a float16 load with fp16_scales="auto" applies these again.
+FP16_SCALES_KEY = "t5core_fp16_scales"
+
+
 def config_from_hf(hf: dict) -> T5Config:
     proj = hf.get("feed_forward_proj", "relu")
-    extra = hf.get("t5core", {})
+    extra = hf.get("t5core", {})  # {"elementwise_affine": False} for fused norms saved as unit scales
     return T5Config(
         vocab_size=hf["vocab_size"], hidden_dim=hf["d_model"], num_layers=hf["num_layers"],
         n_head=hf["num_heads"], kv_heads=hf["num_heads"], head_dim=hf["d_kv"], ff_dim=hf["d_ff"],
@@ -225,11 +230,14 @@ def config_from_hf(hf: dict) -> T5Config:
 
 
 def hf_config_dict(config: T5Config) -> dict:
-    """A config.json that transformers' T5/UMT5EncoderModel reads; t5core-only state goes under "t5core"."""
+    """A config.json that transformers' T5/UMT5EncoderModel reads, for the weights in Hugging Face form
+    (save.hf_state_dict): fused norms are recorded under "t5core", residual scales under FP16_SCALES_KEY."""
     gated = config.ffn_type == T5FFNType.GEGLU
     umt5 = config.pos_emb_per_layer
-    extra = {k: v for k, v in config.model_dump(include={"elementwise_affine", "enc_attn_out_scales", "enc_ffn_out_scales"}).items()
-             if v not in (None, True)}
+    extra = {} if config.elementwise_affine else {"elementwise_affine": False}
+    attn_scales, ffn_scales = config.residual_scales()
+    scales = ({FP16_SCALES_KEY: {"attn": attn_scales, "ffn": ffn_scales}}
+              if config.enc_attn_out_scales or config.enc_ffn_out_scales else {})
     return {
         "architectures": ["UMT5EncoderModel" if umt5 else "T5EncoderModel"],
         "model_type": "umt5" if umt5 else "t5",
@@ -244,6 +252,7 @@ def hf_config_dict(config: T5Config) -> dict:
         "pad_token_id": config.pad_token_id, "eos_token_id": 1, "decoder_start_token_id": 0,
         "tie_word_embeddings": False, "torch_dtype": str(config.dtype).removeprefix("torch."),
         **({"t5core": extra} if extra else {}),
+        **scales,
     }
 
 
@@ -285,6 +294,7 @@ class Checkpoint:
     native: bool = False  # keys are already T5EncoderStack names (tensorizer files written by t5core)
     tokenizer: Optional[Path] = None
     tokenizer_bytes: Optional[bytes] = field(default=None, repr=False)  # ComfyUI files may embed `spiece_model`
+    fp16_scales: Optional[tuple[list[float], list[float]]] = None  # saved with Hugging Face-form weights
 
     def get(self, key: str, device="cpu", host: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One tensor, on `device`, dequantized if it is ComfyUI scaled fp8 (weight * scale_weight).
@@ -408,8 +418,10 @@ def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
     emb_bytes = None
     if "spiece_model" in all_keys:
         emb_bytes = bytes(source.get("spiece_model").numpy().tobytes())
+    saved = (cfg_json or {}).get(FP16_SCALES_KEY)
     return Checkpoint(path=where, format=fmt, source=source, keys=keys, config=config, native=native,
-                      tokenizer=find_tokenizer(folder), tokenizer_bytes=emb_bytes)
+                      tokenizer=find_tokenizer(folder), tokenizer_bytes=emb_bytes,
+                      fp16_scales=(saved["attn"], saved["ffn"]) if saved else None)
 
 
 # A config used only to ask native_target whether a key belongs to an encoder at all.

@@ -4,8 +4,6 @@ Linear(RMSNorm(x) * g) == Linear'(RMSNorm(x)) with W' = W * g[None, :], so the n
 projection absorbs it: one multiply (and one rounding) fewer per token. The final norm keeps its scale:
 no projection follows it inside the encoder.
 """
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -20,22 +18,22 @@ def scale_input_columns(weight: Tensor, scale: Tensor, via_f32: bool) -> Tensor:
 
 
 def norm_consumers(model: T5EncoderStack):
-    """(norm, projection reading its output, parameter name of the norm) for every fusable pair."""
-    for i, layer in enumerate(model.layers):
-        yield layer.ln1, layer.attn.qkv_proj, f"layers.{i}.ln1.weight"
-        yield layer.ln2, layer.ffn.ff_in, f"layers.{i}.ln2.weight"
+    """(norm, projection reading its output) for every fusable pair."""
+    for layer in model.layers:
+        yield layer.ln1, layer.attn.qkv_proj
+        yield layer.ln2, layer.ffn.ff_in
 
 
 @torch.no_grad()
-def fuse_norm_scales_enc(model: T5EncoderStack, fuse_via_f32: bool = False, norm_fusion_via_f32: Optional[bool] = None) -> T5EncoderStack:
+def fuse_norm_scales_enc(model: T5EncoderStack, fuse_via_f32: bool = False) -> T5EncoderStack:
     """Fold every layer's norm scales into its QKV and FFN-input projections, in place (no weight copy kept).
 
     Residual scaling already applied is untouched: it lives in the output projections and the norm eps."""
-    via_f32 = fuse_via_f32 if norm_fusion_via_f32 is None else norm_fusion_via_f32
-    for norm, proj, _ in norm_consumers(model):
+    for norm, proj in norm_consumers(model):
         if norm.weight is None:
             continue  # already fused
-        proj.weight.copy_(scale_input_columns(proj.weight, norm.weight, via_f32))
+        proj.weight.copy_(scale_input_columns(proj.weight, norm.weight, fuse_via_f32))
         norm.weight = None
     model.config = model.config.model_copy(update={"elementwise_affine": False})
+    model.invalidate_caches()
     return model

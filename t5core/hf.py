@@ -7,26 +7,21 @@ level, where diffusers looks it up by name) is what makes diffusers accept, save
 
 This module is the only one in t5core that imports transformers: `import t5core` works without it.
 """
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers import T5Config as HFT5Config
 from transformers.modeling_outputs import BaseModelOutput
 
-from .checkpoint import Checkpoint, CheckpointError, config_from_hf, hf_config_dict, hf_key_of, native_target, open_checkpoint
-from .residual_scale import output_weight_factors
-from .t5_common import DTYPES, T5AttnImpl, T5Config, T5FFNType, parse_dtype
+from .checkpoint import Checkpoint, CheckpointError, config_from_hf, hf_config_dict, native_target, open_checkpoint
+from .t5_common import DTYPES, T5AttnImpl, T5Config, parse_dtype
 from .t5_encoder import T5EncoderStack
+from .save import save_hf_folder
 from .weight_load import build_empty, load_checkpoint_into, load_encoder, resolve_fp16_scales
 
-# config.json key holding the float16 residual scales an encoder ran with. The saved weights are unscaled (so
-# transformers reads them correctly); a float16 reload with fp16_scales="auto" applies these scales again.
-FP16_SCALES_KEY = "t5core_fp16_scales"
 HF_T5_CLASSES = ("T5EncoderModel", "MT5EncoderModel", "UMT5EncoderModel")
 DENOISER_SLOTS = ("transformer", "unet", "prior", "decoder")
 # Arguments diffusers / transformers callers pass to from_pretrained that mean nothing for local files.
@@ -95,9 +90,11 @@ class FastT5EncoderModel(PreTrainedModel):
         """Every layer's output [B, L, D] in self.dtype, divided by the float16 residual scale in effect there."""
         outs: list[Tensor] = []
         hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(out)) for layer in self.encoder.layers]
+        graphs, self.encoder.cuda_graphs = self.encoder.cuda_graphs, False  # a graph replay runs no hooks
         try:
             last = self.encoder.encode(input_ids, mask)
         finally:
+            self.encoder.cuda_graphs = graphs
             for h in hooks:
                 h.remove()
         attn_scales, ffn_scales = self.encoder.config.residual_scales()
@@ -133,8 +130,6 @@ class FastT5EncoderModel(PreTrainedModel):
                 f"first (huggingface_hub.snapshot_download) and pass its folder")
         ckpt = open_checkpoint(path, subfolder=subfolder)  # headers only; errors name the file and problem
         dtype = _requested_dtype(torch_dtype, dtype) or _stored_dtype(ckpt)
-        if dtype == torch.float16 and fp16_scales == "auto":
-            fp16_scales = _saved_fp16_scales(ckpt) or "auto"
         encoder = load_encoder(path, dtype=dtype, device=_device_from(device, device_map), attn_impl=attn_impl,
                                fuse_norms=fuse_norms, fp16_scales=fp16_scales, compile=compile, subfolder=subfolder)
         return cls._wrap(encoder, attn_impl, name_or_path=str(path / subfolder if subfolder else path))
@@ -176,40 +171,12 @@ class FastT5EncoderModel(PreTrainedModel):
 
     # -- saving --------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write config.json + model.safetensors in Hugging Face T5 form: transformers' T5EncoderModel (or
-        UMT5EncoderModel) reads the folder, and so does from_pretrained here. Fused norm scales are written as
-        ones after the projections that absorbed them; float16 residual scales are divided out of the weights
-        (exactly: powers of two) and remembered in config.json for a float16 reload."""
+        """Write config.json + model.safetensors in Hugging Face T5 form (t5core.save.save_hf_folder):
+        transformers' T5EncoderModel (or UMT5EncoderModel) reads the folder, and so does from_pretrained here,
+        which restores fused norms and, for float16, the residual scales."""
         if kwargs.get("push_to_hub"):
             raise NotImplementedError("push_to_hub: save to a folder and upload it with huggingface_hub")
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = self.config.to_diff_dict()
-        config["dtype"] = str(self.dtype).removeprefix("torch.")
-        attn_scales, ffn_scales = self.encoder.config.residual_scales()
-        if _any_scale(attn_scales) or _any_scale(ffn_scales):
-            config[FP16_SCALES_KEY] = {"attn": attn_scales, "ffn": ffn_scales}
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(self.hf_state_dict(), str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-    @torch.no_grad()
-    def hf_state_dict(self) -> dict[str, Tensor]:
-        """The weights under Hugging Face T5 names, in standard form (see save_pretrained), contiguous on the CPU."""
-        cfg = self.encoder.config
-        unscale = output_weight_factors(*cfg.residual_scales())
-        out = {}
-        for name, param in self.encoder.named_parameters():
-            t = param.detach()
-            if unscale.get(name, 1.0) != 1.0:
-                t = (t.float() / unscale[name]).to(t.dtype)
-            parts = _fused_parts(name, cfg)
-            for part, chunk in enumerate(t.chunk(parts, dim=0)):
-                out[hf_key_of(name, part, cfg)] = chunk.to("cpu", copy=True)  # own storage: safetensors refuses shared
-        if cfg.elementwise_affine is False:  # norm scales live in the projections now: HF needs identity norms
-            for i in range(cfg.num_layers):
-                for ln in ("ln1", "ln2"):
-                    out[hf_key_of(f"layers.{i}.{ln}.weight", 0, cfg)] = torch.ones(cfg.hidden_dim)
-        return out
+        save_hf_folder(self.encoder, save_directory)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,15 +228,6 @@ def _hf_config(config: T5Config):
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def _fused_parts(name: str, config: T5Config) -> int:
-    """How many Hugging Face tensors are stacked (by rows) in a T5EncoderStack parameter."""
-    if name.endswith("attn.qkv_proj.weight"):
-        return 3
-    if name.endswith("ffn.ff_in.weight") and config.ffn_type == T5FFNType.GEGLU:
-        return 2
-    return 1
-
-
 def _check_loader_kwargs(kwargs: dict) -> None:
     for key in _UNSUPPORTED_KWARGS:
         if kwargs.get(key) is not None:
@@ -294,13 +252,6 @@ def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
     if stored in DTYPES.values():
         return stored
     return torch.bfloat16 if stored.is_floating_point else torch.float32
-
-
-def _saved_fp16_scales(ckpt: Checkpoint):
-    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    cfg = folder / "config.json"
-    saved = json.loads(cfg.read_text()).get(FP16_SCALES_KEY) if cfg.exists() else None
-    return (saved["attn"], saved["ffn"]) if saved else None
 
 
 def _device_from(device, device_map) -> torch.device:

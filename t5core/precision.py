@@ -6,8 +6,6 @@ from typing import Optional
 import torch
 from torch import BoolTensor, LongTensor, Tensor
 
-from .t5_common import T5AttnImpl
-from .t5_encoder import make_self_attn_block_mask
 
 FLOAT16_MAX = 65504.0
 
@@ -43,10 +41,7 @@ def trace_layers(model, input_ids: LongTensor, mask: Optional[BoolTensor] = None
     try:
         for m in modules:
             m._compiled_call_impl = None
-        if model.config.attn_impl == T5AttnImpl.Flex:
-            model(input_ids, block_mask=None if real is None else make_self_attn_block_mask(real))
-        else:
-            model(input_ids, input_mask=real)
+        model._masked_forward(input_ids, real)
     finally:
         for m, impl in zip(modules, compiled):
             m._compiled_call_impl = impl

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .t5_common import T5Config
 from .t5_encoder import T5EncoderStack
 
 
@@ -36,13 +37,14 @@ def output_weight_factors(attn_scales: Sequence[float], ffn_scales: Sequence[flo
     return factors
 
 
-def combined_config(model: T5EncoderStack, attn_scales, ffn_scales):
-    """The model's config with new scales multiplied onto those already baked into its weights."""
-    n = model.config.num_layers
+def combined_config(config: T5Config, attn_scales, ffn_scales):
+    """`config` (whose scales are those baked into the weights) with new scales multiplied on, and the factor
+    each output projection must be multiplied by."""
+    n = config.num_layers
     attn_new = check_scales(attn_scales, n, "enc_attn_out_scales")
     ffn_new = check_scales(ffn_scales, n, "enc_ffn_out_scales")
-    attn_old, ffn_old = model.config.residual_scales()
-    config = model.config.model_copy(update={
+    attn_old, ffn_old = config.residual_scales()
+    config = config.model_copy(update={
         "enc_attn_out_scales": [a * b for a, b in zip(attn_old, attn_new)],
         "enc_ffn_out_scales": [a * b for a, b in zip(ffn_old, ffn_new)],
     })
@@ -52,11 +54,12 @@ def combined_config(model: T5EncoderStack, attn_scales, ffn_scales):
 @torch.no_grad()
 def scale_residuals_enc(model: T5EncoderStack, attn_out_scales=None, ffn_out_scales=None) -> T5EncoderStack:
     """Apply power-of-two residual scales in place (on top of any already applied); output unchanged."""
-    config, factors = combined_config(model, attn_out_scales, ffn_out_scales)
+    config, factors = combined_config(model.config, attn_out_scales, ffn_out_scales)
     params = dict(model.named_parameters())
     for name, f in factors.items():
         if f != 1.0:
             params[name].mul_(f)
     model.config = config
     model.apply_residual_scales_from_config()
+    model.invalidate_caches()
     return model

@@ -18,6 +18,10 @@ _flex_compiled = torch.compile(flex_attention, dynamic=False)
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 
+# torch.mm(..., out_dtype=) (torch >= 2.8): half-precision inputs, float32 output straight from the accumulator
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 class NonFiniteOutputError(FloatingPointError):
     """A float16 forward overflowed; the message names the first layer that produced inf/NaN."""
 
@@ -27,7 +31,7 @@ class F32OutLinear(nn.Linear):
     half-precision matmul writes its fp32 accumulator directly, one rounding fewer. [.., K] -> [.., N] float32."""
 
     def forward(self, x: Tensor) -> FloatTensor:
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
             return torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
         return super().forward(x).float()
 
@@ -189,13 +193,17 @@ class T5EncoderStack(nn.Module):
             self._offset_bias[seq_len] = bias
         return bias
 
-    def _apply(self, fn, *args, **kwargs):
-        self._offset_bias.clear()  # device or dtype moves invalidate the cached bias and graphs
+    def invalidate_caches(self) -> None:
+        """Forget the cached position bias and CUDA graphs: call after changing weights in place."""
+        self._offset_bias.clear()
         self._graphs.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.invalidate_caches()  # device or dtype moves
         return super()._apply(fn, *args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._offset_bias.clear()
+        self.invalidate_caches()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _sdpa_bias(self, offset_bias: Tensor, seq_len: int, input_mask: Optional[BoolTensor], dtype) -> Tensor:
@@ -261,13 +269,14 @@ class T5EncoderStack(nn.Module):
         configured attention. Compiled CUDA models replay one CUDA graph per shape (no launch gaps); float16
         outputs are checked for overflow (the only host sync)."""
         device = self.vocab_embed.weight.device
-        padded = attention_mask is not None and not bool(attention_mask.all())  # checked before the copy: no sync
+        padded = attention_mask is not None and not bool(attention_mask.all())  # tokenizer masks are on the CPU
         input_ids = input_ids.to(device, non_blocking=True)
         mask = attention_mask.to(device, non_blocking=True).bool() if padded else None
         run = self._graphed_forward if self._uses_cuda_graphs() else self._masked_forward
         out = run(input_ids, mask)
         if self.layers[0].attn.o_proj.weight.dtype == torch.float16:
-            if not bool(torch.isfinite(out if mask is None else out[mask]).all()):
+            finite_rows = torch.isfinite(out).all(-1)  # [B, L]; pad rows do not count
+            if not bool((finite_rows if mask is None else finite_rows | ~mask).all()):
                 self._raise_non_finite(input_ids, mask)
         return out
 
@@ -280,8 +289,12 @@ class T5EncoderStack(nn.Module):
         return self.cuda_graphs and self.vocab_embed.weight.is_cuda and self.layers[0]._compiled_call_impl is not None
 
     def _graphed_forward(self, input_ids: LongTensor, mask: Optional[BoolTensor]) -> FloatTensor:
+        with torch.cuda.device(input_ids.device):  # streams and capture on the model's GPU, not the current one
+            return self._graphed_forward_here(input_ids, mask)
+
+    def _graphed_forward_here(self, input_ids: LongTensor, mask: Optional[BoolTensor]) -> FloatTensor:
         # Weights moved piecemeal (e.g. by an offloading manager) invalidate captured addresses: recapture.
-        ptrs = tuple(p.data_ptr() for p in self.parameters())
+        ptrs = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
         if ptrs != self._graph_ptrs:
             self._graphs.clear()
             self._graph_ptrs = ptrs
@@ -312,9 +325,10 @@ class T5EncoderStack(nn.Module):
 
         report = trace_layers(self, input_ids, mask)
         bad = next((r for r in report if not r.finite), None)
-        where = bad.name if bad is not None else "the final norm"
-        raise NonFiniteOutputError(
-            f"{self.layers[0].attn.o_proj.weight.dtype} encoder produced inf/NaN, first at "
-            f"{where}. The residual stream overflowed float16: calibrate residual scales "
-            f"(`python -m t5core calibrate MODEL`, or fp16_scales='calibrate') or use bfloat16."
-        )
+        where = bad.name if bad is not None else "final_norm"
+        if where.endswith((".attn", ".ffn")):  # an output projection: what residual scales shrink
+            advice = ("calibrate residual scales (`python -m t5core calibrate MODEL`, or fp16_scales='calibrate') "
+                      "or use bfloat16")
+        else:  # QKV, FFN hidden: activations that residual scales do not reach
+            advice = "residual scales cannot shrink this activation: use bfloat16 for this model"
+        raise NonFiniteOutputError(f"float16 encoder produced inf/NaN, first at {where}: {advice}.")

@@ -84,7 +84,7 @@ def stream_into_module(
             t = t.float() * factor
         param[part * rows:(part + 1) * rows].copy_(t)
         del t
-    model._offset_bias.clear()
+    model.invalidate_caches()
 
 
 def build_empty(config: T5Config, device) -> T5EncoderStack:
@@ -104,10 +104,12 @@ def load_checkpoint_into(
     enc_attn_out_scales: Optional[Sequence[float]] = None,
     enc_ffn_out_scales: Optional[Sequence[float]] = None,
 ) -> T5EncoderStack:
-    """Stream ckpt into model with optional fusion and residual scales; updates model.config to match."""
-    config, factors = combined_config(model, enc_attn_out_scales, enc_ffn_out_scales)
+    """Stream ckpt into model with optional fusion and residual scales; updates model.config to match.
+    The weights arrive with the checkpoint's scales baked in: new scales multiply onto those."""
+    baked = {k: getattr(ckpt.config, k) for k in ("enc_attn_out_scales", "enc_ffn_out_scales")}
+    config, factors = combined_config(model.config.model_copy(update=baked), enc_attn_out_scales, enc_ffn_out_scales)
     if fuse_norm_scales:
-        for norm, _, _ in norm_consumers(model):
+        for norm, _ in norm_consumers(model):
             norm.weight = None
         config = config.model_copy(update={"elementwise_affine": False})
     stream_into_module(model, ckpt, fuse_norm_scales, norm_fusion_via_f32, factors)
@@ -119,7 +121,7 @@ def load_checkpoint_into(
 class FusingDeserializer:
     """Drop-in for tensorizer's TensorDeserializer that can fuse norm scales and apply float16 residual
     scales while loading. Reads every format open_checkpoint knows, not only tensorizer files. Reads are always
-    lazy (one tensor at a time); lazy_load is accepted for TensorDeserializer's signature."""
+    lazy (tensor by tensor); lazy_load is accepted for TensorDeserializer's signature."""
 
     def __init__(self, path, lazy_load: bool = True, dtype: Optional[torch.dtype] = None, device=None, subfolder=None):
         self.ckpt = open_checkpoint(path, subfolder=subfolder)
@@ -179,14 +181,15 @@ def load_encoder(
     ckpt = open_checkpoint(path, subfolder=subfolder)
     impl = T5AttnImpl(attn_impl or "sdpa")
     config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl})
-    scaled = dtype == torch.float16 and fp16_scales is not None and not config.enc_ffn_out_scales
+    baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
+    scaled = dtype == torch.float16 and fp16_scales is not None and not baked
     if scaled and fp16_scales == "calibrate":
         model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder)
         scale_residuals_enc(model, *calibrate_fp16_scales(model, _tokenizer_of(ckpt)))
         model.set_weight_dtype(torch.float16)
     else:
-        attn_scales, ffn_scales = (resolve_fp16_scales(fp16_scales, ckpt.config, load_calibrated_scales(ckpt.path))
-                                   if scaled else (None, None))
+        saved = load_calibrated_scales(ckpt.path) or ckpt.fp16_scales
+        attn_scales, ffn_scales = resolve_fp16_scales(fp16_scales, ckpt.config, saved) if scaled else (None, None)
         model = build_empty(config, device)
         load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True,
                              enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
@@ -201,7 +204,8 @@ def resolve_fp16_scales(fp16_scales, config: T5Config, saved=None):
     scales, else the preset for the detected size, else none; a list: FFN-out scales; a pair: both."""
     if isinstance(fp16_scales, str):
         if fp16_scales != "auto":
-            raise ValueError(f"fp16_scales: expected 'auto', 'calibrate', None or a list of scales, got {fp16_scales!r}")
+            raise ValueError(f"fp16_scales: expected 'auto', None, a list of scales or an (attn, ffn) pair "
+                             f"(load_encoder also takes 'calibrate'), got {fp16_scales!r}")
         return saved or suggested_scales(config)
     if len(fp16_scales) == 2 and not isinstance(fp16_scales[0], (int, float)):
         return tuple(fp16_scales)

@@ -215,7 +215,8 @@ def test_unknown_dtype_and_missing_path(hf, tmp_path):
 
 
 def test_streaming_load_keeps_host_memory_low(tmp_path):
-    """Loading a file holds one tensor at a time on the host: peak RSS grows by far less than the file."""
+    """Loading streams a few tensors at a time through host memory: peak RSS grows by far less than the file
+    (the bfloat16 model itself is half of it)."""
     import subprocess
     import sys
 

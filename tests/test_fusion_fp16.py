@@ -63,6 +63,27 @@ def test_usage_guide_fusing_deserializer(folder, tok):
     assert rel_err(t5_enc.encode(ids, mask)[mask], ref[mask]) <= 1e-6
 
 
+def test_scales_baked_in_a_checkpoint_are_the_baseline(folder, tok, tmp_path):
+    """A scaled checkpoint loaded into a model built from an unscaled config, or loaded twice with new scales,
+    still encodes exactly: new scales multiply onto the checkpoint's, never onto the model's."""
+    from t5core.save import save_encoder
+
+    ids, mask = tok(PROMPTS)
+    ref = t5core.load_encoder(folder).encode(ids, mask)
+    scaled = save_encoder(t5core.load_encoder(folder, dtype="float16", fp16_scales=[1, 1 / 2, 1, 1]).set_weight_dtype(torch.float32),
+                          tmp_path / "scaled")
+    unscaled_config = t5core.open_checkpoint(folder).config
+    model = t5core.T5EncoderStack(unscaled_config).eval()
+    FusingDeserializer(scaled).load_into_module(model)
+    assert model.config.enc_ffn_out_scales == [1, 1 / 2, 1, 1]
+    assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 2e-3  # the weights went through float16
+    twice = t5core.T5EncoderStack(unscaled_config).eval()
+    for _ in range(2):
+        FusingDeserializer(folder).load_with_fusions(twice, enc_ffn_out_scales=[1, 1 / 2, 1, 1])
+    assert twice.config.enc_ffn_out_scales == [1, 1 / 2, 1, 1]
+    assert rel_err(twice.encode(ids, mask)[mask], ref[mask]) <= 1e-6
+
+
 def test_scaling_is_invariant_and_eps_follows(folder, tok):
     ids, mask = tok(PROMPTS)
     ref = t5core.load_encoder(folder).encode(ids, mask)

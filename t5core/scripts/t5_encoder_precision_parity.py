@@ -30,8 +30,7 @@ from t5core.bench import (Shape, build_hf_reference, free, load_hf, make_inputs,
                           short_error)
 from t5core.precision import QUANTILES, diff_quantiles, relative_error, trace_layers
 from t5core.residual_scale import output_weight_factors
-from t5core.t5_common import V1_1_PRESETS, T5AttnImpl, dtype_name, parse_dtype
-from t5core.t5_encoder import make_self_attn_block_mask
+from t5core.t5_common import V1_1_PRESETS, dtype_name, parse_dtype
 from t5core.weight_load import load_encoder
 
 PROMPTS = [
@@ -82,9 +81,7 @@ def prompt_inputs(args, vocab_size: int, device):
 @torch.inference_mode()
 def forward(model, ids, mask):
     """Our forward without encode()'s non-finite check: the report wants the numbers either way."""
-    if model.config.attn_impl == T5AttnImpl.Flex:
-        return model(ids, block_mask=None if mask is None else make_self_attn_block_mask(mask))
-    return model(ids, input_mask=mask)
+    return model._masked_forward(ids, mask)
 
 
 @torch.inference_mode()
