@@ -294,7 +294,8 @@ class T5EncoderStack(nn.Module):
 
     def _graphed_forward_here(self, input_ids: LongTensor, mask: Optional[BoolTensor]) -> FloatTensor:
         # Weights moved piecemeal (e.g. by an offloading manager) invalidate captured addresses: recapture.
-        ptrs = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
+        # (Buffers move with their module's parameters and are otherwise updated in place.)
+        ptrs = tuple(p.data_ptr() for p in self.parameters())
         if ptrs != self._graph_ptrs:
             self._graphs.clear()
             self._graph_ptrs = ptrs
