@@ -414,7 +414,7 @@ def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
     elif native:
         raise CheckpointError(f"{where}: t5core-native weights need the config.json written beside them")
     else:
-        config = infer_config({k: source.shape(v) for k, v in keys.items() if native_target(k, _PROBE) or "relative" in k}, where)
+        config = infer_config({k: source.shape(v) for k, v in keys.items()}, where)
     emb_bytes = None
     if "spiece_model" in all_keys:
         emb_bytes = bytes(source.get("spiece_model").numpy().tobytes())
@@ -423,6 +423,3 @@ def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
                       tokenizer=find_tokenizer(folder), tokenizer_bytes=emb_bytes,
                       fp16_scales=(saved["attn"], saved["ffn"]) if saved else None)
 
-
-# A config used only to ask native_target whether a key belongs to an encoder at all.
-_PROBE = T5Config(vocab_size=1, hidden_dim=1, num_layers=1, n_head=1, kv_heads=1, head_dim=1, ff_dim=1, pos_emb_per_layer=True)
