@@ -2,6 +2,7 @@
 # 1x512 and a padded 8x256 batch, CUDA-graphed and not. Run from the repo root: python3 benchmarks/f32_out_probe.py
 import time, torch, sys
 sys.path.insert(0, '.')
+from t5core.bench import time_calls
 import torch.nn.functional as F
 from transformers import T5EncoderModel, T5Config as HC
 from t5core.checkpoint import Checkpoint, infer_config
@@ -11,13 +12,8 @@ from t5core.t5_encoder import F32OutLinear
 from t5core.t5_common import T5AttnImpl
 torch.backends.cuda.matmul.allow_tf32 = False; torch.backends.cudnn.allow_tf32 = False
 dev = 'cuda'
-def bench(fn, n=40, warm=5):
-    for _ in range(warm): fn()
-    torch.cuda.synchronize(); ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    ts.sort(); return ts[len(ts)//2]
+def bench(fn, n=None, warm=None):  # median ms with CUDA events, each call synchronized (t5core.bench's timer)
+    return time_calls(fn, torch.device(dev), seconds=0.5)["ms"]
 torch.manual_seed(0)
 hc = HC(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj='gated-gelu')
 with torch.device(dev):

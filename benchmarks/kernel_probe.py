@@ -3,19 +3,15 @@
 # kernel-time profile. Run from the repo root: python3 benchmarks/kernel_probe.py
 import time, math, torch, sys
 sys.path.insert(0, '.')
+from t5core.bench import time_calls
 from t5core.t5_common import T5Config, T5AttnImpl
 from t5core.t5_encoder import T5EncoderStack
 from torch.nn.attention.flex_attention import flex_attention
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 from torch.nn.attention import sdpa_kernel, SDPBackend
 dev = 'cuda'
-def bench(fn, n=50, warm=5):
-    for _ in range(warm): fn()
-    torch.cuda.synchronize(); ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    ts.sort(); return ts[len(ts)//2]
+def bench(fn, n=None, warm=None):  # median ms with CUDA events, each call synchronized (t5core.bench's timer)
+    return time_calls(fn, torch.device(dev), seconds=0.5)["ms"]
 out = []
 a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16); b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
 mm = bench(lambda: a @ b); rate = 2*8192**3/mm/1e9; out.append(f"matmul 8192^3 {mm:.3f} ms {rate:.0f} TFLOP/s"); del a, b
