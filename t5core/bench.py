@@ -422,6 +422,7 @@ def run_load(run: Run, folder16: Path) -> None:
     loaders = [
         ("ours: t5core.load_encoder(bf16, fuse_norms=True)",
          lambda: load_encoder(folder16, torch.bfloat16, device, fuse_norms=True)),
+        ("ours: t5core.load_encoder(bf16)", lambda: load_encoder(folder16, torch.bfloat16, device)),
         (f"transformers: from_pretrained(dtype=bf16, device_map={str(device)!r})",
          lambda: load_hf(folder16, torch.bfloat16, "sdpa", device)),
     ]

@@ -74,13 +74,21 @@ class SafetensorsSource:
         return self.entries[key][2]
 
     def get(self, key: str) -> torch.Tensor:
-        f, dtype, shape, offset, nbytes = self.entries[key]
+        _, dtype, shape, _, nbytes = self.entries[key]
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        with open(f, "rb") as fh:
-            fh.seek(offset)
-            if fh.readinto(memoryview(buf.numpy())) != nbytes:
-                raise CheckpointError(f"{f}: short read for tensor {key!r}; the file is truncated")
+        self.read_range(key, 0, buf)
         return buf.view(dtype).reshape(shape)
+
+    def nbytes(self, key: str) -> int:
+        return self.entries[key][4]
+
+    def read_range(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Bytes [start, start + out.numel()) of tensor `key` into `out` (a contiguous uint8 CPU tensor)."""
+        f, _, _, offset, _ = self.entries[key]
+        with open(f, "rb") as fh:
+            fh.seek(offset + start)
+            if fh.readinto(memoryview(out.numpy())) != out.numel():
+                raise CheckpointError(f"{f}: short read for tensor {key!r}; the file is truncated")
 
 
 class TensorizerSource:
@@ -296,40 +304,75 @@ class Checkpoint:
     tokenizer_bytes: Optional[bytes] = field(default=None, repr=False)  # ComfyUI files may embed `spiece_model`
     fp16_scales: Optional[tuple[list[float], list[float]]] = None  # saved with Hugging Face-form weights
 
-    def get(self, key: str, device="cpu", host: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One tensor, on `device`, dequantized if it is ComfyUI scaled fp8 (weight * scale_weight).
-        `host`: the tensor already read from the file (by iter_tensors' read-ahead)."""
-        src_key = self.keys[key]
-        t = (self.source.get(src_key) if host is None else host).to(device)
+    def get(self, key: str, device="cpu") -> torch.Tensor:
+        """One tensor, on `device`, dequantized if it is ComfyUI scaled fp8 (weight * scale_weight)."""
+        return self._dequantized(key, self.source.get(self.keys[key]).to(device))
+
+    def _dequantized(self, key: str, t: torch.Tensor) -> torch.Tensor:
         if t.dtype in FP8_DTYPES:
-            scale_key = src_key.removesuffix("weight") + "scale_weight"
+            scale_key = self.keys[key].removesuffix("weight") + "scale_weight"
             if scale_key not in set(self.source.keys()):
-                raise CheckpointError(f"{self.path}: float8 tensor {src_key!r} has no {scale_key!r} to dequantize it")
-            t = t.float() * self.source.get(scale_key).to(device).float()
+                raise CheckpointError(f"{self.path}: float8 tensor {self.keys[key]!r} has no {scale_key!r} to dequantize it")
+            t = t.float() * self.source.get(scale_key).to(t.device).float()
         return t
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(self.keys[key])
 
-    def iter_tensors(self, keys: list[str], device, read_ahead: int = 4):
-        """(key, tensor on device) in order. Safetensors files are read on worker threads a few tensors ahead,
-        so disk reads overlap the host-to-device copies; host memory holds at most read_ahead + 1 tensors."""
-        if not isinstance(self.source, SafetensorsSource):  # tensorizer reads are sequential
+    def iter_tensors(self, keys: list[str], device, threads: int = 4, chunk_bytes: int = 64 << 20, slots: int = 6):
+        """(key, tensor on device) in order. Safetensors files are read on worker threads in chunks, a few chunks
+        ahead of use. For CUDA each chunk lands in one of `slots` reused pinned buffers and is copied to the GPU
+        asynchronously, so disk reads, host-to-device copies and the caller's work overlap, and host memory
+        holds slots * chunk_bytes; for the CPU chunks are read straight into the returned tensors."""
+        device = torch.device(device)
+        src = self.source
+        if not isinstance(src, SafetensorsSource):  # tensorizer reads are sequential; .bin files are mapped
             yield from ((k, self.get(k, device)) for k in keys)
             return
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(read_ahead) as pool:
-            pending = deque()
-            for key in keys:
-                pending.append((key, pool.submit(self.source.get, self.keys[key])))
-                if len(pending) > read_ahead:
-                    k, fut = pending.popleft()
-                    yield k, self.get(k, device, host=fut.result())
-            while pending:
-                k, fut = pending.popleft()
-                yield k, self.get(k, device, host=fut.result())
+        staged = device.type == "cuda"
+        size = {k: src.nbytes(self.keys[k]) for k in keys}
+        chunks = [(k, start, min(chunk_bytes, size[k] - start)) for k in keys for start in range(0, max(size[k], 1), chunk_bytes)]
+        slots = min(slots, len(chunks))
+        slot_bytes = min(chunk_bytes, max(size.values(), default=0))
+        pinned = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)] if staged else []
+        copied = [None] * slots  # per pinned buffer: CUDA event of the last copy out of it
+        raw: dict[str, torch.Tensor] = {}  # key -> its bytes on `device`, filled chunk by chunk
+
+        def read(i: int, buffer_free) -> None:
+            k, start, n = chunks[i]
+            if staged:
+                if buffer_free is not None:
+                    buffer_free.synchronize()
+                src.read_range(self.keys[k], start, pinned[i % slots][:n])
+            else:
+                src.read_range(self.keys[k], start, raw[k][start:start + n])
+
+        ahead = slots if staged else 2 * threads
+        with ThreadPoolExecutor(threads) as pool:
+            futures = deque()
+
+            def submit(i: int) -> None:
+                k, start, _ = chunks[i]
+                if start == 0:
+                    raw[k] = torch.empty(size[k], dtype=torch.uint8, device=device)
+                futures.append(pool.submit(read, i, copied[i % slots] if staged else None))
+
+            for i in range(min(ahead, len(chunks))):
+                submit(i)
+            for i, (k, start, n) in enumerate(chunks):
+                futures.popleft().result()
+                if staged:
+                    raw[k][start:start + n].copy_(pinned[i % slots][:n], non_blocking=True)
+                    copied[i % slots] = torch.cuda.Event()
+                    copied[i % slots].record(torch.cuda.current_stream(device))
+                if i + ahead < len(chunks):
+                    submit(i + ahead)
+                if start + n == size[k]:
+                    _, dtype, shape, _, _ = src.entries[self.keys[k]]
+                    yield k, self._dequantized(k, raw.pop(k).view(dtype).reshape(shape))
 
 
 def _read_json(path: Path) -> dict:

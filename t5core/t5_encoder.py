@@ -153,6 +153,7 @@ class T5EncoderStack(nn.Module):
         self.layers = nn.ModuleList([T5EncoderLayer(config) for _ in range(config.num_layers)])
         self.ln = RMSNorm(config.hidden_dim, config.eps)  # final norm keeps its scale: nothing follows to fold it into
         self._offset_bias: dict[int, Tensor] = {}  # seq_len -> [1 or num_layers, H, 2L-1] float32
+        self._unpadded_sdpa_bias: dict[tuple, Tensor] = {}  # (seq_len, dtype) -> [n, 1, H, L, L]
         self.cuda_graphs = True  # used by encode() once the layers are compiled
         self._graphs: dict[tuple, tuple] = {}  # (B, L, padded) -> (graph, static (ids, mask), static output)
         self._graph_pool, self._graph_ptrs = None, None
@@ -196,7 +197,12 @@ class T5EncoderStack(nn.Module):
     def invalidate_caches(self) -> None:
         """Forget the cached position bias and CUDA graphs: call after changing weights in place."""
         self._offset_bias.clear()
+        self._unpadded_sdpa_bias.clear()
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
         self._graphs.clear()
+        self._graph_pool = None  # the pool dies with its graphs: capturing into its stale handle fails
 
     def _apply(self, fn, *args, **kwargs):
         self.invalidate_caches()  # device or dtype moves
@@ -258,7 +264,15 @@ class T5EncoderStack(nn.Module):
         dtype = self.layers[0].attn.o_proj.weight.dtype
         x = self.vocab_embed(input_ids).float()  # [B, L, D]
         offset_bias = self._offset_bias_for(L)
-        biases = offset_bias if flex else self._sdpa_bias(offset_bias, L, input_mask, dtype)
+        if flex:
+            biases = offset_bias
+        elif input_mask is None:  # the same for every unpadded call of this length: build it once
+            key = (L, dtype)
+            if key not in self._unpadded_sdpa_bias:
+                self._unpadded_sdpa_bias[key] = self._sdpa_bias(offset_bias, L, None, dtype)
+            biases = self._unpadded_sdpa_bias[key]
+        else:
+            biases = self._sdpa_bias(offset_bias, L, input_mask, dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, biases[i if len(biases) > 1 else 0], block_mask, flex)
         return self.ln(x)
@@ -297,7 +311,7 @@ class T5EncoderStack(nn.Module):
         # (Buffers move with their module's parameters and are otherwise updated in place.)
         ptrs = tuple(p.data_ptr() for p in self.parameters())
         if ptrs != self._graph_ptrs:
-            self._graphs.clear()
+            self._drop_graphs()
             self._graph_ptrs = ptrs
         key = (*input_ids.shape, mask is not None)
         if key not in self._graphs:

@@ -53,7 +53,7 @@ def test_bench_cpu_small(tmp_path, capsys):
         assert f"| {v} | {s} |" in printed
     assert speed[("hf-eager-bf16", "1x32")]["x_hf_eager"] == pytest.approx(1.0)
 
-    assert [r["loader"].split(":")[0] for r in res["load"]] == ["ours", "transformers"]
+    assert [r["loader"].split(":")[0] for r in res["load"]] == ["ours", "ours", "transformers"]
     for r in res["load"]:
         assert "error" not in r and r["seconds"] > 0 and r["weight_gb"] > 0
     assert [r["run"].split(":")[0] for r in res["cold_start"]] == ["cold", "warm restart"]

@@ -162,6 +162,19 @@ def test_safetensors_convert_is_readable_by_transformers(hf, batch, tmp_path):
                        hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state[mask]) <= 1e-5
 
 
+def test_chunked_read_ahead_is_exact(hf, tmp_path):
+    """Tensors split over many small chunks, read on threads several chunks ahead, come back bit-exact and in
+    order (the GPU path stages the same chunks through pinned buffers)."""
+    sd = comfy_state_dict(hf, dtype=torch.bfloat16)
+    save_file(sd, str(tmp_path / "t5.safetensors"))
+    ckpt = open_checkpoint(tmp_path / "t5.safetensors")
+    keys = list(ckpt.keys)
+    got = list(ckpt.iter_tensors(keys, "cpu", threads=3, chunk_bytes=1000))
+    assert [k for k, _ in got] == keys
+    for key, t in got:
+        assert torch.equal(t, sd[ckpt.keys[key]]), key
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_truncated_safetensors(hf, tmp_path):
     f = tmp_path / "t5.safetensors"
