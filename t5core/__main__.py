@@ -1,9 +1,11 @@
-"""python -m t5core {encode, convert, calibrate, precision, bench, demo}"""
+"""python -m t5core {encode, convert, embed, calibrate, precision, bench, demo}"""
 import argparse
 import importlib
 import sys
 from fractions import Fraction
 from pathlib import Path
+
+from .t5_common import parse_dtype
 
 
 def _scales_arg(text: str):
@@ -68,6 +70,10 @@ def cmd_convert(args) -> None:
 
     if args.fp16_scales not in ("auto", None) and args.dtype not in ("float16", "fp16"):
         raise SystemExit("--fp16-scales needs --dtype float16")
+    if args.format == "dcp":  # under torchrun every rank writes a shard file
+        from .distributed import init_from_env
+
+        init_from_env("cpu" if args.device == "cpu" else None)
     ckpt = open_checkpoint(args.src, subfolder=args.subfolder)
     tok_src = args.tokenizer or ckpt.tokenizer or ckpt.tokenizer_bytes
     model = _load(args, args.src)
@@ -89,6 +95,28 @@ def cmd_calibrate(args) -> None:
     print(f"attention-out scales: {attn}\nFFN-out scales:       {ffn}\nsaved to {where} (used by dtype float16 loads)")
 
 
+def cmd_embed(args) -> None:
+    import torch
+
+    from .distributed import embed_captions, init_from_env, load_fsdp, read_captions
+
+    rank, world, device = init_from_env(args.device)
+    captions = read_captions(args.captions)
+    tok = _tokenizer_for(args, args.model)
+    if args.fsdp:
+        model = load_fsdp(args.model, args.dtype, device)
+    else:
+        args.device = str(device)
+        model = _load(args, args.model)
+        if args.compile:
+            model.compile_for_inference()
+    path = embed_captions(model, tok, captions, args.out, rank, world, args.batch_size, args.max_length,
+                          parse_dtype(args.save_dtype), lockstep=args.fsdp)
+    print(f"rank {rank}/{world}: wrote {path}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m t5core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,13 +131,29 @@ def main(argv=None) -> None:
     _add_model_args(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("convert", help="rewrite a checkpoint as a tensorizer folder or a Hugging Face folder")
+    p = sub.add_parser("convert", help="rewrite a checkpoint as a tensorizer, Hugging Face or distributed-checkpoint folder")
     p.add_argument("src")
     p.add_argument("out_dir")
-    p.add_argument("--format", choices=["tensorizer", "safetensors"], default="tensorizer")
+    p.add_argument("--format", choices=["tensorizer", "safetensors", "dcp"], default="tensorizer",
+                   help="tensorizer (enc.tensors), safetensors (Hugging Face folder) or dcp (torch.distributed.checkpoint, "
+                        "for t5core.distributed.load_fsdp) (default %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to copy (default: the one beside SRC, if any)")
     _add_model_args(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("embed", help="embed a caption file, split across the ranks of torchrun (or one process)")
+    p.add_argument("--model", required=True, help="weights in any supported format; with --fsdp a dcp folder")
+    p.add_argument("--captions", required=True, help="text file, one caption a line (blank lines skipped)")
+    p.add_argument("--out", required=True, help="folder for embeddings-RANK-of-WORLD.safetensors files")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512, help="truncate longer captions, with a warning")
+    p.add_argument("--save-dtype", default="float16", help="dtype of the saved embeddings (default %(default)s)")
+    p.add_argument("--fsdp", action="store_true", help="shard the weights over the ranks (FSDP2) instead of a "
+                   "copy per rank; --model must then be a dcp folder (convert --format dcp)")
+    p.add_argument("--compile", action="store_true", help="compile the encoder (not with --fsdp)")
+    p.add_argument("--tokenizer", default=None)
+    _add_model_args(p, dtype_default="bfloat16")
+    p.set_defaults(func=cmd_embed, device=None)  # torchrun: cuda:LOCAL_RANK when there are GPUs, else cpu
 
     p = sub.add_parser("calibrate", help="find float16 residual scales with headroom and save them beside the model")
     p.add_argument("model")

@@ -2,7 +2,8 @@
 
 Formats: Hugging Face folders (single or sharded safetensors, or pytorch_model.bin read with weights_only),
 diffusers repos (text_encoder_2/ etc.), ComfyUI single files (any key prefix, scaled fp8 included), full
-encoder-decoder checkpoints (the encoder is taken), and tensorizer `enc.tensors` + config.json folders.
+encoder-decoder checkpoints (the encoder is taken), tensorizer `enc.tensors` + config.json folders, and
+torch.distributed.checkpoint folders + config.json.
 Keys are reported in Hugging Face T5 naming with the prefix stripped; `native_target` maps them onto
 T5EncoderStack's fused parameters.
 """
@@ -152,6 +153,43 @@ class TorchFileSource:
 
     def get(self, key: str) -> torch.Tensor:
         return self.tensors[key]
+
+
+class DcpSource:
+    """A torch.distributed.checkpoint folder (`.metadata` + `*.distcp`), as `convert --format dcp` writes: single
+    tensors read without a process group (t5core.distributed.load_fsdp reads it sharded instead)."""
+
+    def __init__(self, folder: Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.folder = folder
+        try:
+            meta = FileSystemReader(str(folder)).read_metadata()
+        except Exception as e:
+            raise CheckpointError(f"{folder}: unreadable distributed-checkpoint metadata ({e})") from e
+        self.entries = {k: (tuple(m.size), m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+                        if isinstance(m, TensorStorageMetadata)}
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key][0]
+
+    def get(self, key: str) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        shape, dtype = self.entries[key]
+        t = torch.empty(shape, dtype=dtype)
+        try:
+            dcp.load({key: t}, checkpoint_id=str(self.folder), no_dist=True)
+        except (Exception, CheckpointException) as e:
+            last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise CheckpointError(f"{self.folder}: cannot read tensor {key!r} ({last}); a shard file may be missing "
+                                  f"or truncated") from e
+        return t
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,13 +432,15 @@ def _resolve(path: Path, subfolder: Optional[str]) -> tuple[list[Path], Optional
         return [path], (_read_json(cfg) if path.suffix == ".tensors" and cfg.exists() else None), path.parent
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
+    cfg = _read_json(path / "config.json") if (path / "config.json").exists() else None
+    if (path / ".metadata").exists():  # torch.distributed.checkpoint
+        return [path / ".metadata"], cfg, path
     if (path / "model_index.json").exists():  # a diffusers repo: its T5 lives in a subfolder
         for sub in DIFFUSERS_T5_SUBFOLDERS:
-            cfg = path / sub / "config.json"
-            if cfg.exists() and _read_json(cfg).get("model_type") in ("t5", "mt5", "umt5"):
+            sub_cfg = path / sub / "config.json"
+            if sub_cfg.exists() and _read_json(sub_cfg).get("model_type") in ("t5", "mt5", "umt5"):
                 return _resolve(path / sub, None)
         raise CheckpointError(f"{path}: a diffusers repo without a T5 text encoder in {DIFFUSERS_T5_SUBFOLDERS}")
-    cfg = _read_json(path / "config.json") if (path / "config.json").exists() else None
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).exists():
             shards = sorted(set(_read_json(path / index)["weight_map"].values()))
@@ -426,11 +466,13 @@ def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
     suffix = files[0].suffix
     if suffix == ".tensors":
         source, fmt = TensorizerSource(files[0]), "tensorizer"
+    elif files[0].name == ".metadata":
+        source, fmt = DcpSource(folder), "dcp"
     elif suffix in (".safetensors", ".sft"):
         source, fmt = SafetensorsSource(files), "safetensors"
     else:
         source, fmt = TorchFileSource(files), "torch"
-    where = files[0] if len(files) == 1 else folder
+    where = files[0] if len(files) == 1 and fmt != "dcp" else folder
     all_keys = source.keys()
 
     native, prefix = False, None

@@ -8,7 +8,7 @@ from .checkpoint import hf_config_dict, hf_key_of
 from .residual_scale import output_weight_factors
 from .t5_encoder import T5EncoderStack
 
-FORMATS = ("tensorizer", "safetensors")
+FORMATS = ("tensorizer", "safetensors", "dcp")
 
 
 @torch.no_grad()
@@ -46,7 +46,10 @@ def save_hf_folder(model: T5EncoderStack, out_dir) -> Path:
 
 def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tokenizer=None) -> Path:
     """tensorizer: enc.tensors + config.json (T5Config), as the usage guide's loaders expect (weights as they are).
-    safetensors: the Hugging Face form (save_hf_folder)."""
+    safetensors: the Hugging Face form (save_hf_folder).
+    dcp: a torch.distributed.checkpoint folder + config.json, weights as they are, which
+    t5core.distributed.load_fsdp reads straight into each rank's shards at any world size. Called on every rank of
+    a process group, each rank writes its own shard file (its FSDP shards, or its share of a replicated model)."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
     out = Path(out_dir)
@@ -57,6 +60,14 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
         serializer = TensorSerializer(str(out / "enc.tensors"))
         serializer.write_module(model)  # (not write_state_dict: TensorDeserializer.load_into_module needs this form)
         serializer.close()
+        (out / "config.json").write_text(model.config.model_dump_json(indent=2))
+    elif format == "dcp":
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(model.state_dict(), checkpoint_id=str(out), no_dist=not dist.is_initialized())
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return out  # rank 0 writes the config and tokenizer
         (out / "config.json").write_text(model.config.model_dump_json(indent=2))
     else:
         save_hf_folder(model, out)

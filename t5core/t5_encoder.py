@@ -155,6 +155,7 @@ class T5EncoderStack(nn.Module):
         self._offset_bias: dict[int, Tensor] = {}  # seq_len -> [1 or num_layers, H, 2L-1] float32
         self._unpadded_sdpa_bias: dict[tuple, Tensor] = {}  # (seq_len, dtype) -> [n, 1, H, L, L]
         self.cuda_graphs = True  # used by encode() once the layers are compiled
+        self.sharded = False  # FSDP2 (t5core.distributed.load_fsdp)
         self._graphs: dict[tuple, tuple] = {}  # (B, L, padded) -> (graph, static (ids, mask), static output)
         self._graph_pool, self._graph_ptrs = None, None
         self.apply_residual_scales_from_config()
@@ -277,11 +278,15 @@ class T5EncoderStack(nn.Module):
             x = layer(x, biases[i if len(biases) > 1 else 0], block_mask, flex)
         return self.ln(x)
 
-    @torch.inference_mode()
     def encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor] = None) -> FloatTensor:
         """input_ids [B, L] (+ mask [B, L], True = real token) -> [B, L, D] float32, with the right mask for the
         configured attention. Compiled CUDA models replay one CUDA graph per shape (no launch gaps); float16
         outputs are checked for overflow (the only host sync)."""
+        # FSDP2's all-gathers need version counters, which inference tensors lack: sharded models use no_grad
+        with torch.no_grad() if self.sharded else torch.inference_mode():
+            return self._encode(input_ids, attention_mask)
+
+    def _encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor]) -> FloatTensor:
         device = self.vocab_embed.weight.device
         padded = attention_mask is not None and not bool(attention_mask.all())  # tokenizer masks are on the CPU
         input_ids = input_ids.to(device, non_blocking=True)
