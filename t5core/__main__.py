@@ -81,6 +81,14 @@ def cmd_convert(args) -> None:
     c = model.config
     print(f"wrote {out} ({args.format}, {args.dtype}, norms {'fused' if not c.elementwise_affine else 'kept'}, "
           f"ffn scales {c.enc_ffn_out_scales}, tokenizer {'copied' if tok_src is not None else 'none found'})")
+    _end_process_group()
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_calibrate(args) -> None:
@@ -96,8 +104,6 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    import torch
-
     from .distributed import embed_captions, init_from_env, load_fsdp, read_captions
 
     rank, world, device = init_from_env(args.device)
@@ -113,8 +119,7 @@ def cmd_embed(args) -> None:
     path = embed_captions(model, tok, captions, args.out, rank, world, args.batch_size, args.max_length,
                           parse_dtype(args.save_dtype), lockstep=args.fsdp)
     print(f"rank {rank}/{world}: wrote {path}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    _end_process_group()
 
 
 def main(argv=None) -> None:

@@ -267,7 +267,7 @@ class T5EncoderStack(nn.Module):
         offset_bias = self._offset_bias_for(L)
         if flex:
             biases = offset_bias
-        elif input_mask is None:  # the same for every unpadded call of this length: build it once
+        elif input_mask is None and not torch.is_grad_enabled():  # unpadded inference: the same bias every call
             key = (L, dtype)
             if key not in self._unpadded_sdpa_bias:
                 self._unpadded_sdpa_bias[key] = self._sdpa_bias(offset_bias, L, None, dtype)
