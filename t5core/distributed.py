@@ -39,9 +39,9 @@ def init_from_env(device: Optional[str] = None) -> tuple[int, int, torch.device]
 @torch.no_grad()
 def load_fsdp(path, dtype="bfloat16", device=None, mesh=None) -> T5EncoderStack:
     """An encoder sharded over the process group with FSDP2 (each projection, the embedding and the root
-    `fully_shard`ed), read from a
-    torch.distributed.checkpoint folder straight into each rank's shards: no rank ever holds the whole model. The
-    checkpoint may have been written at any world size. Call on every rank; forward calls must match across ranks."""
+    `fully_shard`ed), read from a torch.distributed.checkpoint folder straight into each rank's shards: no rank
+    ever holds the whole model. The checkpoint may have been written at any world size. Call on every rank;
+    forward calls must match across ranks."""
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
