@@ -364,7 +364,8 @@ class Checkpoint:
         holds slots * chunk_bytes; for the CPU chunks are read straight into the returned tensors."""
         device = torch.device(device)
         src = self.source
-        if not isinstance(src, SafetensorsSource):  # tensorizer reads are sequential; .bin files are mapped
+        if not isinstance(src, SafetensorsSource) or device.type not in ("cpu", "cuda"):
+            # tensorizer reads are sequential, .bin files are mapped; other devices get one tensor at a time
             yield from ((k, self.get(k, device)) for k in keys)
             return
         from collections import deque
