@@ -1,6 +1,6 @@
 # CPU (T5 v1.1 base shape, float32, 1 x 128, this repo's 2-core dev box): the share of aten::mm in our eager
 # forward (torch.profiler), and whether inductor's CPU GEMM templates (max-autotune, CPP backend) beat the
-# shipped compile=True path (frozen weights), interleaved with transformers eager. Run: python3 benchmarks/cpu_profile.py
+# shipped compile=True path (frozen weights, MKL packed GEMMs), interleaved with transformers eager. Run: python3 benchmarks/cpu_profile.py
 import statistics, sys, tempfile, time
 sys.path.insert(0, ".")
 import torch
@@ -14,9 +14,11 @@ hf = T5EncoderModel(hc).eval(); d = tempfile.mkdtemp(); hf.save_pretrained(d)
 ids = torch.randint(3, 32000, (1, 128))
 eager = t5core.load_encoder(d, fuse_norms=True)
 comp = t5core.load_encoder(d, fuse_norms=True, compile=True)
-tuned = t5core.load_encoder(d, fuse_norms=True)
-tuned.compile(dynamic=False, options={"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"})
+tuned = t5core.load_encoder(d, fuse_norms=True, compile=True)
 with torch.inference_mode():
+    # compile=True freezes the weights; the first call here compiles with the GEMM templates tried too
+    with torch._inductor.config.patch(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN"):
+        tuned.encode(ids)
     for _ in range(3):
         eager.encode(ids)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -195,8 +195,12 @@ def time_calls(fn: Callable, device: torch.device, seconds: float, min_runs: int
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
+    return {**summary(times), "times": times}
+
+
+def summary(times: list[float]) -> dict:
     q = statistics.quantiles(times, n=10)
-    return {"ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "runs": n}
+    return {"ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "runs": len(times)}
 
 
 def matmul_peak_tflops(device: torch.device) -> dict:
@@ -329,36 +333,58 @@ def real_tokens(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return t if mask is None else t[mask]  # [B, L, D] -> [real tokens, D]
 
 
-def time_case(run: Run, row: dict, v: Variant, loaded: Loaded, inp: Inputs, ref: torch.Tensor, peak: float) -> None:
-    """Fill one speed row: first call, error vs float32, median ms, TFLOP/s."""
-    device = run.device
+def check_case(run: Run, row: dict, v: Variant, loaded: Loaded, inp: Inputs, ref: torch.Tensor) -> bool:
+    """First call (compilation included) and error vs float32; False (and row["error"]) if it failed."""
     row["note"] = loaded.note
     try:
-        row["first_call_s"], out = time_first_call(lambda: loaded.call(inp), device)
+        row["first_call_s"], out = time_first_call(lambda: loaded.call(inp), run.device)
         row["rel_err"] = relative_error(real_tokens(out.float(), inp.mask), real_tokens(ref, inp.mask))
-        del out
-        row.update(time_calls(lambda: loaded.call(inp), device, run.args.seconds_per_case))
-        row["tflops"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
-        row["peak_share"] = row["tflops"] / peak
-        if v.attn == "flex" and inp.mask is not None:  # encode() builds the block mask on every call
-            mask_ms = time_calls(lambda: make_self_attn_block_mask(inp.mask), device, 0.2)["ms"]
-            row["note"] = f"{loaded.note}; block mask {mask_ms:.2f} ms (in the time)".lstrip("; ")
-        run.log(f"{v.name} {row['shape']}: {row['ms']:.2f} ms, first call {row['first_call_s']:.1f}s, "
-                f"rel err {row['rel_err']:.2e}")
+        return True
     except Exception as e:
         row["error"] = short_error(e)
         run.log(f"{v.name} {row['shape']}: {row['error']}")
-        free(device)
+        free(run.device)
+        return False
+
+
+def time_interleaved(run: Run, cases: list[tuple[dict, Variant, Loaded]], inp: Inputs, peak: float) -> None:
+    """Time every variant of one shape in turn, --rounds times over, so that the machine's drift lands on all of
+    them alike; each row's median is over all its calls."""
+    samples: dict[str, list[float]] = {v.name: [] for _, v, _ in cases}
+    for _ in range(run.args.rounds):
+        for row, v, loaded in cases:
+            if "error" in row:
+                continue
+            try:
+                samples[v.name] += time_calls(lambda: loaded.call(inp), run.device,
+                                              run.args.seconds_per_case / run.args.rounds)["times"]
+            except Exception as e:
+                row["error"] = short_error(e)
+                free(run.device)
+    for row, v, loaded in cases:
+        if "error" in row:
+            run.log(f"{v.name} {row['shape']}: {row['error']}")
+            continue
+        row.update(summary(samples[v.name]))
+        row["tflops"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
+        row["peak_share"] = row["tflops"] / peak
+        if v.attn == "flex" and inp.mask is not None:  # encode() builds the block mask on every call
+            mask_ms = time_calls(lambda: make_self_attn_block_mask(inp.mask), run.device, 0.2)["ms"]
+            row["note"] = f"{loaded.note}; block mask {mask_ms:.2f} ms (in the time)".lstrip("; ")
+        run.log(f"{v.name} {row['shape']}: {row['ms']:.2f} ms, first call {row['first_call_s']:.1f}s, "
+                f"rel err {row['rel_err']:.2e}")
 
 
 def run_speed(run: Run, folder: Path, cfg, refs: dict, peak: float) -> None:
-    """Shape by shape, every variant; models stay loaded (and compiled) across shapes."""
+    """Shape by shape: load (once; models stay loaded and compiled across shapes) and check every variant, then
+    time them interleaved."""
     args = run.args
     variants, shapes = parse_variants(args.variants), parse_shapes(args.shapes)
     models: dict[str, Loaded] = {}
     try:
         for shape in shapes:
             inp = make_inputs(shape, cfg.vocab_size, run.device, args.seed)
+            cases = []
             for v in variants:
                 row = {"variant": v.name, "shape": shape.name, "flops": encoder_flops(cfg, shape.batch, shape.seq_len)}
                 run.results["speed"].append(row)
@@ -369,9 +395,10 @@ def run_speed(run: Run, folder: Path, cfg, refs: dict, peak: float) -> None:
                     models[v.name] = load_for_speed(run, v, folder)
                 if models[v.name].error:
                     row["error"] = models[v.name].error
-                    continue
-                time_case(run, row, v, models[v.name], inp, refs[shape.name], peak)
-                run.save()
+                elif check_case(run, row, v, models[v.name], inp, refs[shape.name]):
+                    cases.append((row, v, models[v.name]))
+            time_interleaved(run, cases, inp, peak)
+            run.save()
     finally:
         add_ratios(run.results["speed"])
         models.clear()
@@ -545,7 +572,8 @@ def print_report(run: Run, stopped: Optional[str]) -> None:
         print("ours: t5core.load_encoder(fuse_norms=True), timed through encode() (compiled: one CUDA graph replayed "
               "per shape); HF: T5EncoderModel "
               "from_pretrained, compile = torch.compile(model, dynamic=False). Each call synchronized (latency), "
-              f"{'host clock' if m.get('device_name') == 'cpu' else 'CUDA events'}, median. Rel err on real tokens "
+              f"{'host clock' if m.get('device_name') == 'cpu' else 'CUDA events'}, median; the variants of a shape "
+              f"are timed in turn, {m.get('rounds')} rounds. Rel err on real tokens "
               "vs HF float32 "
               "(TF32 off). First call includes compilation; inductor caches carry across variants and shapes in "
               "one process (see cold-start for a fresh process). Padded TFLOP/s counts pads.\n")
@@ -571,7 +599,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default on CUDA: {DEFAULT_VARIANTS['cuda']}; on CPU: {DEFAULT_VARIANTS['cpu']})")
     p.add_argument("--shapes", default=None, help="comma list of BxL or padBxL (B prompts of random lengths 20..200 "
                    f"padded to L) (default on CUDA: {DEFAULT_SHAPES['cuda']}; on CPU: {DEFAULT_SHAPES['cpu']})")
-    p.add_argument("--seconds-per-case", type=float, default=1.0, help="timed calls fill this long (default 1)")
+    p.add_argument("--seconds-per-case", type=float, default=1.0,
+                   help="timed calls of one variant and shape fill this long in all (default 1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the variants of a shape are timed in turn, this many times over (default 3)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip the speed cases not started within this many seconds of the run (default 420)")
     p.add_argument("--cold-variant", default="ours-sdpa-compile-bf16",
@@ -673,6 +704,7 @@ def prepare_speed(run: Run, ref_model, cfg) -> tuple[dict, float]:
     mm = matmul_peak_tflops(run.device)
     meta["mm_peak_tflops"] = mm["tflops"]
     meta["mm_peak_what"] = f"{mm['dtype']} {mm['n']}^3 torch.mm, median"
+    meta["rounds"] = run.args.rounds
     run.log(f"reference outputs done; matmul peak {mm['tflops']:.3g} TFLOP/s")
     return refs, mm["tflops"]
 

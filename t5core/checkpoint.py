@@ -357,12 +357,17 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(self.keys[key])
 
-    def iter_tensors(self, keys: list[str], device, threads: int = 4, chunk_bytes: int = 64 << 20, slots: int = 6):
+    def iter_tensors(self, keys: list[str], device, into: Optional[dict[str, torch.Tensor]] = None,
+                     threads: int = 4, chunk_bytes: int = 64 << 20, slots: int = 6):
         """(key, tensor on device) in order. Safetensors files are read on worker threads in chunks, a few chunks
         ahead of use. For CUDA each chunk lands in one of `slots` reused pinned buffers and is copied to the GPU
         asynchronously, so disk reads, host-to-device copies and the caller's work overlap, and host memory
-        holds slots * chunk_bytes; for the CPU chunks are read straight into the returned tensors."""
+        holds slots * chunk_bytes; for the CPU chunks are read straight into the returned tensors.
+
+        into: key -> a contiguous tensor on `device` (a parameter, or rows of one) that a stored tensor of the same
+        dtype and size is read straight into, and returned as; otherwise that key gets a new tensor as usual."""
         device = torch.device(device)
+        into = into or {}
         src = self.source
         if not isinstance(src, SafetensorsSource) or device.type not in ("cpu", "cuda"):
             # tensorizer reads are sequential, .bin files are mapped; other devices get one tensor at a time
@@ -393,10 +398,17 @@ class Checkpoint:
         with ThreadPoolExecutor(threads) as pool:
             futures = deque()
 
+            def destination(k: str) -> torch.Tensor:  # the tensor's bytes on `device`
+                dest, (_, dtype, _, _, _) = into.get(k), src.entries[self.keys[k]]
+                if (dest is not None and dest.device == device and dest.dtype == dtype and dest.is_contiguous()
+                        and dest.numel() * dest.element_size() == size[k]):
+                    return dest.view(-1).view(torch.uint8)
+                return torch.empty(size[k], dtype=torch.uint8, device=device)
+
             def submit(i: int) -> None:
                 k, start, _ = chunks[i]
                 if start == 0:
-                    raw[k] = torch.empty(size[k], dtype=torch.uint8, device=device)
+                    raw[k] = destination(k)
                 futures.append(pool.submit(read, i, copied[i % slots] if staged else None))
 
             for i in range(min(ahead, len(chunks))):
@@ -411,7 +423,12 @@ class Checkpoint:
                     submit(i + ahead)
                 if start + n == size[k]:
                     _, dtype, shape, _, _ = src.entries[self.keys[k]]
-                    yield k, self._dequantized(k, raw.pop(k).view(dtype).reshape(shape))
+                    data = raw.pop(k)
+                    direct = into.get(k)
+                    if direct is not None and data.data_ptr() == direct.data_ptr():
+                        yield k, direct
+                    else:
+                        yield k, self._dequantized(k, data.view(dtype).reshape(shape))
 
 
 def _read_json(path: Path) -> dict:

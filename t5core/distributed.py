@@ -9,6 +9,7 @@ one after another), `offsets` [n + 1] (caption i is embeddings[offsets[i]:offset
 0-based line in the caption file). read_caption_embeddings(out) gathers them back by line.
 """
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, open_checkpoint
 from .t5_common import parse_dtype
 from .t5_encoder import T5EncoderStack
+from .tokenizer import PromptTruncatedWarning
 
 
 def init_from_env(device: Optional[str] = None) -> tuple[int, int, torch.device]:
@@ -87,8 +89,8 @@ def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, s
     from safetensors.torch import save_file
 
     mine = captions[rank::world]
-    lengths = [len(tokenizer.encode_ids(text)) for _, text in mine]  # tokens with EOS
-    order = sorted(range(len(mine)), key=lambda i: lengths[i])
+    tokens = [_caption_ids(tokenizer, line, text, max_length) for line, text in mine]  # EOS-terminated
+    order = sorted(range(len(mine)), key=lambda i: len(tokens[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     n_calls = len(batches)
     if lockstep:
@@ -98,9 +100,8 @@ def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, s
     pieces, lines = [], []
     for b in range(n_calls):
         batch = batches[b] if b < len(batches) else []
-        texts = [mine[i][1] for i in batch] or [""]  # an idle rank still joins the sharded forward
-        longest = min(max((lengths[i] for i in batch), default=1), max_length)
-        ids, mask = tokenizer(texts, max_length=max_length, pad_to=length_bucket(longest))
+        rows = [tokens[i] for i in batch] or [[tokenizer.eos_id()]]  # an idle rank still joins the sharded forward
+        ids, mask = tokenizer.pad_rows(rows, pad_to=length_bucket(max(map(len, rows))))
         out = model.encode(ids, mask)
         for row, i in enumerate(batch):
             emb = out[row, : int(mask[row].sum())].to("cpu", save_dtype)
@@ -117,6 +118,15 @@ def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, s
     save_file({"embeddings": torch.cat(pieces) if pieces else torch.empty(0, hidden, dtype=save_dtype),
                "offsets": counts.cumsum(0), "lines": torch.tensor(lines, dtype=torch.int64)}, str(path))
     return path
+
+
+def _caption_ids(tokenizer, line: int, text: str, max_length: int) -> list[int]:
+    ids = tokenizer.encode_ids(text)
+    if len(ids) > max_length:
+        warnings.warn(f"line {line + 1}: {len(ids)} tokens (with EOS), more than max_length={max_length}; "
+                      f"dropped its last {len(ids) - max_length} tokens", PromptTruncatedWarning, stacklevel=3)
+        ids = ids[:max_length - 1] + [tokenizer.eos_id()]
+    return ids
 
 
 def read_caption_embeddings(out_dir) -> dict[int, Tensor]:

@@ -432,7 +432,11 @@ class T5Tokenizer:
                 )
                 ids = ids[: max_length - 1]
             rows.append(ids + [self._eos_id])
+        return self.pad_rows(rows, pad_to)
 
+    def pad_rows(self, rows: list[list[int]], pad_to: int | None = None) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Token id rows -> (input_ids [B, L] int64, attention_mask [B, L] bool), right-padded with 0 to
+        L = pad_to if given, else the longest row."""
         longest = max((len(r) for r in rows), default=0)
         if pad_to is not None and pad_to < longest:
             raise ValueError(f"pad_to={pad_to} is shorter than the longest encoded prompt ({longest} tokens)")

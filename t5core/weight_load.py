@@ -71,10 +71,17 @@ def stream_into_module(
     norm_scales = ({name: ckpt.get(key, device=model.ln.weight.device) for name, key in norm_keys.items()}
                    if fuse_norm_scales else {})
     device = next(iter(params.values())).device
-    for key, t in ckpt.iter_tensors(list(work), device):
-        name, part, parts = work[key]
-        param = params[name]
-        rows = param.shape[0] // parts
+    targets = {}  # key -> the parameter rows it fills
+    for key, (name, part, parts) in work.items():
+        rows = params[name].shape[0] // parts
+        targets[key] = params[name][part * rows:(part + 1) * rows]
+    # tensors that need no fusion or scaling may be read straight into their rows (no second copy on the device)
+    direct = {k: v for k, v in targets.items()
+              if _norm_key_for(work[k][0]) not in norm_scales and weight_factors.get(work[k][0], 1.0) == 1.0}
+    for key, t in ckpt.iter_tensors(list(work), device, into=direct):
+        if t is direct.get(key):
+            continue  # already in place
+        name = work[key][0]
         norm_name = _norm_key_for(name)
         if norm_name in norm_scales:
             t = scale_input_columns(t if norm_fusion_via_f32 else t.to(param.dtype), norm_scales[norm_name],
@@ -82,7 +89,7 @@ def stream_into_module(
         factor = weight_factors.get(name, 1.0)
         if factor != 1.0:
             t = t.float() * factor
-        param[part * rows:(part + 1) * rows].copy_(t)
+        targets[key].copy_(t)
         del t
     model.invalidate_caches()
 

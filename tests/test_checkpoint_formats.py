@@ -169,10 +169,15 @@ def test_chunked_read_ahead_is_exact(hf, tmp_path):
     save_file(sd, str(tmp_path / "t5.safetensors"))
     ckpt = open_checkpoint(tmp_path / "t5.safetensors")
     keys = list(ckpt.keys)
-    got = list(ckpt.iter_tensors(keys, "cpu", threads=3, chunk_bytes=1000))
+    # destinations: read straight into when dtype and size match, ignored (a new tensor) when not
+    into = {k: torch.zeros(sd[ckpt.keys[k]].shape, dtype=torch.bfloat16 if i % 2 else torch.float32)
+            for i, k in enumerate(keys[:6])}
+    got = list(ckpt.iter_tensors(keys, "cpu", into=into, threads=3, chunk_bytes=1000))
     assert [k for k, _ in got] == keys
     for key, t in got:
         assert torch.equal(t, sd[ckpt.keys[key]]), key
+        dest = into.get(key)
+        assert (t is dest) == (dest is not None and dest.dtype == torch.bfloat16), key
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -109,6 +109,26 @@ def test_embed_captions_across_ranks(dcp_folder, tmp_path, fsdp):
         assert rel_err(got[line], ref) <= 1e-5, line
 
 
+def test_embed_truncates_long_captions_naming_the_line(dcp_folder, tmp_path):
+    """One process: a caption over max_length keeps its first tokens plus EOS, like the tokenizer, and the warning
+    names its line in the caption file."""
+    from t5core.distributed import embed_captions
+    from t5core.tokenizer import PromptTruncatedWarning
+
+    hf, model, _ = dcp_folder
+    tok = load_tokenizer(TOKENIZER_DIR)
+    captions = [(0, CAPTIONS[0]), (2, CAPTIONS[2]), (3, CAPTIONS[3])]
+    with pytest.warns(PromptTruncatedWarning, match="^line 3: "):
+        embed_captions(model, tok, captions, tmp_path, max_length=16, save_dtype=torch.float32)
+    got = read_caption_embeddings(tmp_path)
+    ids, mask = tok([text for _, text in captions], max_length=16)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    assert [got[line].shape[0] for line, _ in captions] == mask.sum(1).tolist() and got[2].shape[0] == 16
+    for row, (line, _) in enumerate(captions):
+        assert rel_err(got[line], ref[row, : int(mask[row].sum())]) <= 1e-5, line
+
+
 def test_fsdp_refuses_other_formats_and_no_process_group(dcp_folder):
     from t5core.distributed import load_fsdp
 

@@ -106,3 +106,21 @@ def test_block_mask_matches_create_block_mask(L, mask_pad_queries):
         rows = mask if mask_pad_queries else torch.ones_like(mask)
         diff = (flex_attention(q, k, v, block_mask=ours) - flex_attention(q, k, v, block_mask=ref)).transpose(1, 2)
         assert diff[rows].abs().max() < 1e-5
+
+
+def test_cpu_compile_freezes_weights_and_compiles_once(pair):
+    """compile=True on the CPU: parity with transformers, one compilation per shape (the bias caches stay out of
+    the compiled region), and weights really frozen into the compiled code (what makes MKL's packed GEMM
+    possible), so an in-place weight change after the first call does not reach the output."""
+    kind, hf, folder = pair
+    model = t5core.load_encoder(folder, compile=True)
+    ids, mask = _batch(512, [24, 24], seed=5)
+    with torch.no_grad():
+        ref = hf(input_ids=ids).last_hidden_state
+    torch._dynamo.utils.counters.clear()
+    first = model.encode(ids)
+    assert rel_err(first, ref) <= 1e-5, kind
+    with torch.no_grad():
+        model.layers[0].ffn.ff_out.weight.mul_(2)
+    assert torch.equal(model.encode(ids), first)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
