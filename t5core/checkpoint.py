@@ -398,10 +398,13 @@ class Checkpoint:
         with ThreadPoolExecutor(threads) as pool:
             futures = deque()
 
+            in_place = set()
+
             def destination(k: str) -> torch.Tensor:  # the tensor's bytes on `device`
                 dest, (_, dtype, _, _, _) = into.get(k), src.entries[self.keys[k]]
                 if (dest is not None and dest.device == device and dest.dtype == dtype and dest.is_contiguous()
                         and dest.numel() * dest.element_size() == size[k]):
+                    in_place.add(k)
                     return dest.view(-1).view(torch.uint8)
                 return torch.empty(size[k], dtype=torch.uint8, device=device)
 
@@ -424,11 +427,7 @@ class Checkpoint:
                 if start + n == size[k]:
                     _, dtype, shape, _, _ = src.entries[self.keys[k]]
                     data = raw.pop(k)
-                    direct = into.get(k)
-                    if direct is not None and data.data_ptr() == direct.data_ptr():
-                        yield k, direct
-                    else:
-                        yield k, self._dequantized(k, data.view(dtype).reshape(shape))
+                    yield k, into[k] if k in in_place else self._dequantized(k, data.view(dtype).reshape(shape))
 
 
 def _read_json(path: Path) -> dict:

@@ -196,10 +196,12 @@ class T5EncoderStack(nn.Module):
         return bias
 
     def invalidate_caches(self) -> None:
-        """Forget the cached position bias and CUDA graphs: call after changing weights in place."""
+        """Forget the cached position bias, CUDA graphs and the CPU's frozen compilation (which holds the old
+        weights; the model runs eagerly until compiled again): call after changing weights in place."""
         self._offset_bias.clear()
         self._unpadded_sdpa_bias.clear()
         self._drop_graphs()
+        self.__dict__.pop("_embed_and_layers", None)
 
     def _drop_graphs(self) -> None:
         self._graphs.clear()

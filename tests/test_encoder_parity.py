@@ -111,7 +111,7 @@ def test_block_mask_matches_create_block_mask(L, mask_pad_queries):
 def test_cpu_compile_freezes_weights_and_compiles_once(pair):
     """compile=True on the CPU: parity with transformers, one compilation per shape (the bias caches stay out of
     the compiled region), and weights really frozen into the compiled code (what makes MKL's packed GEMM
-    possible), so an in-place weight change after the first call does not reach the output."""
+    possible): an in-place weight change reaches the output only after invalidate_caches()."""
     kind, hf, folder = pair
     model = t5core.load_encoder(folder, compile=True)
     ids, mask = _batch(512, [24, 24], seed=5)
@@ -124,3 +124,5 @@ def test_cpu_compile_freezes_weights_and_compiles_once(pair):
         model.layers[0].ffn.ff_out.weight.mul_(2)
     assert torch.equal(model.encode(ids), first)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    model.invalidate_caches()
+    assert rel_err(model.encode(ids), first) > 1e-3
