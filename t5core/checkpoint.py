@@ -367,6 +367,8 @@ class Checkpoint:
         into: key -> a contiguous tensor on `device` (a parameter, or rows of one) that a stored tensor of the same
         dtype and size is read straight into, and returned as; otherwise that key gets a new tensor as usual."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU: compare as cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
         into = into or {}
         src = self.source
         if not isinstance(src, SafetensorsSource) or device.type not in ("cpu", "cuda"):

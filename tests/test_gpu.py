@@ -1,0 +1,84 @@
+"""The CUDA-only paths: pinned, chunked reads straight into parameters; regional compilation with CUDA graph
+replay (new inputs, padding, recapture after the weights change); float32 parity with TF32 off."""
+import pytest
+import torch
+
+import t5core
+from t5core.checkpoint import open_checkpoint
+from tiny_models import make_hf_encoder, rel_err, save_hf
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def hf_and_folder(tmp_path_factory):
+    """A bf16 checkpoint, and transformers in float32 on the GPU holding exactly its (bf16-rounded) weights."""
+    hf = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=3, seed=11).to(torch.bfloat16)
+    folder = save_hf(hf, tmp_path_factory.mktemp("bf16"))
+    return folder, hf.to(CUDA, torch.float32)
+
+
+def batch(B: int, L: int, lengths=None, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 512, (B, L), generator=gen)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    for b, n in enumerate(lengths or []):
+        mask[b, n:] = False
+        ids[b, n:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("fuse_norms", [False, True])
+def test_cuda_load_equals_cpu_load(hf_and_folder, fuse_norms):
+    folder, _ = hf_and_folder
+    gpu = t5core.load_encoder(folder, "bfloat16", "cuda", fuse_norms=fuse_norms)
+    cpu = t5core.load_encoder(folder, "bfloat16", "cpu", fuse_norms=fuse_norms)
+    for (name, a), (_, b) in zip(gpu.named_parameters(), cpu.named_parameters()):
+        assert a.is_cuda and torch.equal(a.cpu(), b), name
+
+
+def test_chunked_pinned_reads_into_parameters(hf_and_folder):
+    """Tiny chunks through the pinned buffers; matching destinations are filled in place and returned as such."""
+    folder, _ = hf_and_folder
+    ckpt = open_checkpoint(folder)
+    keys = list(ckpt.keys)
+    ref = {k: t for k, t in ckpt.iter_tensors(keys, "cpu")}
+    into = {k: torch.empty(ref[k].shape, dtype=ref[k].dtype, device=CUDA) for k in keys[::2]}
+    got = list(ckpt.iter_tensors(keys, CUDA, into=into, chunk_bytes=4096, slots=3))
+    assert [k for k, _ in got] == keys
+    for k, t in got:
+        assert (t is into[k]) if k in into else t.is_cuda
+        assert torch.equal(t.cpu(), ref[k]), k
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex"])
+def test_float32_parity_compiled_with_graphs(hf_and_folder, attn):
+    folder, hf = hf_and_folder
+    torch.backends.cuda.matmul.allow_tf32 = False  # the default; float32 must mean float32 on both sides
+    model = t5core.load_encoder(folder, "float32", "cuda", attn_impl=attn, compile=True)
+    for seed, lengths in ((0, None), (1, None), (2, [64, 9])):  # a second unpadded batch replays the same graph
+        ids, mask = batch(2, 64, lengths, seed)
+        with torch.no_grad():
+            ref = hf(input_ids=ids.to(CUDA), attention_mask=mask.long().to(CUDA)).last_hidden_state
+        out = model.encode(ids, mask)
+        assert rel_err(out[mask.to(CUDA)], ref[mask.to(CUDA)]) <= 1e-5, (attn, seed)
+    assert set(model._graphs) == {(2, 64, False), (2, 64, True)}
+
+
+def test_bfloat16_graphs_follow_new_weights(hf_and_folder):
+    """bf16 compiled + graphs is as close to float32 as eager bf16, and recaptures after a weight reload."""
+    folder, hf = hf_and_folder
+    compiled = t5core.load_encoder(folder, "bfloat16", "cuda", fuse_norms=True, compile=True)
+    eager = t5core.load_encoder(folder, "bfloat16", "cuda", fuse_norms=True)
+    ids, mask = batch(4, 128, seed=3)
+    with torch.no_grad():
+        ref = hf(input_ids=ids.to(CUDA)).last_hidden_state
+    err_compiled, err_eager = rel_err(compiled.encode(ids), ref), rel_err(eager.encode(ids), ref)
+    assert err_compiled <= 1.25 * err_eager + 1e-3, (err_compiled, err_eager)
+    other = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=3, seed=12)
+    state = {k: v.to(CUDA, torch.bfloat16) for k, v in
+             t5core.load_encoder(save_hf(other, folder.parent / "other"), "bfloat16", fuse_norms=True).state_dict().items()}
+    compiled.load_state_dict(state)
+    eager.load_state_dict(state)
+    assert rel_err(compiled.encode(ids), eager.encode(ids)) <= 2e-2
