@@ -1,6 +1,6 @@
 # Experiment (2026-11-28, H200): where the XXL encoder's 1x512 time goes beyond kernel time. Times encode()
 # (as bench does: CUDA events, synchronized per call), the captured CUDA graph replayed alone, and back to back;
-# lists every kernel of one forward with counts (kernel launches per layer). Run: python3 benchmarks/overhead_probe.py
+# lists the 12 longest kernels of one forward with counts (kernel launches per layer). Run: python3 benchmarks/overhead_probe.py
 import sys, time
 import torch
 sys.path.insert(0, '.')
@@ -36,8 +36,7 @@ for impl in (T5AttnImpl.SDPA, T5AttnImpl.Flex):
         print(f"{impl.value} {B}x512: encode(cpu ids) {enc:.2f} ms, encode(gpu ids) {enc_dev:.2f} ms, graph replay {rep:.2f} ms, "
               f"replay back-to-back {rep_b2b:.2f} ms; kernel time {ktime:.2f} ms in {nk} kernels "
               f"({nk / 24:.1f} per layer); gaps = replay - kernels = {rep_b2b - ktime:.2f} ms", flush=True)
-        if B == 1:
-            for e in sorted(ev, key=lambda e: -e.device_time_total):
-                print(f"    {e.device_time_total / 1e3:7.3f} ms x{e.count:4d} {e.key[:110]}")
+        for e in sorted(ev, key=lambda e: -e.device_time_total)[:12]:
+            print(f"    {e.device_time_total / 1e3:7.3f} ms x{e.count:4d} {e.key[:110]}")
     del m, graph
     torch.cuda.empty_cache()
