@@ -3,14 +3,12 @@
 # encoder's GEMMs alone (12 layers of the fused QKV / out / gate-up / FFN-out shapes at M = 128, own weights per
 # layer) through torch's matmul, as transformers runs them, and through MKL's packed GEMM, as compile=True runs them.
 # Run: python3 benchmarks/cpu_interleaved.py
-import sys, torch, tempfile, time, statistics
-sys.path.insert(0, ".")
+import sys, time
+import torch
+sys.path.insert(0, "."); sys.path.insert(0, "benchmarks")
 import t5core
-from transformers import T5EncoderModel, T5Config
-torch.manual_seed(0)
-hc = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, feed_forward_proj='gated-gelu')
-hf = T5EncoderModel(hc).eval(); d = tempfile.mkdtemp(); hf.save_pretrained(d)
-ids = torch.randint(3, 32000, (1, 128))
+from cpu_base import base_model, interleaved_median_ms
+hf, d, ids = base_model()
 eager = t5core.load_encoder(d, fuse_norms=True)
 comp = t5core.load_encoder(d, fuse_norms=True, compile=True)
 x, h = torch.randn(128, 768), torch.randn(128, 2048)
@@ -29,13 +27,8 @@ def packed_gemms_only():
         torch.ops.mkl._mkl_linear(h, ff_out[1], ff_out[0], None, 128)
 fns = {"ours eager": lambda: eager.encode(ids), "ours compile": lambda: comp.encode(ids), "hf eager": lambda: hf(input_ids=ids),
        "GEMMs alone": gemms_only, "GEMMs alone, MKL packed": packed_gemms_only}
-times = {k: [] for k in fns}
 with torch.inference_mode():
     t = time.perf_counter(); comp.encode(ids); print("compile", time.perf_counter() - t)
-    for f in fns.values(): f(); f()
-    for r in range(40):
-        for k, f in fns.items():
-            t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
-med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+med = interleaved_median_ms(fns, rounds=40)
 print({k: f"{v:.1f} ms" for k, v in med.items()})
 print({k: f"{med['hf eager'] / v:.3f}x" for k, v in med.items()}, "(hf eager / each)")

@@ -32,13 +32,7 @@ for n in (8192, 4096):
 def _tma_kernel(x_desc, w_desc, out_ptr, res_ptr, scale_ptr, M, N: tl.constexpr, K: tl.constexpr, up_row: tl.constexpr,
                 EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    n_tiles_n = N // BLOCK_N
-    in_group = GROUP_M * n_tiles_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = gemm.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -43,18 +43,22 @@ def tile_for(epilogue: int, m: int, n: int, k: int) -> Optional[TileConfig]:
 if triton is not None:
 
     @triton.jit
+    def grouped_tile(pid, M, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Program id -> (tile row, tile column), GROUP_M tile rows at a time, so neighbouring programs share w
+        tiles in L2."""
+        n_tiles_n = N // BLOCK_N
+        in_group = GROUP_M * n_tiles_n
+        first_m = (pid // in_group) * GROUP_M
+        group_size = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+        return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
+
+    @triton.jit
     def _gemm_kernel(x_ptr, w_ptr, out_ptr, res_ptr, scale_ptr, M, N: tl.constexpr, K: tl.constexpr,
                      up_row: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # x [M, K], w [rows, K], out / residual [M, N], all row-major. Grouped tile order keeps w in L2.
         # Only M varies at run time; N, K and the gate/up split are per-projection constants.
-        pid = tl.program_id(0)
-        n_tiles_n = N // BLOCK_N
-        in_group = GROUP_M * n_tiles_n
-        first_m = (pid // in_group) * GROUP_M
-        group_size = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % group_size
-        pid_n = (pid % in_group) // group_size
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
