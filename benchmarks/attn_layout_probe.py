@@ -7,12 +7,12 @@ import copy, statistics, sys
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 sys.path.insert(0, ".")
-from t5core.bench import matmul_peak_tflops, time_calls
+from t5core.bench import matmul_tflops, time_calls
 from t5core.t5_common import T5Config
 from t5core.t5_encoder import T5EncoderStack, T5SelfAttention
 
 dev = torch.device("cuda")
-mm = matmul_peak_tflops(dev)["tflops"]
+mm = matmul_tflops(dev)["tflops"]
 print(f"matmul 8192^3 bf16: {mm:.1f} TFLOP/s", flush=True)
 WORK = 4.845e12
 H, L, Dh = 64, 512, 64

@@ -10,13 +10,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, ".")
-from t5core.bench import build_hf_reference, matmul_peak_tflops, time_calls
+from t5core.bench import build_hf_reference, matmul_tflops, time_calls
 from t5core.hf import FastT5EncoderModel
 
 dev = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-mm = matmul_peak_tflops(dev)["tflops"]
+mm = matmul_tflops(dev)["tflops"]
 print(f"matmul 8192^3 bf16: {mm:.1f} TFLOP/s", flush=True)
 WORK = 4.845e12  # T5-XXL, one 512-token prompt
 

@@ -89,7 +89,8 @@ class FastT5EncoderModel(PreTrainedModel):
     def _hidden_states(self, input_ids: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, ...]:
         """Every layer's output [B, L, D] in self.dtype, divided by the float16 residual scale in effect there."""
         outs: list[Tensor] = []
-        hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(out)) for layer in self.encoder.layers]
+        hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(mod.stream_after(out)))
+                 for layer in self.encoder.layers]
         graphs, self.encoder.cuda_graphs = self.encoder.cuda_graphs, False  # a graph replay runs no hooks
         try:
             last = self.encoder.encode(input_ids, mask)

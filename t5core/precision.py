@@ -33,7 +33,7 @@ def trace_layers(model, input_ids: LongTensor, mask: Optional[BoolTensor] = None
         hooks.append(layer.attn.register_forward_hook(lambda m, a, out, n=f"layers.{i}.attn": record(n, out)))
         hooks.append(layer.ffn.ff_out.register_forward_pre_hook(lambda m, a, n=f"layers.{i}.ffn.hidden": record(n, a[0])))
         hooks.append(layer.ffn.register_forward_hook(lambda m, a, out, n=f"layers.{i}.ffn": record(n, out)))
-        hooks.append(layer.register_forward_hook(lambda m, a, out, n=f"layers.{i}": record(n, out)))
+        hooks.append(layer.register_forward_hook(lambda m, a, out, n=f"layers.{i}": record(n, m.stream_after(out))))
     hooks.append(model.ln.register_forward_hook(lambda m, a, out: record("final_norm", out)))
     # hooks call .item(): run compiled layers eagerly for the trace
     modules = [model, *model.layers]

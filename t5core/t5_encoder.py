@@ -100,11 +100,20 @@ class T5EncoderLayer(nn.Module):
         self.register_buffer("attn_res_scale", torch.ones(()), persistent=False)
         self.register_buffer("ffn_res_scale", torch.ones(()), persistent=False)
 
-    def forward(self, x: FloatTensor, bias: Tensor, block_mask: Optional[BlockMask] = None, flex: bool = False) -> FloatTensor:
+    def forward(self, x: FloatTensor, prev_ffn_out: FloatTensor, prev_ffn_scale: Tensor, bias: Tensor,
+                block_mask: Optional[BlockMask] = None, flex: bool = False) -> tuple[FloatTensor, FloatTensor]:
+        """x [B, L, D] float32: the stream before the previous layer's FFN residual, which is added here, where
+        it fuses with ln1 into one kernel (a separate add would cost a kernel and a pass over the stream per layer).
+        -> (stream after attention, FFN output), both [B, L, D] float32: the stream after this layer is
+        x_out * self.ffn_res_scale + ffn_out."""
         dtype = self.attn.o_proj.weight.dtype
+        x = x * prev_ffn_scale + prev_ffn_out
         x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, block_mask, flex)
-        x = x * self.ffn_res_scale + self.ffn(self.ln2(x).to(dtype))
-        return x  # [B, L, D] float32
+        return x, self.ffn(self.ln2(x).to(dtype))
+
+    def stream_after(self, out: tuple[FloatTensor, FloatTensor]) -> FloatTensor:
+        """The residual stream after this layer, from its forward's output."""
+        return out[0] * self.ffn_res_scale + out[1]
 
 
 def make_self_attn_block_mask(mask: BoolTensor, mask_pad_queries: bool = False, block_size: int = 128) -> BlockMask:
@@ -158,6 +167,7 @@ class T5EncoderStack(nn.Module):
         self.sharded = False  # FSDP2 (t5core.distributed.load_fsdp)
         self._graphs: dict[tuple, tuple] = {}  # (B, L, padded) -> (graph, static (ids, mask), static output)
         self._graph_pool, self._graph_ptrs = None, None
+        self._param_slots: Optional[list[tuple[dict, str]]] = None  # (owner's _parameters, name), see _weight_ptrs
         self.apply_residual_scales_from_config()
 
     # -- residual scaling bookkeeping ----------------------------------------------------------------
@@ -201,6 +211,7 @@ class T5EncoderStack(nn.Module):
         self._offset_bias.clear()
         self._unpadded_sdpa_bias.clear()
         self._drop_graphs()
+        self._param_slots = None
         self.__dict__.pop("_embed_and_layers", None)
 
     def _drop_graphs(self) -> None:
@@ -290,9 +301,11 @@ class T5EncoderStack(nn.Module):
         compiled region would fail its guards and compile it a second time."""
         flex = self.config.attn_impl == T5AttnImpl.Flex
         x = self.vocab_embed(input_ids).float()  # [B, L, D]
+        ffn_out, ffn_scale = torch.zeros_like(x), x.new_ones(())  # nothing pending before the first layer
         for i, layer in enumerate(self.layers):
-            x = layer(x, biases[i if len(biases) > 1 else 0], block_mask, flex)
-        return self.ln(x)
+            x, ffn_out = layer(x, ffn_out, ffn_scale, biases[i if len(biases) > 1 else 0], block_mask, flex)
+            ffn_scale = layer.ffn_res_scale
+        return self.ln(x * ffn_scale + ffn_out)
 
     def encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor] = None) -> FloatTensor:
         """input_ids [B, L] (+ mask [B, L], True = real token) -> [B, L, D] float32, with the right mask for the
@@ -330,7 +343,7 @@ class T5EncoderStack(nn.Module):
     def _graphed_forward_here(self, input_ids: LongTensor, mask: Optional[BoolTensor]) -> FloatTensor:
         # Weights moved piecemeal (e.g. by an offloading manager) invalidate captured addresses: recapture.
         # (Buffers move with their module's parameters and are otherwise updated in place.)
-        ptrs = tuple(p.data_ptr() for p in self.parameters())
+        ptrs = self._weight_ptrs()
         if ptrs != self._graph_ptrs:
             self._drop_graphs()
             self._graph_ptrs = ptrs
@@ -354,6 +367,15 @@ class T5EncoderStack(nn.Module):
             static_mask.copy_(mask)
         graph.replay()
         return static_out.clone()  # the next replay overwrites static_out
+
+    def _weight_ptrs(self) -> tuple[int, ...]:
+        """Every parameter's address, read through its owner's parameter dict: walking self.parameters() on
+        every call cost 0.1-0.4 ms of host time at XXL, a few % of a 1x512 encode. A parameter moved (.data)
+        or replaced (setattr, as ComfyUI's patcher does) still shows; a replaced submodule needs
+        invalidate_caches()."""
+        if self._param_slots is None:
+            self._param_slots = [(m._parameters, name) for m in self.modules() for name in m._parameters]
+        return tuple(-1 if d[name] is None else d[name].data_ptr() for d, name in self._param_slots)
 
     def _raise_non_finite(self, input_ids: LongTensor, mask: Optional[BoolTensor]):
         """Rerun eagerly layer by layer to name where inf/NaN first appears (only on the failure path)."""
