@@ -7,7 +7,8 @@ from_pretrained. Every variant sees the same token ids.
 
 Sections (--sections):
   speed       median ms per (variant, shape) with CUDA events, speedup vs transformers eager and compiled at the
-              same shape, achieved TFLOP/s and its share of a bf16 8192^3 torch.mm measured in the same run,
+              same shape, achieved TFLOP/s and its share of a bf16 8192^3 torch.mm measured in the same run
+              (in every round next to the variants, and once as a burst before them: see matmul_tflops),
               relative error vs the float32 reference on real tokens, first-call seconds (compile included)
   load        bf16 safetensors folder -> encoder ready on the device: ours vs transformers, seconds and memory
   cold-start  first call of one compiled variant (--cold-variant, at the first of --shapes) in fresh processes
@@ -634,7 +635,7 @@ def _setup(args) -> torch.device:
     args.shapes = args.shapes or DEFAULT_SHAPES[kind]
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be true float32
     torch.backends.cudnn.allow_tf32 = False
-    # one process compiles many (model, shape, mask) combinations; past the limit dynamo would silently run eager
+    # transformers' compiled variants share code objects across dtypes and shapes (ours raise their own limit)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
     quiet_transformers()
     return device

@@ -150,6 +150,13 @@ def make_self_attn_block_mask(mask: BoolTensor, mask_pad_queries: bool = False, 
                                     mask_mod=keep_real_pairs if mask_pad_queries else keep_real_keys, seq_lengths=(L, L))
 
 
+def _allow_many_compiled_shapes() -> None:
+    """Every model and shape in the process shares one compiled code object (the layer's forward, or the CPU's
+    _embed_and_layers), an entry per fixed shape, dtype and mask kind: dynamo's default limit of 8 entries made
+    the ninth a hard error under fullgraph. Raise the process's limit to at least 64."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
 class T5EncoderStack(nn.Module):
     def __init__(self, config: T5Config) -> None:
         super().__init__()
@@ -251,6 +258,7 @@ class T5EncoderStack(nn.Module):
         torch's CPU matmul at these shapes); weights must not change afterwards."""
         if self.vocab_embed.weight.is_cuda:
             return self.compile_layers()
+        _allow_many_compiled_shapes()
         compiled = torch.compile(self._embed_and_layers, dynamic=False)
 
         def frozen_embed_and_layers(*args):
@@ -265,6 +273,7 @@ class T5EncoderStack(nn.Module):
     def compile_layers(self, **compile_kwargs) -> "T5EncoderStack":
         """Regional compilation: every layer runs the same compiled code (parameters are graph inputs), so the
         cost is one layer's compile, not the whole stack's. Shapes are fixed: pad to a few lengths."""
+        _allow_many_compiled_shapes()
         for layer in self.layers:
             layer.compile(**{"dynamic": False, "fullgraph": True, **compile_kwargs})
         return self

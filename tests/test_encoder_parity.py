@@ -126,3 +126,17 @@ def test_cpu_compile_freezes_weights_and_compiles_once(pair):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     model.invalidate_caches()
     assert rel_err(model.encode(ids), first) > 1e-3
+
+
+
+def test_compiled_layers_take_more_shapes_than_dynamos_default_limit(tmp_path):
+    """Regional compilation at fixed shapes: every prompt length is an entry of the one compiled layer code
+    object. Under fullgraph, dynamo's default limit of 8 entries made the ninth length a hard error. (The limit is
+    dynamo's, so the eager backend shows it without inductor's compile time.)"""
+    hf = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=2, seed=4)
+    model = t5core.load_encoder(save_hf(hf, tmp_path)).compile_layers(backend="eager")
+    for L in range(8, 18):  # 10 shapes
+        ids, mask = _batch(512, [L, L - 3], seed=L)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 1e-5, L
