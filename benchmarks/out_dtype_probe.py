@@ -10,23 +10,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, ".")
-from t5core.bench import build_hf_reference, matmul_tflops, time_calls
-from t5core.hf import FastT5EncoderModel
+sys.path.insert(0, "benchmarks")
+from gpu_base import reference_and_encoder
+from t5core.bench import matmul_tflops, time_calls
 
 dev = torch.device("cuda")
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
 mm = matmul_tflops(dev)["tflops"]
 print(f"matmul 8192^3 bf16: {mm:.1f} TFLOP/s", flush=True)
 WORK = 4.845e12  # T5-XXL, one 512-token prompt
 
-hf = build_hf_reference("xxl", dev)
-ids = {B: torch.randint(3, 32000, (B, 512), generator=torch.Generator().manual_seed(B)) for B in (1, 8)}
-with torch.inference_mode():
-    ref = {B: hf(input_ids=x.to(dev)).last_hidden_state.float() for B, x in ids.items()}
-base = FastT5EncoderModel.from_hf_model(hf, torch_dtype=torch.bfloat16, fuse_norms=True).encoder
-del hf
-torch.cuda.empty_cache()
+ids, ref, base = reference_and_encoder(dev)
 
 
 def variant(bf16_out: tuple[str, ...]):
