@@ -48,7 +48,8 @@ def test_bench_cpu_small(tmp_path, capsys):
     for (v, s), r in speed.items():
         assert "error" not in r, r
         assert r["ms"] > 0 and r["p10_ms"] <= r["ms"] <= r["p90_ms"] and r["runs"] >= 5
-        assert r["x_hf_eager"] > 0 and r["tflops"] > 0 and r["mm_share"] > 0 and r["burst_share"] > 0 and r["first_call_s"] > 0
+        assert r["x_hf_eager"] > 0 and r["tflops"] > 0 and r["first_call_s"] > 0
+        assert r["mm_share"] > 0 and r["burst_share"] > 0
         assert math.isfinite(r["rel_err"]) and r["rel_err"] < (1e-5 if v.endswith("fp32") else 3e-2)
         assert f"| {v} | {s} |" in printed
     assert speed[("hf-eager-bf16", "1x32")]["x_hf_eager"] == pytest.approx(1.0)

@@ -128,7 +128,6 @@ def test_cpu_compile_freezes_weights_and_compiles_once(pair):
     assert rel_err(model.encode(ids), first) > 1e-3
 
 
-
 def test_compiled_layers_take_more_shapes_than_dynamos_default_limit(tmp_path):
     """Regional compilation at fixed shapes: every prompt length is an entry of the one compiled layer code
     object. Under fullgraph, dynamo's default limit of 8 entries made the ninth length a hard error. (The limit is
