@@ -6,15 +6,13 @@ import torch
 import torch.nn.functional as F
 sys.path.insert(0, '.'); sys.path.insert(0, 'benchmarks')
 import triton_gemm as gemm
-from t5core.bench import time_calls
+from gpu_base import kernel_ms as gpu_ms
 
 dev = torch.device('cuda')
 torch.manual_seed(0)
 out = []
 def say(s):
     print(s, flush=True); out.append(s)
-def gpu_ms(fn):  # back-to-back calls, CUDA events: kernel time
-    return time_calls(fn, dev, seconds=0.25, sync_each=False)["ms"]
 
 a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16); b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
 rate = 2 * 8192**3 / gpu_ms(lambda: a @ b) / 1e9

@@ -11,15 +11,13 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, '.'); sys.path.insert(0, 'benchmarks')
 import triton_gemm as gemm
-from t5core.bench import time_calls
+from gpu_base import kernel_ms as gpu_ms
 
 dev = torch.device('cuda')
 torch.manual_seed(0)
 out = []
 def say(s):
     print(s, flush=True); out.append(s)
-def gpu_ms(fn, seconds=0.25):
-    return time_calls(fn, dev, seconds=seconds, sync_each=False)["ms"]
 
 rates = {}
 for n in (8192, 4096):

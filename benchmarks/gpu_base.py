@@ -1,10 +1,11 @@
-# Shared by the XXL GPU probes (out_dtype_probe.py, residual_epilogue_probe.py): transformers' own random init
+# Shared by the GPU probes: for out_dtype_probe.py and residual_epilogue_probe.py, transformers' own random init
 # (t5core.bench.build_hf_reference) on the device, token ids for 1 and 8 prompts of 512 tokens, its float32
-# outputs with TF32 off, and our bf16 encoder with fused norms built from the same weights.
+# outputs with TF32 off, and our bf16 encoder with fused norms built from the same weights; for the GEMM probes,
+# kernel time of back-to-back calls.
 import sys
 sys.path.insert(0, ".")
 import torch
-from t5core.bench import build_hf_reference
+from t5core.bench import build_hf_reference, time_calls
 from t5core.hf import FastT5EncoderModel
 
 
@@ -20,3 +21,9 @@ def reference_and_encoder(dev: torch.device, size: str = "xxl"):
     del hf
     torch.cuda.empty_cache()
     return ids, ref, base
+
+
+def kernel_ms(fn, seconds: float = 0.25) -> float:
+    """Median ms of back-to-back calls on the current GPU (CUDA events, no sync between calls): kernel time,
+    not latency."""
+    return time_calls(fn, torch.device("cuda"), seconds=seconds, sync_each=False)["ms"]

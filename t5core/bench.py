@@ -371,6 +371,7 @@ def time_interleaved(run: Run, cases: list[tuple[dict, Variant, Loaded]], inp: I
             except Exception as e:
                 row["error"] = short_error(e)
                 free(run.device)
+    mm = statistics.median(mm_rates) if mm_rates else None
     for row, v, loaded in cases:
         if "error" in row:
             run.log(f"{v.name} {row['shape']}: {row['error']}")
@@ -378,8 +379,7 @@ def time_interleaved(run: Run, cases: list[tuple[dict, Variant, Loaded]], inp: I
         row.update(summary(samples[v.name]))
         row["tflops"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
         row["burst_share"] = row["tflops"] / burst
-        row["mm_tflops"] = statistics.median(mm_rates)
-        row["mm_share"] = row["tflops"] / row["mm_tflops"]
+        row["mm_tflops"], row["mm_share"] = mm, row["tflops"] / mm
         if v.attn == "flex" and inp.mask is not None:  # encode() builds the block mask on every call
             mask_ms = time_calls(lambda: make_self_attn_block_mask(inp.mask), run.device, 0.2)["ms"]
             row["note"] = f"{loaded.note}; block mask {mask_ms:.2f} ms (in the time)".lstrip("; ")

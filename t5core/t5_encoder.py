@@ -379,8 +379,8 @@ class T5EncoderStack(nn.Module):
 
     def _weight_ptrs(self) -> tuple[int, ...]:
         """Every parameter's address, read through its owner's parameter dict: walking self.parameters() on
-        every call cost 0.2 ms of host time at XXL on the H200's host (0.4 ms on a slow one), 2% of a 1x512
-        encode. A parameter moved (.data) or replaced (setattr, as ComfyUI's patcher does) still shows; a
+        every call cost 0.2 ms of host time at XXL on the H200's host, 2% of a 1x512 encode
+        (benchmarks/overhead_probe.py). A parameter moved (.data) or replaced (setattr, as ComfyUI's patcher does) still shows; a
         replaced submodule needs invalidate_caches()."""
         if self._param_slots is None:
             self._param_slots = [(m._parameters, name) for m in self.modules() for name in m._parameters]
