@@ -168,6 +168,9 @@ class T5EncoderStack(nn.Module):
         )
         self.layers = nn.ModuleList([T5EncoderLayer(config) for _ in range(config.num_layers)])
         self.ln = RMSNorm(config.hidden_dim, config.eps)  # final norm keeps its scale: nothing follows to fold it into
+        # The first layer's "previous FFN scale". A buffer like the layers' own scales: a tensor made in
+        # inference mode has other dispatch keys, which made the first layer a second compiled entry per shape.
+        self.register_buffer("unit_scale", torch.ones(()), persistent=False)
         self._offset_bias: dict[int, Tensor] = {}  # seq_len -> [1 or num_layers, H, 2L-1] float32
         self._unpadded_sdpa_bias: dict[tuple, Tensor] = {}  # (seq_len, dtype) -> [n, 1, H, L, L]
         self.cuda_graphs = True  # used by encode() once the layers are compiled
@@ -184,6 +187,7 @@ class T5EncoderStack(nn.Module):
         Layer i multiplies the residual by its attention scale, then by its FFN scale; every norm reads the
         stream at the cumulative scale c so far, so its eps becomes eps * c**2 (RMSNorm(c x; c^2 eps) = RMSNorm(x))."""
         attn_scales, ffn_scales = self.config.residual_scales()
+        self.unit_scale.fill_(1.0)  # buffers come uninitialised out of to_empty()
         c = 1.0
         for layer, sa, sf in zip(self.layers, attn_scales, ffn_scales):
             layer.ln1.eps.fill_(self.config.eps * c * c)
@@ -310,7 +314,7 @@ class T5EncoderStack(nn.Module):
         compiled region would fail its guards and compile it a second time."""
         flex = self.config.attn_impl == T5AttnImpl.Flex
         x = self.vocab_embed(input_ids).float()  # [B, L, D]
-        ffn_out, ffn_scale = torch.zeros_like(x), x.new_ones(())  # nothing pending before the first layer
+        ffn_out, ffn_scale = torch.zeros_like(x), self.unit_scale  # nothing pending before the first layer
         for i, layer in enumerate(self.layers):
             x, ffn_out = layer(x, ffn_out, ffn_scale, biases[i if len(biases) > 1 else 0], block_mask, flex)
             ffn_scale = layer.ffn_res_scale

@@ -139,3 +139,20 @@ def test_compiled_layers_take_more_shapes_than_dynamos_default_limit(tmp_path):
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 1e-5, L
+
+
+def test_regional_compile_makes_one_entry_per_shape(tmp_path):
+    """All layers share one compiled forward. The first layer's inputs must look like every other layer's to
+    dynamo's guards, or each new prompt length pays two compilations (a scale made in inference mode once did)."""
+    from torch._dynamo.testing import CompileCounter
+
+    hf = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=3, seed=5)
+    counter = CompileCounter()
+    model = t5core.load_encoder(save_hf(hf, tmp_path)).compile_layers(backend=counter)
+    for L in (9, 12):
+        ids, mask = _batch(512, [L, L - 4], seed=L)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 1e-5, L
+        model.encode(ids[:1, :L - 4])  # unpadded: no mask, another entry
+    assert counter.frame_count == 4
