@@ -1,69 +1,56 @@
-# Experiment (2026-11-29, H200): why flex is ~10 ms slower than SDPA on the padded batch (bench's pad8x256: 8
-# prompts of 20-200 tokens padded to 256), and what fixes it. XXL bf16, random weights, compiled layers + CUDA
-# graphs through encode(). Variants of the padded forward:
-#   sdpa           padding folded into the dense bias (shipped default)
-#   flex-blockmask make_self_attn_block_mask(mask) (shipped flex path)
-#   flex-qmask     the same with mask_pad_queries=True
-#   flex-keybias   no block mask: a [B, L] additive key bias (0 / -inf) read in the score_mod
-# then the same model unpadded at 8x256 for both attentions, each with one profiled graph replay (top kernels),
-# and attention alone (one layer's q, k, v) under the kernel options the third session found best.
+# Experiment (2026-11-29, H200): flex attention's padding and kernel options inside the XXL bf16 encoder
+# (random weights, compiled layers, one CUDA graph per case, timed through graph replay as encode() runs it).
+# Padding, at bench's pad8x256 (8 prompts of 20-200 tokens padded to 256):
+#   sdpa               padding folded into the dense bias
+#   flex               input_mask: a [B, L] key bias read in the score_mod (what encode() does)
+#   flex-blockmask     the usage guide's make_self_attn_block_mask(mask)
+#   flex-qmask         the same with mask_pad_queries=True
+# each with flex's default kernel options and with the usage guide's BLOCK_M 128 / BLOCK_N 64; then the unpadded
+# shapes 1x512, 8x512 and 8x256 with both attentions and option sets. One profiled replay per case gives the
+# attention kernel's time per layer. The first run of this probe (log 2026-11-29_h200_flex_pad_probe.log, git
+# 77fd8bd) patched the key bias in before encode() had it.
 # Run: python3 benchmarks/flex_pad_probe.py
 import sys
 import torch
 sys.path.insert(0, ".")
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from torch.nn.functional import scaled_dot_product_attention
 from torch.profiler import ProfilerActivity, profile
 from t5core.bench import Shape, make_inputs, time_calls
 from t5core.t5_common import T5AttnImpl, T5Config
-from t5core.t5_encoder import T5EncoderStack, T5SelfAttention, _flex_compiled, make_self_attn_block_mask
+from t5core.t5_encoder import T5EncoderStack, make_self_attn_block_mask
 
 dev = torch.device("cuda")
-shipped_attn_forward = T5SelfAttention.forward
-
-
-def attn_forward(self, x, bias, block_mask, flex):
-    """Shipped forward, except that a plain tensor in block_mask's place is a [B, L] float key bias."""
-    if not (flex and isinstance(block_mask, torch.Tensor)):
-        return shipped_attn_forward(self, x, bias, block_mask, flex)
-    B, L, _ = x.shape
-    key_bias = block_mask
-    q, k, v = self.qkv_proj(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + bias[h, kv_idx - q_idx + (L - 1)] + key_bias[b, kv_idx]
-
-    out = _flex_compiled(q, k, v, score_mod=score_mod, scale=self.scale, kernel_options=self.kernel_options)
-    return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
-
-
-T5SelfAttention.forward = attn_forward
-MASKS = {
-    "flex-blockmask": make_self_attn_block_mask,
-    "flex-qmask": lambda m: make_self_attn_block_mask(m, mask_pad_queries=True),
-    "flex-keybias": lambda m: torch.zeros(m.shape, device=m.device).masked_fill(~m, float("-inf")),
+OPTIONS = {"default": None, "guide 128/64": {"BLOCK_M": 128, "BLOCK_N": 64}}
+CALLS = {  # how each variant hands the model its padding
+    "sdpa": lambda m, ids, mask: m(ids, input_mask=mask),
+    "flex": lambda m, ids, mask: m(ids, input_mask=mask),
+    "flex-blockmask": lambda m, ids, mask: m(ids, block_mask=make_self_attn_block_mask(mask)),
+    "flex-qmask": lambda m, ids, mask: m(ids, block_mask=make_self_attn_block_mask(mask, mask_pad_queries=True)),
 }
 
 
-def set_variant(model, name):
-    flex = name.startswith("flex")
-    model.config = model.config.model_copy(update={"attn_impl": T5AttnImpl.Flex if flex else T5AttnImpl.SDPA})
-    model._drop_graphs()
-    if flex:
-        make = MASKS.get(name, make_self_attn_block_mask)
-        model._masked_forward = lambda ids, mask: model(ids, block_mask=None if mask is None else make(mask))
-    else:
-        model.__dict__.pop("_masked_forward", None)
+def graphed(fn):
+    """Capture fn() (after two warm-up calls, which compile) and return the graph and its output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
-def profile_replay(model, key):
-    graph = model._graphs[key][0]
+def attention_us(graph):
+    """Per-layer µs of the attention kernel (cuDNN or flex's Triton template) in one profiled replay, and the
+    total kernel ms."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
-    ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in ev) / 1e3
-    return total, [f"{e.device_time_total / 1e3:7.3f} ms x{e.count:4d} {e.key[:100]}" for e in ev[:6]]
+    ev = prof.key_averages()
+    attn = [e for e in ev if "flex_attention" in e.key or "sdpa" in e.key or "fmha" in e.key]
+    return sum(e.device_time_total for e in attn) / 24, sum(e.device_time_total for e in ev) / 1e3
 
 
 torch.manual_seed(0)
@@ -75,67 +62,36 @@ with torch.no_grad():
 model.compile_layers()
 pad = make_inputs(Shape(8, 256, True), 32128, dev)
 print("lengths", pad.mask.sum(-1).tolist(), flush=True)
-cases = [(n, pad.mask) for n in ("sdpa", "flex-blockmask", "flex-qmask", "flex-keybias")]
-cases += [("sdpa", None), ("flex", None)]
+cases = [(pad.ids, pad.mask, name) for name in CALLS]
+for B, L in ((1, 512), (8, 512), (8, 256)):
+    ids = make_inputs(Shape(B, L, False), 32128, dev).ids
+    cases += [(ids, None, "sdpa"), (ids, None, "flex")]
+
 rows, reference = [], {}
-for name, mask in cases:
-    set_variant(model, name)
-    out = model.encode(pad.ids, mask)
-    real = pad.mask if mask is not None else torch.ones_like(pad.mask)
-    reference.setdefault(mask is not None, out)
-    diff = (out - reference[mask is not None])[real].abs().max().item()
-    ms = [time_calls(lambda: model.encode(pad.ids, mask), dev, 1.0)["ms"] for _ in range(2)]
-    kernels, top = profile_replay(model, (8, 256, mask is not None))
-    label = f"{name} {'padded' if mask is not None else 'unpadded'}"
-    rows.append((label, min(ms), kernels, diff))
-    print(f"{label}: encode {ms[0]:.2f} / {ms[1]:.2f} ms, kernels {kernels:.2f} ms, max|diff| vs first {diff:.3g}",
-          flush=True)
-    print("\n".join("    " + t for t in top), flush=True)
-
-# attention alone: one layer's q, k, v at each shape
-H, Dh = 64, 64
-OPTIONS = {"default": None, "128/64 w8 s2": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-           "128/64 w4 s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}}
-att_rows = []
-for B, L, masked in ((1, 512, False), (8, 512, False), (8, 256, True)):
-    q, k, v = (torch.randn(B, H, L, Dh, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    table = torch.randn(H, 2 * L - 1, device=dev)
-    rel = torch.arange(L, device=dev)[None, :] - torch.arange(L, device=dev)[:, None] + L - 1
-    dense = table[:, rel][None]  # [1, H, L, L]
-    mask = pad.mask if masked else None
-    if mask is not None:
-        dense = dense.masked_fill(~mask[:, None, None, :], float("-inf"))
-    dense = dense.to(torch.bfloat16)
-    key_bias = None if mask is None else torch.zeros(mask.shape, device=dev).masked_fill(~mask, float("-inf"))
-    bm = None if mask is None else make_self_attn_block_mask(mask)
-
-    def sm(score, b, h, q_idx, kv_idx):
-        return score + table[h, kv_idx - q_idx + (L - 1)]
-
-    def sm_key(score, b, h, q_idx, kv_idx):
-        return score + table[h, kv_idx - q_idx + (L - 1)] + key_bias[b, kv_idx]
-
-    fns = {"sdpa (dense bias)": lambda: scaled_dot_product_attention(q, k, v, attn_mask=dense)}
+for ids, mask, name in cases:
     for oname, opts in OPTIONS.items():
-        fns[f"flex {oname}" + (" blockmask" if bm is not None else "")] = \
-            lambda opts=opts: _flex_compiled(q, k, v, score_mod=sm, block_mask=bm, kernel_options=opts)
-        if key_bias is not None:
-            fns[f"flex {oname} keybias"] = lambda opts=opts: _flex_compiled(q, k, v, score_mod=sm_key, kernel_options=opts)
-    for fname, fn in fns.items():
-        try:
-            fn()
-            us = 1e3 * time_calls(fn, dev, 0.3, sync_each=False)["ms"]
-        except Exception as e:  # an option set the template rejects
-            us = float("nan")
-            print(f"  {B}x{L} {fname}: {type(e).__name__}: {str(e)[:120]}")
-        att_rows.append((f"{B}x{L}{' padded' if masked else ''}", fname, us))
-        print(f"  attention {B}x{L} {fname}: {us:.1f} us", flush=True)
+        if name == "sdpa" and opts is not None:
+            continue
+        impl = T5AttnImpl.Flex if name.startswith("flex") else T5AttnImpl.SDPA
+        model.config = model.config.model_copy(update={"attn_impl": impl})
+        for layer in model.layers:
+            layer.attn.kernel_options = opts
+        with torch.inference_mode():
+            graph, out = graphed(lambda: CALLS[name](model, ids, mask))
+        real = torch.ones(ids.shape, dtype=torch.bool, device=dev) if mask is None else mask
+        key = (tuple(ids.shape), mask is not None)
+        reference.setdefault(key, out.clone())  # sdpa comes first for every shape
+        diff = (out - reference[key])[real].abs().max().item()
+        ms = min(time_calls(graph.replay, dev, 1.0)["ms"] for _ in range(2))
+        attn_us, kernel_ms = attention_us(graph)
+        shape = f"{'pad' if mask is not None else ''}{ids.shape[0]}x{ids.shape[1]}"
+        rows.append((shape, name, oname if impl == T5AttnImpl.Flex else "", ms, kernel_ms, attn_us, diff))
+        print(rows[-1], flush=True)
+        del graph, out
 
 print(f"\n## flex_pad_probe, {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
-print("| forward (8x256, CUDA graph via encode()) | ms (best of 2 medians) | kernel ms, one replay | max abs diff |")
-print("|---|---|---|---|")
-for label, ms, kernels, diff in rows:
-    print(f"| {label} | {ms:.2f} | {kernels:.2f} | {diff:.3g} |")
-print("\n| attention alone | kernel | µs |\n|---|---|---|")
-for shape, fname, us in att_rows:
-    print(f"| {shape} | {fname} | {us:.1f} |")
+print("| shape | attention | flex options | graph replay ms (best of 2 medians) | kernel ms, one replay | "
+      "attention µs per layer | max abs diff vs sdpa |")
+print("|---|---|---|---|---|---|---|")
+for shape, name, oname, ms, kernel_ms, attn_us, diff in rows:
+    print(f"| {shape} | {name} | {oname} | {ms:.2f} | {kernel_ms:.2f} | {attn_us:.0f} | {diff:.3g} |")

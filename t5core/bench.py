@@ -45,7 +45,6 @@ import torch
 from .checkpoint import open_checkpoint
 from .precision import relative_error
 from .t5_common import V1_1_PRESETS, T5FFNType
-from .t5_encoder import make_self_attn_block_mask
 from .weight_load import load_encoder
 
 FIRST_CALL_TAG = "T5CORE_FIRST_CALL "  # prefix of the JSON line a --first-call-only child prints
@@ -255,7 +254,7 @@ def hf_forward(model) -> Callable[[Inputs], torch.Tensor]:
 
 
 def load_variant(v: Variant, folder, device):
-    """-> (model, call(inputs) -> [B, L, D]). Ours: the product path, encode() (it builds the flex block mask)."""
+    """-> (model, call(inputs) -> [B, L, D]). Ours: the product path, encode()."""
     if v.impl == "ours":
         model = load_encoder(folder, v.dtype, device, attn_impl=v.attn, fuse_norms=True, compile=v.compiled)
         return model, lambda inp: model.encode(inp.ids, inp.mask)
@@ -380,9 +379,6 @@ def time_interleaved(run: Run, cases: list[tuple[dict, Variant, Loaded]], inp: I
         row["tflops"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
         row["burst_share"] = row["tflops"] / burst
         row["mm_tflops"], row["mm_share"] = mm, row["tflops"] / mm
-        if v.attn == "flex" and inp.mask is not None:  # encode() builds the block mask on every call
-            mask_ms = time_calls(lambda: make_self_attn_block_mask(inp.mask), run.device, 0.2)["ms"]
-            row["note"] = f"{loaded.note}; block mask {mask_ms:.2f} ms (in the time)".lstrip("; ")
         run.log(f"{v.name} {row['shape']}: {row['ms']:.2f} ms, first call {row['first_call_s']:.1f}s, "
                 f"rel err {row['rel_err']:.2e}")
 

@@ -41,7 +41,7 @@ def trace_layers(model, input_ids: LongTensor, mask: Optional[BoolTensor] = None
     try:
         for m in modules:
             m._compiled_call_impl = None
-        model._masked_forward(input_ids, real)
+        model(input_ids, input_mask=real)
     finally:
         for m, impl in zip(modules, compiled):
             m._compiled_call_impl = impl

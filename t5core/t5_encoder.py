@@ -51,14 +51,20 @@ class T5SelfAttention(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor, bias: Tensor, block_mask: Optional[BlockMask], flex: bool) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor, key_bias: Optional[Tensor], block_mask: Optional[BlockMask],
+                flex: bool) -> Tensor:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).view(B, L, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
         if flex:
-            # bias: [H, 2L-1] float32, indexed by relative offset; the score stays float32 inside the kernel
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + bias[h, kv_idx - q_idx + (L - 1)]
+            # bias: [H, 2L-1] float32, indexed by relative offset; key_bias: [B, L] float32, 0 or -max for pads.
+            # The score stays float32 inside the kernel.
+            if key_bias is None:
+                def score_mod(score, b, h, q_idx, kv_idx):
+                    return score + bias[h, kv_idx - q_idx + (L - 1)]
+            else:
+                def score_mod(score, b, h, q_idx, kv_idx):
+                    return score + bias[h, kv_idx - q_idx + (L - 1)] + key_bias[b, kv_idx]
 
             attn = _flex_compiled if x.is_cuda else flex_attention
             out = attn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale,
@@ -101,14 +107,15 @@ class T5EncoderLayer(nn.Module):
         self.register_buffer("ffn_res_scale", torch.ones(()), persistent=False)
 
     def forward(self, x: FloatTensor, prev_ffn_out: FloatTensor, prev_ffn_scale: Tensor, bias: Tensor,
-                block_mask: Optional[BlockMask] = None, flex: bool = False) -> tuple[FloatTensor, FloatTensor]:
+                key_bias: Optional[Tensor] = None, block_mask: Optional[BlockMask] = None,
+                flex: bool = False) -> tuple[FloatTensor, FloatTensor]:
         """x [B, L, D] float32: the stream before the previous layer's FFN residual, which is added here, where
         it fuses with ln1 into one kernel (a separate add would cost a kernel and a pass over the stream per layer).
         -> (stream after attention, FFN output), both [B, L, D] float32: the stream after this layer is
         x_out * self.ffn_res_scale + ffn_out."""
         dtype = self.attn.o_proj.weight.dtype
         x = x * prev_ffn_scale + prev_ffn_out
-        x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, block_mask, flex)
+        x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, key_bias, block_mask, flex)
         return x, self.ffn(self.ln2(x).to(dtype))
 
     def stream_after(self, out: tuple[FloatTensor, FloatTensor]) -> FloatTensor:
@@ -291,15 +298,19 @@ class T5EncoderStack(nn.Module):
     ) -> FloatTensor:
         """input_ids [B, L] -> embeddings [B, L, D] float32.
 
-        SDPA takes input_mask [B, L] (True = real token); flex takes a block_mask from make_self_attn_block_mask."""
+        input_mask [B, L] (True = real token) masks padded keys for either attention. Flex also takes a block_mask
+        from make_self_attn_block_mask instead, which skips blocks made only of padding: encode() passes
+        input_mask, which was faster on the H200 (benchmarks/flex_pad_probe.py)."""
         B, L = input_ids.shape
         flex = self.config.attn_impl == T5AttnImpl.Flex
-        if flex and input_mask is not None and block_mask is None:
-            raise ValueError("flex attention ignores input_mask: pass block_mask=make_self_attn_block_mask(mask)")
         dtype = self.layers[0].attn.o_proj.weight.dtype
         offset_bias = self._offset_bias_for(L)
+        key_bias = None
         if flex:
             biases = offset_bias
+            if input_mask is not None:  # [B, L]; -max rather than -inf keeps an all-padding row finite
+                key_bias = torch.zeros(input_mask.shape, device=offset_bias.device).masked_fill(
+                    ~input_mask.bool(), torch.finfo(torch.float32).min)
         elif input_mask is None and not torch.is_grad_enabled():  # unpadded inference: the same bias every call
             key = (L, dtype)
             if key not in self._unpadded_sdpa_bias:
@@ -307,16 +318,17 @@ class T5EncoderStack(nn.Module):
             biases = self._unpadded_sdpa_bias[key]
         else:
             biases = self._sdpa_bias(offset_bias, L, input_mask, dtype)
-        return self._embed_and_layers(input_ids, biases, block_mask)
+        return self._embed_and_layers(input_ids, biases, key_bias, block_mask)
 
-    def _embed_and_layers(self, input_ids: LongTensor, biases: Tensor, block_mask: Optional[BlockMask]) -> FloatTensor:
+    def _embed_and_layers(self, input_ids: LongTensor, biases: Tensor, key_bias: Optional[Tensor],
+                          block_mask: Optional[BlockMask]) -> FloatTensor:
         """The bias caches stay outside: this is what the CPU path compiles whole, and a cache filled inside a
         compiled region would fail its guards and compile it a second time."""
         flex = self.config.attn_impl == T5AttnImpl.Flex
         x = self.vocab_embed(input_ids).float()  # [B, L, D]
         ffn_out, ffn_scale = torch.zeros_like(x), self.unit_scale  # nothing pending before the first layer
         for i, layer in enumerate(self.layers):
-            x, ffn_out = layer(x, ffn_out, ffn_scale, biases[i if len(biases) > 1 else 0], block_mask, flex)
+            x, ffn_out = layer(x, ffn_out, ffn_scale, biases[i if len(biases) > 1 else 0], key_bias, block_mask, flex)
             ffn_scale = layer.ffn_res_scale
         return self.ln(x * ffn_scale + ffn_out)
 
@@ -333,18 +345,15 @@ class T5EncoderStack(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())  # tokenizer masks are on the CPU
         input_ids = input_ids.to(device, non_blocking=True)
         mask = attention_mask.to(device, non_blocking=True).bool() if padded else None
-        run = self._graphed_forward if self._uses_cuda_graphs() else self._masked_forward
-        out = run(input_ids, mask)
+        if self._uses_cuda_graphs():
+            out = self._graphed_forward(input_ids, mask)
+        else:
+            out = self(input_ids, input_mask=mask)
         if self.layers[0].attn.o_proj.weight.dtype == torch.float16:
             finite_rows = torch.isfinite(out).all(-1)  # [B, L]; pad rows do not count
             if not bool((finite_rows if mask is None else finite_rows | ~mask).all()):
                 self._raise_non_finite(input_ids, mask)
         return out
-
-    def _masked_forward(self, input_ids: LongTensor, mask: Optional[BoolTensor]) -> FloatTensor:
-        if self.config.attn_impl == T5AttnImpl.Flex:
-            return self(input_ids, block_mask=None if mask is None else make_self_attn_block_mask(mask))
-        return self(input_ids, input_mask=mask)
 
     def _uses_cuda_graphs(self) -> bool:
         return self.cuda_graphs and self.vocab_embed.weight.is_cuda and self.layers[0]._compiled_call_impl is not None
@@ -367,11 +376,11 @@ class T5EncoderStack(nn.Module):
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up (compiles) off the capture
                 for _ in range(2):
-                    self._masked_forward(*static)
+                    self(*static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                static_out = self._masked_forward(*static)
+                static_out = self(*static)
             self._graph_pool = graph.pool()
             self._graphs[key] = (graph, static, static_out)
         graph, (static_ids, static_mask), static_out = self._graphs[key]
