@@ -2,13 +2,14 @@
 # (random weights, compiled layers, one CUDA graph per case, timed through graph replay as encode() runs it).
 # Padding, at bench's pad8x256 (8 prompts of 20-200 tokens padded to 256):
 #   sdpa               padding folded into the dense bias
-#   flex               input_mask: a [B, L] key bias read in the score_mod (what encode() does)
-#   flex-blockmask     the usage guide's make_self_attn_block_mask(mask)
-#   flex-qmask         the same with mask_pad_queries=True
-# each with flex's default kernel options and with the usage guide's BLOCK_M 128 / BLOCK_N 64; then the unpadded
-# shapes 1x512, 8x512 and 8x256 with both attentions and option sets. One profiled replay per case gives the
-# attention kernel's time per layer. The first run of this probe (log 2026-11-29_h200_flex_pad_probe.log, git
-# 77fd8bd) patched the key bias in before encode() had it.
+#   flex               input_mask, which flex turns into make_self_attn_block_mask(mask) (what encode() does)
+#   flex-qmask         make_self_attn_block_mask(mask, mask_pad_queries=True), the usage guide's
+# each with flex's own default kernel options and with t5core's (FLEX_KERNEL_OPTIONS: the usage guide's BLOCK_M
+# 128 / BLOCK_N 64); then the unpadded shapes 1x512, 8x512 and 8x256 with both attentions and option sets. One
+# profiled replay per case gives the attention kernel's time per layer.
+# Earlier runs: 2026-11-29_h200_flex_pad_probe.log (the script at git 77fd8bd, which patched in a [B, L] key
+# bias) and _run2.log (git 856b371, where input_mask meant that key bias; its diff column read the captured
+# output before any replay, so it is void).
 # Run: python3 benchmarks/flex_pad_probe.py
 import sys
 import torch
@@ -16,14 +17,13 @@ sys.path.insert(0, ".")
 from torch.profiler import ProfilerActivity, profile
 from t5core.bench import Shape, make_inputs, time_calls
 from t5core.t5_common import T5AttnImpl, T5Config
-from t5core.t5_encoder import T5EncoderStack, make_self_attn_block_mask
+from t5core.t5_encoder import FLEX_KERNEL_OPTIONS, T5EncoderStack, make_self_attn_block_mask
 
 dev = torch.device("cuda")
-OPTIONS = {"default": None, "guide 128/64": {"BLOCK_M": 128, "BLOCK_N": 64}}
+OPTIONS = {"flex's default": None, "t5core's 128/64": FLEX_KERNEL_OPTIONS}
 CALLS = {  # how each variant hands the model its padding
     "sdpa": lambda m, ids, mask: m(ids, input_mask=mask),
     "flex": lambda m, ids, mask: m(ids, input_mask=mask),
-    "flex-blockmask": lambda m, ids, mask: m(ids, block_mask=make_self_attn_block_mask(mask)),
     "flex-qmask": lambda m, ids, mask: m(ids, block_mask=make_self_attn_block_mask(mask, mask_pad_queries=True)),
 }
 
@@ -78,11 +78,11 @@ for ids, mask, name in cases:
             layer.attn.kernel_options = opts
         with torch.inference_mode():
             graph, out = graphed(lambda: CALLS[name](model, ids, mask))
+        ms = min(time_calls(graph.replay, dev, 1.0)["ms"] for _ in range(2))  # replays fill `out`
         real = torch.ones(ids.shape, dtype=torch.bool, device=dev) if mask is None else mask
         key = (tuple(ids.shape), mask is not None)
         reference.setdefault(key, out.clone())  # sdpa comes first for every shape
         diff = (out - reference[key])[real].abs().max().item()
-        ms = min(time_calls(graph.replay, dev, 1.0)["ms"] for _ in range(2))
         attn_us, kernel_ms = attention_us(graph)
         shape = f"{'pad' if mask is not None else ''}{ids.shape[0]}x{ids.shape[1]}"
         rows.append((shape, name, oname if impl == T5AttnImpl.Flex else "", ms, kernel_ms, attn_us, diff))

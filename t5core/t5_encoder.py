@@ -18,6 +18,11 @@ _flex_compiled = torch.compile(flex_attention, dynamic=False)
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 
+# Flex's kernel options when the config names none. With flex's own defaults a padding block mask made the XXL
+# attention kernel take 658 us a layer on an H200, against 55 us with these (the usage guide's); they were as fast
+# or faster at every unpadded shape measured too (benchmarks/flex_pad_probe.py).
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64}
+
 # torch.mm(..., out_dtype=) (torch >= 2.8): half-precision inputs, float32 output straight from the accumulator
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
@@ -41,7 +46,7 @@ class T5SelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.scale = config.head_dim**-0.5 if config.scale_qk else 1.0
-        self.kernel_options = dict(config.flex_kernel_options) or None
+        self.kernel_options = dict(config.flex_kernel_options or FLEX_KERNEL_OPTIONS)
         self.qkv_proj = nn.Linear(config.hidden_dim, 3 * config.inner_dim, bias=False, dtype=config.dtype)
         self.o_proj = F32OutLinear(config.inner_dim, config.hidden_dim, bias=False, dtype=config.dtype)
         # UMT5 only: each layer owns its table [buckets, H]
@@ -51,20 +56,14 @@ class T5SelfAttention(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor, bias: Tensor, key_bias: Optional[Tensor], block_mask: Optional[BlockMask],
-                flex: bool) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor, block_mask: Optional[BlockMask], flex: bool) -> Tensor:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).view(B, L, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
         if flex:
-            # bias: [H, 2L-1] float32, indexed by relative offset; key_bias: [B, L] float32, 0 or -max for pads.
-            # The score stays float32 inside the kernel.
-            if key_bias is None:
-                def score_mod(score, b, h, q_idx, kv_idx):
-                    return score + bias[h, kv_idx - q_idx + (L - 1)]
-            else:
-                def score_mod(score, b, h, q_idx, kv_idx):
-                    return score + bias[h, kv_idx - q_idx + (L - 1)] + key_bias[b, kv_idx]
+            # bias: [H, 2L-1] float32, indexed by relative offset; the score stays float32 inside the kernel
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + bias[h, kv_idx - q_idx + (L - 1)]
 
             attn = _flex_compiled if x.is_cuda else flex_attention
             out = attn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale,
@@ -107,15 +106,14 @@ class T5EncoderLayer(nn.Module):
         self.register_buffer("ffn_res_scale", torch.ones(()), persistent=False)
 
     def forward(self, x: FloatTensor, prev_ffn_out: FloatTensor, prev_ffn_scale: Tensor, bias: Tensor,
-                key_bias: Optional[Tensor] = None, block_mask: Optional[BlockMask] = None,
-                flex: bool = False) -> tuple[FloatTensor, FloatTensor]:
+                block_mask: Optional[BlockMask] = None, flex: bool = False) -> tuple[FloatTensor, FloatTensor]:
         """x [B, L, D] float32: the stream before the previous layer's FFN residual, which is added here, where
         it fuses with ln1 into one kernel (a separate add would cost a kernel and a pass over the stream per layer).
         -> (stream after attention, FFN output), both [B, L, D] float32: the stream after this layer is
         x_out * self.ffn_res_scale + ffn_out."""
         dtype = self.attn.o_proj.weight.dtype
         x = x * prev_ffn_scale + prev_ffn_out
-        x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, key_bias, block_mask, flex)
+        x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, block_mask, flex)
         return x, self.ffn(self.ln2(x).to(dtype))
 
     def stream_after(self, out: tuple[FloatTensor, FloatTensor]) -> FloatTensor:
@@ -298,19 +296,17 @@ class T5EncoderStack(nn.Module):
     ) -> FloatTensor:
         """input_ids [B, L] -> embeddings [B, L, D] float32.
 
-        input_mask [B, L] (True = real token) masks padded keys for either attention. Flex also takes a block_mask
-        from make_self_attn_block_mask instead, which skips blocks made only of padding: encode() passes
-        input_mask, which was faster on the H200 (benchmarks/flex_pad_probe.py)."""
+        input_mask [B, L] (True = real token) masks padded keys; flex turns it into the padding block mask
+        (make_self_attn_block_mask(input_mask)) unless given a block_mask, such as one that also drops pad
+        queries."""
         B, L = input_ids.shape
         flex = self.config.attn_impl == T5AttnImpl.Flex
         dtype = self.layers[0].attn.o_proj.weight.dtype
         offset_bias = self._offset_bias_for(L)
-        key_bias = None
         if flex:
             biases = offset_bias
-            if input_mask is not None:  # [B, L]; -max rather than -inf keeps an all-padding row finite
-                key_bias = torch.zeros(input_mask.shape, device=offset_bias.device).masked_fill(
-                    ~input_mask.bool(), torch.finfo(torch.float32).min)
+            if input_mask is not None and block_mask is None:
+                block_mask = make_self_attn_block_mask(input_mask)
         elif input_mask is None and not torch.is_grad_enabled():  # unpadded inference: the same bias every call
             key = (L, dtype)
             if key not in self._unpadded_sdpa_bias:
@@ -318,17 +314,16 @@ class T5EncoderStack(nn.Module):
             biases = self._unpadded_sdpa_bias[key]
         else:
             biases = self._sdpa_bias(offset_bias, L, input_mask, dtype)
-        return self._embed_and_layers(input_ids, biases, key_bias, block_mask)
+        return self._embed_and_layers(input_ids, biases, block_mask)
 
-    def _embed_and_layers(self, input_ids: LongTensor, biases: Tensor, key_bias: Optional[Tensor],
-                          block_mask: Optional[BlockMask]) -> FloatTensor:
+    def _embed_and_layers(self, input_ids: LongTensor, biases: Tensor, block_mask: Optional[BlockMask]) -> FloatTensor:
         """The bias caches stay outside: this is what the CPU path compiles whole, and a cache filled inside a
         compiled region would fail its guards and compile it a second time."""
         flex = self.config.attn_impl == T5AttnImpl.Flex
         x = self.vocab_embed(input_ids).float()  # [B, L, D]
         ffn_out, ffn_scale = torch.zeros_like(x), self.unit_scale  # nothing pending before the first layer
         for i, layer in enumerate(self.layers):
-            x, ffn_out = layer(x, ffn_out, ffn_scale, biases[i if len(biases) > 1 else 0], key_bias, block_mask, flex)
+            x, ffn_out = layer(x, ffn_out, ffn_scale, biases[i if len(biases) > 1 else 0], block_mask, flex)
             ffn_scale = layer.ffn_res_scale
         return self.ln(x * ffn_scale + ffn_out)
 

@@ -59,19 +59,19 @@ def test_flex_pad_queries_masked(pair):
     assert rel_err(both[mask], keys_only[mask]) <= 1e-6
 
 
-def test_flex_masks_pads_by_key_bias_or_block_mask(pair):
-    """Flex takes the padding as input_mask (a key bias in the score_mod, what encode() uses) or as the usage
-    guide's block mask; lengths over 128 give the block mask skipped and partial blocks."""
+def test_flex_takes_input_mask_as_block_mask(pair):
+    """Flex turns input_mask into the usage guide's padding block mask (keys only), so pad rows come out as
+    transformers computes them; lengths over 128 give skipped and partial blocks."""
     kind, hf, folder = pair
     model = t5core.load_encoder(folder, attn_impl="flex")
     ids, mask = _batch(512, [150, 5, 131], seed=6)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     with torch.inference_mode():
-        by_key_bias = model(ids, input_mask=mask)
-        by_blocks = model(ids, block_mask=t5core.make_self_attn_block_mask(mask))
-    assert rel_err(by_key_bias, ref) <= 1e-5, kind  # pad rows too, as transformers computes them
-    assert rel_err(by_blocks[mask], ref[mask]) <= 1e-5, kind
+        by_input_mask = model(ids, input_mask=mask)
+        by_block_mask = model(ids, block_mask=t5core.make_self_attn_block_mask(mask))
+    assert torch.equal(by_input_mask, by_block_mask)
+    assert rel_err(by_input_mask, ref) <= 1e-5, kind
 
 
 def test_bucket_examples():
