@@ -3,30 +3,16 @@
 # segments interleaved with 2 s segments of the encoder at 1x512 and 8x512, (c) over 10 s of each alone, while
 # nvidia-smi samples the SM clock, power and throttle reasons every 100 ms (also to $OUT/smi.csv when OUT is set).
 # Each segment's clock is the mean of the samples inside it. Run: python3 benchmarks/clock_probe.py
-import os, statistics, subprocess, sys, threading, time
-from datetime import datetime
+import statistics, sys, time
 import torch
 sys.path.insert(0, ".")
+from gpu_base import SmiSampler
 from t5core.bench import build_hf_reference, matmul_tflops, time_calls
 from t5core.hf import FastT5EncoderModel
 
 dev = torch.device("cuda")
 WORK = 4.845e12  # T5-XXL, one 512-token prompt
-samples = []  # (epoch s, SM MHz, W, throttle reasons)
-smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active",
-                        "--format=csv,noheader,nounits", "-lms", "100"], stdout=subprocess.PIPE, text=True)
-raw = open(os.path.join(os.environ["OUT"], "smi.csv"), "w") if os.environ.get("OUT") else None
-
-
-def read_smi():
-    for line in smi.stdout:
-        if raw:
-            raw.write(line)
-        ts, mhz, watts, reasons = [f.strip() for f in line.split(",")]
-        samples.append((datetime.strptime(ts, "%Y/%m/%d %H:%M:%S.%f").timestamp(), float(mhz), float(watts), reasons))
-
-
-threading.Thread(target=read_smi, daemon=True).start()
+smi = SmiSampler()
 segments = []  # (kind, value, start, end)
 
 
@@ -35,12 +21,6 @@ def segment(kind, fn):
     value = fn()
     segments.append((kind, value, start, time.time()))
     return value
-
-
-def clock(start, end):
-    inside = [s for s in samples if start + 0.2 <= s[0] <= end]  # skip the first 200 ms: the clock settles
-    return (statistics.mean(s[1] for s in inside), statistics.mean(s[2] for s in inside),
-            sorted({s[3] for s in inside})) if inside else (float("nan"), float("nan"), [])
 
 
 time.sleep(2)  # idle: the GPU drops to its base state, as before a bench run
@@ -64,12 +44,12 @@ for _ in range(4):
 segment("matmul, 10 s alone", lambda: mm(10.0))
 segment("8x512, 10 s alone", lambda: encoder(8, 10.0))
 time.sleep(0.5)
-smi.terminate()
+smi.stop()
 
 print("| segment | value | SM MHz | W | throttle |\n|---|---|---|---|---|")
 kinds = {}
 for kind, value, start, end in segments:
-    mhz, watts, reasons = clock(start, end)
+    mhz, watts, reasons = smi.clock(start, end)
     kinds.setdefault(kind, []).append((value, mhz))
     unit = "TFLOP/s" if "matmul" in kind else "ms"
     print(f"| {kind} | {value:.1f} {unit} | {mhz:.0f} | {watts:.0f} | {' '.join(reasons)} |")

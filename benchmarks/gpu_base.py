@@ -1,8 +1,9 @@
 # Shared by the GPU probes: for out_dtype_probe.py and residual_epilogue_probe.py, transformers' own random init
 # (t5core.bench.build_hf_reference) on the device, token ids for 1 and 8 prompts of 512 tokens, its float32
 # outputs with TF32 off, and our bf16 encoder with fused norms built from the same weights; for the GEMM probes,
-# kernel time of back-to-back calls.
-import sys
+# kernel time of back-to-back calls; for the clock and power probes, nvidia-smi sampled every 100 ms.
+import os, statistics, subprocess, sys, threading
+from datetime import datetime
 sys.path.insert(0, ".")
 import torch
 from t5core.bench import build_hf_reference, time_calls
@@ -27,3 +28,35 @@ def kernel_ms(fn, seconds: float = 0.25) -> float:
     """Median ms of back-to-back calls on the current GPU (CUDA events, no sync between calls): kernel time,
     not latency."""
     return time_calls(fn, torch.device("cuda"), seconds=seconds, sync_each=False)["ms"]
+
+
+class SmiSampler:
+    """nvidia-smi's SM clock, power draw and throttle reasons every 100 ms, in a background thread (the raw lines
+    also go to $OUT/smi.csv when OUT is set). Its pipe delivers samples seconds late: call clock() after stop()."""
+
+    def __init__(self):
+        self.samples = []  # (epoch s, SM MHz, W, throttle reasons)
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active",
+             "--format=csv,noheader,nounits", "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        self.raw = open(os.path.join(os.environ["OUT"], "smi.csv"), "w") if os.environ.get("OUT") else None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if self.raw:
+                self.raw.write(line)
+            ts, mhz, watts, reasons = [f.strip() for f in line.split(",")]
+            stamp = datetime.strptime(ts, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            self.samples.append((stamp, float(mhz), float(watts), reasons))
+
+    def clock(self, start: float, end: float):
+        """-> (mean SM MHz, mean W, throttle reasons) of the samples in [start + 0.2 s, end]: the clock settles."""
+        inside = [s for s in self.samples if start + 0.2 <= s[0] <= end]
+        return (statistics.mean(s[1] for s in inside), statistics.mean(s[2] for s in inside),
+                sorted({s[3] for s in inside})) if inside else (float("nan"), float("nan"), [])
+
+    def stop(self):
+        self.proc.terminate()
+        self.reader.join(timeout=5)  # the lines still in the pipe
