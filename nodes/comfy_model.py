@@ -194,7 +194,7 @@ class T5Encoder:
         return mm.text_encoder_device(), mm.text_encoder_offload_device()
 
     def attention(self) -> str:
-        """The attention kernel: as planned, else SDPA (t5core's default: as fast as flex unpadded, faster padded)."""
+        """The attention kernel: as planned, else SDPA (t5core's default, which needs no Triton)."""
         return self.plan.attention or "sdpa"
 
     def patcher(self):

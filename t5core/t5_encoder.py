@@ -19,8 +19,8 @@ warnings.filterwarnings("ignore", message="flex_attention called without torch.c
 
 
 # Flex's kernel options when the config names none. With flex's own defaults a padding block mask made the XXL
-# attention kernel take 658 us a layer on an H200, against 55 us with these (the usage guide's); they were as fast
-# or faster at every unpadded shape measured too (benchmarks/flex_pad_probe.py).
+# attention kernel take 638-658 us a layer on an H200, against 55 us with these (the usage guide's); they were as
+# fast or faster at every unpadded shape measured too (benchmarks/flex_pad_probe.py).
 FLEX_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64}
 
 # torch.mm(..., out_dtype=) (torch >= 2.8): half-precision inputs, float32 output straight from the accumulator

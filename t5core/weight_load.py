@@ -175,8 +175,9 @@ def load_encoder(
 ) -> T5EncoderStack:
     """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`.
 
-    dtype: float32 / bfloat16 / float16. attn_impl: "sdpa" (default) or "flex". Compiled,
-    the two run at the same speed unpadded on an H200 and SDPA is faster on padded batches (BENCHMARKS.md).
+    dtype: float32 / bfloat16 / float16. attn_impl: "sdpa" (default) or "flex". Compiled on an H200 the two are
+    within 1-2% except for one long prompt, where flex is 3-6% faster (BENCHMARKS.md); on CUDA flex always
+    compiles its kernel with Triton, SDPA uncompiled needs no Triton.
     fuse_norms: fold norm scales into the projections while loading.
     fp16_scales (float16 only): "auto" (scales in the checkpoint, else calibrated ones saved beside it, else the
     preset for its size), "calibrate" (measure now on varied prompts), None, a list of FFN-out scales, or an
