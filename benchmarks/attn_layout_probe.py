@@ -7,9 +7,9 @@ import copy, statistics, sys
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 sys.path.insert(0, ".")
+from gpu_base import random_xxl_encoder
 from t5core.bench import matmul_tflops, time_calls
-from t5core.t5_common import T5Config
-from t5core.t5_encoder import T5EncoderStack, T5SelfAttention
+from t5core.t5_encoder import T5SelfAttention
 
 dev = torch.device("cuda")
 mm = matmul_tflops(dev)["tflops"]
@@ -53,12 +53,7 @@ class HeadMajorAttention(T5SelfAttention):
         return self.o_proj(out)
 
 
-torch.manual_seed(0)
-with torch.device(dev):
-    base = T5EncoderStack(T5Config.from_name("xxl", dtype=torch.bfloat16)).eval()
-with torch.no_grad():
-    for p in base.parameters():
-        p.normal_(0, 0.02)
+base = random_xxl_encoder(dev)
 
 
 def copy_of_base():

@@ -16,8 +16,9 @@ import torch
 sys.path.insert(0, ".")
 from torch.profiler import ProfilerActivity, profile
 from t5core.bench import Shape, make_inputs, time_calls
-from t5core.t5_common import T5AttnImpl, T5Config
-from t5core.t5_encoder import FLEX_KERNEL_OPTIONS, T5EncoderStack, make_self_attn_block_mask
+from gpu_base import random_xxl_encoder
+from t5core.t5_common import T5AttnImpl
+from t5core.t5_encoder import FLEX_KERNEL_OPTIONS, make_self_attn_block_mask
 
 dev = torch.device("cuda")
 OPTIONS = {"flex's default": None, "t5core's 128/64": FLEX_KERNEL_OPTIONS}
@@ -53,13 +54,7 @@ def attention_us(graph):
     return sum(e.device_time_total for e in attn) / 24, sum(e.device_time_total for e in ev) / 1e3
 
 
-torch.manual_seed(0)
-with torch.device(dev):
-    model = T5EncoderStack(T5Config.from_name("xxl", dtype=torch.bfloat16)).eval()
-with torch.no_grad():
-    for p in model.parameters():
-        p.normal_(0, 0.02)
-model.compile_layers()
+model = random_xxl_encoder(dev).compile_layers()
 pad = make_inputs(Shape(8, 256, True), 32128, dev)
 print("lengths", pad.mask.sum(-1).tolist(), flush=True)
 cases = [(pad.ids, pad.mask, name) for name in CALLS]

@@ -8,6 +8,20 @@ sys.path.insert(0, ".")
 import torch
 from t5core.bench import build_hf_reference, time_calls
 from t5core.hf import FastT5EncoderModel
+from t5core.t5_common import T5AttnImpl, T5Config
+from t5core.t5_encoder import T5EncoderStack
+
+
+def random_xxl_encoder(dev: torch.device, attn_impl: T5AttnImpl = T5AttnImpl.SDPA) -> T5EncoderStack:
+    """Our XXL stack in bf16 with every parameter drawn from N(0, 0.02) (seed 0), no norm fusion: for probes
+    that need the kernels, not a reference."""
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = T5EncoderStack(T5Config.from_name("xxl", dtype=torch.bfloat16, attn_impl=attn_impl)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
 
 
 def reference_and_encoder(dev: torch.device, size: str = "xxl"):

@@ -1,24 +1,17 @@
 # Experiment (2026-11-28, H200): where the XXL encoder's 1x512 time goes beyond kernel time. Times encode()
 # (as bench does: CUDA events, synchronized per call), the captured CUDA graph replayed alone, and back to back;
 # lists the 12 longest kernels of one forward with counts (kernel launches per layer). Run: python3 benchmarks/overhead_probe.py
-import sys, time
+import sys
 import torch
 sys.path.insert(0, '.')
 from torch.profiler import profile, ProfilerActivity
+from gpu_base import random_xxl_encoder
 from t5core.bench import time_calls
-from t5core.t5_common import T5Config, T5AttnImpl
-from t5core.t5_encoder import T5EncoderStack
+from t5core.t5_common import T5AttnImpl
 
 dev = torch.device('cuda')
-torch.manual_seed(0)
 for impl in (T5AttnImpl.SDPA, T5AttnImpl.Flex):
-    cfg = T5Config.from_name('xxl', dtype=torch.bfloat16, attn_impl=impl)
-    with torch.device(dev):
-        m = T5EncoderStack(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.02)
-    m.compile_layers()
+    m = random_xxl_encoder(dev, impl).compile_layers()
     for B in (1, 8):
         ids = torch.randint(3, 32000, (B, 512))
         m.encode(ids)
