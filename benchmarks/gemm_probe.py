@@ -6,17 +6,15 @@ import torch
 import torch.nn.functional as F
 sys.path.insert(0, '.'); sys.path.insert(0, 'benchmarks')
 import triton_gemm as gemm
-from gpu_base import kernel_ms as gpu_ms
+from gpu_base import ProjectionOperands, kernel_ms as gpu_ms
+from t5core.bench import matmul_tflops
 
 dev = torch.device('cuda')
 torch.manual_seed(0)
-out = []
 def say(s):
-    print(s, flush=True); out.append(s)
+    print(s, flush=True)
 
-a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16); b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-rate = 2 * 8192**3 / gpu_ms(lambda: a @ b) / 1e9
-say(f"matmul 8192^3: {rate:.0f} TFLOP/s"); del a, b
+say(f"matmul 8192^3: {matmul_tflops(dev)['tflops']:.0f} TFLOP/s")
 
 T = gemm.TileConfig
 CFGS = [T(128, 128, 64, 8, 8, 3), T(128, 128, 64, 8, 8, 4), T(128, 128, 64, 8, 4, 4), T(128, 128, 64, 8, 4, 3),
@@ -30,15 +28,8 @@ best = {}
 summary = []
 for M in (512, 4096):
     for name, ep, N, K in SHAPES:
-        rows_w = 2 * N if ep == gemm.GEGLU else N
-        ws = [torch.randn(rows_w, K, device=dev, dtype=torch.bfloat16) * K**-0.5 for _ in range(3)]  # 3 copies: L2-cold weights
-        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        res = torch.randn(M, N, device=dev); scale = torch.tensor(0.5, device=dev)
-        it = [0]
-        def w():
-            it[0] = (it[0] + 1) % 3
-            return ws[it[0]]
-        flops = 2 * M * K * rows_w
+        ops = ProjectionOperands(M, N, K, ep == gemm.GEGLU, dev)
+        x, res, scale, w, ws, flops = ops.x, ops.res, ops.scale, ops.w, ops.copies, ops.flops
         # references: what the unfused path runs (cuBLAS GEMM, plus the epilogue as separate kernels)
         if ep == gemm.PLAIN:
             cublas = gpu_ms(lambda: F.linear(x, w())); cublas_all = cublas
@@ -65,7 +56,7 @@ for M in (512, 4096):
                              N if ep == gemm.GEGLU else 0, ep, cfg)
                 return o
             try:
-                t0 = time.perf_counter(); it[0] = 2; run(); torch.cuda.synchronize(); comp = time.perf_counter() - t0
+                t0 = time.perf_counter(); ops.first_copy_next(); run(); torch.cuda.synchronize(); comp = time.perf_counter() - t0
                 err = ((o.float() - r.float()).norm() / r.float().norm()).item()
                 ms = gpu_ms(run)
                 results.append((ms, cfg, err))
@@ -78,7 +69,7 @@ for M in (512, 4096):
             best[(ep, N, K, M <= 1024)] = cfg
             summary.append(f"M={M:5d} {name:9s} cuBLAS {cublas*1e3:6.1f} us / unfused {cublas_all*1e3:6.1f} us | triton {ms*1e3:6.1f} us "
                            f"({flops/ms/1e9:.0f} TFLOP/s) {tuple(cfg)} -> {cublas_all/ms:.2f}x")
-        del ws, x, res
+        del ops, ws, x, res, w
         torch.cuda.empty_cache()
 say("\n".join(summary))
 say("best tiles: " + ", ".join(f"{k}: {tuple(v)}" for k, v in best.items()))

@@ -3,7 +3,7 @@
 # through TMA descriptors (plain / residual-add / GEGLU epilogues). (The run logged in
 # 2026-11-28_h200_gemm_probe_tma.log also profiled the encoder with a since-removed fused attention-out path.)
 # Run from the repo root: python3 benchmarks/gemm_probe_tma.py
-import sys, time
+import sys
 import torch
 import torch.nn.functional as F
 import triton
@@ -11,13 +11,12 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, '.'); sys.path.insert(0, 'benchmarks')
 import triton_gemm as gemm
-from gpu_base import kernel_ms as gpu_ms
+from gpu_base import ProjectionOperands, kernel_ms as gpu_ms
 
 dev = torch.device('cuda')
 torch.manual_seed(0)
-out = []
 def say(s):
-    print(s, flush=True); out.append(s)
+    print(s, flush=True)
 
 rates = {}
 for n in (8192, 4096):
@@ -70,15 +69,8 @@ for M in (256, 512, 1024, 4096):
     for name, ep, N, K in SHAPES:
         if M in (256, 1024) and name != "attn-out":
             continue
-        rows_w = 2 * N if ep == 2 else N
-        ws = [torch.randn(rows_w, K, device=dev, dtype=torch.bfloat16) * K**-0.5 for _ in range(3)]
-        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        res = torch.randn(M, N, device=dev); scale = torch.tensor(0.5, device=dev)
-        it = [0]
-        def w():
-            it[0] = (it[0] + 1) % 3
-            return ws[it[0]]
-        flops = 2 * M * K * rows_w
+        ops = ProjectionOperands(M, N, K, ep == 2, dev)
+        x, res, scale, w, ws, flops = ops.x, ops.res, ops.scale, ops.w, ops.copies, ops.flops
         cands = {}
         cands["cublas bf16-out"] = lambda: F.linear(x, w())
         cands["cublas f32-out"] = lambda: torch.mm(x, w().t(), out_dtype=torch.float32)
@@ -111,7 +103,7 @@ for M in (256, 512, 1024, 4096):
             def run(cfg=cfg, o=o):
                 tma_launch(x, w(), o, res if ep == 1 else o, scale if ep == 1 else o, N if ep == 2 else 0, ep, cfg)
             try:
-                it[0] = 2; run(); torch.cuda.synchronize()
+                ops.first_copy_next(); run(); torch.cuda.synchronize()
                 err = ((o.float() - r).norm() / r.norm()).item()
                 ms = gpu_ms(run)
                 say(f"   tma {cfg}: {ms*1e3:6.1f} us {flops/ms/1e9:4.0f} TFLOP/s err {err:.1e}")
@@ -123,6 +115,6 @@ for M in (256, 512, 1024, 4096):
         if best:
             summary.append(f"M={M:5d} {name:9s} best cuBLAS {cub*1e3:6.1f} us ({flops/cub/1e9:.0f}) | tma {best[0]*1e3:6.1f} us "
                            f"({flops/best[0]/1e9:.0f}) {best[1]}")
-        del ws, x, res
+        del ops, ws, x, res, w
         torch.cuda.empty_cache()
 say("\n".join(summary))

@@ -74,3 +74,25 @@ class SmiSampler:
     def stop(self):
         self.proc.terminate()
         self.reader.join(timeout=5)  # the lines still in the pipe
+
+
+class ProjectionOperands:
+    """One XXL projection's operands at M rows, for the GEMM probes: x [M, K] bf16, a float32 residual [M, N] and
+    its scale, and three copies of the weight [rows, K] (rows = 2N for gate/up) that w() hands out in turn, so the
+    weights come from memory rather than L2, as in the encoder."""
+
+    def __init__(self, M: int, N: int, K: int, geglu: bool, dev: torch.device):
+        self.rows = 2 * N if geglu else N
+        self.copies = [torch.randn(self.rows, K, device=dev, dtype=torch.bfloat16) * K**-0.5 for _ in range(3)]
+        self.x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        self.res, self.scale = torch.randn(M, N, device=dev), torch.tensor(0.5, device=dev)
+        self.flops = 2 * M * K * self.rows
+        self._turn = 0
+
+    def w(self) -> torch.Tensor:
+        self._turn = (self._turn + 1) % 3
+        return self.copies[self._turn]
+
+    def first_copy_next(self) -> None:
+        """The next w() returns copies[0], the weight the float32 references use."""
+        self._turn = 2
