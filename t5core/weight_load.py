@@ -84,7 +84,7 @@ def stream_into_module(
         name = work[key][0]
         norm_name = _norm_key_for(name)
         if norm_name in norm_scales:
-            t = scale_input_columns(t if norm_fusion_via_f32 else t.to(param.dtype), norm_scales[norm_name],
+            t = scale_input_columns(t if norm_fusion_via_f32 else t.to(targets[key].dtype), norm_scales[norm_name],
                                     norm_fusion_via_f32)
         factor = weight_factors.get(name, 1.0)
         if factor != 1.0:

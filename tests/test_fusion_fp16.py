@@ -50,14 +50,16 @@ def test_fusion_while_loading_is_invariant(folder, tok):
     assert rel_err(fused.encode(ids, mask)[mask], ref[mask]) <= 1e-6
 
 
-def test_usage_guide_fusing_deserializer(folder, tok):
-    """config elementwise_affine=False + FusingDeserializer.load_with_fusions, as in the usage guide."""
+@pytest.mark.parametrize("via_f32", [True, False])
+def test_usage_guide_fusing_deserializer(folder, tok, via_f32):
+    """config elementwise_affine=False + FusingDeserializer.load_with_fusions, as in the usage guide (which
+    leaves norm_fusion_via_f32 at its default, False)."""
     ids, mask = tok(PROMPTS)
     ref = t5core.load_encoder(folder).encode(ids, mask)
     config = t5core.open_checkpoint(folder).config.model_copy(update={"elementwise_affine": False})
     t5_enc = t5core.T5EncoderStack(config).eval()
     deserializer = FusingDeserializer(folder, lazy_load=True, dtype=torch.float32, device="cpu")
-    deserializer.load_with_fusions(t5_enc, fuse_norm_scales=True, norm_fusion_via_f32=True,
+    deserializer.load_with_fusions(t5_enc, fuse_norm_scales=True, norm_fusion_via_f32=via_f32,
                                    enc_attn_out_scales=None, enc_ffn_out_scales=[1, 1, 1 / 2, 1 / 2])
     deserializer.close()
     assert rel_err(t5_enc.encode(ids, mask)[mask], ref[mask]) <= 1e-6

@@ -12,7 +12,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file from a checkout: make `t5core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch
 import torch.distributed as dist
 
 from t5core import load_encoder, load_tokenizer
