@@ -35,16 +35,10 @@ def trace_layers(model, input_ids: LongTensor, mask: Optional[BoolTensor] = None
         hooks.append(layer.ffn.register_forward_hook(lambda m, a, out, n=f"layers.{i}.ffn": record(n, out)))
         hooks.append(layer.register_forward_hook(lambda m, a, out, n=f"layers.{i}": record(n, m.stream_after(out))))
     hooks.append(model.ln.register_forward_hook(lambda m, a, out: record("final_norm", out)))
-    # hooks call .item(): run compiled layers eagerly for the trace
-    modules = [model, *model.layers]
-    compiled = [m._compiled_call_impl for m in modules]
     try:
-        for m in modules:
-            m._compiled_call_impl = None
-        model(input_ids, input_mask=real)
+        with model.running_eagerly():  # hooks call .item() and must see every module
+            model(input_ids, input_mask=real)
     finally:
-        for m, impl in zip(modules, compiled):
-            m._compiled_call_impl = impl
         for h in hooks:
             h.remove()
     return stats

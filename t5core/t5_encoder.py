@@ -3,7 +3,8 @@
 Shapes: B batch, L tokens, D hidden_dim, H heads, Dh head_dim, I = H*Dh, F ff_dim.
 """
 import warnings
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import BoolTensor, FloatTensor, LongTensor, Tensor, nn
@@ -183,6 +184,7 @@ class T5EncoderStack(nn.Module):
         self._graphs: dict[tuple, tuple] = {}  # (B, L, padded) -> (graph, static (ids, mask), static output)
         self._graph_pool, self._graph_ptrs = None, None
         self._param_slots: Optional[list[tuple[dict, str]]] = None  # (owner's _parameters, name), see _weight_ptrs
+        self._frozen_forward: Optional[Callable] = None  # CPU compile_for_inference: compiled _embed_and_layers
         self.apply_residual_scales_from_config()
 
     # -- residual scaling bookkeeping ----------------------------------------------------------------
@@ -228,7 +230,7 @@ class T5EncoderStack(nn.Module):
         self._unpadded_sdpa_bias.clear()
         self._drop_graphs()
         self._param_slots = None
-        self.__dict__.pop("_embed_and_layers", None)
+        self._frozen_forward = None
 
     def _drop_graphs(self) -> None:
         self._graphs.clear()
@@ -276,8 +278,24 @@ class T5EncoderStack(nn.Module):
             with torch._inductor.config.patch(freezing=True):
                 return compiled(*args)
 
-        self._embed_and_layers = frozen_embed_and_layers
+        self._frozen_forward = frozen_embed_and_layers
         return self
+
+    @contextmanager
+    def running_eagerly(self) -> Iterator["T5EncoderStack"]:
+        """Forward without any compiled code (regional or the CPU's frozen compilation) inside the block: for
+        hooks that must see every module run, as precision.trace_layers."""
+        modules = [self, *self.layers]
+        compiled, frozen = [m._compiled_call_impl for m in modules], self._frozen_forward
+        try:
+            for m in modules:
+                m._compiled_call_impl = None
+            self._frozen_forward = None
+            yield self
+        finally:
+            for m, impl in zip(modules, compiled):
+                m._compiled_call_impl = impl
+            self._frozen_forward = frozen
 
     def compile_layers(self, **compile_kwargs) -> "T5EncoderStack":
         """Regional compilation: every layer runs the same compiled code (parameters are graph inputs), so the
@@ -314,7 +332,7 @@ class T5EncoderStack(nn.Module):
             biases = self._unpadded_sdpa_bias[key]
         else:
             biases = self._sdpa_bias(offset_bias, L, input_mask, dtype)
-        return self._embed_and_layers(input_ids, biases, block_mask)
+        return (self._frozen_forward or self._embed_and_layers)(input_ids, biases, block_mask)
 
     def _embed_and_layers(self, input_ids: LongTensor, biases: Tensor, block_mask: Optional[BlockMask]) -> FloatTensor:
         """The bias caches stay outside: this is what the CPU path compiles whole, and a cache filled inside a

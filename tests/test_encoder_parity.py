@@ -135,6 +135,22 @@ def test_cpu_compile_freezes_weights_and_compiles_once(pair):
     assert rel_err(model.encode(ids), first) > 1e-3
 
 
+def test_layer_trace_sees_every_layer_of_a_cpu_compiled_model(tmp_path):
+    """precision.trace_layers (the float16 overflow diagnosis, the precision report) runs the model eagerly: on a
+    CPU-compiled model, whose whole forward is one frozen compilation, its hooks once saw nothing."""
+    from t5core.precision import trace_layers
+
+    hf = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=2, seed=7)
+    folder = save_hf(hf, tmp_path)
+    ids, mask = _batch(512, [12, 7], seed=7)
+    eager = trace_layers(t5core.load_encoder(folder), ids, mask)
+    compiled_model = t5core.load_encoder(folder, compile=True)
+    compiled_model.encode(ids, mask)
+    traced = trace_layers(compiled_model, ids, mask)
+    assert [s.name for s in traced] == [s.name for s in eager] and len(eager) == 2 * 4 + 1
+    assert [s.absmax for s in traced] == pytest.approx([s.absmax for s in eager], rel=1e-5)
+
+
 def test_compiled_layers_take_more_shapes_than_dynamos_default_limit(tmp_path):
     """Regional compilation at fixed shapes: every prompt length is an entry of the one compiled layer code
     object. Under fullgraph, dynamo's default limit of 8 entries made the ninth length a hard error. (The limit is
