@@ -151,10 +151,12 @@ def test_layer_trace_sees_every_layer_of_a_cpu_compiled_model(tmp_path):
     assert [s.absmax for s in traced] == pytest.approx([s.absmax for s in eager], rel=1e-5)
 
 
-def test_compiled_layers_take_more_shapes_than_dynamos_default_limit(tmp_path):
+def test_compiled_layers_take_more_shapes_than_dynamos_default_limit(tmp_path, monkeypatch):
     """Regional compilation at fixed shapes: every prompt length is an entry of the one compiled layer code
     object. Under fullgraph, dynamo's default limit of 8 entries made the ninth length a hard error. (The limit is
-    dynamo's, so the eager backend shows it without inductor's compile time.)"""
+    dynamo's, so the eager backend shows it without inductor's compile time; it is process-wide, so the test sets
+    the default back first: an earlier test may have raised it.)"""
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
     hf = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=2, seed=4)
     model = t5core.load_encoder(save_hf(hf, tmp_path)).compile_layers(backend="eager")
     for L in range(8, 18):  # 10 shapes
