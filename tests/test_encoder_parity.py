@@ -151,19 +151,19 @@ def test_layer_trace_sees_every_layer_of_a_cpu_compiled_model(tmp_path):
     assert [s.absmax for s in traced] == pytest.approx([s.absmax for s in eager], rel=1e-5)
 
 
-def test_compiled_layers_take_more_shapes_than_dynamos_default_limit(tmp_path, monkeypatch):
+def test_compiled_layers_take_more_shapes_than_dynamos_default_limit(tmp_path):
     """Regional compilation at fixed shapes: every prompt length is an entry of the one compiled layer code
     object. Under fullgraph, dynamo's default limit of 8 entries made the ninth length a hard error. (The limit is
     dynamo's, so the eager backend shows it without inductor's compile time; it is process-wide, so the test sets
     the default back first: an earlier test may have raised it.)"""
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
     hf = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=2, seed=4)
-    model = t5core.load_encoder(save_hf(hf, tmp_path)).compile_layers(backend="eager")
-    for L in range(8, 18):  # 10 shapes
-        ids, mask = _batch(512, [L, L - 3], seed=L)
-        with torch.no_grad():
-            ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 1e-5, L
+    with torch._dynamo.config.patch(cache_size_limit=8):
+        model = t5core.load_encoder(save_hf(hf, tmp_path)).compile_layers(backend="eager")
+        for L in range(8, 18):  # 10 shapes
+            ids, mask = _batch(512, [L, L - 3], seed=L)
+            with torch.no_grad():
+                ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 1e-5, L
 
 
 def test_regional_compile_makes_one_entry_per_shape(tmp_path):
