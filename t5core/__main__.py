@@ -35,11 +35,12 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32") -> None
     p.add_argument("--subfolder", default=None, help="subfolder of a diffusers repo, e.g. text_encoder_2")
 
 
-def _load(args, model_path):
+def _load(args, model_path, compile: bool = False):
     import t5core
 
     return t5core.load_encoder(model_path, dtype=args.dtype, device=args.device, attn_impl=args.attn,
-                               fuse_norms=args.fuse_norms, fp16_scales=args.fp16_scales, subfolder=args.subfolder)
+                               fuse_norms=args.fuse_norms, fp16_scales=args.fp16_scales, compile=compile,
+                               subfolder=args.subfolder)
 
 
 def _tokenizer_for(args, ckpt_path):
@@ -71,7 +72,7 @@ def cmd_convert(args) -> None:
     if args.fp16_scales not in ("auto", None) and args.dtype not in ("float16", "fp16"):
         raise SystemExit("--fp16-scales needs --dtype float16")
     if args.format == "dcp":  # under torchrun every rank writes a shard file
-        from .distributed import init_from_env
+        from .distributed import end_process_group, init_from_env
 
         init_from_env("cpu" if args.device == "cpu" else None)
     ckpt = open_checkpoint(args.src, subfolder=args.subfolder)
@@ -81,14 +82,8 @@ def cmd_convert(args) -> None:
     c = model.config
     print(f"wrote {out} ({args.format}, {args.dtype}, norms {'fused' if not c.elementwise_affine else 'kept'}, "
           f"ffn scales {c.enc_ffn_out_scales}, tokenizer {'copied' if tok_src is not None else 'none found'})")
-    _end_process_group()
-
-
-def _end_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if args.format == "dcp":
+        end_process_group()
 
 
 def cmd_calibrate(args) -> None:
@@ -104,8 +99,15 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from .distributed import embed_captions, init_from_env, load_fsdp, read_captions
+    from .distributed import embed_captions, end_process_group, init_from_env, load_fsdp, read_captions
 
+    if args.fsdp:
+        unused = [flag for flag, given in (("--compile", args.compile), ("--attn", args.attn),
+                                           ("--fuse-norms", args.fuse_norms), ("--fp16-scales", args.fp16_scales != "auto"),
+                                           ("--subfolder", args.subfolder)) if given]
+        if unused:
+            raise SystemExit(f"embed --fsdp loads the dcp folder as converted: {', '.join(unused)} do not apply "
+                             f"(fuse norms or scale with `convert --format dcp`)")
     rank, world, device = init_from_env(args.device)
     captions = read_captions(args.captions)
     tok = _tokenizer_for(args, args.model)
@@ -113,13 +115,11 @@ def cmd_embed(args) -> None:
         model = load_fsdp(args.model, args.dtype, device)
     else:
         args.device = str(device)
-        model = _load(args, args.model)
-        if args.compile:
-            model.compile_for_inference()
+        model = _load(args, args.model, compile=args.compile)
     path = embed_captions(model, tok, captions, args.out, rank, world, args.batch_size, args.max_length,
-                          parse_dtype(args.save_dtype), lockstep=args.fsdp)
+                          parse_dtype(args.save_dtype))
     print(f"rank {rank}/{world}: wrote {path}")
-    _end_process_group()
+    end_process_group()
 
 
 def main(argv=None) -> None:

@@ -354,14 +354,15 @@ def time_interleaved(run: Run, cases: list[tuple[dict, Variant, Loaded]], inp: I
     """Time every variant of one shape in turn, --rounds times over, so that the machine's drift (and the GPU's
     power-capped clock) lands on all of them alike; each row's median is over all its calls. Each round starts
     with the matmul reference, so its rate is measured in the same state as the encoders."""
+    if not cases:
+        return
     samples: dict[str, list[float]] = {v.name: [] for _, v, _ in cases}
     seconds = run.args.seconds_per_case / run.args.rounds
     # a power-capped GPU takes ~0.3 s to settle after the switch from a lighter load: 1 s keeps the median past it
     mm_seconds = max(seconds, 1.0) if run.device.type == "cuda" else seconds
     mm_rates = []
     for _ in range(run.args.rounds):
-        if cases:
-            mm_rates.append(matmul_tflops(run.device, mm_seconds)["tflops"])
+        mm_rates.append(matmul_tflops(run.device, mm_seconds)["tflops"])
         for row, v, loaded in cases:
             if "error" in row:
                 continue
@@ -370,7 +371,7 @@ def time_interleaved(run: Run, cases: list[tuple[dict, Variant, Loaded]], inp: I
             except Exception as e:
                 row["error"] = short_error(e)
                 free(run.device)
-    mm = statistics.median(mm_rates) if mm_rates else None
+    mm = statistics.median(mm_rates)
     for row, v, loaded in cases:
         if "error" in row:
             run.log(f"{v.name} {row['shape']}: {row['error']}")

@@ -38,8 +38,9 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 class SafetensorsSource:
-    """Reads safetensors files tensor by tensor with plain reads (no memory map): host memory holds only the
-    tensors being read, whatever the file size. Each read opens its own handle, so reads may run concurrently."""
+    """Reads byte ranges of safetensors files with plain reads (no memory map), so host memory never holds the
+    whole file (Checkpoint.iter_tensors reads in chunks). Each read opens its own handle, so reads may run
+    concurrently."""
 
     def __init__(self, files: list[Path]) -> None:
         self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}

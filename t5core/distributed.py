@@ -9,7 +9,6 @@ one after another), `offsets` [n + 1] (caption i is embeddings[offsets[i]:offset
 0-based line in the caption file). read_caption_embeddings(out) gathers them back by line.
 """
 import os
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +19,6 @@ from torch import Tensor
 from .checkpoint import CheckpointError, open_checkpoint
 from .t5_common import parse_dtype
 from .t5_encoder import T5EncoderStack
-from .tokenizer import PromptTruncatedWarning
 
 
 def init_from_env(device: Optional[str] = None) -> tuple[int, int, torch.device]:
@@ -36,6 +34,12 @@ def init_from_env(device: Optional[str] = None) -> tuple[int, int, torch.device]
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), dev
+
+
+def end_process_group() -> None:
+    """Destroy the process group init_from_env started, if any (torchrun warns about one left open)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @torch.no_grad()
@@ -79,21 +83,21 @@ def length_bucket(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-@torch.no_grad()
 def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, str]], out_dir, rank: int = 0,
-                   world: int = 1, batch_size: int = 16, max_length: int = 512, save_dtype=torch.float16,
-                   lockstep: bool = False) -> Path:
+                   world: int = 1, batch_size: int = 16, max_length: int = 512, save_dtype=torch.float16) -> Path:
     """Encode this rank's share of (line, caption) pairs (every world-th, shortest first so batches pad little)
-    and write one safetensors file. lockstep: every rank runs the same number of forward calls (an FSDP-sharded
-    model needs its ranks together), padding its tail with empty batches."""
+    and write one safetensors file. A sharded (FSDP) model needs its ranks together: every rank then runs the same
+    number of forward calls, padding its tail with empty batches."""
     from safetensors.torch import save_file
 
     mine = captions[rank::world]
-    tokens = [_caption_ids(tokenizer, line, text, max_length) for line, text in mine]  # EOS-terminated
+    tokens = []  # EOS-terminated; a loop, not a comprehension: the warning's stacklevel counts frames
+    for line, text in mine:
+        tokens.append(tokenizer.truncate(tokenizer.encode_ids(text, add_eos=False), max_length, f"line {line + 1}:"))
     order = sorted(range(len(mine)), key=lambda i: len(tokens[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     n_calls = len(batches)
-    if lockstep:
+    if model.sharded:
         count = torch.tensor([n_calls], device=model.vocab_embed.weight.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         n_calls = int(count)
@@ -102,9 +106,9 @@ def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, s
         batch = batches[b] if b < len(batches) else []
         rows = [tokens[i] for i in batch] or [[tokenizer.eos_id()]]  # an idle rank still joins the sharded forward
         ids, mask = tokenizer.pad_rows(rows, pad_to=length_bucket(max(map(len, rows))))
-        out = model.encode(ids, mask)
+        out = model.encode(ids, mask).to("cpu", save_dtype)  # one device-to-host copy per batch
         for row, i in enumerate(batch):
-            emb = out[row, : int(mask[row].sum())].to("cpu", save_dtype)
+            emb = out[row, : int(mask[row].sum())].clone()  # real tokens only: the padded batch is freed
             if not torch.isfinite(emb).all():
                 raise FloatingPointError(f"line {mine[i][0] + 1}: embedding overflows {save_dtype}; "
                                          f"save in float32 or bfloat16 instead")
@@ -118,15 +122,6 @@ def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, s
     save_file({"embeddings": torch.cat(pieces) if pieces else torch.empty(0, hidden, dtype=save_dtype),
                "offsets": counts.cumsum(0), "lines": torch.tensor(lines, dtype=torch.int64)}, str(path))
     return path
-
-
-def _caption_ids(tokenizer, line: int, text: str, max_length: int) -> list[int]:
-    ids = tokenizer.encode_ids(text)
-    if len(ids) > max_length:
-        warnings.warn(f"line {line + 1}: {len(ids)} tokens (with EOS), more than max_length={max_length}; "
-                      f"dropped its last {len(ids) - max_length} tokens", PromptTruncatedWarning, stacklevel=3)
-        ids = ids[:max_length - 1] + [tokenizer.eos_id()]
-    return ids
 
 
 def read_caption_embeddings(out_dir) -> dict[int, Tensor]:

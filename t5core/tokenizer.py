@@ -420,19 +420,18 @@ class T5Tokenizer:
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1 (room for EOS), got {max_length}")
         rows = []
-        for index, text in enumerate(texts):
-            ids = self.encode_ids(text, add_eos=False)
-            if len(ids) + 1 > max_length:
-                dropped = len(ids) + 1 - max_length
-                warnings.warn(
-                    f"prompt {index} has {len(ids) + 1} tokens (with EOS), more than max_length={max_length}; "
-                    f"dropped its last {dropped} tokens",
-                    PromptTruncatedWarning,
-                    stacklevel=2,
-                )
-                ids = ids[: max_length - 1]
-            rows.append(ids + [self._eos_id])
+        for index, text in enumerate(texts):  # a loop, not a comprehension: the warning's stacklevel counts frames
+            rows.append(self.truncate(self.encode_ids(text, add_eos=False), max_length, f"prompt {index} has"))
         return self.pad_rows(rows, pad_to)
+
+    def truncate(self, ids: list[int], max_length: int, what: str, stacklevel: int = 2) -> list[int]:
+        """Token ids without EOS -> at most max_length ids ending in EOS: the first max_length-1 plus EOS, as HF
+        truncation=True. Dropping tokens warns (PromptTruncatedWarning) with `what` ("prompt 3 has") first."""
+        if len(ids) + 1 > max_length:
+            warnings.warn(f"{what} {len(ids) + 1} tokens (with EOS), more than max_length={max_length}; dropped its "
+                          f"last {len(ids) + 1 - max_length} tokens", PromptTruncatedWarning, stacklevel=stacklevel + 1)
+            ids = ids[: max_length - 1]
+        return ids + [self._eos_id]
 
     def pad_rows(self, rows: list[list[int]], pad_to: int | None = None) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """Token id rows -> (input_ids [B, L] int64, attention_mask [B, L] bool), right-padded with 0 to

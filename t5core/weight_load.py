@@ -45,11 +45,12 @@ def stream_into_module(
         raise CheckpointError(f"{ckpt.path}: the model has no norm scales but the checkpoint does: pass fuse_norm_scales=True")
     work: dict[str, tuple[str, int, int]] = {}  # key in ckpt -> (parameter, part, parts), in file order
     norm_keys: dict[str, str] = {}  # norm parameter name -> key in ckpt (their scales may be fused instead)
+    targets: dict[str, torch.Tensor] = {}  # key in ckpt -> the parameter rows it fills
     for key in ckpt.keys:
         target = (key, 0, 1) if ckpt.native else native_target(key, model.config)
         if target is None:
             continue  # decoder, lm_head, ComfyUI markers, buffers
-        name, _, parts = target
+        name, part, parts = target
         if name.endswith(("ln1.weight", "ln2.weight")):
             norm_keys[name] = key
         if name not in params or target in work.values():
@@ -61,6 +62,7 @@ def stream_into_module(
                 f"for {name} (config says hidden {model.config.hidden_dim}, heads {model.config.n_head}, "
                 f"ff {model.config.ff_dim})")
         work[key] = target
+        targets[key] = params[name][part * rows:(part + 1) * rows]
     for name in params:
         found = [key for key, t in work.items() if t[0] == name]
         if not found:
@@ -71,10 +73,6 @@ def stream_into_module(
     norm_scales = ({name: ckpt.get(key, device=model.ln.weight.device) for name, key in norm_keys.items()}
                    if fuse_norm_scales else {})
     device = next(iter(params.values())).device
-    targets = {}  # key -> the parameter rows it fills
-    for key, (name, part, parts) in work.items():
-        rows = params[name].shape[0] // parts
-        targets[key] = params[name][part * rows:(part + 1) * rows]
     # tensors that need no fusion or scaling may be read straight into their rows (no second copy on the device)
     direct = {k: v for k, v in targets.items()
               if _norm_key_for(work[k][0]) not in norm_scales and weight_factors.get(work[k][0], 1.0) == 1.0}

@@ -62,8 +62,8 @@ def test_dcp_folder_round_trip(dcp_folder):
 
 
 def test_fsdp_shards_and_parity(dcp_folder, tmp_path):
-    """Two ranks load the dcp folder sharded (FSDP2): each holds half of every layer weight, and the sharded
-    forward equals transformers."""
+    """Two ranks load the dcp folder sharded (FSDP2): each holds half of a layer weight (layer 0's QKV is
+    checked), and the sharded forward equals transformers."""
     hf, _, root = dcp_folder
     script = tmp_path / "worker.py"
     script.write_text(f'''
@@ -137,6 +137,16 @@ def test_fsdp_refuses_other_formats_and_no_process_group(dcp_folder):
         load_fsdp(root / "hf")
     with pytest.raises(RuntimeError, match="needs a process group: run under torchrun"):
         load_fsdp(root / "dcp")
+
+
+def test_embed_fsdp_refuses_options_it_cannot_apply(tmp_path):
+    """A sharded load takes the dcp folder as converted: options that would change the weights or the compute
+    are refused by name rather than ignored (before any process group or file is touched)."""
+    from t5core.__main__ import main
+
+    with pytest.raises(SystemExit, match=r"--compile, --fuse-norms do not apply .*convert --format dcp"):
+        main(["embed", "--model", str(tmp_path / "none"), "--captions", str(tmp_path / "none.txt"), "--out",
+              str(tmp_path), "--fsdp", "--compile", "--fuse-norms"])
 
 
 def test_truncated_dcp_shard_is_named(dcp_folder, tmp_path):

@@ -12,10 +12,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file from a checkout: make `t5core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch.distributed as dist
-
 from t5core import load_encoder, load_tokenizer
-from t5core.distributed import init_from_env, load_fsdp
+from t5core.distributed import end_process_group, init_from_env, load_fsdp
 from t5core.precision import relative_error
 from t5core.tokenizer import BUNDLED_SPIECE, find_tokenizer
 
@@ -38,8 +36,7 @@ def main() -> None:
         whole = load_encoder(args.dcp_folder, args.dtype, device).encode(ids, mask)
         m = mask.to(out.device)
         print(f"FSDP ({world} ranks) vs whole model: relative error {relative_error(out[m], whole[m]):.2e}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":
