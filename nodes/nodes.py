@@ -56,8 +56,8 @@ class LoadT5Encoder:
                                                "attention with the bias as a score_mod (always compiled by Triton)."}),
             "compile": ("BOOLEAN", {
                 "default": False,
-                "tooltip": "torch.compile each layer: faster repeated encodes; every new prompt length compiles "
-                           "once more."}),
+                "tooltip": "torch.compile each layer: faster repeated encodes. Prompts run padded to one of 21 "
+                           "lengths up to 512 tokens (16, 20, 24, 28, 32, 40, ...); each new one compiles once."}),
             "device": (["default", "cpu"], {
                 "default": "default", "tooltip": "default: where ComfyUI runs text encoders. cpu: always on CPU."}),
         }}

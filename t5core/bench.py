@@ -353,7 +353,8 @@ def check_case(run: Run, row: dict, v: Variant, loaded: Loaded, inp: Inputs, ref
 def time_interleaved(run: Run, cases: list[tuple[dict, Variant, Loaded]], inp: Inputs, burst: float) -> None:
     """Time every variant of one shape in turn, --rounds times over, so that the machine's drift (and the GPU's
     power-capped clock) lands on all of them alike; each row's median is over all its calls. Each round starts
-    with the matmul reference, so its rate is measured in the same state as the encoders."""
+    with the matmul reference, so its rate is measured in the same state as the encoders, and then rotates the
+    variants' order by one: no variant always follows the same neighbour (a heavier one leaves the clock lower)."""
     if not cases:
         return
     samples: dict[str, list[float]] = {v.name: [] for _, v, _ in cases}
@@ -361,9 +362,10 @@ def time_interleaved(run: Run, cases: list[tuple[dict, Variant, Loaded]], inp: I
     # a power-capped GPU takes ~0.3 s to settle after the switch from a lighter load: 1 s keeps the median past it
     mm_seconds = max(seconds, 1.0) if run.device.type == "cuda" else seconds
     mm_rates = []
-    for _ in range(run.args.rounds):
+    for r in range(run.args.rounds):
         mm_rates.append(matmul_tflops(run.device, mm_seconds)["tflops"])
-        for row, v, loaded in cases:
+        k = r % len(cases)
+        for row, v, loaded in cases[k:] + cases[:k]:
             if "error" in row:
                 continue
             try:

@@ -78,11 +78,6 @@ def load_fsdp(path, dtype="bfloat16", device=None, mesh=None) -> T5EncoderStack:
     return model.eval()
 
 
-def length_bucket(n: int, multiple: int = 64) -> int:
-    """Pad lengths up to a multiple, so compiled / graphed encoders see few shapes."""
-    return -(-n // multiple) * multiple
-
-
 def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, str]], out_dir, rank: int = 0,
                    world: int = 1, batch_size: int = 16, max_length: int = 512, save_dtype=torch.float16) -> Path:
     """Encode this rank's share of (line, caption) pairs (every world-th, shortest first so batches pad little)
@@ -105,7 +100,7 @@ def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, s
     for b in range(n_calls):
         batch = batches[b] if b < len(batches) else []
         rows = [tokens[i] for i in batch] or [[tokenizer.eos_id()]]  # an idle rank still joins the sharded forward
-        ids, mask = tokenizer.pad_rows(rows, pad_to=length_bucket(max(map(len, rows))))
+        ids, mask = tokenizer.pad_rows(rows)  # a compiled encoder pads to its length buckets itself
         out = model.encode(ids, mask).to("cpu", save_dtype)  # one device-to-host copy per batch
         for row, i in enumerate(batch):
             emb = out[row, : int(mask[row].sum())].clone()  # real tokens only: the padded batch is freed

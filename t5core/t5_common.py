@@ -98,8 +98,9 @@ class T5Config(BaseModel):
         if name.lower() not in V1_1_PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {list(V1_1_PRESETS)}")
         d, heads, ff, layers = V1_1_PRESETS[name.lower()]
-        return cls(vocab_size=32128, hidden_dim=d, num_layers=layers, n_head=heads, kv_heads=heads, head_dim=64,
-                   ff_dim=ff, **overrides)
+        preset = dict(vocab_size=32128, hidden_dim=d, num_layers=layers, n_head=heads, kv_heads=heads, head_dim=64,
+                      ff_dim=ff)
+        return cls(**{**preset, **overrides})
 
     @property
     def inner_dim(self) -> int:
@@ -142,13 +143,21 @@ def relative_position_bucket(rel_pos: LongTensor, num_buckets: int = 32, max_dis
     return buckets + torch.where(dist < max_exact, dist, log_bucket)
 
 
-def relative_offset_bias(table: Tensor, seq_len: int, num_buckets: int, max_distance: int) -> FloatTensor:
-    """Bias by relative offset, [heads, 2*seq_len - 1] float32: entry j is the bias for key - query = j - (seq_len-1).
+def relative_offset_bias(table: Tensor, num_buckets: int, max_distance: int) -> FloatTensor:
+    """Bias by relative offset, [heads, 2*max_distance + 1] float32: entry j is the bias for key - query =
+    j - max_distance. Buckets stop changing at max_distance, so one table serves every sequence length: index it
+    with offset_index(key - query, max_distance)."""
+    if max_distance <= num_buckets // 4:  # buckets are exact up to num_buckets // 4: they would not saturate
+        raise ValueError(f"relative_attention_max_distance {max_distance} must exceed num_buckets / 4 "
+                         f"({num_buckets // 4})")
+    offsets = torch.arange(-max_distance, max_distance + 1, device=table.device)
+    buckets = relative_position_bucket(offsets, num_buckets, max_distance)  # [2M+1]
+    return table.float()[buckets].t().contiguous()  # [H, 2M+1]
 
-    T5's bias depends only on the offset, so this small table replaces the [heads, L, L] matrix for flex."""
-    offsets = torch.arange(-(seq_len - 1), seq_len, device=table.device)
-    buckets = relative_position_bucket(offsets, num_buckets, max_distance)  # [2L-1]
-    return table.float()[buckets].t().contiguous()  # [H, 2L-1]
+
+def offset_index(rel: Tensor, max_distance: int) -> Tensor:
+    """Offsets key - query -> columns of relative_offset_bias's table (longer offsets share its end columns)."""
+    return rel.clamp(-max_distance, max_distance) + max_distance
 
 
 def gelu_fn(approx: GELUApprox):

@@ -11,7 +11,7 @@ from torch import BoolTensor, FloatTensor, LongTensor, Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.functional import scaled_dot_product_attention
 
-from .t5_common import RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, relative_offset_bias
+from .t5_common import RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, offset_index, relative_offset_bias
 
 # Eager flex attention materialises the scores; on CUDA it must run compiled to be fast. On CPU the eager
 # form is the intended (small-scale) path, so its "called without torch.compile" warning is noise.
@@ -47,6 +47,7 @@ class T5SelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.scale = config.head_dim**-0.5 if config.scale_qk else 1.0
+        self.max_distance = config.relative_attention_max_distance
         self.kernel_options = dict(config.flex_kernel_options or FLEX_KERNEL_OPTIONS)
         self.qkv_proj = nn.Linear(config.hidden_dim, 3 * config.inner_dim, bias=False, dtype=config.dtype)
         self.o_proj = F32OutLinear(config.inner_dim, config.hidden_dim, bias=False, dtype=config.dtype)
@@ -62,9 +63,9 @@ class T5SelfAttention(nn.Module):
         qkv = self.qkv_proj(x).view(B, L, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
         if flex:
-            # bias: [H, 2L-1] float32, indexed by relative offset; the score stays float32 inside the kernel
+            # bias: [H, 2M+1] float32, indexed by relative offset; the score stays float32 inside the kernel
             def score_mod(score, b, h, q_idx, kv_idx):
-                return score + bias[h, kv_idx - q_idx + (L - 1)]
+                return score + bias[h, offset_index(kv_idx - q_idx, self.max_distance)]
 
             attn = _flex_compiled if x.is_cuda else flex_attention
             out = attn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale,
@@ -122,6 +123,16 @@ class T5EncoderLayer(nn.Module):
         return out[0] * self.ffn_res_scale + out[1]
 
 
+def length_bucket(n: int) -> int:
+    """The length a compiled encoder runs n tokens at: 16 up to 16 tokens, then four lengths per doubling (20,
+    24, 28, 32, 40, ..., 448, 512, 640, ...). Compiled code and CUDA graphs are made per shape, and dynamo stops
+    at a fixed number of shapes; these are 21 shapes up to 512 tokens, for at most 25% more tokens."""
+    if n <= 16:
+        return 16
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
 def make_self_attn_block_mask(mask: BoolTensor, mask_pad_queries: bool = False, block_size: int = 128) -> BlockMask:
     """Padding block mask from a [B, L] key mask (True = real token). Blocks made only of padding are skipped.
 
@@ -159,8 +170,9 @@ def make_self_attn_block_mask(mask: BoolTensor, mask_pad_queries: bool = False, 
 def _allow_many_compiled_shapes() -> None:
     """Every model and shape in the process shares one compiled code object (the layer's forward, or the CPU's
     _embed_and_layers), an entry per fixed shape, dtype and mask kind: dynamo's default limit of 8 entries made
-    the ninth a hard error under fullgraph. Raise the process's limit to at least 64."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    the ninth a hard error under fullgraph. encode() pads to 21 lengths up to 512 tokens (length_bucket), each
+    with and without a mask, per batch size and model: raise the process's limit to at least 256."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
 
 
 class T5EncoderStack(nn.Module):
@@ -177,8 +189,7 @@ class T5EncoderStack(nn.Module):
         # The first layer's "previous FFN scale". A buffer like the layers' own scales: a tensor made in
         # inference mode has other dispatch keys, which made the first layer a second compiled entry per shape.
         self.register_buffer("unit_scale", torch.ones(()), persistent=False)
-        self._offset_bias: dict[int, Tensor] = {}  # seq_len -> [1 or num_layers, H, 2L-1] float32
-        self._unpadded_sdpa_bias: dict[tuple, Tensor] = {}  # (seq_len, dtype) -> [n, 1, H, L, L]
+        self._offset_bias: Optional[Tensor] = None  # [1 or num_layers, H, 2M+1] float32, for every length
         self.cuda_graphs = True  # used by encode() once the layers are compiled
         self.sharded = False  # FSDP2 (t5core.distributed.load_fsdp)
         self._graphs: dict[tuple, tuple] = {}  # (B, L, padded) -> (graph, static (ids, mask), static output)
@@ -207,27 +218,25 @@ class T5EncoderStack(nn.Module):
 
     # -- position bias -------------------------------------------------------------------------------
     def bind_score_mods(self, seq_len: int) -> None:
-        """Precompute the relative-position bias for sequences of seq_len tokens (done lazily otherwise)."""
-        self._offset_bias_for(seq_len)
+        """Precompute the relative-position bias table (done lazily otherwise). One table serves every length,
+        seq_len included: T5's buckets stop changing at relative_attention_max_distance."""
+        self._offset_bias_table()
 
-    def _offset_bias_for(self, seq_len: int) -> Tensor:
-        bias = self._offset_bias.get(seq_len)
-        if bias is None:
+    def _offset_bias_table(self) -> Tensor:
+        if self._offset_bias is None:
             tables = ([self.relative_attention_bias.weight] if self.relative_attention_bias is not None
                       else [layer.attn.relative_attention_bias.weight for layer in self.layers])
             cfg = self.config
-            bias = torch.stack([
-                relative_offset_bias(t, seq_len, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+            self._offset_bias = torch.stack([
+                relative_offset_bias(t, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
                 for t in tables
             ])
-            self._offset_bias[seq_len] = bias
-        return bias
+        return self._offset_bias
 
     def invalidate_caches(self) -> None:
         """Forget the cached position bias, CUDA graphs and the CPU's frozen compilation (which holds the old
         weights; the model runs eagerly until compiled again): call after changing weights in place."""
-        self._offset_bias.clear()
-        self._unpadded_sdpa_bias.clear()
+        self._offset_bias = None
         self._drop_graphs()
         self._param_slots = None
         self._frozen_forward = None
@@ -245,14 +254,14 @@ class T5EncoderStack(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _sdpa_bias(self, offset_bias: Tensor, seq_len: int, input_mask: Optional[BoolTensor], dtype) -> Tensor:
-        """[n, H, 2L-1] offset table -> [n, 1 or B, H, L, L] additive mask in the compute dtype."""
+        """[n, H, 2M+1] offset tables -> [n, 1 or B, H, L, L] additive masks in the compute dtype."""
         idx = torch.arange(seq_len, device=offset_bias.device)
-        rel = idx[None, :] - idx[:, None] + (seq_len - 1)  # [L, L]: key - query, shifted
-        bias = offset_bias[:, :, rel].unsqueeze(1)  # [n, 1, H, L, L]
+        rel = offset_index(idx[None, :] - idx[:, None], self.config.relative_attention_max_distance)  # [L, L]
+        bias = offset_bias.to(dtype)[:, :, rel].unsqueeze(1)  # [n, 1, H, L, L]; cast first: one pass in dtype
         if input_mask is not None:
             pad = ~input_mask.bool()[None, :, None, None, :]  # [1, B, 1, 1, L]
             bias = bias.masked_fill(pad, torch.finfo(dtype).min)
-        return bias.to(dtype)
+        return bias
 
     @torch.no_grad()
     def set_weight_dtype(self, dtype: torch.dtype) -> "T5EncoderStack":
@@ -320,28 +329,27 @@ class T5EncoderStack(nn.Module):
         B, L = input_ids.shape
         flex = self.config.attn_impl == T5AttnImpl.Flex
         dtype = self.layers[0].attn.o_proj.weight.dtype
-        offset_bias = self._offset_bias_for(L)
-        if flex:
-            biases = offset_bias
-            if input_mask is not None and block_mask is None:
-                block_mask = make_self_attn_block_mask(input_mask)
-        elif input_mask is None and not torch.is_grad_enabled():  # unpadded inference: the same bias every call
-            key = (L, dtype)
-            if key not in self._unpadded_sdpa_bias:
-                self._unpadded_sdpa_bias[key] = self._sdpa_bias(offset_bias, L, None, dtype)
-            biases = self._unpadded_sdpa_bias[key]
-        else:
-            biases = self._sdpa_bias(offset_bias, L, input_mask, dtype)
-        return (self._frozen_forward or self._embed_and_layers)(input_ids, biases, block_mask)
+        offset_bias = self._offset_bias_table()
+        if flex and input_mask is not None and block_mask is None:
+            block_mask = make_self_attn_block_mask(input_mask)
+        # SDPA with one table for all layers: the dense bias once per call. Per-layer tables (UMT5) stay tables
+        # here and become dense one layer at a time: all at once they would take n*B*H*L*L.
+        biases = offset_bias if flex or len(offset_bias) > 1 else self._sdpa_bias(offset_bias, L, input_mask, dtype)
+        return (self._frozen_forward or self._embed_and_layers)(input_ids, biases, block_mask, input_mask)
 
-    def _embed_and_layers(self, input_ids: LongTensor, biases: Tensor, block_mask: Optional[BlockMask]) -> FloatTensor:
-        """The bias caches stay outside: this is what the CPU path compiles whole, and a cache filled inside a
+    def _embed_and_layers(self, input_ids: LongTensor, biases: Tensor, block_mask: Optional[BlockMask],
+                          input_mask: Optional[BoolTensor]) -> FloatTensor:
+        """The bias table stays outside: this is what the CPU path compiles whole, and a cache filled inside a
         compiled region would fail its guards and compile it a second time."""
         flex = self.config.attn_impl == T5AttnImpl.Flex
+        dtype = self.layers[0].attn.o_proj.weight.dtype
         x = self.vocab_embed(input_ids).float()  # [B, L, D]
         ffn_out, ffn_scale = torch.zeros_like(x), self.unit_scale  # nothing pending before the first layer
         for i, layer in enumerate(self.layers):
-            x, ffn_out = layer(x, ffn_out, ffn_scale, biases[i if len(biases) > 1 else 0], block_mask, flex)
+            bias = biases[i if len(biases) > 1 else 0]  # flex: [H, 2M+1]; SDPA: [1 or B, H, L, L]
+            if not flex and bias.dim() == 2:  # this layer's own table (UMT5)
+                bias = self._sdpa_bias(bias[None], input_ids.shape[1], input_mask, dtype)[0]
+            x, ffn_out = layer(x, ffn_out, ffn_scale, bias, block_mask, flex)
             ffn_scale = layer.ffn_res_scale
         return self.ln(x * ffn_scale + ffn_out)
 
@@ -355,21 +363,32 @@ class T5EncoderStack(nn.Module):
 
     def _encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor]) -> FloatTensor:
         device = self.vocab_embed.weight.device
+        L = input_ids.shape[1]
         padded = attention_mask is not None and not bool(attention_mask.all())  # tokenizer masks are on the CPU
         input_ids = input_ids.to(device, non_blocking=True)
         mask = attention_mask.to(device, non_blocking=True).bool() if padded else None
-        if self._uses_cuda_graphs():
-            out = self._graphed_forward(input_ids, mask)
+        bucket = length_bucket(L) if self._compiled() else L
+        if bucket > L:  # masked keys change no real token's output, so the rows up to L are the unpadded ones
+            run_mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
+            run_ids, run_mask = (nn.functional.pad(t, (0, bucket - L)) for t in (input_ids, run_mask))
         else:
-            out = self(input_ids, input_mask=mask)
+            run_ids, run_mask = input_ids, mask
+        if self._uses_cuda_graphs():
+            out = self._graphed_forward(run_ids, run_mask)
+        else:
+            out = self(run_ids, input_mask=run_mask)
+        out = out[:, :L].contiguous() if bucket > L else out
         if self.layers[0].attn.o_proj.weight.dtype == torch.float16:
             finite_rows = torch.isfinite(out).all(-1)  # [B, L]; pad rows do not count
             if not bool((finite_rows if mask is None else finite_rows | ~mask).all()):
                 self._raise_non_finite(input_ids, mask)
         return out
 
+    def _compiled(self) -> bool:
+        return self._frozen_forward is not None or self.layers[0]._compiled_call_impl is not None
+
     def _uses_cuda_graphs(self) -> bool:
-        return self.cuda_graphs and self.vocab_embed.weight.is_cuda and self.layers[0]._compiled_call_impl is not None
+        return self.cuda_graphs and self.vocab_embed.weight.is_cuda and self._compiled()
 
     def _graphed_forward(self, input_ids: LongTensor, mask: Optional[BoolTensor]) -> FloatTensor:
         with torch.cuda.device(input_ids.device):  # streams and capture on the model's GPU, not the current one

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import t5core
+from t5core.t5_encoder import length_bucket
 from tiny_models import make_hf_encoder, rel_err, save_hf
 
 
@@ -81,14 +82,17 @@ def test_bucket_examples():
     assert relative_position_bucket(offsets).tolist() == [15, 15, 8, 7, 0, 17, 24, 31, 31]
 
 
-def test_bias_computed_once_per_length(pair):
-    _, _, folder = pair
+def test_one_bias_table_serves_every_length(pair):
+    """Buckets stop changing at max_distance (128), so one [n, H, 2*128+1] table covers short and long prompts
+    (test_float32_parity checks 512 tokens against transformers); it is built once."""
+    kind, _, folder = pair
     model = t5core.load_encoder(folder)
     model.bind_score_mods(seq_len=16)
-    cached = model._offset_bias[16]
-    ids, mask = _batch(512, [16])
-    model.encode(ids, mask)
-    assert model._offset_bias[16] is cached
+    table = model._offset_bias
+    assert table.shape == (3 if kind == "umt5" else 1, 4, 257)
+    for lengths in ([16], [300, 20]):
+        model.encode(*_batch(512, lengths))
+    assert model._offset_bias is table
 
 
 @pytest.mark.parametrize("L", [5, 128, 200, 300])
@@ -159,7 +163,7 @@ def test_compiled_layers_take_more_shapes_than_dynamos_default_limit(tmp_path):
     hf = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=2, seed=4)
     with torch._dynamo.config.patch(cache_size_limit=8):
         model = t5core.load_encoder(save_hf(hf, tmp_path)).compile_layers(backend="eager")
-        for L in range(8, 18):  # 10 shapes
+        for L in (16, 20, 24, 28, 32, 40, 48, 56, 64, 80):  # 10 length buckets
             ids, mask = _batch(512, [L, L - 3], seed=L)
             with torch.no_grad():
                 ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
@@ -174,10 +178,62 @@ def test_regional_compile_makes_one_entry_per_shape(tmp_path):
     hf = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=3, seed=5)
     counter = CompileCounter()
     model = t5core.load_encoder(save_hf(hf, tmp_path)).compile_layers(backend=counter)
-    for L in (9, 12):
+    for L in (16, 20):  # length buckets: no padding added
         ids, mask = _batch(512, [L, L - 4], seed=L)
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 1e-5, L
-        model.encode(ids[:1, :L - 4])  # unpadded: no mask, another entry
+        model.encode(ids[:1])  # unpadded: no mask, another entry
     assert counter.frame_count == 4
+
+
+def test_length_buckets():
+    buckets = sorted({length_bucket(n) for n in range(1, 513)})
+    assert buckets == [16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+    assert all(n <= length_bucket(n) < 1.25 * n for n in range(17, 5000))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex"])
+def test_compiled_encode_pads_to_length_buckets(tmp_path, attn):
+    """A compiled encoder runs 17..20 tokens as 20, masking the added keys: one compilation for the padded lengths
+    and, with flex (whose padding is a block mask), one for the unpadded 20; SDPA's padding is in its bias, the
+    same shape either way. Every output is transformers' unpadded encoding, cut to the prompt."""
+    from torch._dynamo.testing import CompileCounter
+
+    hf = make_hf_encoder("umt5", vocab_size=512, num_layers=2, seed=6)
+    counter = CompileCounter()
+    model = t5core.load_encoder(save_hf(hf, tmp_path), attn_impl=attn).compile_layers(backend=counter)
+    for L in (17, 18, 19, 20):
+        ids, _ = _batch(512, [L], seed=L)
+        with torch.no_grad():
+            ref = hf(input_ids=ids).last_hidden_state
+        out = model.encode(ids)
+        assert out.shape == ref.shape and out.is_contiguous()
+        assert rel_err(out, ref) <= 1e-5, L
+    assert counter.frame_count == {"sdpa": 1, "flex": 2}[attn]
+
+
+def test_per_layer_bias_tables_become_dense_one_layer_at_a_time(tmp_path):
+    """UMT5 has a bias table per layer. SDPA's dense biases for all layers at once took n*B*H*L*L elements (at
+    XXL in bf16: 0.8 GB per prompt length, 6.4 GB for a padded 8x512 batch). No tensor of a padded forward may be
+    larger than one layer's [B, H, L, L]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LargestTensor(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.numel = max([self.numel] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+            return out
+
+    hf = make_hf_encoder("umt5", vocab_size=512, num_layers=3, seed=8)
+    model = t5core.load_encoder(save_hf(hf, tmp_path), attn_impl="sdpa")
+    ids, mask = _batch(512, [64, 30], seed=8)
+    with LargestTensor() as seen:
+        out = model.encode(ids, mask)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    assert rel_err(out[mask], ref[mask]) <= 1e-5
+    assert seen.numel == 2 * 4 * 64 * 64

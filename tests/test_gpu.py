@@ -57,13 +57,14 @@ def test_float32_parity_compiled_with_graphs(hf_and_folder, attn):
     folder, hf = hf_and_folder
     torch.backends.cuda.matmul.allow_tf32 = False  # the default; float32 must mean float32 on both sides
     model = t5core.load_encoder(folder, "float32", "cuda", attn_impl=attn, compile=True)
-    for seed, lengths in ((0, None), (1, None), (2, [64, 9])):  # a second unpadded batch replays the same graph
-        ids, mask = batch(2, 64, lengths, seed)
+    # a second unpadded batch replays the same graph; 50 tokens run as the 56-token bucket's padded graph
+    for seed, L, lengths in ((0, 64, None), (1, 64, None), (2, 64, [64, 9]), (3, 50, None), (4, 50, [50, 20])):
+        ids, mask = batch(2, L, lengths, seed)
         with torch.no_grad():
             ref = hf(input_ids=ids.to(CUDA), attention_mask=mask.long().to(CUDA)).last_hidden_state
         out = model.encode(ids, mask)
-        assert rel_err(out[mask.to(CUDA)], ref[mask.to(CUDA)]) <= 1e-5, (attn, seed)
-    assert set(model._graphs) == {(2, 64, False), (2, 64, True)}
+        assert out.shape == ref.shape and rel_err(out[mask.to(CUDA)], ref[mask.to(CUDA)]) <= 1e-5, (attn, seed)
+    assert set(model._graphs) == {(2, 64, False), (2, 64, True), (2, 56, True)}
 
 
 def test_bfloat16_graphs_follow_new_weights(hf_and_folder):
