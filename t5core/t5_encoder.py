@@ -58,7 +58,8 @@ class T5SelfAttention(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor, bias: Tensor, block_mask: Optional[BlockMask], flex: bool) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor, block_mask: Optional[BlockMask], flex: bool,
+                input_mask: Optional[BoolTensor] = None) -> Tensor:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).view(B, L, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
@@ -71,7 +72,9 @@ class T5SelfAttention(nn.Module):
             out = attn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale,
                        kernel_options=self.kernel_options)
         else:
-            # bias: [1 or B, H, L, L] in x.dtype, padding already folded in
+            if bias.dim() == 2:  # this layer's own table (UMT5): made dense here, where compiled code fuses it
+                bias = dense_sdpa_bias(bias[None], L, input_mask, x.dtype, self.max_distance)[0]
+            # bias: [1 or B, H, L, L] in x.dtype, padding folded in
             out = scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # [B, L, D] float32
 
@@ -108,19 +111,38 @@ class T5EncoderLayer(nn.Module):
         self.register_buffer("ffn_res_scale", torch.ones(()), persistent=False)
 
     def forward(self, x: FloatTensor, prev_ffn_out: FloatTensor, prev_ffn_scale: Tensor, bias: Tensor,
-                block_mask: Optional[BlockMask] = None, flex: bool = False) -> tuple[FloatTensor, FloatTensor]:
+                block_mask: Optional[BlockMask] = None, flex: bool = False,
+                input_mask: Optional[BoolTensor] = None) -> tuple[FloatTensor, FloatTensor]:
         """x [B, L, D] float32: the stream before the previous layer's FFN residual, which is added here, where
         it fuses with ln1 into one kernel (a separate add would cost a kernel and a pass over the stream per layer).
         -> (stream after attention, FFN output), both [B, L, D] float32: the stream after this layer is
         x_out * self.ffn_res_scale + ffn_out."""
         dtype = self.attn.o_proj.weight.dtype
         x = x * prev_ffn_scale + prev_ffn_out
-        x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, block_mask, flex)
+        x = x * self.attn_res_scale + self.attn(self.ln1(x).to(dtype), bias, block_mask, flex, input_mask)
         return x, self.ffn(self.ln2(x).to(dtype))
 
     def stream_after(self, out: tuple[FloatTensor, FloatTensor]) -> FloatTensor:
         """The residual stream after this layer, from its forward's output."""
         return out[0] * self.ffn_res_scale + out[1]
+
+
+def dense_sdpa_bias(tables: Tensor, seq_len: int, input_mask: Optional[BoolTensor], dtype: torch.dtype,
+                    max_distance: int) -> Tensor:
+    """[n, H, 2M+1] offset tables -> [n, 1 or B, H, L, L] additive masks in dtype, padded keys at dtype's min.
+
+    The bias depends on key - query only (Toeplitz). The table's row for this length, viewed with unit strides
+    over query and key, is its mirror image (Hankel), and one flip copies it out: a single pass over the output,
+    where indexing with an [L, L] offset matrix took several (benchmarks/bias_table_probe.py)."""
+    n, H, _ = tables.shape
+    L = seq_len
+    offsets = torch.arange(1 - L, L, device=tables.device)  # [2L-1]: key - query
+    row = tables.to(dtype)[:, :, offset_index(offsets, max_distance)]  # [n, H, 2L-1]
+    hankel = row.as_strided((n, H, L, L), (H * (2 * L - 1), 2 * L - 1, 1, 1))  # [.., L-1-q, k] = row[L-1-q+k]
+    bias = hankel.flip(2).unsqueeze(1)  # [n, 1, H, L, L]: row[k - q + L - 1]
+    if input_mask is not None:
+        bias = bias.masked_fill(~input_mask.bool()[None, :, None, None, :], torch.finfo(dtype).min)
+    return bias
 
 
 def length_bucket(n: int) -> int:
@@ -253,16 +275,6 @@ class T5EncoderStack(nn.Module):
         self.invalidate_caches()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _sdpa_bias(self, offset_bias: Tensor, seq_len: int, input_mask: Optional[BoolTensor], dtype) -> Tensor:
-        """[n, H, 2M+1] offset tables -> [n, 1 or B, H, L, L] additive masks in the compute dtype."""
-        idx = torch.arange(seq_len, device=offset_bias.device)
-        rel = offset_index(idx[None, :] - idx[:, None], self.config.relative_attention_max_distance)  # [L, L]
-        bias = offset_bias.to(dtype)[:, :, rel].unsqueeze(1)  # [n, 1, H, L, L]; cast first: one pass in dtype
-        if input_mask is not None:
-            pad = ~input_mask.bool()[None, :, None, None, :]  # [1, B, 1, 1, L]
-            bias = bias.masked_fill(pad, torch.finfo(dtype).min)
-        return bias
-
     @torch.no_grad()
     def set_weight_dtype(self, dtype: torch.dtype) -> "T5EncoderStack":
         """Cast the projection and embedding weights (norms and bias tables stay float32), in place."""
@@ -332,9 +344,12 @@ class T5EncoderStack(nn.Module):
         offset_bias = self._offset_bias_table()
         if flex and input_mask is not None and block_mask is None:
             block_mask = make_self_attn_block_mask(input_mask)
-        # SDPA with one table for all layers: the dense bias once per call. Per-layer tables (UMT5) stay tables
-        # here and become dense one layer at a time: all at once they would take n*B*H*L*L.
-        biases = offset_bias if flex or len(offset_bias) > 1 else self._sdpa_bias(offset_bias, L, input_mask, dtype)
+        # SDPA with one table for all layers: the dense bias once per call. Per-layer tables (UMT5) become dense in
+        # each layer: all at once they would take n*B*H*L*L.
+        if not flex and len(offset_bias) == 1:
+            biases = dense_sdpa_bias(offset_bias, L, input_mask, dtype, self.config.relative_attention_max_distance)
+        else:
+            biases = offset_bias
         return (self._frozen_forward or self._embed_and_layers)(input_ids, biases, block_mask, input_mask)
 
     def _embed_and_layers(self, input_ids: LongTensor, biases: Tensor, block_mask: Optional[BlockMask],
@@ -342,14 +357,13 @@ class T5EncoderStack(nn.Module):
         """The bias table stays outside: this is what the CPU path compiles whole, and a cache filled inside a
         compiled region would fail its guards and compile it a second time."""
         flex = self.config.attn_impl == T5AttnImpl.Flex
-        dtype = self.layers[0].attn.o_proj.weight.dtype
+        # only a layer that makes its own dense bias takes the mask: otherwise it is a guard without a use
+        layer_mask = input_mask if not flex and biases.dim() == 3 else None
         x = self.vocab_embed(input_ids).float()  # [B, L, D]
         ffn_out, ffn_scale = torch.zeros_like(x), self.unit_scale  # nothing pending before the first layer
         for i, layer in enumerate(self.layers):
-            bias = biases[i if len(biases) > 1 else 0]  # flex: [H, 2M+1]; SDPA: [1 or B, H, L, L]
-            if not flex and bias.dim() == 2:  # this layer's own table (UMT5)
-                bias = self._sdpa_bias(bias[None], input_ids.shape[1], input_mask, dtype)[0]
-            x, ffn_out = layer(x, ffn_out, ffn_scale, bias, block_mask, flex)
+            bias = biases[i if len(biases) > 1 else 0]  # a table [H, 2M+1], or SDPA's dense [1 or B, H, L, L]
+            x, ffn_out = layer(x, ffn_out, ffn_scale, bias, block_mask, flex, layer_mask)
             ffn_scale = layer.ffn_res_scale
         return self.ln(x * ffn_scale + ffn_out)
 
