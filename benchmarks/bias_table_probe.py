@@ -1,11 +1,13 @@
-# Experiment (2026-11-29, H200): the position bias from one [H, 2*128+1] table for every length (shipped) against
-# what t5core did before (git f6058e2): a [H, 2L-1] table per length and, for SDPA, the dense biases of every
-# layer at once, the unpadded ones cached per length. XXL shapes, random N(0, 0.02) weights, bf16, compiled
-# layers, each variant captured in its own CUDA graph and timed by replay, the pair interleaved over 6 rounds
-# (alternating which goes first).
-#  1. T5 flex: the score_mod indexing the per-length table (before) vs the clamped index (shipped).
+# Experiment (2026-11-29, H200): the position bias from one [H, 2*128+1] table for every length, its [H, 2L-1]
+# row of offsets made in every call (shipped), against what t5core did before (git f6058e2): the [H, 2L-1] rows
+# cached per length and, for SDPA, the dense biases of every layer at once, the unpadded ones cached per length.
+# XXL shapes, random N(0, 0.02) weights, bf16, compiled layers, each variant captured in its own CUDA graph and
+# timed by replay, the pair interleaved over 6 rounds (alternating which goes first).
+#  1. T5 flex: the offsets row cached per length (before) vs made in every call (shipped).
 #  2. T5 SDPA: the dense [1, H, L, L] bias cached per length (before) vs built inside every call (shipped,
 #     t5_encoder.dense_sdpa_bias: a flipped Hankel view of the length's row of offsets).
+# Earlier runs: _run1.log (git a219ad0: UMT5's dense biases built outside the compiled layers) and _run2.log
+# (git 0f24886: flex indexed the [H, 257] table with the offset clamped to +-128, in the kernel).
 #  3. UMT5 (a table per layer) SDPA: the dense biases of all 24 layers at once (before) vs one layer at a time
 #     (shipped): ms and the peak memory of one forward above the weights (before: its cached bias included).
 # Run: python3 benchmarks/bias_table_probe.py
@@ -84,18 +86,6 @@ def compare(section: str, shape: str, variants: dict, memory: bool = False):
     torch.cuda.empty_cache()
 
 
-def with_old_index(L: int, fn):
-    """Run fn with the score_mod's index as before (offset + L - 1 into the per-length table)."""
-    def call():
-        shipped = t5_encoder.offset_index
-        t5_encoder.offset_index = lambda rel, max_distance: rel + (L - 1)
-        try:
-            return fn()
-        finally:
-            t5_encoder.offset_index = shipped
-    return call
-
-
 shapes = {"1x512": make_inputs(Shape(1, 512), 32128, dev), "8x512": make_inputs(Shape(8, 512), 32128, dev),
           "pad8x256": make_inputs(Shape(8, 256, True), 32128, dev)}
 
@@ -107,9 +97,8 @@ with torch.inference_mode():
         old = per_length_tables(model, L)
         block_mask = None if inp.mask is None else t5_encoder.make_self_attn_block_mask(inp.mask)
         compare("T5 flex", shape, {
-            "shipped: [H, 257] table, clamped index": lambda: model(inp.ids, input_mask=inp.mask),
-            "before: [H, 2L-1] table per length": with_old_index(
-                L, lambda: model._embed_and_layers(inp.ids, old, block_mask, inp.mask)),
+            "shipped: offsets row made in every call": lambda: model(inp.ids, input_mask=inp.mask),
+            "before: offsets row cached per length": lambda: model._embed_and_layers(inp.ids, old, block_mask, inp.mask),
         })
     model.config = model.config.model_copy(update={"attn_impl": T5AttnImpl.SDPA})
     for shape in ("1x512", "8x512"):

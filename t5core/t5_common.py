@@ -145,8 +145,8 @@ def relative_position_bucket(rel_pos: LongTensor, num_buckets: int = 32, max_dis
 
 def relative_offset_bias(table: Tensor, num_buckets: int, max_distance: int) -> FloatTensor:
     """Bias by relative offset, [heads, 2*max_distance + 1] float32: entry j is the bias for key - query =
-    j - max_distance. Buckets stop changing at max_distance, so one table serves every sequence length: index it
-    with offset_index(key - query, max_distance)."""
+    j - max_distance. Buckets stop changing at max_distance, so one table serves every sequence length (see
+    offset_rows)."""
     if max_distance <= num_buckets // 4:  # buckets are exact up to num_buckets // 4: they would not saturate
         raise ValueError(f"relative_attention_max_distance {max_distance} must exceed num_buckets / 4 "
                          f"({num_buckets // 4})")
@@ -155,9 +155,12 @@ def relative_offset_bias(table: Tensor, num_buckets: int, max_distance: int) -> 
     return table.float()[buckets].t().contiguous()  # [H, 2M+1]
 
 
-def offset_index(rel: Tensor, max_distance: int) -> Tensor:
-    """Offsets key - query -> columns of relative_offset_bias's table (longer offsets share its end columns)."""
-    return rel.clamp(-max_distance, max_distance) + max_distance
+def offset_rows(tables: Tensor, seq_len: int) -> Tensor:
+    """relative_offset_bias tables [.., 2M+1] -> the bias for every offset of seq_len tokens [.., 2L-1]: entry j
+    for key - query = j - (L-1); offsets past max_distance M read the tables' end entries."""
+    M = (tables.shape[-1] - 1) // 2
+    offsets = torch.arange(1 - seq_len, seq_len, device=tables.device)
+    return tables[..., offsets.clamp(-M, M) + M]
 
 
 def gelu_fn(approx: GELUApprox):

@@ -11,7 +11,7 @@ from torch import BoolTensor, FloatTensor, LongTensor, Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.functional import scaled_dot_product_attention
 
-from .t5_common import RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, offset_index, relative_offset_bias
+from .t5_common import RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, offset_rows, relative_offset_bias
 
 # Eager flex attention materialises the scores; on CUDA it must run compiled to be fast. On CPU the eager
 # form is the intended (small-scale) path, so its "called without torch.compile" warning is noise.
@@ -47,7 +47,6 @@ class T5SelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.scale = config.head_dim**-0.5 if config.scale_qk else 1.0
-        self.max_distance = config.relative_attention_max_distance
         self.kernel_options = dict(config.flex_kernel_options or FLEX_KERNEL_OPTIONS)
         self.qkv_proj = nn.Linear(config.hidden_dim, 3 * config.inner_dim, bias=False, dtype=config.dtype)
         self.o_proj = F32OutLinear(config.inner_dim, config.hidden_dim, bias=False, dtype=config.dtype)
@@ -64,16 +63,16 @@ class T5SelfAttention(nn.Module):
         qkv = self.qkv_proj(x).view(B, L, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
         if flex:
-            # bias: [H, 2M+1] float32, indexed by relative offset; the score stays float32 inside the kernel
+            # bias: [H, 2L-1] float32, indexed by relative offset; the score stays float32 inside the kernel
             def score_mod(score, b, h, q_idx, kv_idx):
-                return score + bias[h, offset_index(kv_idx - q_idx, self.max_distance)]
+                return score + bias[h, kv_idx - q_idx + (L - 1)]
 
             attn = _flex_compiled if x.is_cuda else flex_attention
             out = attn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=self.scale,
                        kernel_options=self.kernel_options)
         else:
-            if bias.dim() == 2:  # this layer's own table (UMT5): made dense here, where compiled code fuses it
-                bias = dense_sdpa_bias(bias[None], L, input_mask, x.dtype, self.max_distance)[0]
+            if bias.dim() == 2:  # this layer's own offsets (UMT5): made dense here, where compiled code fuses it
+                bias = dense_sdpa_bias(bias[None], input_mask, x.dtype)[0]
             # bias: [1 or B, H, L, L] in x.dtype, padding folded in
             out = scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))  # [B, L, D] float32
@@ -127,18 +126,14 @@ class T5EncoderLayer(nn.Module):
         return out[0] * self.ffn_res_scale + out[1]
 
 
-def dense_sdpa_bias(tables: Tensor, seq_len: int, input_mask: Optional[BoolTensor], dtype: torch.dtype,
-                    max_distance: int) -> Tensor:
-    """[n, H, 2M+1] offset tables -> [n, 1 or B, H, L, L] additive masks in dtype, padded keys at dtype's min.
+def dense_sdpa_bias(rows: Tensor, input_mask: Optional[BoolTensor], dtype: torch.dtype) -> Tensor:
+    """offset_rows [n, H, 2L-1] -> [n, 1 or B, H, L, L] additive masks in dtype, padded keys at dtype's min.
 
-    The bias depends on key - query only (Toeplitz). The table's row for this length, viewed with unit strides
-    over query and key, is its mirror image (Hankel), and one flip copies it out: a single pass over the output,
+    The bias depends on key - query only (Toeplitz). The row's windows of L entries (unfold: unit strides over
+    query and key) are its mirror image (Hankel), and one flip copies it out: a single pass over the output,
     where indexing with an [L, L] offset matrix took several (benchmarks/bias_table_probe.py)."""
-    n, H, _ = tables.shape
-    L = seq_len
-    offsets = torch.arange(1 - L, L, device=tables.device)  # [2L-1]: key - query
-    row = tables.to(dtype)[:, :, offset_index(offsets, max_distance)]  # [n, H, 2L-1]
-    hankel = row.as_strided((n, H, L, L), (H * (2 * L - 1), 2 * L - 1, 1, 1))  # [.., L-1-q, k] = row[L-1-q+k]
+    L = (rows.shape[-1] + 1) // 2
+    hankel = rows.to(dtype).unfold(-1, L, 1)  # [n, H, L, L]: [.., L-1-q, k] = row[L-1-q+k]
     bias = hankel.flip(2).unsqueeze(1)  # [n, 1, H, L, L]: row[k - q + L - 1]
     if input_mask is not None:
         bias = bias.masked_fill(~input_mask.bool()[None, :, None, None, :], torch.finfo(dtype).min)
@@ -341,28 +336,28 @@ class T5EncoderStack(nn.Module):
         B, L = input_ids.shape
         flex = self.config.attn_impl == T5AttnImpl.Flex
         dtype = self.layers[0].attn.o_proj.weight.dtype
-        offset_bias = self._offset_bias_table()
+        rows = offset_rows(self._offset_bias_table(), L)  # [n, H, 2L-1]: a few KB, made in every call
         if flex and input_mask is not None and block_mask is None:
             block_mask = make_self_attn_block_mask(input_mask)
         # SDPA with one table for all layers: the dense bias once per call. Per-layer tables (UMT5) become dense in
         # each layer: all at once they would take n*B*H*L*L.
-        if not flex and len(offset_bias) == 1:
-            biases = dense_sdpa_bias(offset_bias, L, input_mask, dtype, self.config.relative_attention_max_distance)
+        if not flex and len(rows) == 1:
+            biases = dense_sdpa_bias(rows, input_mask, dtype)
         else:
-            biases = offset_bias
+            biases = rows
         return (self._frozen_forward or self._embed_and_layers)(input_ids, biases, block_mask, input_mask)
 
     def _embed_and_layers(self, input_ids: LongTensor, biases: Tensor, block_mask: Optional[BlockMask],
                           input_mask: Optional[BoolTensor]) -> FloatTensor:
-        """The bias table stays outside: this is what the CPU path compiles whole, and a cache filled inside a
-        compiled region would fail its guards and compile it a second time."""
+        """The bias table stays outside (made on first use): this is what the CPU path compiles whole, and a cache
+        filled inside a compiled region would fail its guards and compile it a second time."""
         flex = self.config.attn_impl == T5AttnImpl.Flex
         # only a layer that makes its own dense bias takes the mask: otherwise it is a guard without a use
         layer_mask = input_mask if not flex and biases.dim() == 3 else None
         x = self.vocab_embed(input_ids).float()  # [B, L, D]
         ffn_out, ffn_scale = torch.zeros_like(x), self.unit_scale  # nothing pending before the first layer
         for i, layer in enumerate(self.layers):
-            bias = biases[i if len(biases) > 1 else 0]  # a table [H, 2M+1], or SDPA's dense [1 or B, H, L, L]
+            bias = biases[i if len(biases) > 1 else 0]  # offsets [H, 2L-1], or SDPA's dense [1 or B, H, L, L]
             x, ffn_out = layer(x, ffn_out, ffn_scale, bias, block_mask, flex, layer_mask)
             ffn_scale = layer.ffn_res_scale
         return self.ln(x * ffn_scale + ffn_out)
