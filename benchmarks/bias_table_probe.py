@@ -18,23 +18,10 @@ from t5core import t5_encoder
 from t5core.bench import Shape, make_inputs, time_calls
 from t5core.t5_common import T5AttnImpl, T5Config, relative_position_bucket
 from t5core.t5_encoder import T5EncoderStack
-from gpu_base import random_xxl_encoder
+from gpu_base import graphed, random_xxl_encoder
 
 dev = torch.device("cuda")
 rows = []
-
-
-def graphed(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # compiles
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def per_length_tables(model: T5EncoderStack, L: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, ".")
 from torch.profiler import ProfilerActivity, profile
 from t5core.bench import Shape, make_inputs, time_calls
-from gpu_base import random_xxl_encoder
+from gpu_base import graphed, random_xxl_encoder
 from t5core.t5_common import T5AttnImpl
 from t5core.t5_encoder import FLEX_KERNEL_OPTIONS, make_self_attn_block_mask
 
@@ -27,20 +27,6 @@ CALLS = {  # how each variant hands the model its padding
     "flex": lambda m, ids, mask: m(ids, input_mask=mask),
     "flex-qmask": lambda m, ids, mask: m(ids, block_mask=make_self_attn_block_mask(mask, mask_pad_queries=True)),
 }
-
-
-def graphed(fn):
-    """Capture fn() (after two warm-up calls, which compile) and return the graph and its output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def attention_us(graph):

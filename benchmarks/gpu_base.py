@@ -38,6 +38,20 @@ def reference_and_encoder(dev: torch.device, size: str = "xxl"):
     return ids, ref, base
 
 
+def graphed(fn):
+    """Capture fn() in a CUDA graph after two warm-up calls on a side stream (which compile) -> (graph, output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def kernel_ms(fn, seconds: float = 0.25) -> float:
     """Median ms of back-to-back calls on the current GPU (CUDA events, no sync between calls): kernel time,
     not latency."""
