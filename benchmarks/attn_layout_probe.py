@@ -43,7 +43,7 @@ for B in (1, 2, 4, 8, 16):
 
 
 class HeadMajorAttention(T5SelfAttention):
-    def forward(self, x, bias, block_mask, flex):
+    def forward(self, x, bias, block_mask, flex, input_mask=None):
         B = x.shape[0]
         qkv = self.qkv_proj(x).view(B, L, 3, self.n_head, self.head_dim)
         if bias.shape[0] == 1 and B > 1:

@@ -42,7 +42,7 @@ print(f"addmm out_dtype: max |fused - mm+add| {(fused - plain).abs().max().item(
       flush=True)
 
 
-def layer_forward(self, x, prev_ffn_out, prev_ffn_scale, bias, block_mask=None, flex=False):
+def layer_forward(self, x, prev_ffn_out, prev_ffn_scale, bias, block_mask=None, flex=False, input_mask=None):
     """T5EncoderLayer.forward with attention-out's residual add in the GEMM (SDPA, unscaled residuals)."""
     dtype = self.attn.o_proj.weight.dtype
     B, L, D = x.shape
