@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, ".")
 from t5core import t5_encoder
 from t5core.bench import Shape, make_inputs, time_calls
-from t5core.t5_common import T5AttnImpl, T5Config, relative_position_bucket
+from t5core.t5_common import T5AttnImpl, relative_position_bucket
 from t5core.t5_encoder import T5EncoderStack
 from gpu_base import graphed, random_xxl_encoder
 
@@ -99,14 +99,7 @@ del model, old, cached
 torch.cuda.empty_cache()
 
 # 3: UMT5 XXL-shaped, a table per layer
-torch.manual_seed(0)
-with torch.device(dev):
-    umt5 = T5EncoderStack(T5Config.from_name("xxl", vocab_size=256384, pos_emb_per_layer=True,
-                                             dtype=torch.bfloat16)).eval()
-with torch.no_grad():
-    for p in umt5.parameters():
-        p.normal_(0, 0.02)
-umt5.compile_layers()
+umt5 = random_xxl_encoder(dev, vocab_size=256384, pos_emb_per_layer=True).compile_layers()
 pad512 = make_inputs(Shape(8, 512, True), 32128, dev)
 with torch.inference_mode():
     one = shapes["1x512"].ids

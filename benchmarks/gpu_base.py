@@ -1,6 +1,7 @@
 # Shared by the GPU probes: for out_dtype_probe.py and residual_epilogue_probe.py, transformers' own random init
 # (t5core.bench.build_hf_reference) on the device, token ids for 1 and 8 prompts of 512 tokens, its float32
-# outputs with TF32 off, and our bf16 encoder with fused norms built from the same weights; for the GEMM probes,
+# outputs with TF32 off, and our bf16 encoder with fused norms built from the same weights; for the probes that
+# need only kernels, an XXL-shaped encoder with random weights and CUDA graph capture; for the GEMM probes,
 # kernel time of back-to-back calls; for the clock and power probes, nvidia-smi sampled every 100 ms.
 import os, statistics, subprocess, sys, threading
 from datetime import datetime
@@ -12,12 +13,12 @@ from t5core.t5_common import T5AttnImpl, T5Config
 from t5core.t5_encoder import T5EncoderStack
 
 
-def random_xxl_encoder(dev: torch.device, attn_impl: T5AttnImpl = T5AttnImpl.SDPA) -> T5EncoderStack:
+def random_xxl_encoder(dev: torch.device, attn_impl: T5AttnImpl = T5AttnImpl.SDPA, **config) -> T5EncoderStack:
     """Our XXL stack in bf16 with every parameter drawn from N(0, 0.02) (seed 0), no norm fusion: for probes
-    that need the kernels, not a reference."""
+    that need the kernels, not a reference. config overrides the preset (UMT5: vocab_size, pos_emb_per_layer)."""
     torch.manual_seed(0)
     with torch.device(dev):
-        model = T5EncoderStack(T5Config.from_name("xxl", dtype=torch.bfloat16, attn_impl=attn_impl)).eval()
+        model = T5EncoderStack(T5Config.from_name("xxl", dtype=torch.bfloat16, attn_impl=attn_impl, **config)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)

@@ -315,7 +315,7 @@ class T5EncoderStack(nn.Module):
 
     def compile_layers(self, **compile_kwargs) -> "T5EncoderStack":
         """Regional compilation: every layer runs the same compiled code (parameters are graph inputs), so the
-        cost is one layer's compile, not the whole stack's. Shapes are fixed: pad to a few lengths."""
+        cost is one layer's compile, not the whole stack's. Shapes are fixed: encode() pads to length_bucket."""
         _allow_many_compiled_shapes()
         for layer in self.layers:
             layer.compile(**{"dynamic": False, "fullgraph": True, **compile_kwargs})
@@ -434,8 +434,8 @@ class T5EncoderStack(nn.Module):
     def _weight_ptrs(self) -> tuple[int, ...]:
         """Every parameter's address, read through its owner's parameter dict: walking self.parameters() on
         every call cost 0.2 ms of host time at XXL on the H200's host, 2% of a 1x512 encode
-        (benchmarks/overhead_probe.py). A parameter moved (.data) or replaced (setattr, as ComfyUI's patcher does) still shows; a
-        replaced submodule needs invalidate_caches()."""
+        (benchmarks/overhead_probe.py). A parameter moved (.data) or replaced (setattr, as ComfyUI's patcher
+        does) still shows; a replaced submodule needs invalidate_caches()."""
         if self._param_slots is None:
             self._param_slots = [(m._parameters, name) for m in self.modules() for name in m._parameters]
         return tuple(-1 if d[name] is None else d[name].data_ptr() for d, name in self._param_slots)

@@ -120,7 +120,7 @@ def test_block_mask_matches_create_block_mask(L, mask_pad_queries):
 
 
 def test_cpu_compile_freezes_weights_and_compiles_once(pair):
-    """compile=True on the CPU: parity with transformers, one compilation per shape (the bias caches stay out of
+    """compile=True on the CPU: parity with transformers, one compilation per shape (the bias table stays out of
     the compiled region), and weights really frozen into the compiled code (what makes MKL's packed GEMM
     possible): an in-place weight change reaches the output only after invalidate_caches()."""
     kind, hf, folder = pair
