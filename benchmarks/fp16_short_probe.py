@@ -8,22 +8,13 @@
 import statistics, sys, time
 import torch
 sys.path.insert(0, ".")
-from torch.profiler import ProfilerActivity, profile
-from gpu_base import SmiSampler, kernel_ms
+from gpu_base import ProjectionOperands, SmiSampler, kernel_ms, replay_kernels
 from t5core.bench import Shape, build_hf_reference, make_inputs, time_calls
 from t5core.hf import FastT5EncoderModel
 
 dev = torch.device("cuda")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = (Shape(1, 256), Shape(1, 512), Shape(8, 512))
-
-
-def kernels(fn) -> dict:
-    """-> {kernel name: (count, ms)} of one call of fn."""
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.key: (e.count, e.device_time_total / 1e3) for e in prof.key_averages()}
 
 
 def side_by_side(title: str, per_dtype: dict) -> None:
@@ -38,27 +29,23 @@ def side_by_side(title: str, per_dtype: dict) -> None:
 
 # (c) first: the projections alone, before the encoders fill the GPU
 M, D, I, F = 512, 4096, 4096, 10240
-projections = {"QKV 4096->12288 (out bf16/fp16)": (D, 3 * I, None), "attn-out 4096->4096 (out f32)": (I, D, torch.float32),
-               "gate/up 4096->20480 (out f32)": (D, 2 * F, torch.float32), "FFN-out 10240->4096 (out f32)": (F, D, torch.float32)}
-gen = torch.Generator(device=dev).manual_seed(0)
+projections = {  # name: (N, K, gate/up, output dtype; None: the input's)
+    "QKV 4096->12288 (out bf16/fp16)": (3 * I, D, False, None), "attn-out 4096->4096 (out f32)": (D, I, False, torch.float32),
+    "gate/up 4096->20480 (out f32)": (F, D, True, torch.float32), "FFN-out 10240->4096 (out f32)": (D, F, False, torch.float32)}
 gemm_ms = {}
 gemm_kernels = {}
-for name, (K, N, out) in projections.items():
+for name, (N, K, geglu, out) in projections.items():
     for dn, dt in DTYPES.items():
-        x = torch.randn(M, K, generator=gen, device=dev).to(dt)
-        ws = [(torch.randn(N, K, generator=gen, device=dev) * K**-0.5).to(dt) for _ in range(3)]
-        turn = [0]
+        ops = ProjectionOperands(M, N, K, geglu, dev, dt)
 
-        def call(x=x, ws=ws, out=out, turn=turn):
-            turn[0] = (turn[0] + 1) % 3
-            w = ws[turn[0]].t()
-            return torch.mm(x, w, out_dtype=out) if out is not None else torch.mm(x, w)
+        def call(ops=ops, out=out):
+            return torch.mm(ops.x, ops.w().t(), out_dtype=out) if out is not None else torch.mm(ops.x, ops.w().t())
 
         call()
-        gemm_kernels[(name, dn)] = sorted(k for k in kernels(call) if "Memset" not in k)
+        gemm_kernels[(name, dn)] = sorted(k for k in replay_kernels(call) if "Memset" not in k)
         gemm_ms[(name, dn)] = (call, [])
 for _ in range(3):
-    for key, (call, times) in gemm_ms.items():
+    for call, times in gemm_ms.values():
         times.append(kernel_ms(call, 0.3))
 print(f"## fp16_short_probe, {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
 print("projections alone at M = 512 (back-to-back kernel time, median of 3 interleaved rounds):")
@@ -82,7 +69,7 @@ for shape, inp in inputs.items():
     for n, m in models.items():
         m.encode(inp.ids, inp.mask)
         graph = m._graphs[(*inp.ids.shape, inp.mask is not None)][0]
-        per_dtype[n] = kernels(graph.replay)
+        per_dtype[n] = replay_kernels(graph.replay)
     side_by_side(f"encoder {shape}, one graph replay", per_dtype)
 
 # (b) encode() interleaved, with the clock

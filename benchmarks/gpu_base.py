@@ -1,8 +1,9 @@
 # Shared by the GPU probes: for out_dtype_probe.py and residual_epilogue_probe.py, transformers' own random init
 # (t5core.bench.build_hf_reference) on the device, token ids for 1 and 8 prompts of 512 tokens, its float32
 # outputs with TF32 off, and our bf16 encoder with fused norms built from the same weights; for the probes that
-# need only kernels, an XXL-shaped encoder with random weights and CUDA graph capture; for the GEMM probes,
-# kernel time of back-to-back calls; for the clock and power probes, nvidia-smi sampled every 100 ms.
+# need only kernels, an XXL-shaped encoder with random weights, CUDA graph capture and one call's kernels; for
+# the GEMM probes, kernel time of back-to-back calls; for the clock and power probes, nvidia-smi sampled every
+# 100 ms.
 import os, statistics, subprocess, sys, threading
 from datetime import datetime
 sys.path.insert(0, ".")
@@ -53,6 +54,18 @@ def graphed(fn):
     return graph, out
 
 
+def replay_kernels(fn) -> dict:
+    """-> {kernel name: (launches, ms)} of one call of fn (a graph replay, say), from the profiler; the CUDA
+    runtime's own entries (cudaGraphLaunch, synchronisation) are left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key: (e.count, e.device_time_total / 1e3) for e in prof.key_averages()
+            if not e.key.startswith(("cuda", "cuLaunch", "Activity Buffer"))}
+
+
 def kernel_ms(fn, seconds: float = 0.25) -> float:
     """Median ms of back-to-back calls on the current GPU (CUDA events, no sync between calls): kernel time,
     not latency."""
@@ -92,14 +105,14 @@ class SmiSampler:
 
 
 class ProjectionOperands:
-    """One XXL projection's operands at M rows, for the GEMM probes: x [M, K] bf16, a float32 residual [M, N] and
-    its scale, and three copies of the weight [rows, K] (rows = 2N for gate/up) that w() hands out in turn, so the
-    weights come from memory rather than L2, as in the encoder."""
+    """One XXL projection's operands at M rows, for the GEMM probes: x [M, K] in dtype, a float32 residual [M, N]
+    and its scale, and three copies of the weight [rows, K] (rows = 2N for gate/up) that w() hands out in turn, so
+    the weights come from memory rather than L2, as in the encoder."""
 
-    def __init__(self, M: int, N: int, K: int, geglu: bool, dev: torch.device):
+    def __init__(self, M: int, N: int, K: int, geglu: bool, dev: torch.device, dtype: torch.dtype = torch.bfloat16):
         self.rows = 2 * N if geglu else N
-        self.copies = [torch.randn(self.rows, K, device=dev, dtype=torch.bfloat16) * K**-0.5 for _ in range(3)]
-        self.x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        self.copies = [torch.randn(self.rows, K, device=dev, dtype=dtype) * K**-0.5 for _ in range(3)]
+        self.x = torch.randn(M, K, device=dev, dtype=dtype)
         self.res, self.scale = torch.randn(M, N, device=dev), torch.tensor(0.5, device=dev)
         self.flops = 2 * M * K * self.rows
         self._turn = 0

@@ -1,5 +1,5 @@
 # Experiment (2026-11-29, H200): programmatic dependent launch for inductor's kernels. One profiled graph replay
-# at 1x512 has 7.8 ms of kernels but takes 8.6 ms (overhead_probe.py): about 3 us between each of ~230 kernels.
+# at 1x512 holds about 8 ms of kernels but a call takes about 9 ms: about 4 us between each of ~230 kernels.
 # With TORCHINDUCTOR_ENABLE_PDL=1 inductor's Triton kernels wait on their producer inside the kernel
 # (gdc_wait) and are launched early, so their launch can overlap the previous kernel's tail. cuBLAS's and cuDNN's
 # kernels are launched as before. The setting is read when code is generated, so each mode runs in its own
@@ -16,8 +16,7 @@ SHAPES = ("1x512", "8x512", "pad8x256")
 
 
 def child(mode: str) -> None:
-    from torch.profiler import ProfilerActivity, profile
-    from gpu_base import random_xxl_encoder
+    from gpu_base import random_xxl_encoder, replay_kernels
     from t5core.bench import make_inputs, parse_shapes, time_calls
     from t5core.t5_common import T5AttnImpl
 
@@ -31,13 +30,9 @@ def child(mode: str) -> None:
             torch.save(out.cpu(), f"/tmp/pdl_{impl.value}_{shape.name}_{mode}.pt")
             ms = time_calls(lambda: m.encode(inp.ids, inp.mask), dev, 2.0, max_runs=3000)["ms"]
             graph = m._graphs[(*inp.ids.shape, inp.mask is not None)][0]
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                graph.replay()
-                torch.cuda.synchronize()
-            kernels = [e for e in prof.key_averages() if not e.key.startswith("cuda")]
+            kernel_ms = sum(t for _, t in replay_kernels(graph.replay).values())
             print(json.dumps({"mode": mode, "impl": impl.value, "shape": shape.name, "ms": ms,
-                              "kernel_ms": sum(e.device_time_total for e in kernels) / 1e3,
-                              "kernels": sum(e.count for e in kernels)}), flush=True)
+                              "kernel_ms": kernel_ms}), flush=True)
         del m
         torch.cuda.empty_cache()
 

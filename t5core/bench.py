@@ -573,9 +573,18 @@ def cold_table(rows: list[dict]) -> str:
         for r in rows])
 
 
+def rerun_command(args) -> str:
+    """The command that repeats this run, defaults resolved, so a saved report says how it was made."""
+    model = f" --model {args.model}" if args.model else f" --size {args.size}"
+    return (f"python -m t5core bench --device {args.device}{model} --sections {args.sections} --variants "
+            f"{args.variants} --shapes {args.shapes} --seconds-per-case {args.seconds_per_case:g} --rounds "
+            f"{args.rounds} --budget-s {args.budget_s:g} --cold-variant {args.cold_variant} --seed {args.seed}")
+
+
 def print_report(run: Run, stopped: Optional[str]) -> None:
     m, res = run.results["meta"], run.results
     print("\n## t5core bench")
+    print(rerun_command(run.args))
     print(f"device {m.get('device_name')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
           f"size {m.get('size')} {m.get('dims', '')}, wall {run.elapsed():.0f}s"
           + (f", STOPPED: {stopped}" if stopped else ""))

@@ -143,7 +143,7 @@ def dense_sdpa_bias(rows: Tensor, input_mask: Optional[BoolTensor], dtype: torch
 def length_bucket(n: int) -> int:
     """The length a compiled encoder runs n tokens at: 16 up to 16 tokens, then four lengths per doubling (20,
     24, 28, 32, 40, ..., 448, 512, 640, ...). Compiled code and CUDA graphs are made per shape, and dynamo stops
-    at a fixed number of shapes; these are 21 shapes up to 512 tokens, for at most 25% more tokens."""
+    at a fixed number of shapes; these are 21 shapes up to 512 tokens, for at most 25% more tokens above 16."""
     if n <= 16:
         return 16
     step = 1 << ((n - 1).bit_length() - 3)

@@ -174,7 +174,7 @@ def load_encoder(
     """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`.
 
     dtype: float32 / bfloat16 / float16. attn_impl: "sdpa" (default) or "flex". Compiled on an H200 the two are
-    within 1-2% except for one long prompt, where flex is up to 6% faster (BENCHMARKS.md); on CUDA flex always
+    within 4% except for one long prompt, where flex is up to 6% faster (BENCHMARKS.md); on CUDA flex always
     compiles its kernel with Triton, SDPA uncompiled needs no Triton.
     fuse_norms: fold norm scales into the projections while loading.
     fp16_scales (float16 only): "auto" (scales in the checkpoint, else calibrated ones saved beside it, else the

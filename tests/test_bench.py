@@ -1,5 +1,6 @@
 """The benchmark (python -m t5core bench) and the precision tool on CPU with a small random T5 v1.1:
 every table row present, numbers sane, float16 with residual scales closer to float32 than bfloat16."""
+import argparse
 import json
 import math
 
@@ -33,6 +34,18 @@ def test_shapes_inputs_and_flops():
     assert torch.equal(inp.hf_mask, inp.mask.long())
     dense = bench.make_inputs(bench.Shape(2, 16), 32128, "cpu")
     assert dense.mask is None and (dense.ids[:, -1] == 1).all()
+
+
+def test_report_command_repeats_the_run():
+    """The report's first line is a command that parses back to the run's settings, defaults resolved, so a
+    saved log says how it was made."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--shapes", "1x32,pad3x32", "--rounds", "2", "--budget-s", "60.5"])
+    args.size, args.variants = "small", bench.DEFAULT_VARIANTS["cpu"]  # what _setup resolves
+    command = bench.rerun_command(args)
+    assert command.startswith("python -m t5core bench ")
+    assert vars(parser.parse_args(command.split()[4:])) == vars(args)
 
 
 @pytest.mark.slow
