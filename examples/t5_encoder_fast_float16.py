@@ -5,7 +5,7 @@ import torch
 from torch import FloatTensor, inference_mode
 
 from _common import t5_dir
-from t5core.checkpoint_info import suggested_scales
+from t5core.fp16_scales import preset
 from t5core.t5_common import T5AttnImpl, T5Config
 from t5core.t5_encoder import T5EncoderStack, make_self_attn_block_mask
 from t5core.tokenizer import load_tokenizer
@@ -21,8 +21,8 @@ config = config.model_copy(update={"dtype": dtype, "elementwise_affine": False, 
 with torch.device(device):
     t5_enc = T5EncoderStack(config).eval()
 
-# FFN-out scales for T5 v1.1 small's 8 layers (None of a known size: no scaling)
-_, ffn_scales = suggested_scales(config)
+# FFN-out scales for T5 v1.1 small's 8 layers (None for a size without a preset: no scaling)
+ffn_scales = list(preset(config).ffn) if preset(config) else None
 deserializer = FusingDeserializer(t5_dir / "enc.tensors", lazy_load=True, dtype=dtype, device=device)
 deserializer.load_with_fusions(
     t5_enc,

@@ -11,56 +11,22 @@ in one graph therefore hold two sets of weights.)
 ComfyUI modules are imported inside functions: this package must import without ComfyUI.
 """
 import dataclasses
-import importlib
-import importlib.util
 import logging
-import sys
-from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+import t5core
+from t5core import fp16_scales
+from t5core.calibrate import calibrate_fp16_scales
+from t5core.checkpoint import SAFETENSORS_SUFFIXES
+from t5core.fp16_scales import Scales
+from t5core.t5_common import parse_dtype
+
 log = logging.getLogger("t5core.nodes")
 
 TENSORS_FOLDER = "t5core_tensors"  # folder_paths entry listing tensorizer files in the text-encoder folders
-WEIGHT_SUFFIXES = (".safetensors", ".sft")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_BUNDLED = Path(__file__).resolve().parents[1] / "t5core" / "__init__.py"
-Scales = tuple[Optional[tuple[float, ...]], Optional[tuple[float, ...]]]  # (attention-out, FFN-out) per layer
-
-
-def t5core():
-    """The t5core library: already imported, else this repository's copy, else an installed one.
-
-    The copy is loaded under its own name, t5core, rather than by putting the repository on sys.path, where its
-    `nodes` package would shadow ComfyUI's `nodes` module. Imported on first use, so that the nodes register even
-    when a dependency is missing."""
-    if "t5core" in sys.modules:
-        return sys.modules["t5core"]
-    try:
-        if not _BUNDLED.is_file():
-            return importlib.import_module("t5core")
-        spec = importlib.util.spec_from_file_location("t5core", _BUNDLED,
-                                                      submodule_search_locations=[str(_BUNDLED.parent)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["t5core"] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            for name in [n for n in sys.modules if n == "t5core" or n.startswith("t5core.")]:
-                del sys.modules[name]
-            raise
-        return module
-    except ImportError as e:
-        raise ImportError(f"the t5core library cannot be imported ({e}); run `pip install -r requirements.txt` "
-                          f"with ComfyUI's Python") from e
-
-
-def lib(submodule: str):
-    """A t5core submodule, e.g. lib("calibrate")."""
-    t5core()
-    return importlib.import_module(f"t5core.{submodule}")
 
 
 # -- model files ----------------------------------------------------------------------------------------------------
@@ -77,7 +43,7 @@ def weight_file_names() -> list[str]:
     import folder_paths
 
     tensors = folder_paths.get_filename_list(_tensors_folder(folder_paths))
-    names = [n for n in folder_paths.get_filename_list("text_encoders") if n.lower().endswith(WEIGHT_SUFFIXES)]
+    names = [n for n in folder_paths.get_filename_list("text_encoders") if n.lower().endswith(SAFETENSORS_SUFFIXES)]
     return sorted(names + tensors)
 
 
@@ -100,7 +66,7 @@ def comfy_bundled_tokenizer() -> Optional[Path]:
 
 def resolve_tokenizer(ckpt):
     """-> (tokenizer, where it came from): beside the weights, embedded in the file, or ComfyUI's bundled one."""
-    load_tokenizer = lib("tokenizer").load_tokenizer
+    load_tokenizer = t5core.load_tokenizer
     if ckpt.tokenizer is not None:
         tok, source = load_tokenizer(ckpt.tokenizer), f"{ckpt.tokenizer.name} beside the weights"
     elif ckpt.tokenizer_bytes:
@@ -118,41 +84,9 @@ def resolve_tokenizer(ckpt):
 
 
 # -- float16 scales -------------------------------------------------------------------------------------------------
-def format_scales(scales: Scales) -> str:
-    """'1,1,0.5' (FFN-out) or 'ATTN;FFN' when attention scales are not all 1: the custom-scales syntax."""
-    attn, ffn = scales
-
-    def text(values):
-        return ",".join(format(v, "g") for v in values)
-
-    if attn and any(a != 1 for a in attn):
-        return f"{text(attn)};{text(ffn or [1.0] * len(attn))}"
-    return text(ffn) if ffn else "none"
-
-
-def parse_scales(text: str, num_layers: int) -> Scales:
-    """'1,1,1/2,...' (FFN-out, one per layer) or 'ATTN;FFN'; every scale a power of two."""
-    check_scales = lib("residual_scale").check_scales
-
-    def values(part: str, what: str) -> tuple[float, ...]:
-        try:
-            parsed = [float(Fraction(v.strip())) for v in part.replace("\n", ",").split(",") if v.strip()]
-        except (ValueError, ZeroDivisionError) as e:
-            raise ValueError(f"custom scales: cannot read {part.strip()!r} ({e}); write e.g. 1,1,0.5,...") from e
-        return tuple(check_scales(parsed, num_layers, what))
-
-    if text.count(";") > 1:
-        raise ValueError("custom scales: expected 'FFN scales' or 'ATTN scales;FFN scales'")
-    if ";" in text:
-        attn, ffn = text.split(";")
-        return values(attn, "attention-out scales"), values(ffn, "FFN-out scales")
-    return None, values(text, "FFN-out scales")
-
-
-def preset_scales(path: str, config) -> Scales:
-    """Calibrated scales saved beside the file, else the preset for the detected size, else none."""
-    attn, ffn = lib("calibrate").load_calibrated_scales(path) or lib("checkpoint_info").suggested_scales(config)
-    return (tuple(attn) if attn else None), (tuple(ffn) if ffn else None)
+def scales_text(scales: Optional[Scales]) -> str:
+    """The custom-scales syntax (t5core.fp16_scales.parse reads it); 'none' for no scaling."""
+    return "none" if scales is None else str(scales)
 
 
 # -- the T5_ENCODER value -------------------------------------------------------------------------------------------
@@ -170,20 +104,29 @@ class LoadPlan:
 class T5Encoder:
     """What the T5_ENCODER sockets carry. See the module docstring for the ownership of the weights."""
 
-    def __init__(self, plan: LoadPlan, config, tokenizer, tokenizer_source: str) -> None:
+    def __init__(self, plan: LoadPlan, config, tokenizer, tokenizer_source: str,
+                 stored_scales: Optional[Scales] = None) -> None:
         self.plan = plan
         self.config = config  # t5core.T5Config of the file (architecture, and any scales baked into it)
+        self.stored_scales = stored_scales  # float16 scales recorded in the file's config.json
         self.tokenizer = tokenizer
         self.tokenizer_source = tokenizer_source
         self._patcher = None
+        self._runtime = None  # t5core.Encoder around the patcher's model
 
     def with_plan(self, **changes) -> "T5Encoder":
         """A new encoder with a changed plan; it shares the tokenizer, never the weights."""
-        return T5Encoder(dataclasses.replace(self.plan, **changes), self.config, self.tokenizer, self.tokenizer_source)
+        return T5Encoder(dataclasses.replace(self.plan, **changes), self.config, self.tokenizer, self.tokenizer_source,
+                         self.stored_scales)
 
     @property
     def baked_scales(self) -> bool:
         return bool(self.config.enc_ffn_out_scales or self.config.enc_attn_out_scales)
+
+    def preset_scales(self) -> Optional[Scales]:
+        """What a float16 load picks by itself: calibrated scales beside the file, else those in its config.json,
+        else the preset for its size, else none."""
+        return fp16_scales.resolve("auto", self.config, self.plan.path, self.stored_scales)
 
     def devices(self) -> tuple[torch.device, torch.device]:
         """(load device, offload device), as ComfyUI picks them for text encoders (CPU under --lowvram/--cpu)."""
@@ -204,34 +147,36 @@ class T5Encoder:
 
             load_device, offload_device = self.devices()
             plan = self.plan
-            model = t5core().load_encoder(plan.path, dtype=plan.dtype, device=offload_device,
-                                          attn_impl=self.attention(), fuse_norms=plan.fuse_norms,
-                                          fp16_scales=plan.fp16_scales)
+            runtime = t5core.load_encoder(plan.path, dtype=plan.dtype, device=offload_device,
+                                            attn_impl=self.attention(), fuse_norms=plan.fuse_norms,
+                                            fp16_scales=plan.fp16_scales)
             if plan.compile:  # regional: valid on whichever device ComfyUI moves the weights to (graphs on CUDA)
-                model.compile_layers()
-            size = sum(p.numel() * p.element_size() for p in model.parameters())
-            self._patcher = ModelPatcher(model, load_device=load_device, offload_device=offload_device, size=size)
+                runtime.compile_layers()
+            size = sum(p.numel() * p.element_size() for p in runtime.model.parameters())
+            self._patcher = ModelPatcher(runtime.model, load_device=load_device, offload_device=offload_device,
+                                         size=size)
+            self._runtime = runtime
         return self._patcher
 
-    def model_on_device(self):
-        """The T5EncoderStack, moved to the load device by ComfyUI's memory manager."""
+    def on_device(self):
+        """The t5core.Encoder whose model ComfyUI's memory manager has moved to the load device."""
         import comfy.model_management as mm
 
         patcher = self.patcher()
         # Whole model: its plain nn.Linear layers cannot stream weights the way ComfyUI's cast layers do.
         mm.load_models_gpu([patcher], force_full_load=True)
-        return patcher.model
+        return self._runtime
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] -> float32 [B, L, D] on ComfyUI's intermediate device; no mask, as ComfyUI's T5."""
         import comfy.model_management as mm
 
-        return self.model_on_device().encode(input_ids).to(mm.intermediate_device())
+        return self.on_device().encode(input_ids).to(mm.intermediate_device())
 
     def describe(self) -> str:
         """One line for the node UI: precision, attention, architecture, fusion, scales, tokenizer."""
         plan, cfg = self.plan, self.config
-        size = lib("checkpoint_info").detect_size(cfg)
+        size = fp16_scales.detect_size(cfg)
         parts = [str(plan.dtype).removeprefix("torch."), self.attention(),
                  f"T5{' ' + size.upper() if size else ''} ({cfg.num_layers} layers, {cfg.hidden_dim} wide)"]
         if plan.compile:
@@ -240,7 +185,7 @@ class T5Encoder:
             parts.append("norms fused")
         if plan.dtype == torch.float16:
             parts.append("scales baked into the file" if self.baked_scales
-                         else f"fp16 scales {format_scales(plan.fp16_scales or (None, None))}")
+                         else f"fp16 scales {scales_text(plan.fp16_scales)}")
         if plan.cpu:
             parts.append("on CPU")
         parts.append(f"tokenizer: {self.tokenizer_source}")
@@ -250,16 +195,16 @@ class T5Encoder:
 # -- what the nodes do ----------------------------------------------------------------------------------------------
 def load(name: str, weight_dtype: str, attention: str, compile: bool, device: str) -> T5Encoder:
     path = weight_file_path(name)
-    ckpt = t5core().open_checkpoint(path)  # reads the header only: rejects non-T5 files before any weight is read
+    ckpt = t5core.open_checkpoint(path)  # reads the header only: rejects non-T5 files before any weight is read
     tokenizer, source = resolve_tokenizer(ckpt)
     plan = LoadPlan(path=str(path), dtype=torch.float32, attention=None if attention == "auto" else attention,
                     compile=compile, cpu=device == "cpu")
-    encoder = T5Encoder(plan, ckpt.config, tokenizer, source)
+    encoder = T5Encoder(plan, ckpt.config, tokenizer, source, ckpt.fp16_scales)
     if weight_dtype == "auto":
         dtype = torch.bfloat16 if _bf16_ok(encoder.devices()[0]) else torch.float32
     else:
-        dtype = DTYPES[weight_dtype]
-    scales = preset_scales(str(path), ckpt.config) if dtype == torch.float16 and not encoder.baked_scales else None
+        dtype = parse_dtype(weight_dtype)  # bf16 / fp16 / fp32
+    scales = encoder.preset_scales() if dtype == torch.float16 and not encoder.baked_scales else None
     return encoder.with_plan(dtype=dtype, fp16_scales=scales)
 
 
@@ -273,27 +218,26 @@ def fuse_norms(encoder: T5Encoder) -> T5Encoder:
     return encoder.with_plan(fuse_norms=True)
 
 
-def to_fp16(encoder: T5Encoder, mode: str, custom_scales: str) -> tuple[T5Encoder, str]:
+def to_fp16(encoder: T5Encoder, mode: str, custom: str) -> tuple[T5Encoder, str]:
     """-> (float16 encoder, the scales in the custom-scales syntax)."""
     if encoder.baked_scales:
         if mode != "preset":
             log.warning("t5core: %s already has float16 scales baked in; using them (mode %r ignored)",
                         encoder.plan.path, mode)
-        cfg = encoder.config
-        baked = (tuple(cfg.enc_attn_out_scales or ()) or None, tuple(cfg.enc_ffn_out_scales or ()) or None)
-        return encoder.with_plan(dtype=torch.float16, fp16_scales=None), format_scales(baked)
+        baked = Scales.from_config(encoder.config)
+        return encoder.with_plan(dtype=torch.float16, fp16_scales=None), scales_text(baked)
     if mode == "preset":
-        scales = preset_scales(encoder.plan.path, encoder.config)
-        if scales == (None, None):
+        scales = encoder.preset_scales()
+        if scales is None:
             log.warning("t5core: no float16 preset for a %d-layer, %d-wide T5: no scaling (use auto-calibrate if "
                         "the output overflows)", encoder.config.num_layers, encoder.config.hidden_dim)
     elif mode == "custom":
-        scales = parse_scales(custom_scales, encoder.config.num_layers)
+        scales = fp16_scales.resolve(custom, encoder.config)  # '1,1,1/2,...' (FFN-out) or 'ATTN;FFN'
     elif mode == "auto-calibrate":
         scales = calibrated_scales(encoder)
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    return encoder.with_plan(dtype=torch.float16, fp16_scales=scales), format_scales(scales)
+    return encoder.with_plan(dtype=torch.float16, fp16_scales=scales), scales_text(scales)
 
 
 def calibrated_scales(encoder: T5Encoder) -> Scales:
@@ -305,8 +249,8 @@ def calibrated_scales(encoder: T5Encoder) -> Scales:
         reference = encoder  # its float32 weights stay loaded for whoever else uses this encoder
     else:  # a temporary float32 copy, dropped (and offloaded) as soon as the scales are known
         reference = encoder.with_plan(dtype=torch.float32, fp16_scales=None, compile=False)
-    attn, ffn = lib("calibrate").calibrate_fp16_scales(reference.model_on_device(), encoder.tokenizer)
+    scales = calibrate_fp16_scales(reference.on_device().model, encoder.tokenizer)
     if reference is not encoder:
         del reference
         mm.soft_empty_cache()
-    return tuple(attn), tuple(ffn)
+    return scales

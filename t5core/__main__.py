@@ -2,26 +2,10 @@
 import argparse
 import importlib
 import sys
-from fractions import Fraction
 from pathlib import Path
 
+from . import fp16_scales
 from .t5_common import parse_dtype
-
-
-def _scales_arg(text: str):
-    """'auto' | 'none' | 'calibrate' | '1,1,0.5,...' (FFN-out scales) | 'ATTN;FFN' (two lists)."""
-    if text in ("auto", "calibrate"):
-        return text
-    if text == "none":
-        return None
-
-    def floats(s):
-        return [float(Fraction(x.strip())) for x in s.split(",") if x.strip()]
-
-    if ";" in text:
-        attn, ffn = text.split(";")
-        return floats(attn), floats(ffn)
-    return floats(text)
 
 
 def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32") -> None:
@@ -29,9 +13,9 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32") -> None
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default %(default)s)")
     p.add_argument("--attn", choices=["sdpa", "flex"], default=None, help="attention kernel (default: sdpa)")
     p.add_argument("--fuse-norms", action="store_true", help="fold RMSNorm scales into the following projections")
-    p.add_argument("--fp16-scales", type=_scales_arg, default="auto",
+    p.add_argument("--fp16-scales", type=fp16_scales.parse, default="auto",
                    help="float16 residual scales: auto (saved, calibrated or preset by size), none, calibrate, "
-                        "or per-layer FFN-out scales '1,1,1/2,...' (default auto)")
+                        "per-layer FFN-out scales '1,1,1/2,...' or 'ATTN;FFN' (default auto)")
     p.add_argument("--subfolder", default=None, help="subfolder of a diffusers repo, e.g. text_encoder_2")
 
 
@@ -78,7 +62,7 @@ def cmd_convert(args) -> None:
     ckpt = open_checkpoint(args.src, subfolder=args.subfolder)
     tok_src = args.tokenizer or ckpt.tokenizer or ckpt.tokenizer_bytes
     model = _load(args, args.src)
-    out = save_encoder(model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None)
+    out = save_encoder(model.model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None)
     c = model.config
     print(f"wrote {out} ({args.format}, {args.dtype}, norms {'fused' if not c.elementwise_affine else 'kept'}, "
           f"ffn scales {c.enc_ffn_out_scales}, tokenizer {'copied' if tok_src is not None else 'none found'})")
@@ -87,15 +71,16 @@ def cmd_convert(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .calibrate import calibrate_fp16_scales, save_calibrated_scales
+    from .calibrate import calibrate_fp16_scales
 
     tok = _tokenizer_for(args, args.model)
     prompts = Path(args.prompts).read_text().splitlines() if args.prompts else None
     args.dtype, args.fp16_scales = "float32", None
     model = _load(args, args.model)
-    attn, ffn = calibrate_fp16_scales(model, tok, [p for p in prompts or [] if p.strip()] or None, args.headroom)
-    where = save_calibrated_scales(model.source_path, attn, ffn, args.headroom)
-    print(f"attention-out scales: {attn}\nFFN-out scales:       {ffn}\nsaved to {where} (used by dtype float16 loads)")
+    scales = calibrate_fp16_scales(model.model, tok, [p for p in prompts or [] if p.strip()] or None, args.headroom)
+    where = fp16_scales.save_sidecar(model.source_path, scales, args.headroom)
+    print(f"attention-out scales: {list(scales.attn)}\nFFN-out scales:       {list(scales.ffn)}\n"
+          f"saved to {where} (used by dtype float16 loads)")
 
 
 def cmd_embed(args) -> None:

@@ -3,13 +3,11 @@
 Runs the encoder (in float32, or whatever precision it has, as long as it is finite) over a prompt set, records
 each layer's attention-out and FFN-out absmax over real tokens, and chooses, layer by layer, the largest power
 of two <= 1 that keeps every scaled output `headroom` times below the float16 maximum."""
-import json
 import warnings
-from pathlib import Path
 from typing import Optional, Sequence
 
+from .fp16_scales import Scales
 from .precision import FLOAT16_MAX, trace_layers
-from .residual_scale import output_weight_factors
 
 # Short, long, repetitive and unusual-unicode prompts: activations peak on different kinds of input.
 BUILTIN_PROMPTS = [
@@ -42,7 +40,7 @@ def measure_output_absmax(model, tokenizer, prompts: Optional[Sequence[str]] = N
         for s in trace_layers(model, ids.to(device)):
             stats[s.name] = max(stats.get(s.name, 0.0), s.absmax)
     # undo scales already baked into the weights
-    factors = output_weight_factors(*model.config.residual_scales())
+    factors = Scales.from_config(model.config).weight_factors()
     attn = [stats[f"layers.{i}.attn"] / factors[f"layers.{i}.attn.o_proj.weight"] for i in range(n)]
     ffn = [stats[f"layers.{i}.ffn"] / factors[f"layers.{i}.ffn.ff_out.weight"] for i in range(n)]
     hidden = [stats[f"layers.{i}.ffn.hidden"] for i in range(n)]
@@ -63,35 +61,14 @@ def choose_scales(attn_absmax, ffn_absmax, headroom: float = 4.0) -> tuple[list[
     return attn_scales, ffn_scales
 
 
-def calibrate_fp16_scales(model, tokenizer, prompts=None, headroom: float = 4.0, max_length: int = 512):
-    """-> (attn_out_scales, ffn_out_scales) in total, relative to unscaled weights.
+def calibrate_fp16_scales(model, tokenizer, prompts=None, headroom: float = 4.0, max_length: int = 512) -> Scales:
+    """A T5EncoderStack's scales in total, relative to unscaled weights.
 
-    Use them with load_encoder(..., dtype="float16", fp16_scales=(attn, ffn)), or with scale_residuals_enc on an
-    unscaled model before casting it to float16."""
+    Use them with load_encoder(..., dtype="float16", fp16_scales=scales), or with fp16_scales.scale_residuals_enc
+    on an unscaled model before casting it to float16; fp16_scales.save_sidecar keeps them beside the weights."""
     attn, ffn, hidden = measure_output_absmax(model, tokenizer, prompts, max_length)
     for i, h in enumerate(hidden):
         if h * headroom > FLOAT16_MAX:
             warnings.warn(f"layer {i}: FFN hidden activations reach {h:.0f}, within {headroom}x of the float16 "
                           f"limit; residual scales cannot reduce them, so prefer bfloat16 for this model")
-    return choose_scales(attn, ffn, headroom)
-
-
-def scales_sidecar(weights_path) -> Path:
-    """Where calibrated scales live: fp16_scales.json in a model folder, <file>.fp16_scales.json beside a file."""
-    p = Path(weights_path)
-    return p / "fp16_scales.json" if p.is_dir() else p.with_name(p.name + ".fp16_scales.json")
-
-
-def save_calibrated_scales(weights_path, attn_scales, ffn_scales, headroom: float) -> Path:
-    path = scales_sidecar(weights_path)
-    path.write_text(json.dumps({"enc_attn_out_scales": attn_scales, "enc_ffn_out_scales": ffn_scales,
-                                "headroom": headroom}, indent=2))
-    return path
-
-
-def load_calibrated_scales(weights_path) -> Optional[tuple[list[float], list[float]]]:
-    path = scales_sidecar(weights_path)
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    return data["enc_attn_out_scales"], data["enc_ffn_out_scales"]
+    return Scales.of(*choose_scales(attn, ffn, headroom), model.config.num_layers)

@@ -15,9 +15,11 @@ from typing import Optional
 
 import torch
 
+from .fp16_scales import CONFIG_KEY as FP16_SCALES_KEY, Scales
 from .t5_common import GELUApprox, T5Config, T5FFNType
 
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".tensors", ".bin", ".pt", ".pth")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+WEIGHT_SUFFIXES = (*SAFETENSORS_SUFFIXES, ".tensors", ".bin", ".pt", ".pth")
 DIFFUSERS_T5_SUBFOLDERS = ("text_encoder_2", "text_encoder_3", "text_encoder")
 # Each marker locates the encoder inside any prefix; group 1 is the prefix to strip.
 HF_MARKER = re.compile(r"^(.*?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")
@@ -254,17 +256,12 @@ def hf_key_of(native: str, part: int, config: T5Config) -> str:
 # --------------------------------------------------------------------------------------------------
 # Config: from config.json (Hugging Face or native) or inferred from shapes
 # --------------------------------------------------------------------------------------------------
-# config.json key for the float16 residual scales a model ran with; Hugging Face-form weights are stored
-# unscaled (so transformers reads them), and a float16 load with fp16_scales="auto" applies these again.
-FP16_SCALES_KEY = "t5core_fp16_scales"
-
-
 def config_from_hf(hf: dict) -> T5Config:
     proj = hf.get("feed_forward_proj", "relu")
     extra = hf.get("t5core", {})  # {"elementwise_affine": False} for fused norms saved as unit scales
     return T5Config(
         vocab_size=hf["vocab_size"], hidden_dim=hf["d_model"], num_layers=hf["num_layers"],
-        n_head=hf["num_heads"], kv_heads=hf["num_heads"], head_dim=hf["d_kv"], ff_dim=hf["d_ff"],
+        n_head=hf["num_heads"], head_dim=hf["d_kv"], ff_dim=hf["d_ff"],
         eps=hf.get("layer_norm_epsilon", 1e-6),
         ffn_type=T5FFNType.GEGLU if proj.startswith("gated") else T5FFNType.ReLU,
         gelu_approx=GELUApprox.Tanh if hf.get("dense_act_fn", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh") else GELUApprox.None_,
@@ -282,8 +279,8 @@ def hf_config_dict(config: T5Config) -> dict:
     gated = config.ffn_type == T5FFNType.GEGLU
     umt5 = config.pos_emb_per_layer
     extra = {} if config.elementwise_affine else {"elementwise_affine": False}
-    attn_scales, ffn_scales = config.residual_scales()
-    scales = ({FP16_SCALES_KEY: {"attn": attn_scales, "ffn": ffn_scales}}
+    baked = Scales.from_config(config)
+    scales = ({FP16_SCALES_KEY: {"attn": list(baked.attn), "ffn": list(baked.ffn)}}
               if config.enc_attn_out_scales or config.enc_ffn_out_scales else {})
     return {
         "architectures": ["UMT5EncoderModel" if umt5 else "T5EncoderModel"],
@@ -319,7 +316,7 @@ def infer_config(shape_of: dict[str, tuple[int, ...]], where: Path) -> T5Config:
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shape_of
     ff = need("encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
     return T5Config(
-        vocab_size=emb[0], hidden_dim=d_model, num_layers=max(blocks) + 1, n_head=heads, kv_heads=heads,
+        vocab_size=emb[0], hidden_dim=d_model, num_layers=max(blocks) + 1, n_head=heads,
         head_dim=inner // heads, ff_dim=ff, relative_attention_num_buckets=buckets,
         ffn_type=T5FFNType.GEGLU if gated else T5FFNType.ReLU,
         pos_emb_per_layer="encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in shape_of,
@@ -341,7 +338,7 @@ class Checkpoint:
     native: bool = False  # keys are already T5EncoderStack names (tensorizer files written by t5core)
     tokenizer: Optional[Path] = None
     tokenizer_bytes: Optional[bytes] = field(default=None, repr=False)  # ComfyUI files may embed `spiece_model`
-    fp16_scales: Optional[tuple[list[float], list[float]]] = None  # saved with Hugging Face-form weights
+    fp16_scales: Optional[Scales] = None  # recorded in config.json beside Hugging Face-form weights
 
     def get(self, key: str, device="cpu") -> torch.Tensor:
         """One tensor, on `device`, dequantized if it is ComfyUI scaled fp8 (weight * scale_weight)."""
@@ -524,7 +521,10 @@ def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
     if "spiece_model" in all_keys:
         emb_bytes = bytes(source.get("spiece_model").numpy().tobytes())
     saved = (cfg_json or {}).get(FP16_SCALES_KEY)
+    try:
+        scales = Scales.of(saved["attn"], saved["ffn"], config.num_layers) if saved else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: config.json's {FP16_SCALES_KEY!r} is unreadable ({e})") from e
     return Checkpoint(path=where, format=fmt, source=source, keys=keys, config=config, native=native,
-                      tokenizer=find_tokenizer(folder), tokenizer_bytes=emb_bytes,
-                      fp16_scales=(saved["attn"], saved["ffn"]) if saved else None)
+                      tokenizer=find_tokenizer(folder), tokenizer_bytes=emb_bytes, fp16_scales=scales)
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .checkpoint import CheckpointError, open_checkpoint
+from .runtime import Encoder
 from .t5_common import parse_dtype
 from .t5_encoder import T5EncoderStack
 
@@ -43,7 +44,7 @@ def end_process_group() -> None:
 
 
 @torch.no_grad()
-def load_fsdp(path, dtype="bfloat16", device=None, mesh=None) -> T5EncoderStack:
+def load_fsdp(path, dtype="bfloat16", device=None, mesh=None) -> Encoder:
     """An encoder sharded over the process group with FSDP2 (each projection, the embedding and the root
     `fully_shard`ed), read from a torch.distributed.checkpoint folder straight into each rank's shards: no rank
     ever holds the whole model. The checkpoint may have been written at any world size. Call on every rank;
@@ -74,11 +75,10 @@ def load_fsdp(path, dtype="bfloat16", device=None, mesh=None) -> T5EncoderStack:
         raise CheckpointError(f"{ckpt.path}: missing weights {missing[:4]} (written by another model or truncated?)")
     dcp_load(state, checkpoint_id=str(ckpt.path))  # casts to the model's dtypes while copying into the shards
     model.apply_residual_scales_from_config()
-    model.sharded = True
-    return model.eval()
+    return Encoder(model.eval(), sharded=True, source_path=ckpt.path)
 
 
-def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, str]], out_dir, rank: int = 0,
+def embed_captions(model: Encoder, tokenizer, captions: list[tuple[int, str]], out_dir, rank: int = 0,
                    world: int = 1, batch_size: int = 16, max_length: int = 512, save_dtype=torch.float16) -> Path:
     """Encode this rank's share of (line, caption) pairs (every world-th, shortest first so batches pad little)
     and write one safetensors file. A sharded (FSDP) model needs its ranks together: every rank then runs the same
@@ -93,7 +93,7 @@ def embed_captions(model: T5EncoderStack, tokenizer, captions: list[tuple[int, s
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     n_calls = len(batches)
     if model.sharded:
-        count = torch.tensor([n_calls], device=model.vocab_embed.weight.device)
+        count = torch.tensor([n_calls], device=model.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         n_calls = int(count)
     pieces, lines = [], []

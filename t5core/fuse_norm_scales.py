@@ -35,5 +35,4 @@ def fuse_norm_scales_enc(model: T5EncoderStack, fuse_via_f32: bool = False) -> T
         proj.weight.copy_(scale_input_columns(proj.weight, norm.weight, fuse_via_f32))
         norm.weight = None
     model.config = model.config.model_copy(update={"elementwise_affine": False})
-    model.invalidate_caches()
     return model

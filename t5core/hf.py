@@ -18,9 +18,11 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .checkpoint import Checkpoint, CheckpointError, config_from_hf, hf_config_dict, native_target, open_checkpoint
 from .t5_common import DTYPES, T5AttnImpl, T5Config, parse_dtype
+from .runtime import Encoder
 from .t5_encoder import T5EncoderStack
 from .save import save_hf_folder
-from .weight_load import build_empty, load_checkpoint_into, load_encoder, resolve_fp16_scales
+from .fp16_scales import Scales, resolve as resolve_scales
+from .weight_load import build_empty, load_checkpoint_into, load_encoder
 
 HF_T5_CLASSES = ("T5EncoderModel", "MT5EncoderModel", "UMT5EncoderModel")
 DENOISER_SLOTS = ("transformer", "unet", "prior", "decoder")
@@ -35,7 +37,8 @@ class FastT5EncoderModel(PreTrainedModel):
     """A T5 / mT5 / UMT5 encoder running on t5core's T5EncoderStack (fused projections, float32 residual,
     SDPA or flex attention), with transformers' T5EncoderModel interface.
 
-    `.encoder` is the T5EncoderStack. `.config` is a transformers T5Config describing the architecture."""
+    `.encoder` is the T5EncoderStack (the nn.Module) and `.runtime` the t5core.runtime.Encoder that runs it.
+    `.config` is a transformers T5Config describing the architecture."""
 
     config_class = HFT5Config
     base_model_prefix = "encoder"
@@ -45,6 +48,7 @@ class FastT5EncoderModel(PreTrainedModel):
     def __init__(self, config, encoder: Optional[T5EncoderStack] = None) -> None:
         super().__init__(config)
         self.encoder = encoder if encoder is not None else T5EncoderStack(config_from_hf(config.to_dict()))
+        self.runtime = Encoder(self.encoder)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -54,7 +58,7 @@ class FastT5EncoderModel(PreTrainedModel):
     @property
     def dtype(self) -> torch.dtype:
         """The weight dtype (norms and position-bias tables stay float32 and must not be reported)."""
-        return self.encoder.layers[0].attn.o_proj.weight.dtype
+        return self.encoder.config.dtype
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder.vocab_embed
@@ -81,7 +85,7 @@ class FastT5EncoderModel(PreTrainedModel):
         else:
             # Outside inference mode a converted copy is an ordinary tensor: later autograd (e.g. a trained
             # transformer reading these embeddings) can save it for backward.
-            last = self.encoder.encode(input_ids, attention_mask).to(self.dtype, copy=True)  # [B, L, D]
+            last = self.runtime.encode(input_ids, attention_mask).to(self.dtype, copy=True)  # [B, L, D]
         if not return_dict:
             return (last,) if states is None else (last, states)
         return BaseModelOutput(last_hidden_state=last, hidden_states=states)
@@ -91,20 +95,20 @@ class FastT5EncoderModel(PreTrainedModel):
         outs: list[Tensor] = []
         hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(mod.stream_after(out)))
                  for layer in self.encoder.layers]
-        graphs, self.encoder.cuda_graphs = self.encoder.cuda_graphs, False  # a graph replay runs no hooks
-        try:
-            last = self.encoder.encode(input_ids, mask)
+        device = self.encoder.vocab_embed.weight.device
+        try:  # eagerly: hooks see every layer (a compiled region or a graph replay runs none)
+            with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+                last = self.encoder(input_ids.to(device), input_mask=None if mask is None else mask.to(device))
         finally:
-            self.encoder.cuda_graphs = graphs
             for h in hooks:
                 h.remove()
-        attn_scales, ffn_scales = self.encoder.config.residual_scales()
+        scales = Scales.from_config(self.encoder.config)
         stream_scale, states = 1.0, []
-        for out, sa, sf in zip(outs[:-1], attn_scales, ffn_scales):
+        for out, sa, sf in zip(outs[:-1], scales.attn, scales.ffn):
             stream_scale *= sa * sf
             states.append(out / stream_scale)
         with torch.inference_mode():
-            embeddings = self.encoder.vocab_embed(input_ids.to(self.encoder.vocab_embed.weight.device))
+            embeddings = self.encoder.vocab_embed(input_ids.to(device))
         return tuple(t.to(self.dtype, copy=True) for t in (embeddings, *states, last))
 
     # -- loading -------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ class FastT5EncoderModel(PreTrainedModel):
         dtype = _requested_dtype(torch_dtype, dtype) or _stored_dtype(ckpt)
         encoder = load_encoder(path, dtype=dtype, device=_device_from(device, device_map), attn_impl=attn_impl,
                                fuse_norms=fuse_norms, fp16_scales=fp16_scales, compile=compile, subfolder=subfolder)
-        return cls._wrap(encoder, attn_impl, name_or_path=str(path / subfolder if subfolder else path))
+        return cls._wrap(encoder, name_or_path=str(path / subfolder if subfolder else path))
 
     @classmethod
     def from_hf_model(cls, hf_model: PreTrainedModel, torch_dtype=None, attn_impl: Optional[str] = None,
@@ -152,22 +156,22 @@ class FastT5EncoderModel(PreTrainedModel):
         dtype = _requested_dtype(torch_dtype, None) or hf_model.dtype
         impl = T5AttnImpl(attn_impl or "sdpa")
         config = config_from_hf(hf_model.config.to_dict()).model_copy(update={"dtype": dtype, "attn_impl": impl})
-        attn_scales, ffn_scales = _fp16_scales_for(config, fp16_scales)
-        if fuse_norms or _any_scale(attn_scales) or _any_scale(ffn_scales):
+        scales = resolve_scales(fp16_scales, config) if dtype == torch.float16 else None
+        if fuse_norms or (scales is not None and not scales.is_unit):
             encoder = build_empty(config, device)
             load_checkpoint_into(encoder, _module_checkpoint(hf_model), fuse_norm_scales=fuse_norms,
-                                 norm_fusion_via_f32=True, enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
+                                 norm_fusion_via_f32=True, scales=scales)
         else:
             encoder = _share_weights(hf_model, config)
-        if compile:
-            encoder.compile_for_inference()
-        return cls._wrap(encoder, attn_impl, name_or_path=hf_model.name_or_path)
+        runtime = Encoder(encoder)
+        return cls._wrap(runtime.compile() if compile else runtime, name_or_path=hf_model.name_or_path)
 
     @classmethod
-    def _wrap(cls, encoder: T5EncoderStack, attn_impl: Optional[str], name_or_path: str) -> "FastT5EncoderModel":
-        config = _hf_config(encoder.config)
+    def _wrap(cls, runtime: Encoder, name_or_path: str) -> "FastT5EncoderModel":
+        config = _hf_config(runtime.config)
         config._name_or_path = name_or_path
-        model = cls(config, encoder=encoder)
+        model = cls(config, encoder=runtime.model)
+        model.runtime = runtime  # keeps how it was compiled
         return model.eval()
 
     # -- saving --------------------------------------------------------------------------------------
@@ -267,17 +271,6 @@ def _device_from(device, device_map) -> torch.device:
     if device is not None and torch.device(device) != torch.device(device_map):
         raise ValueError(f"device={device} and device_map={device_map} disagree")
     return torch.device(device_map)
-
-
-def _fp16_scales_for(config: T5Config, fp16_scales):
-    """load_encoder's rule, for float16 only."""
-    if config.dtype != torch.float16 or fp16_scales is None:
-        return None, None
-    return resolve_fp16_scales(fp16_scales, config)
-
-
-def _any_scale(scales) -> bool:
-    return scales is not None and any(s != 1 for s in scales)
 
 
 class _TensorDictSource:

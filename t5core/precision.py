@@ -36,7 +36,7 @@ def trace_layers(model, input_ids: LongTensor, mask: Optional[BoolTensor] = None
         hooks.append(layer.register_forward_hook(lambda m, a, out, n=f"layers.{i}": record(n, m.stream_after(out))))
     hooks.append(model.ln.register_forward_hook(lambda m, a, out: record("final_norm", out)))
     try:
-        with model.running_eagerly():  # hooks call .item() and must see every module
+        with torch.compiler.set_stance("force_eager"):  # hooks call .item() and must see every module
             model(input_ids, input_mask=real)
     finally:
         for h in hooks:

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import hf_config_dict, hf_key_of
-from .residual_scale import output_weight_factors
+from .fp16_scales import Scales
 from .t5_encoder import T5EncoderStack
 
 FORMATS = ("tensorizer", "safetensors", "dcp")
@@ -17,7 +17,7 @@ def hf_state_dict(model: T5EncoderStack) -> dict[str, torch.Tensor]:
     wi_0, wi_1, residual scales divided out (exact: powers of two), fused norms as unit scales. CPU tensors with
     their own storage (safetensors refuses shared ones)."""
     config = model.config
-    unscale = output_weight_factors(*config.residual_scales())
+    unscale = Scales.from_config(config).weight_factors()
     fused_parts = {"attn.qkv_proj.weight": 3, "ffn.ff_in.weight": 2 if model.layers[0].ffn.gated else 1}
     out = {}
     for name, t in model.named_parameters():

@@ -4,7 +4,7 @@ from enum import Enum
 from typing import Any, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, field_serializer, field_validator, model_validator
 from torch import FloatTensor, LongTensor, Tensor, nn
 
 DTYPES: dict[str, torch.dtype] = {
@@ -61,7 +61,7 @@ class T5Config(BaseModel):
     hidden_dim: int
     num_layers: int
     n_head: int
-    kv_heads: int
+    kv_heads: Optional[int] = None  # nai-t5's field; T5 has no grouped heads, so it must equal n_head
     head_dim: int
     ff_dim: int
     dropout: float = 0.0
@@ -79,7 +79,7 @@ class T5Config(BaseModel):
     flex_kernel_options: dict[str, Any] = {}
     # False once the RMSNorm scales have been folded into the following projections.
     elementwise_affine: bool = True
-    # Power-of-two factors already baked into the weights (float16 residual scaling); None means all 1.
+    # Power-of-two factors already baked into the weights (t5core.fp16_scales); None means all 1.
     enc_attn_out_scales: Optional[list[float]] = None
     enc_ffn_out_scales: Optional[list[float]] = None
 
@@ -92,23 +92,27 @@ class T5Config(BaseModel):
     def _dump_dtype(self, val: torch.dtype) -> str:
         return dtype_name(val)
 
+    @model_validator(mode="after")
+    def _kv_heads_are_heads(self) -> "T5Config":
+        if self.kv_heads is None:
+            self.kv_heads = self.n_head
+        elif self.kv_heads != self.n_head:
+            raise ValueError(f"kv_heads {self.kv_heads} != n_head {self.n_head}: T5 encoders have no grouped heads")
+        return self
+
     @classmethod
     def from_name(cls, name: str, **overrides) -> "T5Config":
         """T5 v1.1 encoder presets: small, base, large, xl, xxl."""
         if name.lower() not in V1_1_PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {list(V1_1_PRESETS)}")
         d, heads, ff, layers = V1_1_PRESETS[name.lower()]
-        preset = dict(vocab_size=32128, hidden_dim=d, num_layers=layers, n_head=heads, kv_heads=heads, head_dim=64,
+        preset = dict(vocab_size=32128, hidden_dim=d, num_layers=layers, n_head=heads, head_dim=64,
                       ff_dim=ff)
         return cls(**{**preset, **overrides})
 
     @property
     def inner_dim(self) -> int:
         return self.n_head * self.head_dim
-
-    def residual_scales(self) -> tuple[list[float], list[float]]:
-        n = self.num_layers
-        return list(self.enc_attn_out_scales or [1.0] * n), list(self.enc_ffn_out_scales or [1.0] * n)
 
 
 class RMSNorm(nn.Module):

@@ -9,11 +9,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from .calibrate import calibrate_fp16_scales
 from .checkpoint import Checkpoint, CheckpointError, native_target, open_checkpoint
+from .fp16_scales import Scales, combined_config, resolve as resolve_scales, scale_residuals_enc
 from .fuse_norm_scales import norm_consumers, scale_input_columns
-from .calibrate import calibrate_fp16_scales, load_calibrated_scales
-from .checkpoint_info import suggested_scales
-from .residual_scale import combined_config, scale_residuals_enc
+from .runtime import Encoder
 from .t5_common import T5AttnImpl, T5Config, parse_dtype
 from .t5_encoder import T5EncoderStack
 
@@ -89,7 +89,6 @@ def stream_into_module(
             t = t.float() * factor
         targets[key].copy_(t)
         del t
-    model.invalidate_caches()
 
 
 def build_empty(config: T5Config, device) -> T5EncoderStack:
@@ -106,13 +105,12 @@ def load_checkpoint_into(
     ckpt: Checkpoint,
     fuse_norm_scales: bool = False,
     norm_fusion_via_f32: bool = True,
-    enc_attn_out_scales: Optional[Sequence[float]] = None,
-    enc_ffn_out_scales: Optional[Sequence[float]] = None,
+    scales: Optional[Scales] = None,
 ) -> T5EncoderStack:
-    """Stream ckpt into model with optional fusion and residual scales; updates model.config to match.
+    """Stream ckpt into model with optional fusion and float16 residual scales; updates model.config to match.
     The weights arrive with the checkpoint's scales baked in: new scales multiply onto those."""
     baked = {k: getattr(ckpt.config, k) for k in ("enc_attn_out_scales", "enc_ffn_out_scales")}
-    config, factors = combined_config(model.config.model_copy(update=baked), enc_attn_out_scales, enc_ffn_out_scales)
+    config, factors = combined_config(model.config.model_copy(update=baked), scales)
     if fuse_norm_scales:
         for norm, _ in norm_consumers(model):
             norm.weight = None
@@ -125,23 +123,29 @@ def load_checkpoint_into(
 
 class FusingDeserializer:
     """Drop-in for tensorizer's TensorDeserializer that can fuse norm scales and apply float16 residual
-    scales while loading. Reads every format open_checkpoint knows, not only tensorizer files. Reads are always
-    lazy (tensor by tensor); lazy_load is accepted for TensorDeserializer's signature."""
+    scales while loading. Reads every format open_checkpoint knows, not only tensorizer files, always lazily
+    (tensor by tensor, straight into the model): lazy_load=False, TensorDeserializer's read-everything-first, is
+    refused rather than ignored."""
 
     def __init__(self, path, lazy_load: bool = True, dtype: Optional[torch.dtype] = None, device=None, subfolder=None):
+        if not lazy_load:
+            raise ValueError("FusingDeserializer: lazy_load=False is not supported (it streams tensor by tensor)")
         self.ckpt = open_checkpoint(path, subfolder=subfolder)
         self.dtype = dtype
         self.device = device
 
     def _check_model(self, model: T5EncoderStack) -> None:
-        have = model.layers[0].attn.o_proj.weight.dtype
-        if self.dtype is not None and have != parse_dtype(self.dtype):
-            raise ValueError(f"model was built in {have} but the deserializer was asked for {self.dtype}: "
-                             f"set the config's dtype to match")
-        if self.device is not None:
+        """The deserializer's dtype and device win, as in the usage guide: a model built from a config (on `meta`,
+        or anywhere) takes them before the weights stream in, whatever dtype its config recorded."""
+        if self.dtype is not None and parse_dtype(self.dtype) != model.config.dtype:
+            model.set_weight_dtype(parse_dtype(self.dtype))
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=self.device or "cpu")  # every parameter is overwritten; buffers are refilled
+        elif self.device is not None:
             model.to(self.device)
 
     def load_into_module(self, model: T5EncoderStack) -> T5EncoderStack:
+        """Fill `model` (built from a config, on any device including meta) with this file's weights."""
         self._check_model(model)
         return load_checkpoint_into(model, self.ckpt)
 
@@ -153,9 +157,12 @@ class FusingDeserializer:
         enc_attn_out_scales: Optional[Sequence[float]] = None,
         enc_ffn_out_scales: Optional[Sequence[float]] = None,
     ) -> T5EncoderStack:
+        """load_into_module, folding the norm scales into the projections and multiplying power-of-two residual
+        scales (per layer; None: all 1) onto the weights on the way."""
         self._check_model(model)
-        return load_checkpoint_into(model, self.ckpt, fuse_norm_scales, norm_fusion_via_f32,
-                                    enc_attn_out_scales, enc_ffn_out_scales)
+        scales = (Scales.of(enc_attn_out_scales, enc_ffn_out_scales, model.config.num_layers)
+                  if enc_attn_out_scales is not None or enc_ffn_out_scales is not None else None)
+        return load_checkpoint_into(model, self.ckpt, fuse_norm_scales, norm_fusion_via_f32, scales)
 
     def close(self) -> None:
         self.ckpt = None
@@ -170,16 +177,18 @@ def load_encoder(
     fp16_scales="auto",
     compile: bool = False,
     subfolder: Optional[str] = None,
-) -> T5EncoderStack:
-    """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`.
+) -> Encoder:
+    """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`; the
+    nn.Module is its `.model` (t5core.runtime.Encoder).
 
     dtype: float32 / bfloat16 / float16. attn_impl: "sdpa" (default) or "flex". Compiled on an H200 the two are
     within 4% except for one long prompt, where flex is up to 6% faster (BENCHMARKS.md); on CUDA flex always
     compiles its kernel with Triton, SDPA uncompiled needs no Triton.
     fuse_norms: fold norm scales into the projections while loading.
-    fp16_scales (float16 only): "auto" (scales in the checkpoint, else calibrated ones saved beside it, else the
-    preset for its size), "calibrate" (measure now on varied prompts), None, a list of FFN-out scales, or an
-    (attn_out_scales, ffn_out_scales) pair.
+    fp16_scales (float16 only; t5core.fp16_scales): "auto" (scales baked into the checkpoint, else calibrated
+    ones saved beside it, else ones recorded in its config.json, else the preset for its size), "calibrate"
+    (measure now on varied prompts), None, Scales, text ('1,1,1/2,...' or 'ATTN;FFN'), a list of FFN-out scales,
+    or an (attn_out_scales, ffn_out_scales) pair.
     compile: torch.compile for fixed-shape speed (CUDA: one layer compiled and reused, CUDA graphs; CPU: frozen
     weights)."""
     dtype = parse_dtype(dtype)
@@ -190,32 +199,16 @@ def load_encoder(
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
     scaled = dtype == torch.float16 and fp16_scales is not None and not baked
     if scaled and fp16_scales == "calibrate":
-        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder)
-        scale_residuals_enc(model, *calibrate_fp16_scales(model, _tokenizer_of(ckpt)))
+        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder).model
+        found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
+        scale_residuals_enc(model, found.attn, found.ffn)
         model.set_weight_dtype(torch.float16)
     else:
-        saved = load_calibrated_scales(ckpt.path) or ckpt.fp16_scales
-        attn_scales, ffn_scales = resolve_fp16_scales(fp16_scales, ckpt.config, saved) if scaled else (None, None)
+        scales = resolve_scales(fp16_scales, ckpt.config, ckpt.path, ckpt.fp16_scales) if scaled else None
         model = build_empty(config, device)
-        load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True,
-                             enc_attn_out_scales=attn_scales, enc_ffn_out_scales=ffn_scales)
-    model.source_path = Path(ckpt.path)
-    if compile:
-        model.compile_for_inference()
-    return model
-
-
-def resolve_fp16_scales(fp16_scales, config: T5Config, saved=None):
-    """fp16_scales as load_encoder takes it -> (attn_out_scales, ffn_out_scales). 'auto': `saved` (calibrated)
-    scales, else the preset for the detected size, else none; a list: FFN-out scales; a pair: both."""
-    if isinstance(fp16_scales, str):
-        if fp16_scales != "auto":
-            raise ValueError(f"fp16_scales: expected 'auto', None, a list of scales or an (attn, ffn) pair "
-                             f"(load_encoder also takes 'calibrate'), got {fp16_scales!r}")
-        return saved or suggested_scales(config)
-    if len(fp16_scales) == 2 and not isinstance(fp16_scales[0], (int, float)):
-        return tuple(fp16_scales)
-    return None, list(fp16_scales)
+        load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True, scales=scales)
+    encoder = Encoder(model, source_path=Path(ckpt.path))
+    return encoder.compile() if compile else encoder
 
 
 def _tokenizer_of(ckpt: Checkpoint):

@@ -144,7 +144,7 @@ def test_convert_round_trip_bit_identical(hf, tmp_path, fmt, extra):
     again = t5core.load_encoder(out, dtype=dtype)
     assert again.config.elementwise_affine == first.config.elementwise_affine
     assert again.config.enc_ffn_out_scales == first.config.enc_ffn_out_scales
-    a, b = first.state_dict(), again.state_dict()
+    a, b = first.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

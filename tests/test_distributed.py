@@ -28,7 +28,7 @@ def dcp_folder(tmp_path_factory):
     hf = make_hf_encoder("t5-v1_1", seed=3)
     save_hf(hf, root / "hf")
     model = t5core.load_encoder(root / "hf", fuse_norms=True)
-    save_encoder(model, root / "dcp", "dcp", load_tokenizer(TOKENIZER_DIR))
+    save_encoder(model.model, root / "dcp", "dcp", load_tokenizer(TOKENIZER_DIR))
     return hf, model, root
 
 
@@ -52,7 +52,7 @@ def test_dcp_folder_round_trip(dcp_folder):
     ckpt = open_checkpoint(root / "dcp")
     assert ckpt.format == "dcp" and ckpt.native and ckpt.config.elementwise_affine is False
     back = t5core.load_encoder(root / "dcp")
-    for (name, a), (_, b) in zip(model.named_parameters(), back.named_parameters()):
+    for (name, a), (_, b) in zip(model.model.named_parameters(), back.model.named_parameters()):
         assert torch.equal(a, b), name
     tok = load_tokenizer(root / "dcp")  # the tokenizer was saved beside the weights
     ids, mask = tok(CAPTIONS[:4], max_length=512)
@@ -72,7 +72,7 @@ from t5core.distributed import init_from_env, load_fsdp
 from t5core.tokenizer import load_tokenizer
 rank, world, device = init_from_env("cpu")
 model = load_fsdp({str(root / "dcp")!r}, dtype="float32", device=device)
-w = model.layers[0].attn.qkv_proj.weight
+w = model.model.layers[0].attn.qkv_proj.weight
 assert w.to_local().shape[0] * world == w.shape[0], (w.to_local().shape, w.shape)
 ids, mask = load_tokenizer({str(TOKENIZER_DIR)!r})({CAPTIONS[:4]!r}, max_length=512)
 out = model.encode(ids, mask)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import t5core
-from t5core.t5_encoder import length_bucket
+from t5core.runtime import length_bucket
 from tiny_models import make_hf_encoder, rel_err, save_hf
 
 
@@ -52,7 +52,7 @@ def test_sdpa_matches_transformers_on_pad_rows_too(pair):
 def test_flex_pad_queries_masked(pair):
     """mask_pad_queries drops pad rows; real-token rows must not change."""
     _, _, folder = pair
-    model = t5core.load_encoder(folder, attn_impl="flex")
+    model = t5core.load_encoder(folder, attn_impl="flex").model
     ids, mask = _batch(512, [40, 10], seed=4)
     with torch.inference_mode():
         keys_only = model(ids, block_mask=t5core.make_self_attn_block_mask(mask, mask_pad_queries=False))
@@ -64,7 +64,7 @@ def test_flex_takes_input_mask_as_block_mask(pair):
     """Flex turns input_mask into the usage guide's padding block mask (keys only), so pad rows come out as
     transformers computes them; lengths over 128 give skipped and partial blocks."""
     kind, hf, folder = pair
-    model = t5core.load_encoder(folder, attn_impl="flex")
+    model = t5core.load_encoder(folder, attn_impl="flex").model
     ids, mask = _batch(512, [150, 5, 131], seed=6)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
@@ -84,15 +84,15 @@ def test_bucket_examples():
 
 def test_one_bias_table_serves_every_length(pair):
     """Buckets stop changing at max_distance (128), so one [n, H, 2*128+1] table covers short and long prompts
-    (test_float32_parity checks 512 tokens against transformers); it is built once."""
+    (test_float32_parity checks 512 tokens against transformers): bind_score_mods has nothing to bind, and only
+    checks its seq_len."""
     kind, _, folder = pair
-    model = t5core.load_encoder(folder)
+    model = t5core.load_encoder(folder).model
+    assert model.offset_bias().shape == (3 if kind == "umt5" else 1, 4, 257)
     model.bind_score_mods(seq_len=16)
-    table = model._offset_bias
-    assert table.shape == (3 if kind == "umt5" else 1, 4, 257)
-    for lengths in ([16], [300, 20]):
-        model.encode(*_batch(512, lengths))
-    assert model._offset_bias is table
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="seq_len"):
+            model.bind_score_mods(seq_len=bad)
 
 
 @pytest.mark.parametrize("L", [5, 128, 200, 300])
@@ -122,7 +122,7 @@ def test_block_mask_matches_create_block_mask(L, mask_pad_queries):
 def test_cpu_compile_freezes_weights_and_compiles_once(pair):
     """compile=True on the CPU: parity with transformers, one compilation per shape (the bias table stays out of
     the compiled region), and weights really frozen into the compiled code (what makes MKL's packed GEMM
-    possible): an in-place weight change reaches the output only after invalidate_caches()."""
+    possible): an in-place weight change reaches the output only after reset()."""
     kind, hf, folder = pair
     model = t5core.load_encoder(folder, compile=True)
     ids, mask = _batch(512, [24, 24], seed=5)
@@ -132,10 +132,10 @@ def test_cpu_compile_freezes_weights_and_compiles_once(pair):
     first = model.encode(ids)
     assert rel_err(first, ref) <= 1e-5, kind
     with torch.no_grad():
-        model.layers[0].ffn.ff_out.weight.mul_(2)
+        model.model.layers[0].ffn.ff_out.weight.mul_(2)
     assert torch.equal(model.encode(ids), first)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    model.invalidate_caches()
+    model.reset()
     assert rel_err(model.encode(ids), first) > 1e-3
 
 
@@ -147,10 +147,10 @@ def test_layer_trace_sees_every_layer_of_a_cpu_compiled_model(tmp_path):
     hf = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=2, seed=7)
     folder = save_hf(hf, tmp_path)
     ids, mask = _batch(512, [12, 7], seed=7)
-    eager = trace_layers(t5core.load_encoder(folder), ids, mask)
-    compiled_model = t5core.load_encoder(folder, compile=True)
-    compiled_model.encode(ids, mask)
-    traced = trace_layers(compiled_model, ids, mask)
+    eager = trace_layers(t5core.load_encoder(folder).model, ids, mask)
+    compiled = t5core.load_encoder(folder, compile=True)
+    compiled.encode(ids, mask)
+    traced = trace_layers(compiled.model, ids, mask)
     assert [s.name for s in traced] == [s.name for s in eager] and len(eager) == 2 * 4 + 1
     assert [s.absmax for s in traced] == pytest.approx([s.absmax for s in eager], rel=1e-5)
 

@@ -5,7 +5,7 @@ import torch
 import t5core
 from t5core.calibrate import calibrate_fp16_scales, choose_scales
 from t5core.fuse_norm_scales import fuse_norm_scales_enc
-from t5core.residual_scale import scale_residuals_enc
+from t5core.fp16_scales import scale_residuals_enc
 from t5core.weight_load import FusingDeserializer
 from tiny_models import TOKENIZER_DIR, make_hf_encoder, rel_err, save_hf
 
@@ -37,10 +37,10 @@ def test_fusion_after_load_is_invariant(folder, tok):
     ids, mask = tok(PROMPTS)
     ref = t5core.load_encoder(folder).encode(ids, mask)
     for via_f32 in (False, True):
-        model = fuse_norm_scales_enc(t5core.load_encoder(folder), fuse_via_f32=via_f32)
+        model = fuse_norm_scales_enc(t5core.load_encoder(folder).model, fuse_via_f32=via_f32)
         assert all(layer.ln1.weight is None and layer.ln2.weight is None for layer in model.layers)
         assert model.ln.weight is not None and model.config.elementwise_affine is False
-        assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 1e-6
+        assert rel_err(t5core.Encoder(model).encode(ids, mask)[mask], ref[mask]) <= 1e-6
 
 
 def test_fusion_while_loading_is_invariant(folder, tok):
@@ -62,7 +62,37 @@ def test_usage_guide_fusing_deserializer(folder, tok, via_f32):
     deserializer.load_with_fusions(t5_enc, fuse_norm_scales=True, norm_fusion_via_f32=via_f32,
                                    enc_attn_out_scales=None, enc_ffn_out_scales=[1, 1, 1 / 2, 1 / 2])
     deserializer.close()
-    assert rel_err(t5_enc.encode(ids, mask)[mask], ref[mask]) <= 1e-6
+    assert rel_err(t5core.Encoder(t5_enc).encode(ids, mask)[mask], ref[mask]) <= 1e-6
+
+
+@pytest.mark.parametrize("device_of_model", ["meta", "cpu"])
+def test_usage_guide_float16_deserializer_dtype_wins(folder, tok, tmp_path, device_of_model):
+    """The guide's float16 pattern: the model is built from a config.json that records float32 (as `convert`
+    writes it), on `meta` or on the CPU; FusingDeserializer(dtype=torch.float16) decides the weights' dtype.
+    Fused norms and FFN-out scales as the guide shows; the result matches the float32 model within float16 error
+    and is closer to it than bfloat16."""
+    import json
+
+    from t5core.save import save_encoder
+
+    t5_dir = save_encoder(t5core.load_encoder(folder).model, tmp_path / "enc")
+    ids, mask = tok(PROMPTS)
+    ref = t5core.load_encoder(t5_dir).encode(ids, mask)
+    conf_dict = json.loads((t5_dir / "config.json").read_text())
+    assert conf_dict["dtype"] == "float32"
+    config = t5core.T5Config.model_validate(conf_dict).model_copy(update={"elementwise_affine": False})
+    with torch.device(device_of_model):
+        t5_enc = t5core.T5EncoderStack(config).eval()
+    deserializer = FusingDeserializer(t5_dir / "enc.tensors", lazy_load=True, dtype=torch.float16, device="cpu")
+    deserializer.load_with_fusions(t5_enc, fuse_norm_scales=True, norm_fusion_via_f32=True,
+                                   enc_attn_out_scales=None, enc_ffn_out_scales=[1, 1, 1 / 2, 1 / 2])
+    deserializer.close()
+    assert t5_enc.layers[0].attn.qkv_proj.weight.dtype == torch.float16 and t5_enc.config.dtype == torch.float16
+    with torch.inference_mode():
+        emb = t5_enc(input_ids=ids, input_mask=mask)
+    bf16 = t5core.load_encoder(t5_dir, dtype="bfloat16").encode(ids, mask)
+    err16, err_bf16 = rel_err(emb[mask], ref[mask]), rel_err(bf16[mask], ref[mask])
+    assert err16 <= 2e-3 and err16 <= err_bf16 / 4, (err16, err_bf16)
 
 
 def test_scales_baked_in_a_checkpoint_are_the_baseline(folder, tok, tmp_path):
@@ -72,25 +102,25 @@ def test_scales_baked_in_a_checkpoint_are_the_baseline(folder, tok, tmp_path):
 
     ids, mask = tok(PROMPTS)
     ref = t5core.load_encoder(folder).encode(ids, mask)
-    scaled = save_encoder(t5core.load_encoder(folder, dtype="float16", fp16_scales=[1, 1 / 2, 1, 1]).set_weight_dtype(torch.float32),
+    scaled = save_encoder(t5core.load_encoder(folder, dtype="float16", fp16_scales=[1, 1 / 2, 1, 1]).model.set_weight_dtype(torch.float32),
                           tmp_path / "scaled")
     unscaled_config = t5core.open_checkpoint(folder).config
     model = t5core.T5EncoderStack(unscaled_config).eval()
     FusingDeserializer(scaled).load_into_module(model)
     assert model.config.enc_ffn_out_scales == [1, 1 / 2, 1, 1]
-    assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 2e-3  # the weights went through float16
+    assert rel_err(t5core.Encoder(model).encode(ids, mask)[mask], ref[mask]) <= 2e-3  # the weights went through float16
     twice = t5core.T5EncoderStack(unscaled_config).eval()
     for _ in range(2):
         FusingDeserializer(folder).load_with_fusions(twice, enc_ffn_out_scales=[1, 1 / 2, 1, 1])
     assert twice.config.enc_ffn_out_scales == [1, 1 / 2, 1, 1]
-    assert rel_err(twice.encode(ids, mask)[mask], ref[mask]) <= 1e-6
+    assert rel_err(t5core.Encoder(twice).encode(ids, mask)[mask], ref[mask]) <= 1e-6
 
 
 def test_scaling_is_invariant_and_eps_follows(folder, tok):
     ids, mask = tok(PROMPTS)
     ref = t5core.load_encoder(folder).encode(ids, mask)
-    model = scale_residuals_enc(t5core.load_encoder(folder, fuse_norms=True), [1, 1 / 2, 1, 1], [1 / 4, 1, 1, 1 / 2])
-    assert rel_err(model.encode(ids, mask)[mask], ref[mask]) <= 1e-6
+    model = scale_residuals_enc(t5core.load_encoder(folder, fuse_norms=True).model, [1, 1 / 2, 1, 1], [1 / 4, 1, 1, 1 / 2])
+    assert rel_err(t5core.Encoder(model).encode(ids, mask)[mask], ref[mask]) <= 1e-6
     # the norm reading a stream scaled by c has eps * c**2; fusing afterwards keeps the scales
     assert model.layers[1].ln1.eps == pytest.approx(1e-6 / 16) and model.layers[1].ln2.eps == pytest.approx(1e-6 / 64)
     fuse_norm_scales_enc(model)
@@ -99,7 +129,7 @@ def test_scaling_is_invariant_and_eps_follows(folder, tok):
 
 def test_scales_must_be_powers_of_two(folder):
     with pytest.raises(ValueError, match="layer 2 scale 0.3 is not a power of two"):
-        scale_residuals_enc(t5core.load_encoder(folder), None, [1, 1, 0.3, 1])
+        scale_residuals_enc(t5core.load_encoder(folder).model, None, [1, 1, 0.3, 1])
     with pytest.raises(ValueError, match="3 scales given for 4 encoder layers"):
         t5core.load_encoder(folder, dtype="float16", fp16_scales=[1, 1, 1])
 
@@ -117,8 +147,8 @@ def test_overflow_raises_then_calibration_fixes_it(overflow_hf, tok, tmp_path):
         t5core.load_encoder(folder, dtype="float16", fp16_scales=None).encode(ids, mask)
 
     ref_model = t5core.load_encoder(folder)
-    scales = calibrate_fp16_scales(ref_model, tok, headroom=4)
-    assert scales[1][1] < 1 and scales[0] == [1] * 4
+    scales = calibrate_fp16_scales(ref_model.model, tok, headroom=4)
+    assert scales.ffn[1] < 1 and scales.attn == (1,) * 4
     fp16 = t5core.load_encoder(folder, dtype="float16", fp16_scales=scales)
     bf16 = t5core.load_encoder(folder, dtype="bfloat16")
     hf_bf16 = make_hf_encoder("t5-v1_1", num_layers=4)

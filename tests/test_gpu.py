@@ -79,13 +79,13 @@ def test_bfloat16_graphs_follow_new_weights(hf_and_folder):
     assert err_compiled <= 1.25 * err_eager + 1e-3, (err_compiled, err_eager)
     other = make_hf_encoder("t5-v1_1", vocab_size=512, num_layers=3, seed=12)
     state = {k: v.to(CUDA, torch.bfloat16) for k, v in
-             t5core.load_encoder(save_hf(other, folder.parent / "other"), "bfloat16", fuse_norms=True).state_dict().items()}
-    compiled.load_state_dict(state)
-    eager.load_state_dict(state)
+             t5core.load_encoder(save_hf(other, folder.parent / "other"), "bfloat16", fuse_norms=True).model.state_dict().items()}
+    compiled.model.load_state_dict(state)
+    eager.model.load_state_dict(state)
     assert rel_err(compiled.encode(ids), eager.encode(ids)) <= 2e-2
     # weights swapped behind the model's back, as ComfyUI's patcher (setattr) and offloaders (.data) do
     for m in (compiled, eager):
-        ffn = m.layers[1].ffn
+        ffn = m.model.layers[1].ffn
         ffn.ff_out.weight = torch.nn.Parameter(ffn.ff_out.weight * 2, requires_grad=False)
         ffn.ff_in.weight.data = ffn.ff_in.weight.data * 0.5
     assert rel_err(compiled.encode(ids), eager.encode(ids)) <= 2e-2

@@ -27,7 +27,7 @@ def main() -> None:
     args = p.parse_args()
     rank, world, device = init_from_env(args.device)
     sharded = load_fsdp(args.dcp_folder, args.dtype, device)
-    w = sharded.layers[0].attn.qkv_proj.weight
+    w = sharded.model.layers[0].attn.qkv_proj.weight
     print(f"rank {rank}/{world}: layers.0.attn.qkv_proj.weight local shard {list(w.to_local().shape)} of {list(w.shape)}")
     tok = load_tokenizer(find_tokenizer(Path(args.dcp_folder)) or BUNDLED_SPIECE)
     ids, mask = tok(args.prompt or ["a photo of a cat wearing a tiny hat", "an oil painting of a lighthouse at dusk"])

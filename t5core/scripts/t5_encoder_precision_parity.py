@@ -29,7 +29,7 @@ import torch
 from t5core.bench import (Shape, build_hf_reference, free, load_hf, make_inputs, md_table, quiet_transformers,
                           short_error)
 from t5core.precision import QUANTILES, diff_quantiles, relative_error, trace_layers
-from t5core.residual_scale import output_weight_factors
+from t5core.fp16_scales import Scales, parse as parse_scales
 from t5core.t5_common import V1_1_PRESETS, dtype_name, parse_dtype
 from t5core.weight_load import load_encoder
 
@@ -41,8 +41,6 @@ PROMPTS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from t5core.__main__ import _scales_arg  # the CLI's own parser for fp16 scales
-
     cuda = torch.cuda.is_available()
     p.add_argument("--model", default=None, help="weights in any format t5core reads (default: random --size)")
     p.add_argument("--size", choices=list(V1_1_PRESETS), default=None,
@@ -52,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="random-id rows (default 1)")
     p.add_argument("--seq-len", type=int, default=512, help="random-id length, or the tokenizer's max_length")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="float16")
-    p.add_argument("--fp16-scales", type=_scales_arg, default="auto",
+    p.add_argument("--fp16-scales", type=parse_scales, default="auto",
                    help="auto | none | calibrate | '1,1,1/2,...' (FFN-out scales per layer) (default auto)")
     p.add_argument("--fuse-norms", action="store_true", help="fold the norm scales into the projections (ours)")
     p.add_argument("--attn", choices=["sdpa", "flex"], default=None, help="ours (default: sdpa)")
@@ -76,6 +74,11 @@ def prompt_inputs(args, vocab_size: int, device):
         warnings.simplefilter("ignore")  # truncation of long prompts is expected here
         ids, mask = load_tokenizer(args.tokenizer)(args.prompt or PROMPTS, max_length=args.seq_len)
     return ids.to(device), mask.to(device), f"{len(ids)} prompts, {int(mask.sum())} tokens"
+
+
+def load_model(*args, **kwargs):
+    """Our nn.Module, as load_encoder loads it: the report runs its forward directly."""
+    return load_encoder(*args, **kwargs).model
 
 
 @torch.inference_mode()
@@ -104,7 +107,7 @@ def first_non_finite(stats) -> str:
 # -- the two modes -----------------------------------------------------------------------------------------------
 def layer_rows(model, ref, ids, mask) -> list[dict]:
     """Per-layer absmax of `model` next to the float32 reference, with the residual scale in effect there."""
-    factors = output_weight_factors(*model.config.residual_scales())
+    factors = Scales.from_config(model.config).weight_factors()
     scale = {"final_norm": 1.0}
     for i in range(model.config.num_layers):
         scale[f"layers.{i}.attn"] = factors[f"layers.{i}.attn.o_proj.weight"]
@@ -117,7 +120,7 @@ def layer_rows(model, ref, ids, mask) -> list[dict]:
 
 def single(args, path, ids, mask, ref, ref_out, device) -> dict:
     dtype = parse_dtype(args.dtype)
-    model = load_encoder(path, dtype, device, attn_impl=args.attn, fuse_norms=args.fuse_norms,
+    model = load_model(path, dtype, device, attn_impl=args.attn, fuse_norms=args.fuse_norms,
                          fp16_scales=args.fp16_scales)
     layers = layer_rows(model, ref, ids, mask)
     err = compare(forward(model, ids, mask), ref_out, mask)
@@ -138,13 +141,13 @@ def report_configs(args, path, device):
     ours = dict(attn_impl=args.attn, fuse_norms=args.fuse_norms)
     return [
         ("ours fp16 + residual scales",
-         lambda: load_encoder(path, torch.float16, device, fp16_scales=args.fp16_scales, **ours), forward),
-        ("ours fp16, no scales", lambda: load_encoder(path, torch.float16, device, fp16_scales=None, **ours), forward),
-        ("ours bf16", lambda: load_encoder(path, torch.bfloat16, device, **ours), forward),
+         lambda: load_model(path, torch.float16, device, fp16_scales=args.fp16_scales, **ours), forward),
+        ("ours fp16, no scales", lambda: load_model(path, torch.float16, device, fp16_scales=None, **ours), forward),
+        ("ours bf16", lambda: load_model(path, torch.bfloat16, device, **ours), forward),
         ("transformers bf16 (eager)", lambda: load_hf(path, torch.bfloat16, "eager", device), hf_forward),
         ("transformers fp16 (eager)", lambda: load_hf(path, torch.float16, "eager", device), hf_forward),
         ("ComfyUI-style: fp16 weights, fp32 compute",  # ComfyUI stores fp16 and computes in float32
-         lambda: load_encoder(path, torch.float16, device, attn_impl="sdpa", fp16_scales=None)
+         lambda: load_model(path, torch.float16, device, attn_impl="sdpa", fp16_scales=None)
          .set_weight_dtype(torch.float32), forward),
         ("transformers fp32 (reference check)", lambda: load_hf(path, torch.float32, "eager", device), hf_forward),
     ]
@@ -152,7 +155,8 @@ def report_configs(args, path, device):
 
 def scales_text(config) -> str:
     """Residual scales in effect, as {layer: scale} for the layers that are not 1."""
-    attn, ffn = ({i: s for i, s in enumerate(scales) if s != 1} for scales in config.residual_scales())
+    baked = Scales.from_config(config)
+    attn, ffn = ({i: s for i, s in enumerate(scales) if s != 1} for scales in (baked.attn, baked.ffn))
     if not attn and not ffn:
         return "no residual scales"
     return f"residual scales: FFN-out {ffn}" + (f", attention-out {attn}" if attn else "")
@@ -210,7 +214,7 @@ def run(args) -> dict:
             path = Path(tmp) / f"t5-v1_1-{args.size}-random"
             build_hf_reference(args.size, device, args.seed).save_pretrained(path)
             free(device)
-        ref = load_encoder(path, torch.float32, device, attn_impl="sdpa")
+        ref = load_model(path, torch.float32, device, attn_impl="sdpa")
         ids, mask, what = prompt_inputs(args, ref.config.vocab_size, device)
         ref_out = forward(ref, ids, mask)
         print(f"## precision vs float32 (TF32 off): {args.model or 'random ' + args.size}, {what}, {device}")
