@@ -80,20 +80,21 @@ def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
     return b[..., at:at + 2].contiguous().view(torch.float16).float()
 
 
-def _bits(x: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
-    """(x >> s) & mask for each s, stacked on a new dim before the last: [..., n] -> [..., len(shifts), n]."""
-    s = torch.tensor(shifts, dtype=torch.uint8, device=x.device).view(len(shifts), 1)
-    return (x.unsqueeze(-2) >> s) & mask
+def _bits(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The 8 // width fields of `width` bits of each byte, low bits first, stacked on a new dim before the last:
+    [..., n] -> [..., 8 // width, n]. (Shifts from arange on the device: no host-to-device copy, CUDA-graph safe.)"""
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=x.device).view(-1, 1)
+    return (x.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """[R, NB, n] bytes -> [R, NB, 2n]: the n low nibbles, then the n high nibbles."""
-    return _bits(qs, [0, 4], 0x0F).flatten(-2)
+    return _bits(qs, 4).flatten(-2)
 
 
 def _high_bits(qh: torch.Tensor) -> torch.Tensor:
     """[R, NB, 4] bytes (a little-endian uint32) -> bit j for j in 0..31, as [R, NB, 32]."""
-    return _bits(qh, list(range(8)), 1).transpose(-1, -2).flatten(-2)
+    return _bits(qh, 1).transpose(-1, -2).flatten(-2)
 
 
 def _q8_0(b):
@@ -123,19 +124,19 @@ def _q2_k(b):  # scales[16] qs[64] d dmin
     sc = b[..., 0:16]
     dl = (_f16(b, 80) * (sc & 0x0F).float()).unsqueeze(-1)  # [R, NB, 16, 1]
     ml = (_f16(b, 82) * (sc >> 4).float()).unsqueeze(-1)
-    q = _bits(b[..., 16:80].reshape(R, NB, 2, 32), [0, 2, 4, 6], 3).reshape(R, NB, 16, 16)
+    q = _bits(b[..., 16:80].reshape(R, NB, 2, 32), 2).reshape(R, NB, 16, 16)
     return (dl * q.float() - ml).reshape(R, NB, QK_K)
 
 
 def _q3_k(b):  # hmask[32] qs[64] scales[12] d
     R, NB = b.shape[:2]
     sc = b[..., 96:108]
-    low = _bits(sc[..., 0:8], [0, 4], 0x0F).flatten(-2)  # 16 low nibbles
-    high = _bits(sc[..., 8:12], [0, 2, 4, 6], 3).flatten(-2)  # 16 two-bit pieces
+    low = _bits(sc[..., 0:8], 4).flatten(-2)  # 16 low nibbles
+    high = _bits(sc[..., 8:12], 2).flatten(-2)  # 16 two-bit pieces
     scale = ((low | (high << 4)).float() - 32)
     dl = (_f16(b, 108) * scale).unsqueeze(-1)  # [R, NB, 16, 1]
-    ql = _bits(b[..., 32:96].reshape(R, NB, 2, 32), [0, 2, 4, 6], 3).reshape(R, NB, 16, 16)
-    hm = _bits(b[..., 0:32], list(range(8)), 1).reshape(R, NB, 16, 16)
+    ql = _bits(b[..., 32:96].reshape(R, NB, 2, 32), 2).reshape(R, NB, 16, 16)
+    hm = _bits(b[..., 0:32], 1).reshape(R, NB, 16, 16)
     q = ql.float() - ((hm ^ 1) << 2).float()  # the high bit set means no offset of -4
     return (dl * q).reshape(R, NB, QK_K)
 
@@ -153,7 +154,7 @@ def _q4_k(b):  # d dmin scales[12] qs[128]
     sc, mn = _k_scales(b[..., 4:16])
     d = (_f16(b, 0) * sc).unsqueeze(-1)  # [R, NB, 8, 1]
     dm = (_f16(b, 2) * mn).unsqueeze(-1)
-    q = _bits(b[..., 16:144].reshape(R, NB, 4, 32), [0, 4], 0x0F).reshape(R, NB, 8, 32)
+    q = _bits(b[..., 16:144].reshape(R, NB, 4, 32), 4).reshape(R, NB, 8, 32)
     return (d * q.float() - dm).reshape(R, NB, QK_K)
 
 
@@ -162,16 +163,16 @@ def _q5_k(b):  # d dmin scales[12] qh[32] qs[128]
     sc, mn = _k_scales(b[..., 4:16])
     d = (_f16(b, 0) * sc).unsqueeze(-1)
     dm = (_f16(b, 2) * mn).unsqueeze(-1)
-    ql = _bits(b[..., 48:176].reshape(R, NB, 4, 32), [0, 4], 0x0F).reshape(R, NB, 8, 32)
-    qh = _bits(b[..., 16:48], list(range(8)), 1)  # [R, NB, 8, 32]
+    ql = _bits(b[..., 48:176].reshape(R, NB, 4, 32), 4).reshape(R, NB, 8, 32)
+    qh = _bits(b[..., 16:48], 1)  # [R, NB, 8, 32]
     return (d * (ql | (qh << 4)).float() - dm).reshape(R, NB, QK_K)
 
 
 def _q6_k(b):  # ql[128] qh[64] scales[16] (int8) d
     R, NB = b.shape[:2]
     d = (_f16(b, 208) * b[..., 192:208].view(torch.int8).float()).unsqueeze(-1)  # [R, NB, 16, 1]
-    ql = _bits(b[..., 0:128].reshape(R, NB, 2, 64), [0, 4], 0x0F).reshape(R, NB, 8, 32)
-    qh = _bits(b[..., 128:192].reshape(R, NB, 2, 32), [0, 2, 4, 6], 3).reshape(R, NB, 8, 32)
+    ql = _bits(b[..., 0:128].reshape(R, NB, 2, 64), 4).reshape(R, NB, 8, 32)
+    qh = _bits(b[..., 128:192].reshape(R, NB, 2, 32), 2).reshape(R, NB, 8, 32)
     q = (ql | (qh << 4)).float() - 32
     return (d * q.reshape(R, NB, 16, 16)).reshape(R, NB, QK_K)
 

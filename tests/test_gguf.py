@@ -360,6 +360,15 @@ def test_llama_gguf(tmp_path):
     writer.close()
     with pytest.raises(CheckpointError, match=r"llama\.gguf: a GGUF 'llama' model, not a T5 encoder"):
         open_gguf(path)
+    path = tmp_path / "decoder-only.gguf"
+    writer = gguf.GGUFWriter(str(path), "t5")
+    writer.add_tensor("dec.blk.0.attn_q.weight", np.zeros((32, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"decoder-only\.gguf: a GGUF 't5' file without encoder tensors"):
+        open_gguf(path)
 
 
 def test_missing_tensor_and_metadata_mismatch(models, tmp_path):
