@@ -227,14 +227,15 @@ class PackedWeight(nn.Module):
     def __init__(self, blocks: torch.Tensor, qtype, shape, segments=None) -> None:
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
+        rows = math.prod(self.shape[:-1])  # 1 for a vector
         # (qtype, first row, rows, first byte, bytes) per segment
-        self.segments = segments or [(qtype_id(qtype), 0, self.shape[0], 0, blocks.numel())]
+        self.segments = segments or [(qtype_id(qtype), 0, rows, 0, blocks.numel())]
         if segments is None:
             per_row = bytes_per_row(qtype, self.shape[-1])
-            if blocks.numel() != self.shape[0] * per_row:
+            if blocks.numel() != rows * per_row:
                 raise ValueError(f"PackedWeight: {type_name(qtype_id(qtype))} {self.shape} needs "
-                                 f"{self.shape[0] * per_row} bytes, got {blocks.numel()}")
-            blocks = blocks.reshape(self.shape[0], per_row)
+                                 f"{rows * per_row} bytes, got {blocks.numel()}")
+            blocks = blocks.reshape(rows, per_row)
         self.register_buffer("blocks", blocks)
 
     @property
@@ -659,6 +660,28 @@ def config_from_gguf(source: GGUFSource) -> T5Config:
             raise CheckpointError(f"{path}: tensor {gname!r} has shape {t.shape}, expected {shape} (d_model {d_model}, "
                                   f"{heads} heads of {inner // heads}, ff {ff})")
     return config
+
+
+def packed_native_weights(source: GGUFSource, config: T5Config, device="cpu") -> dict[str, PackedWeight]:
+    """T5EncoderStack parameter name -> a PackedWeight of exactly the rows loading would give it: q, k, v packed
+    into one 'layers.N.attn.qkv_proj.weight' (gate, up into 'ffn.ff_in.weight') by row concatenation, mixed types
+    kept as segments. Nothing is dequantized; norms and biases come as (F32) PackedWeights too."""
+    from .checkpoint import native_target
+
+    groups: dict[str, dict[int, tuple[int, PackedWeight]]] = {}
+    for key in source.keys():
+        target = native_target(key, config)
+        if target is None:
+            continue
+        name, part, parts = target
+        groups.setdefault(name, {})[part] = (parts, source.packed(key, device))
+    out = {}
+    for name, parts in groups.items():
+        n = next(iter(parts.values()))[0]
+        if sorted(parts) != list(range(n)):
+            raise CheckpointError(f"{source.path}: {name} needs {n} tensors, found parts {sorted(parts)}")
+        out[name] = PackedWeight.cat([parts[i][1] for i in range(n)]) if n > 1 else parts[0][1]
+    return out
 
 
 def open_gguf(path) -> tuple[GGUFSource, T5Config, Optional[dict]]:

@@ -12,8 +12,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from t5core.checkpoint import Checkpoint, CheckpointError  # noqa: E402
-from t5core.gguf import (QTYPES, GGUFSource, PackedWeight, dequantize, gguf_name_of, open_gguf,  # noqa: E402
-                         tokenizer_fields)
+from t5core.gguf import (QTYPES, PackedWeight, dequantize, gguf_name_of, open_gguf,  # noqa: E402
+                         packed_native_weights, tokenizer_fields)
 from t5core.t5_common import T5FFNType  # noqa: E402
 from t5core.weight_load import build_empty, load_checkpoint_into  # noqa: E402
 from tiny_models import make_hf_encoder, rel_err  # noqa: E402
@@ -287,8 +287,16 @@ def test_gguf_file_loads_with_transformers_parity(models, batch, tmp_path, kind,
     ids, mask = batch
     with torch.no_grad():
         want = with_weights(hf, ref)(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-    out = load_t5core(path).encode(ids, mask)
+    model = load_t5core(path)
+    out = model.encode(ids, mask)
     assert rel_err(out[mask], want[mask]) <= 1e-5
+    if label == "mixed":  # the packed, fused weights (q|k|v, gate|up by row concatenation) are the loaded ones
+        packed = packed_native_weights(source, config)
+        params = dict(model.named_parameters())
+        assert set(packed) == set(params)
+        for name, w in packed.items():
+            assert np.array_equal(bits(w()), bits(params[name].detach())), name
+        assert packed["layers.0.attn.qkv_proj.weight"].qtype is None  # q, k, v of different types: segments
 
 
 def test_full_t5_file_and_packed_reads(models, tmp_path):
