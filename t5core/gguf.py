@@ -97,35 +97,38 @@ def _high_bits(qh: torch.Tensor) -> torch.Tensor:
     return _bits(qh, 1).transpose(-1, -2).flatten(-2)
 
 
+# Offsets are taken in uint8 and reinterpreted as int8 ((q - 8) mod 256 read as int8 is q - 8), and the uint8 /
+# int8 codes multiply float32 scales by type promotion, so no float copy of the codes is made; types with a min
+# use addcmul(-m, d, q) = -m + d*q, which IEEE defines identically to d*q - m (signed zeros included).
 def _q8_0(b):
-    return b[..., 2:].view(torch.int8).float() * _f16(b, 0)
+    return b[..., 2:].view(torch.int8) * _f16(b, 0)
 
 
 def _q4_0(b):
-    return _f16(b, 0) * (_nibbles(b[..., 2:18]).float() - 8)
+    return (_nibbles(b[..., 2:18]) - 8).view(torch.int8) * _f16(b, 0)
 
 
 def _q4_1(b):
-    return _f16(b, 0) * _nibbles(b[..., 4:20]).float() + _f16(b, 2)
+    return torch.addcmul(_f16(b, 2), _f16(b, 0), _nibbles(b[..., 4:20]))
 
 
 def _q5_0(b):
     q = _nibbles(b[..., 6:22]) | (_high_bits(b[..., 2:6]) << 4)
-    return _f16(b, 0) * (q.float() - 16)
+    return (q - 16).view(torch.int8) * _f16(b, 0)
 
 
 def _q5_1(b):
     q = _nibbles(b[..., 8:24]) | (_high_bits(b[..., 4:8]) << 4)
-    return _f16(b, 0) * q.float() + _f16(b, 2)
+    return torch.addcmul(_f16(b, 2), _f16(b, 0), q)
 
 
 def _q2_k(b):  # scales[16] qs[64] d dmin
     R, NB = b.shape[:2]
     sc = b[..., 0:16]
-    dl = (_f16(b, 80) * (sc & 0x0F).float()).unsqueeze(-1)  # [R, NB, 16, 1]
-    ml = (_f16(b, 82) * (sc >> 4).float()).unsqueeze(-1)
+    dl = (_f16(b, 80) * (sc & 0x0F)).unsqueeze(-1)  # [R, NB, 16, 1]
+    ml = (_f16(b, 82) * (sc >> 4)).unsqueeze(-1)
     q = _bits(b[..., 16:80].reshape(R, NB, 2, 32), 2).reshape(R, NB, 16, 16)
-    return (dl * q.float() - ml).reshape(R, NB, QK_K)
+    return torch.addcmul(-ml, dl, q).reshape(R, NB, QK_K)
 
 
 def _q3_k(b):  # hmask[32] qs[64] scales[12] d
@@ -133,12 +136,12 @@ def _q3_k(b):  # hmask[32] qs[64] scales[12] d
     sc = b[..., 96:108]
     low = _bits(sc[..., 0:8], 4).flatten(-2)  # 16 low nibbles
     high = _bits(sc[..., 8:12], 2).flatten(-2)  # 16 two-bit pieces
-    scale = ((low | (high << 4)).float() - 32)
+    scale = ((low | (high << 4)) - 32).view(torch.int8)
     dl = (_f16(b, 108) * scale).unsqueeze(-1)  # [R, NB, 16, 1]
     ql = _bits(b[..., 32:96].reshape(R, NB, 2, 32), 2).reshape(R, NB, 16, 16)
     hm = _bits(b[..., 0:32], 1).reshape(R, NB, 16, 16)
-    q = ql.float() - ((hm ^ 1) << 2).float()  # the high bit set means no offset of -4
-    return (dl * q).reshape(R, NB, QK_K)
+    q = ((ql | (hm << 2)) - 4).view(torch.int8)  # ql - 4, or ql where the high bit is set
+    return (q * dl).reshape(R, NB, QK_K)
 
 
 def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +149,7 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a, m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
     scale = torch.cat([a & 0x3F, (hi & 0x0F) | ((a >> 2) & 0x30)], dim=-1)
     mins = torch.cat([m & 0x3F, (hi >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return scale.float(), mins.float()
+    return scale, mins
 
 
 def _q4_k(b):  # d dmin scales[12] qs[128]
@@ -155,7 +158,7 @@ def _q4_k(b):  # d dmin scales[12] qs[128]
     d = (_f16(b, 0) * sc).unsqueeze(-1)  # [R, NB, 8, 1]
     dm = (_f16(b, 2) * mn).unsqueeze(-1)
     q = _bits(b[..., 16:144].reshape(R, NB, 4, 32), 4).reshape(R, NB, 8, 32)
-    return (d * q.float() - dm).reshape(R, NB, QK_K)
+    return torch.addcmul(-dm, d, q).reshape(R, NB, QK_K)
 
 
 def _q5_k(b):  # d dmin scales[12] qh[32] qs[128]
@@ -165,16 +168,16 @@ def _q5_k(b):  # d dmin scales[12] qh[32] qs[128]
     dm = (_f16(b, 2) * mn).unsqueeze(-1)
     ql = _bits(b[..., 48:176].reshape(R, NB, 4, 32), 4).reshape(R, NB, 8, 32)
     qh = _bits(b[..., 16:48], 1)  # [R, NB, 8, 32]
-    return (d * (ql | (qh << 4)).float() - dm).reshape(R, NB, QK_K)
+    return torch.addcmul(-dm, d, ql | (qh << 4)).reshape(R, NB, QK_K)
 
 
 def _q6_k(b):  # ql[128] qh[64] scales[16] (int8) d
     R, NB = b.shape[:2]
-    d = (_f16(b, 208) * b[..., 192:208].view(torch.int8).float()).unsqueeze(-1)  # [R, NB, 16, 1]
+    d = (_f16(b, 208) * b[..., 192:208].view(torch.int8)).unsqueeze(-1)  # [R, NB, 16, 1]
     ql = _bits(b[..., 0:128].reshape(R, NB, 2, 64), 4).reshape(R, NB, 8, 32)
     qh = _bits(b[..., 128:192].reshape(R, NB, 2, 32), 2).reshape(R, NB, 8, 32)
-    q = (ql | (qh << 4)).float() - 32
-    return (d * q.reshape(R, NB, 16, 16)).reshape(R, NB, QK_K)
+    q = ((ql | (qh << 4)) - 32).view(torch.int8)
+    return (q.reshape(R, NB, 16, 16) * d).reshape(R, NB, QK_K)
 
 
 _DEQUANT = {2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 10: _q2_k, 11: _q3_k, 12: _q4_k, 13: _q5_k, 14: _q6_k}

@@ -41,7 +41,9 @@ def random_blocks(qtype, rows: int, cols: int, rng, std: float = 0.05) -> np.nda
     _, block, size = QTYPES[int(qtype)]
     b = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     fields = SCALE_FIELDS[qtype]
-    scales = [rng.uniform(0.5, 1.5, (rows, cols // block)) for _ in fields]
+    # both signs: a negative scale times a zero code must give -0.0 as the reference does
+    scales = [rng.uniform(0.5, 1.5, (rows, cols // block)) * rng.choice([-1.0, 1.0], (rows, cols // block))
+              for _ in fields]
 
     def put(factor):
         for at, s in zip(fields, scales):
