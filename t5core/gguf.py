@@ -191,11 +191,14 @@ def dequantize(blocks: torch.Tensor, qtype, shape, dtype: torch.dtype = torch.fl
     device; rows = prod(shape[:-1]) (output features), each row a whole number of blocks of shape[-1] elements.
     qtype: an int, a gguf.GGMLQuantizationType or a name ('Q4_K').
 
-    Exactness: every product here is exact in float32 (an fp16 scale has 11 significant bits; it is multiplied by
-    integers of at most 8 + 5 bits, so no product needs more than 24), so each element is its exact value rounded
-    once (types with a min: d*q - m; the rest: no rounding at all). That makes the result bit-identical to
-    gguf.quants.dequantize whatever order the products are taken in and whether or not a compiler fuses them into
-    FMAs (Triton and C++ may). Other dtypes: the float32 result rounded once."""
+    Exactness: every product here is exact in float32 (an fp16 scale has at most 11 significant bits and is
+    multiplied by integers of at most 12 significant bits together, the most being Q6_K's int8 scale times its
+    6-bit code less 32; 23 <= 24), so each element is its exact value rounded once (types with a min: d*q - m)
+    or not rounded at all (the rest). So the result is bit-identical to gguf.quants.dequantize, signed zeros
+    included, whatever order the products are taken in and whether or not a compiler contracts d*q - m into an
+    FMA (Triton and C++ may): tested eager and with inductor on CPU; CUDA not run here. Only NaN payloads (from
+    NaN / inf fp16 scales, which real files do not have) could differ. Other dtypes: the float32 result rounded
+    once, as gguf's float32 output converted."""
     q = qtype_id(qtype)
     shape = tuple(int(s) for s in shape)
     cols = shape[-1] if shape else 1
