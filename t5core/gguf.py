@@ -1,0 +1,696 @@
+"""GGUF T5 / UMT5 encoder files (llama.cpp naming, as city96's t5-v1_1-xxl-encoder-gguf and the WAN UMT5 GGUFs
+use), with weights that may stay compressed in memory until they are used.
+
+Three layers, usable on their own:
+- `dequantize(blocks, qtype, shape, dtype)`: GGML blocks (a uint8 tensor [rows, bytes_per_row]) -> a float tensor,
+  in plain torch ops (CPU, CUDA, torch.compile). Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
+  Q3_K, Q4_K, Q5_K, Q6_K. Bit-identical to `gguf.quants.dequantize` (see `dequantize`'s docstring for why this
+  holds under any evaluation order, FMA contraction included).
+- `PackedWeight`: an nn.Module holding such blocks (a uint8 buffer, so `model.to(dtype)` leaves it alone) that
+  dequantizes on call; `PackedWeight.cat` fuses q/k/v or gate/up row-wise, even when their types differ.
+- `GGUFSource` / `open_gguf(path)`: a checkpoint source in Hugging Face T5 key naming (like the sources in
+  checkpoint.py), the T5Config from the file's metadata checked against its shapes, and the `tokenizer.ggml.*`
+  fields.
+
+The `gguf` package (pip install "t5core[gguf]") is needed only to read files; it is imported inside functions.
+"""
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointError
+from .t5_common import GELUApprox, T5Config, T5FFNType
+
+QK_K = 256
+# GGML type id -> (name, elements per block, bytes per block); ids and sizes as in ggml.h / gguf.constants
+QTYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
+    2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
+    10: ("Q2_K", QK_K, 84), 11: ("Q3_K", QK_K, 110), 12: ("Q4_K", QK_K, 144), 13: ("Q5_K", QK_K, 176),
+    14: ("Q6_K", QK_K, 210),
+}
+_QTYPE_BY_NAME = {name: i for i, (name, _, _) in QTYPES.items()}
+SUPPORTED_TYPES = tuple(name for name, _, _ in QTYPES.values())
+
+
+def qtype_id(qtype: Union[int, str]) -> int:
+    """GGML type as an int: from an int, a gguf.GGMLQuantizationType, or a name such as 'Q4_K'."""
+    if isinstance(qtype, str):
+        if qtype.upper() not in _QTYPE_BY_NAME:
+            raise ValueError(f"unsupported GGML type {qtype!r}; supported: {', '.join(SUPPORTED_TYPES)}")
+        return _QTYPE_BY_NAME[qtype.upper()]
+    q = int(qtype)
+    if q not in QTYPES:
+        raise ValueError(f"unsupported GGML type {type_name(q)}; supported: {', '.join(SUPPORTED_TYPES)}")
+    return q
+
+
+def type_name(qtype: int) -> str:
+    """'Q4_K' for 12; for ids t5core cannot dequantize, the gguf package's name when it knows one."""
+    if int(qtype) in QTYPES:
+        return QTYPES[int(qtype)][0]
+    try:
+        from gguf import GGMLQuantizationType
+
+        return f"{GGMLQuantizationType(int(qtype)).name} (type {int(qtype)})"
+    except Exception:
+        return f"unknown type {int(qtype)}"
+
+
+def bytes_per_row(qtype, cols: int) -> int:
+    """Bytes of one row of `cols` elements; cols must be a whole number of blocks."""
+    name, block, size = QTYPES[qtype_id(qtype)]
+    if cols % block:
+        raise ValueError(f"{name} stores rows in blocks of {block} elements; a row of {cols} is not a whole number of blocks")
+    return cols // block * size
+
+
+# --------------------------------------------------------------------------------------------------
+# Dequantization: per type, blocks [R, NB, bytes per block] uint8 -> [R, NB, elements per block] float32
+# --------------------------------------------------------------------------------------------------
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
+    """The little-endian float16 at byte `at` of each block, as float32 [R, NB, 1]."""
+    return b[..., at:at + 2].contiguous().view(torch.float16).float()
+
+
+def _bits(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The 8 // width fields of `width` bits of each byte, low bits first, stacked on a new dim before the last:
+    [..., n] -> [..., 8 // width, n]. (Shifts from arange on the device: no host-to-device copy, CUDA-graph safe.)"""
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=x.device).view(-1, 1)
+    return (x.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[R, NB, n] bytes -> [R, NB, 2n]: the n low nibbles, then the n high nibbles."""
+    return _bits(qs, 4).flatten(-2)
+
+
+def _high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """[R, NB, 4] bytes (a little-endian uint32) -> bit j for j in 0..31, as [R, NB, 32]."""
+    return _bits(qh, 1).transpose(-1, -2).flatten(-2)
+
+
+# Offsets are taken in uint8 and reinterpreted as int8 ((q - 8) mod 256 read as int8 is q - 8), and the uint8 /
+# int8 codes multiply float32 scales by type promotion, so no float copy of the codes is made; types with a min
+# use addcmul(-m, d, q) = -m + d*q, which IEEE defines identically to d*q - m (signed zeros included).
+def _q8_0(b):
+    return b[..., 2:].view(torch.int8) * _f16(b, 0)
+
+
+def _q4_0(b):
+    return (_nibbles(b[..., 2:18]) - 8).view(torch.int8) * _f16(b, 0)
+
+
+def _q4_1(b):
+    return torch.addcmul(_f16(b, 2), _f16(b, 0), _nibbles(b[..., 4:20]))
+
+
+def _q5_0(b):
+    q = _nibbles(b[..., 6:22]) | (_high_bits(b[..., 2:6]) << 4)
+    return (q - 16).view(torch.int8) * _f16(b, 0)
+
+
+def _q5_1(b):
+    q = _nibbles(b[..., 8:24]) | (_high_bits(b[..., 4:8]) << 4)
+    return torch.addcmul(_f16(b, 2), _f16(b, 0), q)
+
+
+def _q2_k(b):  # scales[16] qs[64] d dmin
+    R, NB = b.shape[:2]
+    sc = b[..., 0:16]
+    dl = (_f16(b, 80) * (sc & 0x0F)).unsqueeze(-1)  # [R, NB, 16, 1]
+    ml = (_f16(b, 82) * (sc >> 4)).unsqueeze(-1)
+    q = _bits(b[..., 16:80].reshape(R, NB, 2, 32), 2).reshape(R, NB, 16, 16)
+    return torch.addcmul(-ml, dl, q).reshape(R, NB, QK_K)
+
+
+def _q3_k(b):  # hmask[32] qs[64] scales[12] d
+    R, NB = b.shape[:2]
+    sc = b[..., 96:108]
+    low = _bits(sc[..., 0:8], 4).flatten(-2)  # 16 low nibbles
+    high = _bits(sc[..., 8:12], 2).flatten(-2)  # 16 two-bit pieces
+    scale = ((low | (high << 4)) - 32).view(torch.int8)
+    dl = (_f16(b, 108) * scale).unsqueeze(-1)  # [R, NB, 16, 1]
+    ql = _bits(b[..., 32:96].reshape(R, NB, 2, 32), 2).reshape(R, NB, 16, 16)
+    hm = _bits(b[..., 0:32], 1).reshape(R, NB, 16, 16)
+    q = ((ql | (hm << 2)) - 4).view(torch.int8)  # ql - 4, or ql where the high bit is set
+    return (q * dl).reshape(R, NB, QK_K)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eight 6-bit scales and eight 6-bit mins of Q4_K / Q5_K, from their 12 bytes."""
+    a, m, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    scale = torch.cat([a & 0x3F, (hi & 0x0F) | ((a >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([m & 0x3F, (hi >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return scale, mins
+
+
+def _q4_k(b):  # d dmin scales[12] qs[128]
+    R, NB = b.shape[:2]
+    sc, mn = _k_scales(b[..., 4:16])
+    d = (_f16(b, 0) * sc).unsqueeze(-1)  # [R, NB, 8, 1]
+    dm = (_f16(b, 2) * mn).unsqueeze(-1)
+    q = _bits(b[..., 16:144].reshape(R, NB, 4, 32), 4).reshape(R, NB, 8, 32)
+    return torch.addcmul(-dm, d, q).reshape(R, NB, QK_K)
+
+
+def _q5_k(b):  # d dmin scales[12] qh[32] qs[128]
+    R, NB = b.shape[:2]
+    sc, mn = _k_scales(b[..., 4:16])
+    d = (_f16(b, 0) * sc).unsqueeze(-1)
+    dm = (_f16(b, 2) * mn).unsqueeze(-1)
+    ql = _bits(b[..., 48:176].reshape(R, NB, 4, 32), 4).reshape(R, NB, 8, 32)
+    qh = _bits(b[..., 16:48], 1)  # [R, NB, 8, 32]
+    return torch.addcmul(-dm, d, ql | (qh << 4)).reshape(R, NB, QK_K)
+
+
+def _q6_k(b):  # ql[128] qh[64] scales[16] (int8) d
+    R, NB = b.shape[:2]
+    d = (_f16(b, 208) * b[..., 192:208].view(torch.int8)).unsqueeze(-1)  # [R, NB, 16, 1]
+    ql = _bits(b[..., 0:128].reshape(R, NB, 2, 64), 4).reshape(R, NB, 8, 32)
+    qh = _bits(b[..., 128:192].reshape(R, NB, 2, 32), 2).reshape(R, NB, 8, 32)
+    q = ((ql | (qh << 4)) - 32).view(torch.int8)
+    return (q.reshape(R, NB, 16, 16) * d).reshape(R, NB, QK_K)
+
+
+_DEQUANT = {2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 10: _q2_k, 11: _q3_k, 12: _q4_k, 13: _q5_k, 14: _q6_k}
+_PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
+
+
+def dequantize(blocks: torch.Tensor, qtype, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """GGML blocks -> a float tensor of `shape` in `dtype`.
+
+    blocks: uint8, [rows, bytes_per_row] (any shape with that many bytes in row-major order is accepted), on any
+    device; rows = prod(shape[:-1]) (output features), each row a whole number of blocks of shape[-1] elements.
+    qtype: an int, a gguf.GGMLQuantizationType or a name ('Q4_K').
+
+    Exactness: every product here is exact in float32 (an fp16 scale has at most 11 significant bits and is
+    multiplied by integers of at most 12 significant bits together, the most being Q6_K's int8 scale times its
+    6-bit code less 32; 23 <= 24), so each element is its exact value rounded once (types with a min: d*q - m)
+    or not rounded at all (the rest). So the result is bit-identical to gguf.quants.dequantize, signed zeros
+    included, whatever order the products are taken in and whether or not a compiler contracts d*q - m into an
+    FMA (Triton and C++ may): tested eager and with inductor on CPU; CUDA not run here. Only NaN payloads (from
+    NaN / inf fp16 scales, which real files do not have) could differ. Other dtypes: the float32 result rounded
+    once, as gguf's float32 output converted."""
+    q = qtype_id(qtype)
+    shape = tuple(int(s) for s in shape)
+    cols = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    per_row = bytes_per_row(q, cols)
+    if blocks.dtype != torch.uint8:
+        raise TypeError(f"dequantize: blocks must be uint8, got {blocks.dtype}")
+    if blocks.numel() != rows * per_row:
+        raise ValueError(f"dequantize: {QTYPES[q][0]} {shape} needs {rows * per_row} bytes "
+                         f"({rows} rows of {per_row}), got {blocks.numel()} (blocks shape {tuple(blocks.shape)})")
+    b = blocks.reshape(rows, per_row)
+    if q in _PLAIN:  # a float16 / bfloat16 value converts to any float dtype with one rounding, as via float32
+        if not torch.compiler.is_compiling() and b.storage_offset() % QTYPES[q][2]:
+            b = b.clone()  # view(dtype) needs aligned bytes (a slice of a segmented PackedWeight may not be)
+        return b.view(_PLAIN[q]).reshape(shape).to(dtype)
+    name, block, size = QTYPES[q]
+    out = _DEQUANT[q](b.reshape(rows, cols // block, size))
+    return out.reshape(shape).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# A weight that stays compressed
+# --------------------------------------------------------------------------------------------------
+class PackedWeight(nn.Module):
+    """Rows of a float weight kept as GGML blocks, dequantized on call: `w()` or `w(torch.bfloat16)`.
+
+    One type: `blocks` is uint8 [rows, bytes_per_row]. Row segments of different types (a K_M file's attn_v in
+    Q6_K next to attn_q / attn_k in Q4_K, fused into one QKV weight): `blocks` is the segments' bytes one after
+    the other (1-D) and `segments` says where each starts. `blocks` is a buffer: `.to(device)` moves it and
+    `.to(dtype)` leaves it alone (it is not floating point)."""
+
+    def __init__(self, blocks: torch.Tensor, qtype, shape, segments=None) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        rows = math.prod(self.shape[:-1])  # 1 for a vector
+        # (qtype, first row, rows, first byte, bytes) per segment
+        self.segments = segments or [(qtype_id(qtype), 0, rows, 0, blocks.numel())]
+        if segments is None:
+            per_row = bytes_per_row(qtype, self.shape[-1])
+            if blocks.numel() != rows * per_row:
+                raise ValueError(f"PackedWeight: {type_name(qtype_id(qtype))} {self.shape} needs "
+                                 f"{rows * per_row} bytes, got {blocks.numel()}")
+            blocks = blocks.reshape(rows, per_row)
+        self.register_buffer("blocks", blocks)
+
+    @property
+    def qtype(self) -> Optional[int]:
+        """The GGML type, or None for a weight whose segments differ in type."""
+        return self.segments[0][0] if len(self.segments) == 1 else None
+
+    def forward(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if len(self.segments) == 1:
+            return dequantize(self.blocks, self.segments[0][0], self.shape, dtype)
+        flat = self.blocks.view(-1)
+        return torch.cat([dequantize(flat[start:start + n], q, (rows, *self.shape[1:]), dtype)
+                          for q, _, rows, start, n in self.segments])
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self(x.dtype))
+
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `ids` only, dequantized (an embedding lookup that never expands the whole table)."""
+        if len(self.segments) != 1:
+            raise ValueError("PackedWeight.embedding needs a single-type weight")
+        flat = ids.reshape(-1)
+        rows = dequantize(self.blocks[flat], self.segments[0][0], (flat.numel(), *self.shape[1:]), dtype)
+        return rows.reshape(*ids.shape, *self.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    def extra_repr(self) -> str:
+        types = "+".join(f"{type_name(q)}[{rows}]" for q, _, rows, _, _ in self.segments)
+        return f"shape={self.shape}, {types}, {self.nbytes} bytes"
+
+    @classmethod
+    def cat(cls, parts: list["PackedWeight"]) -> "PackedWeight":
+        """Row-wise concatenation (q, k, v -> qkv; gate, up -> ff_in). Parts of one type give a one-type weight whose
+        blocks are torch.cat of theirs; mixed types give a segmented weight."""
+        cols = {p.shape[1:] for p in parts}
+        if len(cols) != 1:
+            raise ValueError(f"PackedWeight.cat: parts differ in columns: {sorted(cols)}")
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        if all(p.qtype is not None for p in parts) and len({p.qtype for p in parts}) == 1:
+            return cls(torch.cat([p.blocks for p in parts]), parts[0].qtype, shape)
+        segments, row, byte = [], 0, 0
+        for p in parts:
+            for q, r0, rows, b0, n in p.segments:
+                segments.append((q, row + r0, rows, byte + b0, n))
+            row, byte = row + p.shape[0], byte + p.nbytes
+        return cls(torch.cat([p.blocks.reshape(-1) for p in parts]), None, shape, segments)
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF names -> Hugging Face T5 names
+# --------------------------------------------------------------------------------------------------
+_BLOCK_NAMES = {  # llama.cpp encoder tensor (gguf.constants MODEL_TENSOR.ENC_*) -> Hugging Face suffix
+    "attn_q": "layer.0.SelfAttention.q", "attn_k": "layer.0.SelfAttention.k", "attn_v": "layer.0.SelfAttention.v",
+    "attn_o": "layer.0.SelfAttention.o", "attn_norm": "layer.0.layer_norm",
+    "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias",
+    "ffn_gate": "layer.1.DenseReluDense.wi_0", "ffn_up": "layer.1.DenseReluDense.wi_1",
+    "ffn_down": "layer.1.DenseReluDense.wo", "ffn_norm": "layer.1.layer_norm",
+}
+_ENC_BLOCK = re.compile(r"^enc\.blk\.(\d+)\.([a-z_0-9]+)\.weight$")
+_REQUIRED_PER_BLOCK = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_norm", "ffn_up", "ffn_down", "ffn_norm")
+
+
+def hf_name(gguf_name: str, gated: bool = True) -> Optional[str]:
+    """'enc.blk.3.attn_q.weight' -> 'encoder.block.3.layer.0.SelfAttention.q.weight'; None for tensors that are not
+    encoder weights (dec.*, output.weight). Without ffn_gate (T5 v1.0) ffn_up is the single `wi`."""
+    if gguf_name == "token_embd.weight":
+        return "shared.weight"
+    if gguf_name == "enc.output_norm.weight":
+        return "encoder.final_layer_norm.weight"
+    m = _ENC_BLOCK.match(gguf_name)
+    if m is None or m[2] not in _BLOCK_NAMES:
+        return None
+    suffix = _BLOCK_NAMES[m[2]] if (gated or m[2] != "ffn_up") else "layer.1.DenseReluDense.wi"
+    return f"encoder.block.{m[1]}.{suffix}.weight"
+
+
+def gguf_name_of(hf_key: str) -> str:
+    """Inverse of hf_name (writing GGUF files, tests)."""
+    if hf_key in ("shared.weight", "encoder.embed_tokens.weight"):
+        return "token_embd.weight"
+    if hf_key == "encoder.final_layer_norm.weight":
+        return "enc.output_norm.weight"
+    m = re.match(r"^encoder\.block\.(\d+)\.(.+)\.weight$", hf_key)
+    if m:
+        if m[2] == "layer.1.DenseReluDense.wi":
+            return f"enc.blk.{m[1]}.ffn_up.weight"
+        for g, suffix in _BLOCK_NAMES.items():
+            if suffix == m[2]:
+                return f"enc.blk.{m[1]}.{g}.weight"
+    raise KeyError(hf_key)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str  # GGUF name
+    qtype: int
+    shape: tuple[int, ...]  # Hugging Face order (GGUF's ne reversed): (out_features, in_features)
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.qtype)
+
+
+def _import_gguf(path):
+    try:
+        import gguf
+    except ImportError as e:
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install 't5core[gguf]'") from e
+    return gguf
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+_GGUF_VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _diagnose(path: Path) -> Optional[str]:
+    """Why GGUFReader could not read `path`, naming the tensor where there is one: a header walk of our own (the
+    reader's own errors, such as 'cannot reshape array of size 131', do not say)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        def take(n):
+            b = fh.read(n)
+            if len(b) != n:
+                raise EOFError
+            return b
+
+        def u32():
+            return struct.unpack("<I", take(4))[0]
+
+        def u64():
+            return struct.unpack("<Q", take(8))[0]
+
+        def skip_value(t):
+            if t == 8:
+                fh.seek(u64(), 1)
+            elif t == 9:
+                it, n = u32(), u64()
+                if it in _GGUF_VALUE_BYTES:
+                    fh.seek(n * _GGUF_VALUE_BYTES[it], 1)
+                else:
+                    for _ in range(n):
+                        skip_value(it)
+            elif t in _GGUF_VALUE_BYTES:
+                fh.seek(_GGUF_VALUE_BYTES[t], 1)
+            else:
+                raise ValueError(f"unknown metadata value type {t}")
+
+        try:
+            if take(4) != b"GGUF":
+                return "not a GGUF file (no GGUF magic)"
+            version = u32()
+            if version not in (2, 3):
+                return f"GGUF version {version} (big-endian or unsupported); t5core reads little-endian versions 2 and 3"
+            n_tensors, n_kv = u64(), u64()
+            alignment = 32
+            for _ in range(n_kv):
+                key = take(u64()).decode("utf-8", "replace")
+                t = u32()
+                if key == "general.alignment" and t == 4:
+                    alignment = u32()
+                else:
+                    skip_value(t)
+            infos = []
+            for _ in range(n_tensors):
+                name = take(u64()).decode("utf-8", "replace")
+                dims = [u64() for _ in range(u32())]
+                infos.append((name, dims, u32(), u64()))
+            start = fh.tell()
+        except EOFError:
+            return f"truncated in its header ({size} bytes); re-download it"
+        except ValueError as e:
+            return f"corrupt header ({e})"
+    start += (-start) % alignment
+    for name, dims, t, off in infos:
+        from_gguf = type_name(t)
+        if t not in QTYPES:
+            try:
+                import gguf
+
+                gguf.GGMLQuantizationType(t)
+            except ValueError:
+                return f"tensor {name!r} has {from_gguf}, which is not a GGML type"
+            continue  # a known type t5core does not dequantize: open_gguf reports it if the encoder needs it
+        _, block, tsize = QTYPES[t]
+        if dims and dims[0] % block:
+            return (f"tensor {name!r} ({from_gguf}, shape {list(reversed(dims))}): rows of {dims[0]} elements are not "
+                    f"whole blocks of {block}; its byte size disagrees with its type and shape")
+        end = start + off + math.prod(dims) // block * tsize
+        if end > size:
+            return (f"truncated: tensor {name!r} ({from_gguf}, shape {list(reversed(dims))}) ends at byte {end} but "
+                    f"the file has {size} bytes; re-download it")
+    return None
+
+
+def _read_header(path: Path):
+    """-> (metadata fields reader, {gguf name: GGUFTensor}, architecture) with every problem a CheckpointError."""
+    gguf = _import_gguf(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        why = _diagnose(path) if path.is_file() else "no such file"
+        raise CheckpointError(f"{path}: not a readable GGUF file: {why or e}") from e
+    if reader.byte_order != "I":
+        raise CheckpointError(f"{path}: a GGUF file of the other byte order; t5core reads little-endian files")
+    arch = _field(reader, "general.architecture")
+    tensors = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        tensors[t.name] = GGUFTensor(t.name, int(t.tensor_type), shape, int(t.data_offset), int(t.n_bytes))
+    return reader, tensors, arch
+
+
+def tokenizer_fields(path_or_reader) -> Optional[dict]:
+    """The tokenizer a GGUF file carries in `tokenizer.ggml.*`, or None: {"model": "t5" (SentencePiece unigram)
+    or "llama" (BPE) ..., "tokens": [str], "scores": [float], "token_types": [int] (1 normal, 2 unknown,
+    3 control, 4 user-defined, 5 unused, 6 byte), "add_space_prefix", "remove_extra_whitespaces",
+    "precompiled_charsmap" (bytes), "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"}
+    (keys present in the file only; tokens decode as UTF-8, undecodable bytes as surrogate escapes)."""
+    if isinstance(path_or_reader, (str, Path)):
+        path = Path(path_or_reader)
+        reader = _import_gguf(path).GGUFReader(path)
+    else:
+        reader = path_or_reader
+    f = reader.fields
+    if "tokenizer.ggml.tokens" not in f:
+        return None
+    out = {}
+    tok = f["tokenizer.ggml.tokens"]
+    out["tokens"] = [bytes(tok.parts[i]).decode("utf-8", "surrogateescape") for i in tok.data]
+    import numpy as np
+
+    def array(key):
+        field = f[key]
+        return np.concatenate([field.parts[i] for i in field.data]) if field.data else np.zeros(0)
+
+    if "tokenizer.ggml.scores" in f:
+        out["scores"] = array("tokenizer.ggml.scores").astype(np.float32).tolist()
+    if "tokenizer.ggml.token_type" in f:
+        out["token_types"] = array("tokenizer.ggml.token_type").astype(np.int64).tolist()
+    if "tokenizer.ggml.precompiled_charsmap" in f:
+        out["precompiled_charsmap"] = array("tokenizer.ggml.precompiled_charsmap").astype(np.uint8).tobytes()
+    for key in ("model", "pre", "add_space_prefix", "remove_extra_whitespaces", "add_bos_token", "add_eos_token",
+                "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        if f"tokenizer.ggml.{key}" in f:
+            out[key] = f[f"tokenizer.ggml.{key}"].contents()
+    return out
+
+
+class GGUFSource:
+    """A GGUF T5 / UMT5 encoder as a checkpoint source in Hugging Face naming ('shared.weight',
+    'encoder.block.0.layer.0.SelfAttention.q.weight', ...): keys, shape, get (dequantized float32), nbytes and
+    read_range (the raw blocks), packed (a PackedWeight). Reads are plain reads of byte ranges (no memory map kept
+    open), each with its own handle. Decoder tensors of full T5 files are left out."""
+
+    def __init__(self, path) -> None:
+        self.path = Path(path).expanduser()
+        reader, tensors, arch = _read_header(self.path)
+        self.architecture = arch
+        if arch not in ("t5encoder", "t5"):
+            raise CheckpointError(f"{self.path}: a GGUF {arch!r} model, not a T5 encoder (general.architecture "
+                                  f"'t5encoder' or 't5'); t5core reads T5 / UMT5 encoder GGUF files only")
+        if "enc.blk.0.attn_q.weight" not in tensors:
+            sample = ", ".join(list(tensors)[:3]) or "no tensors"
+            raise CheckpointError(f"{self.path}: a GGUF {arch!r} file without encoder tensors "
+                                  f"('enc.blk.0.attn_q.weight' missing); its tensors start: {sample}")
+        gated = "enc.blk.0.ffn_gate.weight" in tensors
+        self.entries: dict[str, GGUFTensor] = {}
+        for name, t in tensors.items():
+            key = hf_name(name, gated)
+            if key is None:
+                continue
+            if t.qtype not in QTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has type {type_name(t.qtype)}, which t5core "
+                                      f"cannot dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
+            self.entries[key] = t
+        self.metadata = {k: v.contents() for k, v in reader.fields.items()
+                         if not k.startswith(("tokenizer.", "GGUF.")) and len(v.data) <= 64}
+        self.tokenizer = tokenizer_fields(reader)
+        self._check_layout(tensors)
+        del reader  # releases its memory map
+
+    def _check_layout(self, tensors: dict[str, GGUFTensor]) -> None:
+        """Byte sizes against type and shape, overlaps, truncation (GGUFReader checks only part of this)."""
+        size = self.path.stat().st_size
+        spans = sorted(tensors.values(), key=lambda t: t.offset)
+        for i, t in enumerate(spans):
+            name, block, tsize = QTYPES.get(t.qtype, (t.type_name, 1, 0))
+            cols = t.shape[-1] if t.shape else 1
+            if t.qtype in QTYPES and cols % block:
+                raise CheckpointError(f"{self.path}: tensor {t.name!r} ({name}, shape {t.shape}): rows of {cols} "
+                                      f"elements are not whole blocks of {block}; its byte size disagrees with its "
+                                      f"type and shape")
+            end = t.offset + t.nbytes
+            limit = spans[i + 1].offset if i + 1 < len(spans) else size
+            if end > limit:
+                where = (f"the next tensor ({spans[i + 1].name!r}) starts at byte {limit}" if i + 1 < len(spans)
+                         else f"the file has {size} bytes (truncated? re-download it)")
+                raise CheckpointError(f"{self.path}: tensor {t.name!r} ({name}, shape {t.shape}) needs {t.nbytes} bytes "
+                                      f"from byte {t.offset}, but {where}: its byte size disagrees with its type and "
+                                      f"shape, or the file is corrupt")
+
+    # --- the source interface -------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key].shape
+
+    def qtype(self, key: str) -> int:
+        return self.entries[key].qtype
+
+    def nbytes(self, key: str) -> int:
+        return self.entries[key].nbytes
+
+    def read_range(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Bytes [start, start + out.numel()) of tensor `key`'s blocks into `out` (a contiguous uint8 CPU tensor)."""
+        t = self.entries[key]
+        with open(self.path, "rb") as fh:
+            fh.seek(t.offset + start)
+            if fh.readinto(memoryview(out.numpy())) != out.numel():
+                raise CheckpointError(f"{self.path}: short read for tensor {t.name!r}; the file is truncated")
+
+    def raw(self, key: str) -> torch.Tensor:
+        """Tensor `key`'s blocks as uint8 [rows, bytes_per_row]."""
+        t = self.entries[key]
+        buf = torch.empty(t.nbytes, dtype=torch.uint8)
+        self.read_range(key, 0, buf)
+        rows = math.prod(t.shape[:-1]) if len(t.shape) > 1 else 1
+        return buf.view(rows, -1)
+
+    def packed(self, key: str, device="cpu") -> PackedWeight:
+        t = self.entries[key]
+        return PackedWeight(self.raw(key).to(device), t.qtype, t.shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        t = self.entries[key]
+        return dequantize(self.raw(key), t.qtype, t.shape, torch.float32)
+
+    def types(self) -> dict[str, int]:
+        """Tensor count per type name, e.g. {'F32': 50, 'Q4_K': 120, 'Q6_K': 49}."""
+        counts: dict[str, int] = {}
+        for t in self.entries.values():
+            counts[t.type_name] = counts.get(t.type_name, 0) + 1
+        return counts
+
+
+def config_from_gguf(source: GGUFSource) -> T5Config:
+    """T5Config from the tensors' shapes, checked against the `{arch}.*` metadata where present; every tensor's
+    shape is checked against it. Errors name the file, the tensor or metadata key, and both values."""
+    from gguf import Keys
+
+    path, e = source.path, source.entries
+    arch = source.architecture
+
+    def need(gname: str) -> GGUFTensor:
+        key = hf_name(gname, gated)
+        if key not in e:
+            raise CheckpointError(f"{path}: tensor {gname!r} is missing; a truncated or incomplete T5 encoder GGUF")
+        return e[key]
+
+    gated = any(k.endswith("DenseReluDense.wi_0.weight") for k in e)
+    blocks = sorted({int(m[1]) for t in e.values() if (m := _ENC_BLOCK.match(t.name))})
+    n_layers = len(blocks)
+    if blocks != list(range(n_layers)):
+        missing = sorted(set(range(max(blocks) + 1)) - set(blocks))
+        raise CheckpointError(f"{path}: encoder blocks {missing} have no tensors (found blocks {blocks[0]}..{blocks[-1]})")
+    vocab, d_model = need("token_embd.weight").shape
+    inner = need("enc.blk.0.attn_q.weight").shape[0]
+    buckets, heads = need("enc.blk.0.attn_rel_b.weight").shape
+    ff = need("enc.blk.0.ffn_up.weight").shape[0]
+    umt5 = hf_name("enc.blk.1.attn_rel_b.weight") in e
+    meta = source.metadata
+
+    def meta_check(key_template: str, value: int, what: str):
+        key = key_template.format(arch=arch)
+        if key in meta and meta[key] != value:
+            raise CheckpointError(f"{path}: metadata {key} = {meta[key]} but {what} = {value}")
+
+    meta_check(Keys.LLM.EMBEDDING_LENGTH, d_model, "token_embd.weight's width")
+    meta_check(Keys.LLM.FEED_FORWARD_LENGTH, ff, "enc.blk.0.ffn_up.weight's rows")
+    meta_check(Keys.LLM.BLOCK_COUNT, n_layers, "the number of encoder blocks in the file")
+    meta_check(Keys.Attention.HEAD_COUNT, heads, "enc.blk.0.attn_rel_b.weight's heads")
+    meta_check(Keys.Attention.REL_BUCKETS_COUNT, buckets, "enc.blk.0.attn_rel_b.weight's buckets")
+    if inner % heads:
+        raise CheckpointError(f"{path}: enc.blk.0.attn_q.weight has {inner} rows, not a multiple of {heads} heads")
+    meta_check(Keys.Attention.KEY_LENGTH, inner // heads, "attn_q rows / heads")
+    eps = meta.get(Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch),
+                   meta.get(Keys.Attention.LAYERNORM_EPS.format(arch=arch), 1e-6))
+    config = T5Config(
+        vocab_size=vocab, hidden_dim=d_model, num_layers=n_layers, n_head=heads, kv_heads=heads,
+        head_dim=inner // heads, ff_dim=ff, eps=float(eps),
+        ffn_type=T5FFNType.GEGLU if gated else T5FFNType.ReLU, gelu_approx=GELUApprox.Tanh,
+        relative_attention_num_buckets=buckets, pos_emb_per_layer=umt5,
+        pad_token_id=int((source.tokenizer or {}).get("padding_token_id", 0)),
+    )
+    expected = {"token_embd.weight": (vocab, d_model), "enc.output_norm.weight": (d_model,)}
+    for i in range(n_layers):
+        b = f"enc.blk.{i}."
+        expected.update({b + "attn_q.weight": (inner, d_model), b + "attn_k.weight": (inner, d_model),
+                         b + "attn_v.weight": (inner, d_model), b + "attn_o.weight": (d_model, inner),
+                         b + "attn_norm.weight": (d_model,), b + "ffn_norm.weight": (d_model,),
+                         b + "ffn_up.weight": (ff, d_model), b + "ffn_down.weight": (d_model, ff)})
+        if gated:
+            expected[b + "ffn_gate.weight"] = (ff, d_model)
+        if umt5 or i == 0:
+            expected[b + "attn_rel_b.weight"] = (buckets, heads)
+    for gname, shape in expected.items():
+        t = need(gname)
+        if t.shape != shape:
+            raise CheckpointError(f"{path}: tensor {gname!r} has shape {t.shape}, expected {shape} (d_model {d_model}, "
+                                  f"{heads} heads of {inner // heads}, ff {ff})")
+    return config
+
+
+def packed_native_weights(source: GGUFSource, config: T5Config, device="cpu") -> dict[str, PackedWeight]:
+    """T5EncoderStack parameter name -> a PackedWeight of exactly the rows loading would give it: q, k, v packed
+    into one 'layers.N.attn.qkv_proj.weight' (gate, up into 'ffn.ff_in.weight') by row concatenation, mixed types
+    kept as segments. Nothing is dequantized; norms and biases come as (F32) PackedWeights too."""
+    from .checkpoint import native_target
+
+    groups: dict[str, dict[int, tuple[int, PackedWeight]]] = {}
+    for key in source.keys():
+        target = native_target(key, config)
+        if target is None:
+            continue
+        name, part, parts = target
+        groups.setdefault(name, {})[part] = (parts, source.packed(key, device))
+    out = {}
+    for name, parts in groups.items():
+        n = next(iter(parts.values()))[0]
+        if sorted(parts) != list(range(n)):
+            raise CheckpointError(f"{source.path}: {name} needs {n} tensors, found parts {sorted(parts)}")
+        out[name] = PackedWeight.cat([parts[i][1] for i in range(n)]) if n > 1 else parts[0][1]
+    return out
+
+
+def open_gguf(path) -> tuple[GGUFSource, T5Config, Optional[dict]]:
+    """-> (GGUFSource in Hugging Face key naming, T5Config, tokenizer fields or None). Reads only the header."""
+    source = GGUFSource(path)
+    return source, config_from_gguf(source), source.tokenizer

@@ -1,0 +1,415 @@
+"""GGUF T5 / UMT5 encoder files: dequantization bit-identical to gguf.quants for every supported type, packed
+weights that fuse row-wise, GGUFSource reading whole files written with gguf.GGUFWriter, transformers parity of
+the loaded encoder, and clear errors for bad files."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from t5core.checkpoint import Checkpoint, CheckpointError  # noqa: E402
+from t5core.gguf import (QTYPES, PackedWeight, dequantize, gguf_name_of, open_gguf,  # noqa: E402
+                         packed_native_weights, tokenizer_fields)
+from t5core.t5_common import T5FFNType  # noqa: E402
+from t5core.weight_load import build_empty, load_checkpoint_into  # noqa: E402
+from tiny_models import make_hf_encoder, rel_err  # noqa: E402
+
+VOCAB = 512
+ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+QUANTIZABLE = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}  # gguf.quants.quantize has these
+# byte offsets of the fp16 scale fields (d, and dmin / m) inside one block
+SCALE_FIELDS = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q2_K: [80, 82],
+                T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+
+
+def ref_dequant(data: np.ndarray, qtype) -> np.ndarray:
+    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+
+
+def bits(x) -> np.ndarray:
+    """Compare float32 bit patterns: -0.0 vs 0.0 and every rounding count."""
+    return np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32).view(np.int32)
+
+
+def random_blocks(qtype, rows: int, cols: int, rng, std: float = 0.05) -> np.ndarray:
+    """Random block bytes with the fp16 scale fields set to finite values giving elements of about `std`
+    (a block's elements are linear in its fp16 fields, so rescaling those rescales the weight)."""
+    _, block, size = QTYPES[int(qtype)]
+    b = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    fields = SCALE_FIELDS[qtype]
+    # both signs: a negative scale times a zero code must give -0.0 as the reference does
+    scales = [rng.uniform(0.5, 1.5, (rows, cols // block)) * rng.choice([-1.0, 1.0], (rows, cols // block))
+              for _ in fields]
+
+    def put(factor):
+        for at, s in zip(fields, scales):
+            b[..., at:at + 2] = (s * factor).astype(np.float16)[..., None].view(np.uint8).reshape(rows, cols // block, 2)
+
+    put(1.0)
+    put(std / float(ref_dequant(b.reshape(rows, -1), qtype).std()))
+    return b.reshape(rows, -1)
+
+
+def encode_tensor(x: np.ndarray, qtype, rng) -> np.ndarray:
+    """A float32 array as GGUF data of `qtype`: quantized where gguf.quants can, random blocks of the same spread
+    for the K-quants (gguf.quants only dequantizes those)."""
+    if qtype == T.F32:
+        return x.astype(np.float32)
+    if qtype in QUANTIZABLE:
+        return gguf.quants.quantize(x, qtype)
+    return random_blocks(qtype, x.shape[0], x.shape[1], rng, std=float(x.std()))
+
+
+def blocks_tensor(data: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], -1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dequantization
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_dequantize_bit_identical(qtype):
+    rng = np.random.default_rng(int(qtype))
+    rows, cols = 24, 768
+    x = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(0.01, 3, (rows, 1)).astype(np.float32)
+    cases = [encode_tensor(x, qtype, rng)]
+    if qtype in SCALE_FIELDS:  # raw random bytes too (every bit pattern of the quants), and all-0x00 / all-0xFF quants
+        cases.append(random_blocks(qtype, rows, cols, rng, std=1.0))
+        for fill in (0x00, 0xFF):
+            b = cases[-1].reshape(rows, -1, QTYPES[int(qtype)][2]).copy()
+            keep = np.zeros(b.shape[-1], bool)
+            keep[[i for at in SCALE_FIELDS[qtype] for i in (at, at + 1)]] = True
+            b[..., ~keep] = fill
+            cases.append(b.reshape(rows, -1))
+    for data in cases:
+        ref = ref_dequant(data, qtype).reshape(rows, cols)
+        out = dequantize(blocks_tensor(data), qtype, (rows, cols))
+        assert out.dtype == torch.float32 and out.shape == (rows, cols)
+        assert np.array_equal(bits(out), bits(ref)), qtype.name
+        for dtype in (torch.bfloat16, torch.float16):  # one rounding from the exact value
+            assert torch.equal(dequantize(blocks_tensor(data), qtype.name, (rows, cols), dtype),
+                               torch.from_numpy(ref).to(dtype))
+
+
+def test_dequantize_traces_without_graph_breaks():
+    """Plain tensor ops only: every type traces as one graph (dynamo capture here; inductor in the slow test)."""
+    rng = np.random.default_rng(0)
+    for qtype in ALL_TYPES:
+        data = encode_tensor(rng.standard_normal((4, 256)).astype(np.float32), qtype, rng)
+        torch._dynamo.reset()
+        f = torch.compile(lambda b, q=int(qtype): dequantize(b, q, (4, 256)), backend="eager", fullgraph=True)
+        assert np.array_equal(bits(f(blocks_tensor(data))), bits(ref_dequant(data, qtype).reshape(4, 256))), qtype.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_K, T.Q6_K, T.F16], ids=lambda q: q.name)
+def test_dequantize_inductor_bit_identical(qtype):
+    """Compiled C++ (which may contract d*q - m into an FMA) gives the same bits: every product is exact."""
+    rng = np.random.default_rng(1)
+    data = encode_tensor(rng.standard_normal((64, 512)).astype(np.float32), qtype, rng)
+    torch._dynamo.reset()
+    f = torch.compile(lambda b: dequantize(b, qtype, (64, 512)), fullgraph=True)
+    assert np.array_equal(bits(f(blocks_tensor(data))), bits(ref_dequant(data, qtype).reshape(64, 512)))
+
+
+def test_dequantize_rejects_bad_input():
+    b = torch.zeros(4, 34, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="needs 272 bytes"):
+        dequantize(b, "Q8_0", (4, 64))
+    with pytest.raises(ValueError, match="not a whole number of blocks"):
+        dequantize(b, "Q8_0", (4, 33))
+    with pytest.raises(ValueError, match="IQ4_NL"):
+        dequantize(b, T.IQ4_NL, (4, 32))
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed weights
+# --------------------------------------------------------------------------------------------------
+def test_packed_weight_concat_is_the_fused_weight():
+    rng = np.random.default_rng(3)
+    cols = 512
+
+    def part(qtype, rows):
+        data = encode_tensor(rng.standard_normal((rows, cols)).astype(np.float32), qtype, rng)
+        return PackedWeight(blocks_tensor(data), qtype, (rows, cols)), ref_dequant(data, qtype).reshape(rows, cols)
+
+    q, k, v = (part(T.Q4_K, 64) for _ in range(3))
+    fused = PackedWeight.cat([q[0], k[0], v[0]])
+    assert fused.qtype == T.Q4_K and fused.shape == (192, cols)
+    assert torch.equal(fused.blocks, torch.cat([q[0].blocks, k[0].blocks, v[0].blocks]))  # plain row concatenation
+    assert np.array_equal(bits(fused()), bits(np.concatenate([q[1], k[1], v[1]])))
+    # a K_M file: attn_v in Q6_K beside Q4_K q and k, and a float32 part; bfloat16 output
+    v6, f32 = part(T.Q6_K, 64), part(T.F32, 32)
+    mixed = PackedWeight.cat([q[0], k[0], v6[0], f32[0]])
+    assert mixed.qtype is None and mixed.shape == (224, cols)
+    ref = np.concatenate([q[1], k[1], v6[1], f32[1]])
+    assert np.array_equal(bits(mixed()), bits(ref))
+    assert torch.equal(mixed(torch.bfloat16), torch.from_numpy(ref).to(torch.bfloat16))
+    # model.to(dtype) leaves the blocks alone; linear and embedding lookups dequantize on use
+    holder = torch.nn.Module()
+    holder.w = fused
+    holder.to(torch.bfloat16)
+    assert fused.blocks.dtype == torch.uint8
+    x = torch.randn(3, cols)
+    torch.testing.assert_close(fused.linear(x), x @ torch.from_numpy(np.concatenate([q[1], k[1], v[1]])).T)
+    ids = torch.tensor([[5, 0], [191, 64]])
+    assert torch.equal(fused.embedding(ids), fused()[ids])
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole files
+# --------------------------------------------------------------------------------------------------
+TOKENS = ["<pad>", "</s>", "<unk>", "\u2581the", "\u2581caf\u00e9", "\u2581\u732b"] + [f"t{i}" for i in range(VOCAB - 6)]
+
+
+def write_gguf(path: Path, hf, type_of, arch="t5encoder", metadata=True, tokenizer=False, drop=(), meta_override=None,
+               extra=None, seed=0) -> dict[str, torch.Tensor]:
+    """Write hf's encoder as a llama.cpp-named GGUF, each matrix in type_of(gguf_name, index among the matrices)
+    (vectors and relative biases in F32, as llama.cpp writes them), then `extra` {name: float32 array};
+    -> {HF key: the dequantized float32 weight the file holds} (gguf.quants' dequantization of the bytes written)."""
+    rng = np.random.default_rng(seed)
+    cfg = hf.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    if metadata:
+        meta = {"context_length": 512, "embedding_length": cfg.d_model, "feed_forward_length": cfg.d_ff,
+                "block_count": cfg.num_layers, "head_count": cfg.num_heads, "key_length": cfg.d_kv,
+                "value_length": cfg.d_kv, "layer_norm_eps": cfg.layer_norm_epsilon,
+                "relative_attn_buckets_count": cfg.relative_attention_num_buckets,
+                "layer_norm_rms_eps": cfg.layer_norm_epsilon, **(meta_override or {})}
+        for name, value in meta.items():
+            getattr(writer, f"add_{name}")(value)
+    if tokenizer:
+        writer.add_tokenizer_model("t5")
+        writer.add_token_list(TOKENS)
+        writer.add_token_scores([-float(i) / 7 for i in range(VOCAB)])
+        writer.add_token_types([3, 3, 2] + [1] * (VOCAB - 3))
+        writer.add_add_space_prefix(True)
+        writer.add_remove_extra_whitespaces(True)
+        writer.add_precompiled_charsmap(bytes(range(256)) * 3)
+        writer.add_eos_token_id(1)
+        writer.add_unk_token_id(2)
+        writer.add_pad_token_id(0)
+    ref, i = {}, 0
+    for key, p in hf.state_dict().items():
+        if key == "encoder.embed_tokens.weight":
+            continue  # the same tensor as shared.weight
+        name = gguf_name_of(key)
+        if name in drop:
+            continue
+        x = p.detach().float().numpy()
+        plain = x.ndim == 1 or "attn_rel_b" in name
+        qtype = T.F32 if plain else type_of(name, i)
+        i += not plain
+        data = encode_tensor(x, qtype, rng)
+        ref[key] = torch.from_numpy(ref_dequant(data, qtype).reshape(x.shape).copy())
+        writer.add_tensor(name, data, raw_dtype=None if data.dtype in (np.float32, np.float16) else qtype)
+    for name, x in (extra or {}).items():
+        writer.add_tensor(name, x)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return ref
+
+
+def with_weights(hf, ref: dict[str, torch.Tensor]):
+    """hf with the file's (dequantized) weights: what transformers computes from the GGUF."""
+    import copy
+
+    model = copy.deepcopy(hf)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for key, t in ref.items():
+            sd[key].copy_(t)
+    return model
+
+
+def load_t5core(path):
+    source, config, _ = open_gguf(path)
+    ckpt = Checkpoint(path=Path(path), format="gguf", source=source, keys={k: k for k in source.keys()}, config=config)
+    model = build_empty(config, "cpu")
+    return load_checkpoint_into(model, ckpt)
+
+
+@pytest.fixture(scope="module")
+def models():
+    kw = dict(vocab_size=VOCAB, d_model=256, num_heads=4, d_kv=64, d_ff=512, num_layers=2, std=0.5)
+    return {kind: make_hf_encoder(kind, seed=7, **kw) for kind in ("t5-v1_1", "umt5", "t5-v1_0")}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 13), generator=gen)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 9:] = False
+    ids[~mask] = 0
+    return ids, mask
+
+
+def one_type(qtype):
+    return lambda name, i: qtype
+
+
+def mixed(name, i):  # every type somewhere, as a K_M file mixes them per tensor
+    return ALL_TYPES[i % len(ALL_TYPES)]
+
+
+CASES = [("t5-v1_1", q.name, one_type(q)) for q in (T.F16, T.Q8_0, T.Q4_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K)]
+CASES += [("t5-v1_1", "mixed", mixed), ("umt5", "mixed", mixed), ("umt5", "Q4_K", one_type(T.Q4_K)),
+          ("t5-v1_0", "Q5_K", one_type(T.Q5_K))]
+
+
+@pytest.mark.parametrize("kind,label,type_of", CASES, ids=[f"{k}-{n}" for k, n, _ in CASES])
+def test_gguf_file_loads_with_transformers_parity(models, batch, tmp_path, kind, label, type_of):
+    hf = models[kind]
+    path = tmp_path / f"{kind}-{label}.gguf"
+    ref = write_gguf(path, hf, type_of, tokenizer=label == "mixed")
+    source, config, tok = open_gguf(path)
+    # every tensor, in Hugging Face naming, is exactly what gguf.quants dequantizes from the file
+    assert set(source.keys()) == set(ref)
+    for key, want in ref.items():
+        got = source.get(key)
+        assert got.dtype == torch.float32 and got.shape == want.shape and np.array_equal(bits(got), bits(want)), key
+    assert (config.vocab_size, config.hidden_dim, config.num_layers, config.n_head, config.head_dim, config.ff_dim) == (
+        VOCAB, 256, 2, 4, 64, 512)
+    assert config.pos_emb_per_layer == (kind == "umt5")
+    assert config.ffn_type == (T5FFNType.ReLU if kind == "t5-v1_0" else T5FFNType.GEGLU)
+    if label == "mixed":
+        assert len(source.types()) == len(ALL_TYPES)
+        assert tok["tokens"] == TOKENS and tok["token_types"][:4] == [3, 3, 2, 1] and tok["model"] == "t5"
+        assert tok["scores"][7] == pytest.approx(-1.0) and tok["eos_token_id"] == 1 and tok["add_space_prefix"] is True
+        assert tok["precompiled_charsmap"] == bytes(range(256)) * 3 and tokenizer_fields(path) == tok
+    else:
+        assert tok is None
+    ids, mask = batch
+    with torch.no_grad():
+        want = with_weights(hf, ref)(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    model = load_t5core(path)
+    out = model.encode(ids, mask)
+    assert rel_err(out[mask], want[mask]) <= 1e-5
+    if label == "mixed":  # the packed, fused weights (q|k|v, gate|up by row concatenation) are the loaded ones
+        packed = packed_native_weights(source, config)
+        params = dict(model.named_parameters())
+        assert set(packed) == set(params)
+        for name, w in packed.items():
+            assert np.array_equal(bits(w()), bits(params[name].detach())), name
+        assert packed["layers.0.attn.qkv_proj.weight"].qtype is None  # q, k, v of different types: segments
+
+
+def test_full_t5_file_and_packed_reads(models, tmp_path):
+    """A 't5' (encoder-decoder) file: decoder tensors are left out; packed() gives the raw blocks."""
+    hf = models["t5-v1_1"]
+    path = tmp_path / "full.gguf"
+    decoder = {"dec.blk.0.attn_q.weight": np.ones((256, 256), np.float32), "output.weight": np.ones((VOCAB, 256), np.float32)}
+    ref = write_gguf(path, hf, one_type(T.Q5_K), arch="t5", extra=decoder)
+    source, config, _ = open_gguf(path)
+    assert set(source.keys()) == set(ref)
+    key = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
+    w = source.packed(key)
+    assert w.qtype == T.Q5_K and w.shape == (256, 512) and w.blocks.shape == (256, 512 // 256 * 176)
+    assert np.array_equal(bits(w()), bits(ref[key]))
+    assert source.metadata["t5.block_count"] == 2 and source.architecture == "t5"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad files
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def good_file(models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "t5.gguf"
+    write_gguf(path, models["t5-v1_1"], one_type(T.Q8_0))
+    return path
+
+
+def patch_tensor_info(src: Path, dst: Path, name: str, field: str, value: int) -> None:
+    """Rewrite one tensor's ne[0] or type id in the header."""
+    data = bytearray(src.read_bytes())
+    at = data.find(name.encode()) + len(name)
+    n_dims = int.from_bytes(data[at:at + 4], "little")
+    pos = at + 4 if field == "ne0" else at + 4 + 8 * n_dims
+    width = 8 if field == "ne0" else 4
+    data[pos:pos + width] = value.to_bytes(width, "little")
+    dst.write_bytes(bytes(data))
+
+
+def test_truncated_file(good_file, tmp_path):
+    data = good_file.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:-5000])
+    with pytest.raises(CheckpointError, match=r"cut\.gguf.*truncated: tensor '.*' \((Q8_0|F32)"):
+        open_gguf(cut)
+    cut.write_bytes(data[:300])
+    with pytest.raises(CheckpointError, match="truncated in its header"):
+        open_gguf(cut)
+
+
+def test_unknown_and_unsupported_types(good_file, models, tmp_path):
+    bad = tmp_path / "unknown.gguf"
+    patch_tensor_info(good_file, bad, "enc.blk.1.attn_k.weight", "type", 99)
+    with pytest.raises(CheckpointError, match=r"unknown\.gguf.*'enc\.blk\.1\.attn_k\.weight'.*unknown type 99"):
+        open_gguf(bad)
+    iq = tmp_path / "iq.gguf"  # a GGML type t5core does not dequantize (it claims fewer bytes: no overlap)
+    patch_tensor_info(good_file, iq, "enc.blk.0.ffn_up.weight", "type", int(T.IQ4_NL))
+    with pytest.raises(CheckpointError, match=r"'enc\.blk\.0\.ffn_up\.weight' has type IQ4_NL.*cannot dequantize"):
+        open_gguf(iq)
+
+
+def test_llama_gguf(tmp_path):
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"llama\.gguf: a GGUF 'llama' model, not a T5 encoder"):
+        open_gguf(path)
+    path = tmp_path / "decoder-only.gguf"
+    writer = gguf.GGUFWriter(str(path), "t5")
+    writer.add_tensor("dec.blk.0.attn_q.weight", np.zeros((32, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"decoder-only\.gguf: a GGUF 't5' file without encoder tensors"):
+        open_gguf(path)
+
+
+def test_missing_tensor_and_metadata_mismatch(models, tmp_path):
+    path = tmp_path / "missing.gguf"
+    write_gguf(path, models["umt5"], one_type(T.Q8_0), drop=("enc.blk.1.ffn_down.weight",))
+    with pytest.raises(CheckpointError, match=r"missing\.gguf: tensor 'enc\.blk\.1\.ffn_down\.weight' is missing"):
+        open_gguf(path)
+    path = tmp_path / "meta.gguf"
+    write_gguf(path, models["t5-v1_1"], one_type(T.Q8_0), meta_override={"block_count": 3})
+    with pytest.raises(CheckpointError, match=r"metadata t5encoder\.block_count = 3 but the number of encoder blocks"):
+        open_gguf(path)
+
+
+def test_byte_size_disagrees_with_type_and_shape(good_file, tmp_path):
+    bad = tmp_path / "ne0.gguf"  # a Q8_0 row of 250 elements is not whole blocks of 32
+    patch_tensor_info(good_file, bad, "enc.blk.0.attn_o.weight", "ne0", 250)
+    with pytest.raises(CheckpointError, match=r"'enc\.blk\.0\.attn_o\.weight' \(Q8_0.*not whole blocks of 32"):
+        open_gguf(bad)
+    bad = tmp_path / "rows.gguf"  # claims more bytes than lie before the next tensor
+    patch_tensor_info(good_file, bad, "enc.blk.0.attn_q.weight", "type", int(T.F16))
+    with pytest.raises(CheckpointError, match=r"'enc\.blk\.0\.attn_q\.weight' \(F16.*needs 131072 bytes.*next tensor"):
+        open_gguf(bad)
+
+
+def test_imports_without_gguf_package(good_file, monkeypatch):
+    """t5core.gguf imports and dequantizes without the gguf package; reading a file then says what to install."""
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    monkeypatch.delitem(sys.modules, "t5core.gguf")
+    fresh = importlib.import_module("t5core.gguf")
+    assert fresh.dequantize(torch.zeros(2, 34, dtype=torch.uint8), "Q8_0", (2, 32)).abs().sum() == 0
+    with pytest.raises(CheckpointError, match=r"t5\.gguf: reading GGUF files needs the gguf package: pip install 't5core\[gguf\]'"):
+        fresh.open_gguf(good_file)
