@@ -340,30 +340,55 @@ class Checkpoint:
     tokenizer_bytes: Optional[bytes] = field(default=None, repr=False)  # ComfyUI files may embed `spiece_model`
     fp16_scales: Optional[Scales] = None  # recorded in config.json beside Hugging Face-form weights
 
-    def get(self, key: str, device="cpu") -> torch.Tensor:
-        """One tensor, on `device`, dequantized if it is ComfyUI scaled fp8 (weight * scale_weight)."""
-        return self._dequantized(key, self.source.get(self.keys[key]).to(device))
+    def get(self, key: str, device="cpu", keep_fp8: bool = False) -> torch.Tensor:
+        """One tensor, on `device`, dequantized if it is float8 (weight * scale_weight) unless keep_fp8."""
+        t = self.source.get(self.keys[key]).to(device)
+        return t if keep_fp8 else self._dequantized(key, t)
 
     def _dequantized(self, key: str, t: torch.Tensor) -> torch.Tensor:
         if t.dtype in FP8_DTYPES:
-            scale_key = self.keys[key].removesuffix("weight") + "scale_weight"
-            if scale_key not in set(self.source.keys()):
-                raise CheckpointError(f"{self.path}: float8 tensor {self.keys[key]!r} has no {scale_key!r} to dequantize it")
-            t = t.float() * self.source.get(scale_key).to(t.device).float()
+            scale = self.fp8_scale(key, tuple(t.shape)).to(t.device)
+            t = t.float() * (scale.view(-1, *[1] * (t.dim() - 1)) if t.dim() else scale)
         return t
+
+    def fp8_scale(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The float32 scale per row [shape[0]] of the float8 tensor `key` of `shape`: its ComfyUI `scale_weight`
+        (per tensor, [] or [1], or per row, [N] or [N, 1]), or 1 for plain fp8 files. A scale of 0, NaN or inf, or
+        of another shape, is a CheckpointError."""
+        name = self.keys[key]
+        scale_key = name.removesuffix("weight") + "scale_weight"
+        rows = shape[0] if shape else 1
+        if scale_key not in self.source.keys():
+            return torch.ones(rows)
+        scale = self.source.get(scale_key).float()
+        if scale.numel() == 1:
+            scale = scale.reshape(1).expand(rows)
+        elif tuple(scale.shape) not in ((rows,), (rows, 1)):
+            raise CheckpointError(f"{self.path}: {scale_key!r} has shape {tuple(scale.shape)}; float8 tensor {name!r} "
+                                  f"of shape {shape} needs one scale, or one per row ({rows})")
+        if not bool((torch.isfinite(scale) & (scale != 0)).all()):
+            raise CheckpointError(f"{self.path}: {scale_key!r} holds 0, NaN or inf, so float8 tensor {name!r} cannot be "
+                                  f"dequantized (a corrupt file?)")
+        return scale.reshape(rows).contiguous()
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        """The dtype `key` is stored in (read from the header where the source has one)."""
+        entries = getattr(self.source, "entries", None)
+        return entries[self.keys[key]][1] if entries else self.source.get(self.keys[key]).dtype
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(self.keys[key])
 
     def iter_tensors(self, keys: list[str], device, into: Optional[dict[str, torch.Tensor]] = None,
-                     threads: int = 4, chunk_bytes: int = 64 << 20, slots: int = 6):
+                     threads: int = 4, chunk_bytes: int = 64 << 20, slots: int = 6, keep_fp8: frozenset = frozenset()):
         """(key, tensor on device) in order. Safetensors files are read on worker threads in chunks, a few chunks
         ahead of use. For CUDA each chunk lands in one of `slots` reused pinned buffers and is copied to the GPU
         asynchronously, so disk reads, host-to-device copies and the caller's work overlap, and host memory
         holds slots * chunk_bytes; for the CPU chunks are read straight into the returned tensors.
 
         into: key -> a contiguous tensor on `device` (a parameter, or rows of one) that a stored tensor of the same
-        dtype and size is read straight into, and returned as; otherwise that key gets a new tensor as usual."""
+        dtype and size is read straight into, and returned as; otherwise that key gets a new tensor as usual.
+        keep_fp8: keys returned as stored when float8, not dequantized (their scales: fp8_scale)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # "cuda" is the current GPU: compare as cuda:N
             device = torch.device("cuda", torch.cuda.current_device())
@@ -371,7 +396,7 @@ class Checkpoint:
         src = self.source
         if not isinstance(src, SafetensorsSource) or device.type not in ("cpu", "cuda"):
             # tensorizer reads are sequential, .bin files are mapped; other devices get one tensor at a time
-            yield from ((k, self.get(k, device)) for k in keys)
+            yield from ((k, self.get(k, device, k in keep_fp8)) for k in keys)
             return
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
@@ -427,7 +452,8 @@ class Checkpoint:
                 if start + n == size[k]:
                     _, dtype, shape, _, _ = src.entries[self.keys[k]]
                     data = raw.pop(k)
-                    yield k, into[k] if k in in_place else self._dequantized(k, data.view(dtype).reshape(shape))
+                    t = into[k] if k in in_place else data.view(dtype).reshape(shape)
+                    yield k, t if k in keep_fp8 or k in in_place else self._dequantized(k, t)
 
 
 def _read_json(path: Path) -> dict:

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 from torch import BoolTensor, FloatTensor, LongTensor, nn
 
+from . import fp8
 from .t5_encoder import T5EncoderStack
 
 
@@ -105,6 +106,8 @@ class Encoder:
             return self._encode(input_ids, attention_mask)
 
     def _encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor]) -> FloatTensor:
+        if self.config.weight_dtype == fp8.FAST and not fp8.fp8_matmul_support(self.device)[0]:
+            fp8.log_compute_fallback(self.device)
         L = input_ids.shape[1]
         padded = attention_mask is not None and not bool(attention_mask.all())  # tokenizer masks are on the CPU
         input_ids = input_ids.to(self.device, non_blocking=True)

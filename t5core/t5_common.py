@@ -66,7 +66,9 @@ class T5Config(BaseModel):
     ff_dim: int
     dropout: float = 0.0
     eps: float = 1e-6
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # the compute dtype
+    # Projection weights: None (in dtype), or "fp8_e4m3fn" / "fp8_e5m2" / "fp8_e4m3fn_fast" (t5core.fp8)
+    weight_dtype: Optional[str] = None
     ffn_type: T5FFNType = T5FFNType.GEGLU
     gelu_approx: GELUApprox = GELUApprox.Tanh
     relative_attention_num_buckets: int = 32
@@ -91,6 +93,13 @@ class T5Config(BaseModel):
     @field_serializer("dtype")
     def _dump_dtype(self, val: torch.dtype) -> str:
         return dtype_name(val)
+
+    @field_validator("weight_dtype")
+    @classmethod
+    def _check_weight_dtype(cls, val: Optional[str]) -> Optional[str]:
+        if val not in (None, "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast"):
+            raise ValueError(f"weight_dtype {val!r}: None, fp8_e4m3fn, fp8_e5m2 or fp8_e4m3fn_fast")
+        return val
 
     @model_validator(mode="after")
     def _kv_heads_are_heads(self) -> "T5Config":
@@ -130,6 +139,18 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x if self.weight is None else x * self.weight.float()
+
+
+# torch.mm(..., out_dtype=) (torch >= 2.8): half-precision inputs, float32 output straight from the accumulator
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def matmul_f32_out(x: Tensor, weight: Tensor) -> FloatTensor:
+    """x [.., K] @ weight[N, K].T -> [.., N] float32. On CUDA a half-precision matmul writes its fp32 accumulator
+    directly, one rounding fewer than rounding to x's dtype and casting back."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
+        return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+    return nn.functional.linear(x, weight).float()
 
 
 def relative_position_bucket(rel_pos: LongTensor, num_buckets: int = 32, max_distance: int = 128) -> LongTensor:

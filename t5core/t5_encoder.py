@@ -11,7 +11,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.functional import scaled_dot_product_attention
 
 from .fp16_scales import Scales
-from .t5_common import RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, offset_rows, relative_offset_bias
+from .fp8 import FAST, WEIGHT_DTYPES, Fp8Linear, is_fp8
+from .t5_common import (RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, matmul_f32_out, offset_rows,
+                        relative_offset_bias)
 
 # Eager flex attention materialises the scores; on CUDA it must run compiled to be fast. On CPU the eager
 # form is the intended (small-scale) path, so its "called without torch.compile" warning is noise.
@@ -24,18 +26,23 @@ warnings.filterwarnings("ignore", message="flex_attention called without torch.c
 # fast or faster at every unpadded shape measured too (BENCHMARKS.md).
 FLEX_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64}
 
-# torch.mm(..., out_dtype=) (torch >= 2.8): half-precision inputs, float32 output straight from the accumulator
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-
-
 class F32OutLinear(nn.Linear):
     """A projection whose result is consumed in float32 (the residual add, the gated activation): on CUDA the
     half-precision matmul writes its fp32 accumulator directly, one rounding fewer. [.., K] -> [.., N] float32."""
 
     def forward(self, x: Tensor) -> FloatTensor:
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
-            return torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
-        return super().forward(x).float()
+        return matmul_f32_out(x, self.weight)
+
+
+def projection(config: T5Config, in_features: int, out_features: int, f32_out: bool = False,
+               fp8_compute: bool = True) -> nn.Module:
+    """A bias-free projection as config.weight_dtype says: in config.dtype (nn.Linear, or F32OutLinear for a
+    float32 output), or fp8 weights (t5core.fp8.Fp8Linear, the same contract); fp8_compute=False keeps this
+    projection out of fp8_e4m3fn_fast's fp8 matmuls."""
+    if config.weight_dtype is None:
+        return (F32OutLinear if f32_out else nn.Linear)(in_features, out_features, bias=False, dtype=config.dtype)
+    return Fp8Linear(in_features, out_features, WEIGHT_DTYPES[config.weight_dtype], f32_out,
+                     compute=fp8_compute and config.weight_dtype == FAST)
 
 
 class T5SelfAttention(nn.Module):
@@ -44,8 +51,8 @@ class T5SelfAttention(nn.Module):
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.scale = config.head_dim**-0.5 if config.scale_qk else 1.0
         self.kernel_options = dict(config.flex_kernel_options or FLEX_KERNEL_OPTIONS)
-        self.qkv_proj = nn.Linear(config.hidden_dim, 3 * config.inner_dim, bias=False, dtype=config.dtype)
-        self.o_proj = F32OutLinear(config.inner_dim, config.hidden_dim, bias=False, dtype=config.dtype)
+        self.qkv_proj = projection(config, config.hidden_dim, 3 * config.inner_dim)
+        self.o_proj = projection(config, config.inner_dim, config.hidden_dim, f32_out=True)
         # UMT5 only: each layer owns its table [buckets, H]
         self.relative_attention_bias = (
             nn.Embedding(config.relative_attention_num_buckets, config.n_head, dtype=torch.float32)
@@ -79,8 +86,9 @@ class T5FFN(nn.Module):
         super().__init__()
         self.gated = config.ffn_type == T5FFNType.GEGLU
         # gated: rows [0, F) are wi_0 (gate), rows [F, 2F) are wi_1 (up)
-        self.ff_in = F32OutLinear(config.hidden_dim, config.ff_dim * (2 if self.gated else 1), bias=False, dtype=config.dtype)
-        self.ff_out = F32OutLinear(config.ff_dim, config.hidden_dim, bias=False, dtype=config.dtype)
+        self.ff_in = projection(config, config.hidden_dim, config.ff_dim * (2 if self.gated else 1), f32_out=True)
+        # fp8_e4m3fn_fast keeps wo's matmul in config.dtype: fp8 gated activations cost the most precision (t5core.fp8)
+        self.ff_out = projection(config, config.ff_dim, config.hidden_dim, f32_out=True, fp8_compute=False)
         self.act = gelu_fn(config.gelu_approx) if self.gated else torch.relu
 
     def forward(self, x: Tensor) -> FloatTensor:
@@ -216,10 +224,12 @@ class T5EncoderStack(nn.Module):
 
     @torch.no_grad()
     def set_weight_dtype(self, dtype: torch.dtype) -> "T5EncoderStack":
-        """Cast the projection and embedding weights (norms and bias tables stay float32), in place."""
+        """Cast the projection and embedding weights (norms and bias tables stay float32), in place; the compute
+        dtype. fp8 weights stay fp8 (they are dequantized into the compute dtype in the forward)."""
         for mod in [self.vocab_embed, *(m for layer in self.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj,
                                                                                 layer.ffn.ff_in, layer.ffn.ff_out))]:
-            mod.weight.data = mod.weight.data.to(dtype)
+            if not is_fp8(mod.weight):
+                mod.weight.data = mod.weight.data.to(dtype)
         for layer in self.layers:
             layer.dtype = dtype
         self.config = self.config.model_copy(update={"dtype": dtype})

@@ -12,6 +12,7 @@ import torch
 from .calibrate import calibrate_fp16_scales
 from .checkpoint import Checkpoint, CheckpointError, native_target, open_checkpoint
 from .fp16_scales import Scales, combined_config, resolve as resolve_scales, scale_residuals_enc
+from .fp8 import FP8_DTYPES, Fp8Linear, is_fp8, quantize_rows, resolve_weight_dtype
 from .fuse_norm_scales import norm_consumers, scale_input_columns
 from .runtime import Encoder
 from .t5_common import T5AttnImpl, T5Config, parse_dtype
@@ -19,6 +20,10 @@ from .t5_encoder import T5EncoderStack
 
 # projection weight -> the norm whose scale it absorbs when fusing
 _FUSE_INTO = {"attn.qkv_proj.weight": "ln1.weight", "ffn.ff_in.weight": "ln2.weight"}
+
+
+def is_fp8_dtype(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
 
 
 def _norm_key_for(native: str) -> Optional[str]:
@@ -38,14 +43,21 @@ def stream_into_module(
     """Fill every parameter of `model` (on its device and dtypes) from `ckpt`.
 
     fuse_norm_scales folds the checkpoint's norm scales into the QKV / FFN-input projections (the model's norms
-    must then be scale-free); weight_factors multiplies named parameters (residual scaling)."""
-    params = dict(model.named_parameters())
+    must then be scale-free); weight_factors multiplies named parameters (residual scaling).
+
+    fp8 projections (t5core.fp8.Fp8Linear) take an fp8 tensor's bytes and scale as they are, each part of a fused
+    projection its own rows' scales; other tensors are fused and scaled in float32 and quantized per row one by
+    one, so memory never holds more than one tensor in a wider dtype. Residual factors multiply the float32
+    scales (exact: powers of two). Fusing norm scales into an fp8 file's weights would re-quantize them: refused."""
+    fp8_scale_of = {f"{n}.weight": m.scale for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    params = {n: p for n, p in model.named_parameters() if n.removesuffix("scale") + "weight" not in fp8_scale_of}
     weight_factors = weight_factors or {}
     if not fuse_norm_scales and model.config.elementwise_affine is False and ckpt.config.elementwise_affine:
         raise CheckpointError(f"{ckpt.path}: the model has no norm scales but the checkpoint does: pass fuse_norm_scales=True")
     work: dict[str, tuple[str, int, int]] = {}  # key in ckpt -> (parameter, part, parts), in file order
     norm_keys: dict[str, str] = {}  # norm parameter name -> key in ckpt (their scales may be fused instead)
     targets: dict[str, torch.Tensor] = {}  # key in ckpt -> the parameter rows it fills
+    scale_targets: dict[str, torch.Tensor] = {}  # key in ckpt -> the fp8 scale rows it fills
     for key in ckpt.keys:
         target = (key, 0, 1) if ckpt.native else native_target(key, model.config)
         if target is None:
@@ -63,6 +75,15 @@ def stream_into_module(
                 f"ff {model.config.ff_dim})")
         work[key] = target
         targets[key] = params[name][part * rows:(part + 1) * rows]
+        if name in fp8_scale_of:
+            scale_targets[key] = fp8_scale_of[name][part * rows:(part + 1) * rows]
+            stored = ckpt.stored_dtype(key)
+            if is_fp8_dtype(stored) and stored != targets[key].dtype:
+                raise CheckpointError(f"{ckpt.path}: {key} is {stored}, the model's {name} {targets[key].dtype}: "
+                                      f"loading would re-quantize it (load with weight_dtype='auto')")
+            if is_fp8_dtype(stored) and fuse_norm_scales and _norm_key_for(name):
+                raise CheckpointError(f"{ckpt.path}: fusing norm scales into float8 {key} would re-quantize it: load "
+                                      f"without fuse_norms, or expand the weights (weight_dtype = the compute dtype)")
     for name in params:
         found = [key for key, t in work.items() if t[0] == name]
         if not found:
@@ -74,13 +95,25 @@ def stream_into_module(
                    if fuse_norm_scales else {})
     device = next(iter(params.values())).device
     # tensors that need no fusion or scaling may be read straight into their rows (no second copy on the device)
-    direct = {k: v for k, v in targets.items()
-              if _norm_key_for(work[k][0]) not in norm_scales and weight_factors.get(work[k][0], 1.0) == 1.0}
-    for key, t in ckpt.iter_tensors(list(work), device, into=direct):
-        if t is direct.get(key):
-            continue  # already in place
+    # (fp8 weights too: their residual factor goes onto the scale)
+    direct = {k: v for k, v in targets.items() if _norm_key_for(work[k][0]) not in norm_scales
+              and (weight_factors.get(work[k][0], 1.0) == 1.0 or k in scale_targets)}
+    for key, t in ckpt.iter_tensors(list(work), device, into=direct, keep_fp8=frozenset(scale_targets)):
         name = work[key][0]
         norm_name = _norm_key_for(name)
+        if key in scale_targets:
+            if is_fp8(t):  # stored fp8: its bytes and its scales, as they are
+                weight, scale = t, ckpt.fp8_scale(key, tuple(t.shape)).to(device)
+            else:
+                t = t.float() * norm_scales[norm_name].float() if norm_name in norm_scales else t
+                weight, scale = quantize_rows(t, targets[key].dtype)
+            if weight is not direct.get(key):
+                targets[key].copy_(weight)
+            scale_targets[key].copy_(scale * weight_factors.get(name, 1.0))
+            del t, weight
+            continue
+        if t is direct.get(key):
+            continue  # already in place
         if norm_name in norm_scales:
             t = scale_input_columns(t if norm_fusion_via_f32 else t.to(targets[key].dtype), norm_scales[norm_name],
                                     norm_fusion_via_f32)
@@ -177,6 +210,7 @@ def load_encoder(
     fp16_scales="auto",
     compile: bool = False,
     subfolder: Optional[str] = None,
+    weight_dtype="auto",
 ) -> Encoder:
     """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`; the
     nn.Module is its `.model` (t5core.runtime.Encoder).
@@ -190,16 +224,27 @@ def load_encoder(
     (measure now on varied prompts), None, Scales, text ('1,1,1/2,...' or 'ATTN;FFN'), a list of FFN-out scales,
     or an (attn_out_scales, ffn_out_scales) pair.
     compile: torch.compile for fixed-shape speed (CUDA: one layer compiled and reused, CUDA graphs; CPU: frozen
-    weights)."""
+    weights).
+    weight_dtype (t5core.fp8): "auto" (an fp8 file's projection weights stay fp8, others load in dtype),
+    "fp8_e4m3fn" / "fp8_e5m2" (fp8 weights with a float32 scale per row, quantized as they stream in unless the
+    file's are fp8 already), "fp8_e4m3fn_fast" (also fp8 matmuls on CUDA GPUs of compute capability >= 8.9), or
+    dtype's own name (expand an fp8 file). The embedding, norms and bias tables are never fp8."""
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     ckpt = open_checkpoint(path, subfolder=subfolder)
     impl = T5AttnImpl(attn_impl or "sdpa")
-    config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl})
+    stored = ckpt.stored_dtype("layers.0.attn.o_proj.weight" if ckpt.native else "encoder.block.0.layer.0.SelfAttention.o.weight")
+    wdtype = resolve_weight_dtype(weight_dtype, dtype, stored, ckpt.path)
+    config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl, "weight_dtype": wdtype})
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
     scaled = dtype == torch.float16 and fp16_scales is not None and not baked
-    if scaled and fp16_scales == "calibrate":
+    if scaled and fp16_scales == "calibrate" and wdtype is not None:  # measure in float32, then load fp8 with them
         model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder).model
+        found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
+        del model
+        return load_encoder(path, dtype, device, attn_impl, fuse_norms, found, compile, subfolder, weight_dtype)
+    if scaled and fp16_scales == "calibrate":
+        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder, "float32").model
         found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
         scale_residuals_enc(model, found.attn, found.ffn)
         model.set_weight_dtype(torch.float16)
