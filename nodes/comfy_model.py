@@ -22,6 +22,7 @@ from t5core import fp16_scales
 from t5core.calibrate import calibrate_fp16_scales
 from t5core.checkpoint import SAFETENSORS_SUFFIXES
 from t5core.fp16_scales import Scales
+from t5core.fp8 import FAST, fp8_matmul_support, resolve_weight_dtype
 from t5core.t5_common import parse_dtype
 
 log = logging.getLogger("t5core.nodes")
@@ -99,6 +100,7 @@ class LoadPlan:
     cpu: bool  # load and offload device both the CPU
     fuse_norms: bool = False
     fp16_scales: Optional[Scales] = None  # float16 only; None: no scaling (or the scales baked into the file)
+    weight_dtype: Optional[str] = None  # t5core.load_encoder's (fp8 names, "auto"); None: weights in `dtype`
 
 
 class T5Encoder:
@@ -149,7 +151,7 @@ class T5Encoder:
             plan = self.plan
             runtime = t5core.load_encoder(plan.path, dtype=plan.dtype, device=offload_device,
                                             attn_impl=self.attention(), fuse_norms=plan.fuse_norms,
-                                            fp16_scales=plan.fp16_scales)
+                                            fp16_scales=plan.fp16_scales, weight_dtype=plan.weight_dtype or plan.dtype)
             if plan.compile:  # regional: valid on whichever device ComfyUI moves the weights to (graphs on CUDA)
                 runtime.compile_layers()
             size = sum(p.numel() * p.element_size() for p in runtime.model.parameters())
@@ -177,7 +179,8 @@ class T5Encoder:
         """One line for the node UI: precision, attention, architecture, fusion, scales, tokenizer."""
         plan, cfg = self.plan, self.config
         size = fp16_scales.detect_size(cfg)
-        parts = [str(plan.dtype).removeprefix("torch."), self.attention(),
+        parts = [str(plan.dtype).removeprefix("torch.") + (f", weights {plan.weight_dtype}" if plan.weight_dtype else ""),
+                 self.attention(),
                  f"T5{' ' + size.upper() if size else ''} ({cfg.num_layers} layers, {cfg.hidden_dim} wide)"]
         if plan.compile:
             parts.append("compiled")
@@ -200,12 +203,17 @@ def load(name: str, weight_dtype: str, attention: str, compile: bool, device: st
     plan = LoadPlan(path=str(path), dtype=torch.float32, attention=None if attention == "auto" else attention,
                     compile=compile, cpu=device == "cpu")
     encoder = T5Encoder(plan, ckpt.config, tokenizer, source, ckpt.fp16_scales)
-    if weight_dtype == "auto":
+    if weight_dtype == "auto" or weight_dtype.startswith("fp8"):  # compute in bf16 where the GPU supports it
         dtype = torch.bfloat16 if _bf16_ok(encoder.devices()[0]) else torch.float32
+        # "auto": fp8 files stay fp8 (as ComfyUI's own loader keeps them), others load in dtype
+        fp8 = resolve_weight_dtype(weight_dtype, dtype, ckpt.projection_dtype(), ckpt.path)
     else:
-        dtype = parse_dtype(weight_dtype)  # bf16 / fp16 / fp32
+        dtype, fp8 = parse_dtype(weight_dtype), None  # bf16 / fp16 / fp32: weights too (fp8 files expand)
+    if fp8 == FAST and not fp8_matmul_support(encoder.devices()[0])[0]:
+        log.warning("t5core: %s on %s: fp8 matmuls need a CUDA GPU with compute capability >= 8.9; the weights stay "
+                    "fp8 and are dequantized before each matmul", FAST, encoder.devices()[0])
     scales = encoder.preset_scales() if dtype == torch.float16 and not encoder.baked_scales else None
-    return encoder.with_plan(dtype=dtype, fp16_scales=scales)
+    return encoder.with_plan(dtype=dtype, fp16_scales=scales, weight_dtype=fp8)
 
 
 def _bf16_ok(device: torch.device) -> bool:

@@ -46,10 +46,13 @@ class LoadT5Encoder:
             "model_name": (comfy_model.weight_file_names(), {
                 "tooltip": "A .safetensors / .sft file (any key prefix, scaled fp8 included) or a tensorizer "
                            ".tensors file with its config.json, from models/text_encoders or models/clip."}),
-            "weight_dtype": (["auto", "bf16", "fp16", "fp32"], {
+            "weight_dtype": (["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"], {
                 "default": "auto",
-                "tooltip": "auto: bf16 where the GPU supports it, else fp32. fp16 uses the preset float16 scales "
-                           "for the model's size (see FP16 Scale for other scales)."}),
+                "tooltip": "auto: bf16 where the GPU supports it, else fp32; fp8 files keep their fp8 weights (half "
+                           "the memory). bf16/fp16/fp32: weights and compute in that dtype (fp8 files expand). fp16 "
+                           "uses the preset float16 scales for the model's size (see FP16 Scale for other scales). "
+                           "fp8_*: fp8 weights (quantized at load unless the file's are fp8), compute as auto; "
+                           "fp8_e4m3fn_fast also multiplies in fp8 on GPUs that can (RTX 40xx, H100, newer)."}),
             "attention": (["auto", "flex", "sdpa"], {
                 "default": "auto", "tooltip": "auto: SDPA (without compile it needs no Triton; compiled on an H200 "
                                                "within 4% of flex, up to 6% slower for one long prompt). flex: flex "

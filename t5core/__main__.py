@@ -17,6 +17,10 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32") -> None
                    help="float16 residual scales: auto (saved, calibrated or preset by size), none, calibrate, "
                         "per-layer FFN-out scales '1,1,1/2,...' or 'ATTN;FFN' (default auto)")
     p.add_argument("--subfolder", default=None, help="subfolder of a diffusers repo, e.g. text_encoder_2")
+    p.add_argument("--weight-dtype", default="auto",
+                   help="projection weights: auto (fp8 files stay fp8, others load in --dtype), fp8_e4m3fn, fp8_e5m2 "
+                        "(fp8 with a scale per row), fp8_e4m3fn_fast (also fp8 matmuls on GPUs of compute capability "
+                        ">= 8.9), or --dtype's name to expand fp8 files (default %(default)s)")
 
 
 def _load(args, model_path, compile: bool = False):
@@ -24,7 +28,7 @@ def _load(args, model_path, compile: bool = False):
 
     return t5core.load_encoder(model_path, dtype=args.dtype, device=args.device, attn_impl=args.attn,
                                fuse_norms=args.fuse_norms, fp16_scales=args.fp16_scales, compile=compile,
-                               subfolder=args.subfolder)
+                               subfolder=args.subfolder, weight_dtype=args.weight_dtype)
 
 
 def _tokenizer_for(args, ckpt_path):
@@ -50,6 +54,7 @@ def cmd_encode(args) -> None:
 
 def cmd_convert(args) -> None:
     from .checkpoint import open_checkpoint
+    from .fp8 import FP8_DTYPES
     from .save import save_encoder
     from .tokenizer import load_tokenizer
 
@@ -60,11 +65,23 @@ def cmd_convert(args) -> None:
 
         init_from_env("cpu" if args.device == "cpu" else None)
     ckpt = open_checkpoint(args.src, subfolder=args.subfolder)
+    # fp8: ComfyUI's scaled fp8 file. An fp8 source keeps its bytes; others are read in --dtype and quantized once,
+    # one scale per tensor, as they are written.
+    fp8 = args.weight_dtype is not None and args.weight_dtype.startswith("fp8")
+    if fp8 and args.weight_dtype != "fp8_e4m3fn":
+        raise SystemExit("convert writes ComfyUI's scaled fp8 convention, which is float8_e4m3fn: use --weight-dtype fp8_e4m3fn")
+    args.format = args.format or ("safetensors" if fp8 else "tensorizer")
+    if fp8 and args.format != "safetensors":
+        raise SystemExit(f"--weight-dtype {args.weight_dtype} writes a safetensors file (ComfyUI's scaled fp8), not {args.format}")
+    if fp8:
+        args.weight_dtype = "auto" if ckpt.projection_dtype() in FP8_DTYPES else args.dtype
     tok_src = args.tokenizer or ckpt.tokenizer or ckpt.tokenizer_bytes
     model = _load(args, args.src)
-    out = save_encoder(model.model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None)
+    out = save_encoder(model.model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None,
+                       fp8=fp8)
     c = model.config
-    print(f"wrote {out} ({args.format}, {args.dtype}, norms {'fused' if not c.elementwise_affine else 'kept'}, "
+    print(f"wrote {out} ({args.format}{', scaled fp8_e4m3fn' if fp8 else ''}, {args.dtype}, "
+          f"norms {'fused' if not c.elementwise_affine else 'kept'}, "
           f"ffn scales {c.enc_ffn_out_scales}, tokenizer {'copied' if tok_src is not None else 'none found'})")
     if args.format == "dcp":
         end_process_group()
@@ -89,7 +106,8 @@ def cmd_embed(args) -> None:
     if args.fsdp:
         unused = [flag for flag, given in (("--compile", args.compile), ("--attn", args.attn),
                                            ("--fuse-norms", args.fuse_norms), ("--fp16-scales", args.fp16_scales != "auto"),
-                                           ("--subfolder", args.subfolder)) if given]
+                                           ("--subfolder", args.subfolder),
+                                           ("--weight-dtype", args.weight_dtype != "auto")) if given]
         if unused:
             raise SystemExit(f"embed --fsdp loads the dcp folder as converted: {', '.join(unused)} do not apply "
                              f"(fuse norms or scale with `convert --format dcp`)")
@@ -124,12 +142,13 @@ def main(argv=None) -> None:
     p = sub.add_parser("convert", help="rewrite a checkpoint as a tensorizer, Hugging Face or distributed-checkpoint folder")
     p.add_argument("src")
     p.add_argument("out_dir")
-    p.add_argument("--format", choices=["tensorizer", "safetensors", "dcp"], default="tensorizer",
-                   help="tensorizer (enc.tensors), safetensors (Hugging Face folder) or dcp (torch.distributed.checkpoint, "
-                        "for t5core.distributed.load_fsdp) (default %(default)s)")
+    p.add_argument("--format", choices=["tensorizer", "safetensors", "dcp"], default=None,
+                   help="tensorizer (enc.tensors), safetensors (Hugging Face folder; with --weight-dtype fp8_e4m3fn "
+                        "a model.safetensors in ComfyUI's scaled fp8 convention) or dcp (torch.distributed.checkpoint, "
+                        "for t5core.distributed.load_fsdp) (default tensorizer, or safetensors for fp8)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to copy (default: the one beside SRC, if any)")
     _add_model_args(p)
-    p.set_defaults(func=cmd_convert)
+    p.set_defaults(func=cmd_convert, weight_dtype=None)  # None: weights saved in --dtype
 
     p = sub.add_parser("embed", help="embed a caption file, split across the ranks of torchrun (or one process)")
     p.add_argument("--model", required=True, help="weights in any supported format; with --fsdp a dcp folder")

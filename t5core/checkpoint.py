@@ -376,6 +376,10 @@ class Checkpoint:
         entries = getattr(self.source, "entries", None)
         return entries[self.keys[key]][1] if entries else self.source.get(self.keys[key]).dtype
 
+    def projection_dtype(self) -> torch.dtype:
+        """The dtype the projection weights are stored in (the first attention output projection's)."""
+        return self.stored_dtype("layers.0.attn.o_proj.weight" if self.native else "encoder.block.0.layer.0.SelfAttention.o.weight")
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(self.keys[key])
 

@@ -62,6 +62,14 @@ def quantize_tensor(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, FloatTensor]
     return to_fp8(w / scale, dtype), scale
 
 
+def per_tensor_scale(weight: Tensor, scale: FloatTensor, dtype: torch.dtype) -> tuple[Tensor, FloatTensor]:
+    """fp8 rows weight [N, K] with scale [N] -> (weight [N, K], scale []) with one scale: the bytes as they are when
+    every row has the same scale and dtype is theirs, else re-quantized from the dequantized rows."""
+    if weight.dtype == dtype and bool((scale == scale[0]).all()):
+        return weight, scale[0].clone()
+    return quantize_tensor(dequantize(weight, scale, torch.float32), dtype)
+
+
 def to_fp8(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Round to fp8, clamped to its range (a value rounding past the maximum must not become NaN)."""
     fmax = torch.finfo(dtype).max

@@ -116,15 +116,17 @@ class FastT5EncoderModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, subfolder: Optional[str] = None,
                         torch_dtype=None, dtype=None, attn_impl: Optional[str] = None, fuse_norms: bool = False,
                         fp16_scales="auto", compile: bool = False, device=None, device_map=None,
-                        **kwargs) -> "FastT5EncoderModel":
+                        weight_dtype="auto", **kwargs) -> "FastT5EncoderModel":
         """Load any checkpoint t5core.load_encoder reads: a Hugging Face folder, a diffusers repo (its T5 subfolder
         is found, or pass subfolder="text_encoder_2"), a ComfyUI single file, a tensorizer folder.
 
-        torch_dtype / dtype: float32, bfloat16 or float16; None or "auto" keeps the stored dtype (float8 files
-        load as bfloat16), as transformers does. device / device_map ({"": device} or a device string) place the
-        weights; attn_impl: "sdpa" (default) or "flex". fuse_norms, fp16_scales and
-        compile are t5core.load_encoder's options; a float16 load with fp16_scales="auto" reuses scales saved
-        by save_pretrained. Hub names are not downloaded: pass a local path."""
+        torch_dtype / dtype: the compute dtype, float32, bfloat16 or float16; None or "auto" keeps the stored
+        dtype (float8 files compute in bfloat16), as transformers does. device / device_map ({"": device} or a
+        device string) place the weights; attn_impl: "sdpa" (default) or "flex". fuse_norms, fp16_scales, compile
+        and weight_dtype ("auto": float8 files keep fp8 weights; "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast", or
+        the compute dtype to expand them; t5core.fp8) are t5core.load_encoder's options; a float16 load with
+        fp16_scales="auto" reuses scales saved by save_pretrained, which writes fp8 weights as ComfyUI's scaled
+        fp8 file. Hub names are not downloaded: pass a local path."""
         if model_args:
             raise TypeError(f"from_pretrained takes no positional arguments after the path, got {model_args}")
         _check_loader_kwargs(kwargs)
@@ -136,7 +138,8 @@ class FastT5EncoderModel(PreTrainedModel):
         ckpt = open_checkpoint(path, subfolder=subfolder)  # headers only; errors name the file and problem
         dtype = _requested_dtype(torch_dtype, dtype) or _stored_dtype(ckpt)
         encoder = load_encoder(path, dtype=dtype, device=_device_from(device, device_map), attn_impl=attn_impl,
-                               fuse_norms=fuse_norms, fp16_scales=fp16_scales, compile=compile, subfolder=subfolder)
+                               fuse_norms=fuse_norms, fp16_scales=fp16_scales, compile=compile, subfolder=subfolder,
+                               weight_dtype=weight_dtype)
         return cls._wrap(encoder, name_or_path=str(path / subfolder if subfolder else path))
 
     @classmethod
@@ -252,8 +255,7 @@ def _requested_dtype(torch_dtype, dtype) -> Optional[torch.dtype]:
 
 def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
     """The dtype the checkpoint's projection weights are stored in; float8 files compute in bfloat16."""
-    key = "layers.0.attn.o_proj.weight" if ckpt.native else "encoder.block.0.layer.0.SelfAttention.o.weight"
-    stored = ckpt.source.get(ckpt.keys[key]).dtype
+    stored = ckpt.projection_dtype()
     if stored in DTYPES.values():
         return stored
     return torch.bfloat16 if stored.is_floating_point else torch.float32

@@ -233,8 +233,7 @@ def load_encoder(
     device = torch.device(device)
     ckpt = open_checkpoint(path, subfolder=subfolder)
     impl = T5AttnImpl(attn_impl or "sdpa")
-    stored = ckpt.stored_dtype("layers.0.attn.o_proj.weight" if ckpt.native else "encoder.block.0.layer.0.SelfAttention.o.weight")
-    wdtype = resolve_weight_dtype(weight_dtype, dtype, stored, ckpt.path)
+    wdtype = resolve_weight_dtype(weight_dtype, dtype, ckpt.projection_dtype(), ckpt.path)
     config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl, "weight_dtype": wdtype})
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
     scaled = dtype == torch.float16 and fp16_scales is not None and not baked
