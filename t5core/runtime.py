@@ -66,11 +66,13 @@ class Encoder:
             return self.compile_layers()
         allow_many_compiled_shapes()
         compiled = torch.compile(self.model, dynamic=False)
+        # freezing would fold the dequantization of fp8 weights into full-size constants: not for fp8
+        freeze = self.config.weight_dtype is None
 
         def frozen(*args, **kwargs):
             # inductor reads `freezing` from its global config when it compiles (the first call at each shape);
             # torch.compile(options={"freezing": True}) does not reach it
-            with torch._inductor.config.patch(freezing=True):
+            with torch._inductor.config.patch(freezing=freeze):
                 return compiled(*args, **kwargs)
 
         self._frozen = frozen
