@@ -51,9 +51,26 @@ def comfy_root(tmp_path_factory, hf_model):
     save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(8, 4),
                "text_model.embeddings.token_embedding.weight": torch.zeros(10, 4)}, te / "clip_l.safetensors")
     save_encoder(t5core.load_encoder(te / "t5_tiny.safetensors").model, te / "t5_tensorized", "tensorizer")
+    (te / "fp8").mkdir()
+    save_file(scaled_fp8(weights), te / "fp8" / "t5_tiny_fp8_scaled.safetensors")
+    bad = scaled_fp8(weights)
+    bad[PREFIX + "encoder.block.2.layer.1.DenseReluDense.wo.scale_weight"] = torch.tensor(float("nan"))
+    save_file(bad, te / "fp8" / "bad_scale.safetensors")
     (te / "notes.txt").write_text("not a model")
     torch.save({"x": torch.zeros(1)}, te / "old.bin")
     return root
+
+
+def scaled_fp8(weights: dict) -> dict:
+    """ComfyUI's scaled fp8 convention: projections in e4m3 with one float32 scale_weight each, the marker."""
+    out = {PREFIX + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, t in weights.items():
+        if t.dim() == 2 and ("SelfAttention." in key or "DenseReluDense." in key) and "relative" not in key:
+            scale = t.abs().amax() / 448
+            out[key], out[key.removesuffix("weight") + "scale_weight"] = (t / scale).to(torch.float8_e4m3fn), scale
+        else:
+            out[key] = t
+    return out
 
 
 def load_like_comfyui(folder: Path):
@@ -149,9 +166,10 @@ def test_v1_registration_and_schema(comfy):
         assert not hasattr(cls, "IS_CHANGED") and not hasattr(cls, "fingerprint_inputs")  # pure: ComfyUI caches
 
     load_in = comfy.nodes[LOAD].INPUT_TYPES()["required"]
-    assert load_in["model_name"][0] == ["clip_l.safetensors", "t5_tensorized/enc.tensors", "t5_tiny.safetensors",
-                                        "with_tokenizer/t5_tiny.sft"]  # no .bin, no .txt; .tensors listed
-    assert load_in["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
+    assert load_in["model_name"][0] == ["clip_l.safetensors", "fp8/bad_scale.safetensors",
+                                        "fp8/t5_tiny_fp8_scaled.safetensors", "t5_tensorized/enc.tensors",
+                                        "t5_tiny.safetensors", "with_tokenizer/t5_tiny.sft"]  # no .bin, no .txt
+    assert load_in["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
     assert load_in["weight_dtype"][1]["default"] == "auto"
     assert (load_in["attention"][0], load_in["attention"][1]["default"]) == (["auto", "flex", "sdpa"], "auto")
     assert load_in["compile"][0] == "BOOLEAN" and load_in["compile"][1]["default"] is False
@@ -288,6 +306,30 @@ def test_tensorizer_file_and_tokenizer_beside_the_weights(comfy, hf_model):
     for enc in (encoder, tensorized):
         (cond,), _ = encode(comfy, enc, "tensors on disk")
         assert rel_err(cond[0][0], hf_encode(hf_model, t5_ids("tensors on disk"))) <= 1e-5
+
+
+def test_fp8_weight_dtypes(comfy, hf_model):
+    """fp8 files stay fp8 by default; fp8_* quantize a wider file; a dtype expands an fp8 file; bad scales are
+    named errors."""
+    text = "fp8 weights"
+    reference = hf_encode(hf_model, t5_ids(text))
+    fp8_file = "fp8/t5_tiny_fp8_scaled.safetensors"
+    full_size = load(comfy).patcher().size
+    for name, weight_dtype, stored in ((fp8_file, "auto", torch.float8_e4m3fn),
+                                       ("t5_tiny.safetensors", "fp8_e4m3fn_fast", torch.float8_e4m3fn),
+                                       ("t5_tiny.safetensors", "fp8_e5m2", torch.float8_e5m2),
+                                       (fp8_file, "fp32", torch.float32)):
+        (encoder,), ui = run(comfy, LOAD, model_name=name, **{**LOAD_DEFAULTS, "weight_dtype": weight_dtype})
+        (cond,), _ = encode(comfy, encoder, text)
+        assert encoder.patcher().model.layers[0].attn.qkv_proj.weight.dtype == stored
+        assert rel_err(cond[0][0], reference) < 0.08, (name, weight_dtype)
+        if stored != torch.float32:
+            assert f"weights {weight_dtype if weight_dtype != 'auto' else 'fp8_e4m3fn'}" in ui["text"][0]
+            model = encoder.patcher().model  # the patcher counts 1 byte per fp8 weight (the embedding dominates here)
+            assert encoder.patcher().size == sum(p.numel() * p.element_size() for p in model.parameters()) < full_size
+    (broken,), _ = run(comfy, LOAD, model_name="fp8/bad_scale.safetensors", **LOAD_DEFAULTS)
+    with pytest.raises(ValueError, match=r"^T5 Encode Prompt \(fast\): .*bad_scale.*block\.2\.layer\.1\.DenseReluDense\.wo"):
+        encode(comfy, broken, text)
 
 
 def test_fp16_scales_beat_bfloat16(comfy, hf_model):
