@@ -89,3 +89,53 @@ def test_bfloat16_graphs_follow_new_weights(hf_and_folder):
         ffn.ff_out.weight = torch.nn.Parameter(ffn.ff_out.weight * 2, requires_grad=False)
         ffn.ff_in.weight.data = ffn.ff_in.weight.data * 0.5
     assert rel_err(compiled.encode(ids), eager.encode(ids)) <= 2e-2
+
+
+# -- float8 (t5core.fp8) ---------------------------------------------------------------------------------------------
+def fp8_matmuls(encoder) -> bool:
+    from t5core.fp8 import fp8_matmul_support
+
+    return fp8_matmul_support(encoder.device)[0]
+
+
+def test_fp8_compute_close_to_fp8_storage(hf_and_folder):
+    """fp8_e4m3fn_fast against fp8 storage of the same file, both bf16 compute, eager. The only new rounding is
+    the activations' per-token e4m3 rounding before qkv, o and ff_in (3 mantissa bits: at most 2^-4 relative, about
+    3.6% RMS per element, mostly averaging out in each dot product). The CPU emulation of the same math
+    (tests/test_fp8.py runs torch._scaled_mm on the CPU) puts the two 0.009 apart on this 3-layer model; 0.03 leaves
+    room for cuBLAS's accumulation order and bf16 rounding flipping fp8 roundings, and fails on a wrong scale,
+    layout or transposition (errors of order 1)."""
+    folder, hf = hf_and_folder
+    storage = t5core.load_encoder(folder, "bfloat16", "cuda", weight_dtype="fp8_e4m3fn")
+    fast = t5core.load_encoder(folder, "bfloat16", "cuda", weight_dtype="fp8_e4m3fn_fast")
+    if not fp8_matmuls(fast):
+        pytest.skip("no fp8 matmuls on this GPU (compute capability < 8.9)")
+    assert all(layer.attn.qkv_proj.fp8_mm and layer.attn.o_proj.fp8_mm and layer.ffn.ff_in.fp8_mm
+               and not layer.ffn.ff_out.fp8_mm for layer in fast.model.layers)
+    ids, mask = batch(4, 128, [128, 100, 64, 17], seed=5)
+    a, b = storage.encode(ids, mask), fast.encode(ids, mask)
+    m = mask.to(CUDA)
+    assert rel_err(b[m], a[m]) <= 3e-2, rel_err(b[m], a[m])
+    with torch.no_grad():
+        ref = hf(input_ids=ids.to(CUDA), attention_mask=mask.long().to(CUDA)).last_hidden_state
+    assert rel_err(b[m], ref[m]) <= 1.6 * rel_err(a[m], ref[m])
+    assert torch.cuda.memory_allocated() > 0 and storage.model.layers[0].attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e4m3fn_fast"])
+def test_fp8_compiled_with_graphs(hf_and_folder, weight_dtype):
+    """Regional compile + CUDA graphs with fp8 projections: close to eager, new inputs replay, and moving the
+    weights away and back recaptures (the fp8 matmul follows the module to its device) with the same result."""
+    folder, _ = hf_and_folder
+    compiled = t5core.load_encoder(folder, "bfloat16", "cuda", weight_dtype=weight_dtype, compile=True)
+    eager = t5core.load_encoder(folder, "bfloat16", "cuda", weight_dtype=weight_dtype)
+    for seed, lengths in ((0, None), (1, [64, 30])):
+        ids, mask = batch(2, 64, lengths, seed)
+        m = mask.to(CUDA)
+        out = compiled.encode(ids, mask)
+        assert rel_err(out[m], eager.encode(ids, mask)[m]) <= 2e-2, seed  # fused kernels round differently
+    compiled.model.to("cpu")
+    assert not compiled.model.layers[0].attn.qkv_proj.fp8_mm
+    compiled.model.to(CUDA)
+    assert compiled.model.layers[0].attn.qkv_proj.fp8_mm == (weight_dtype.endswith("fast") and fp8_matmuls(compiled))
+    assert rel_err(compiled.encode(ids, mask), out) <= 1e-6
