@@ -1,0 +1,191 @@
+"""Float8 on the GPU (issue 17): bf16 against fp8 storage and fp8 compute, compiled, at 1x512 and 8x512.
+
+Random T5 v1.1 XXL weights (transformers' T5 init: normal, never zeros; seed 0) are written once as a bf16
+Hugging Face folder and loaded through t5core.load_encoder with each weight_dtype, so quantization runs as users
+get it (per row, while streaming). For each variant: milliseconds per encode (CUDA events, synchronised every call,
+median; warm-up first; variants interleaved over rounds, each round starting one variant later), the memory the load
+added (torch.cuda.memory_allocated), and the relative error on the same random ids against t5core in float32 with
+TF32 off (loaded once, run eagerly, then freed). "fp8 compute + wo" also multiplies ff_out in fp8, the choice
+t5core.fp8 does not make by default, to show what it would cost and gain. A markdown table and the issue's targets
+come last.
+
+    python benchmarks/fp8_gpu.py                               # H200: about 5 minutes
+    python benchmarks/fp8_gpu.py --size tiny --device cpu      # that it runs (eager, no timing claims)
+"""
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+
+import t5core
+from t5core import T5Config, T5EncoderStack
+from t5core.fp8 import Fp8Linear, fp8_matmul_support
+from t5core.save import save_encoder
+
+VARIANTS = {  # name: (weight_dtype, ff_out in fp8 too)
+    "bf16": ("bfloat16", False),
+    "fp8 storage": ("fp8_e4m3fn", False),
+    "fp8 compute": ("fp8_e4m3fn_fast", False),
+    "fp8 compute + wo": ("fp8_e4m3fn_fast", True),
+}
+TINY = dict(vocab_size=512, hidden_dim=64, num_layers=3, n_head=4, head_dim=16, ff_dim=96)
+
+
+@torch.no_grad()
+def random_t5(config: T5Config, device) -> T5EncoderStack:
+    """transformers' T5 init (factor 1): embedding N(0, 1); q N(0, (D*Dh)^-1/2); k, v N(0, D^-1/2); o N(0, I^-1/2);
+    wi_0, wi_1 N(0, D^-1/2); wo N(0, F^-1/2); relative bias N(0, D^-1/2); norms 1."""
+    torch.manual_seed(0)
+    D, I, F, Dh = config.hidden_dim, config.inner_dim, config.ff_dim, config.head_dim
+    with torch.device(device):
+        model = T5EncoderStack(config).eval()
+    model.vocab_embed.weight.normal_(0, 1.0)
+    model.relative_attention_bias.weight.normal_(0, D ** -0.5)
+    for layer in model.layers:
+        qkv = layer.attn.qkv_proj.weight
+        qkv[:I].normal_(0, (D * Dh) ** -0.5)
+        qkv[I:].normal_(0, D ** -0.5)
+        layer.attn.o_proj.weight.normal_(0, I ** -0.5)
+        layer.ffn.ff_in.weight.normal_(0, D ** -0.5)
+        layer.ffn.ff_out.weight.normal_(0, F ** -0.5)
+    return model
+
+
+def timer(device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def ms(fn):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def ms(fn):
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+    return ms
+
+
+def allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def rel_err(out, ref) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["xxl", "tiny"], default="xxl")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shapes", default="1x512,8x512", help="BxL,... (default %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="of: " + ", ".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=0.75, help="timed per variant, shape and round")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    variants = args.variants.split(",")
+    t0 = time.time()
+    config = T5Config.from_name("xxl") if args.size == "xxl" else T5Config(**TINY)
+    if cuda:
+        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}; fp8 matmul (row-wise), float32 "
+              f"out: {fp8_matmul_support(device)}", flush=True)
+
+    folder = Path(tempfile.mkdtemp(prefix="t5core_fp8_bench_"))
+    save_encoder(random_t5(config.model_copy(update={"dtype": torch.bfloat16}), device), folder, "safetensors")
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    print(f"[{time.time() - t0:.0f}s] wrote random {args.size} weights (bf16) to {folder}", flush=True)
+    gen = torch.Generator().manual_seed(1)
+    ids = {s: torch.randint(3, config.vocab_size - 100, s, generator=gen) for s in shapes}
+
+    ref_enc = t5core.load_encoder(folder, "float32", device)
+    ref = {s: ref_enc.encode(x).cpu() for s, x in ids.items()}
+    del ref_enc
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    print(f"[{time.time() - t0:.0f}s] float32 reference (TF32 off)", flush=True)
+
+    encoders, resident, errors = {}, {}, {}
+    for name in variants:
+        weight_dtype, wo_fp8 = VARIANTS[name]
+        before = allocated(device)
+        enc = t5core.load_encoder(folder, "bfloat16", device, weight_dtype=weight_dtype)
+        resident[name] = allocated(device) - before
+        if wo_fp8:  # the choice t5core does not make: wo's input quantized too
+            for layer in enc.model.layers:
+                layer.ffn.ff_out.compute = True
+                layer.ffn.ff_out._update_fp8_mm()
+        if cuda:
+            enc.compile()  # regional compile + a CUDA graph per shape
+        for s, x in ids.items():
+            for _ in range(3):
+                out = enc.encode(x)
+            errors[name, s] = rel_err(out.cpu(), ref[s])
+        if cuda:
+            torch.cuda.synchronize()
+        encoders[name] = enc
+        fp8_layers = sum(isinstance(m, Fp8Linear) and m.fp8_mm for m in enc.model.modules())
+        print(f"[{time.time() - t0:.0f}s] {name}: loaded ({resident[name] / 1e9:.2f} GB){', compiled' if cuda else ''}, warm; "
+              f"{fp8_layers} fp8 matmuls", flush=True)
+
+    ms = timer(device)
+    times = {(n, s): [] for n in variants for s in shapes}
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for name in order:
+            for s in shapes:
+                enc, x = encoders[name], ids[s]
+                end = time.perf_counter() + args.seconds
+                while time.perf_counter() < end:
+                    times[name, s].append(ms(lambda: enc.encode(x)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"[{time.time() - t0:.0f}s] timed: {args.rounds} rounds x {args.seconds} s", flush=True)
+
+    cols = " | ".join(f"{b}x{l} ms" for b, l in shapes)
+    errs = " | ".join(f"rel err {b}x{l}" for b, l in shapes)
+    print(f"\n| variant | {cols} | x bf16 ({shapes[0][0]}x{shapes[0][1]}) | resident after load GB | {errs} |")
+    print("|---" * (3 + 2 * len(shapes)) + "|")
+    base = "bf16" if "bf16" in variants else variants[0]
+    for name in variants:
+        row = " | ".join(f"{med[name, s]:.2f}" for s in shapes)
+        err = " | ".join(f"{errors[name, s]:.3e}" for s in shapes)
+        print(f"| {name} | {row} | {med[base, shapes[0]] / med[name, shapes[0]]:.2f}x | {resident[name] / 1e9:.2f} | {err} |")
+
+    if not cuda or not {"bf16", "fp8 storage", "fp8 compute"} <= set(variants) or {(1, 512), (8, 512)} - set(shapes):
+        print("\n(targets are checked for an xxl CUDA run with bf16, fp8 storage and fp8 compute at 1x512 and 8x512)")
+        return
+    s1, s8 = (1, 512), (8, 512)
+    checks = [
+        ("fp8 compute 1x512 <= 6.0 ms", med["fp8 compute", s1] <= 6.0),
+        ("fp8 compute 1x512 >= 1.5x bf16", med["bf16", s1] >= 1.5 * med["fp8 compute", s1]),
+        ("fp8 compute 8x512 <= 45 ms", med["fp8 compute", s8] <= 45.0),
+        ("fp8 storage within 10% of bf16 (1x512, 8x512)",
+         all(med["fp8 storage", s] <= 1.1 * med["bf16", s] for s in (s1, s8))),
+        ("resident after load <= 5.3 GB (both fp8 modes)",
+         max(resident["fp8 storage"], resident["fp8 compute"]) <= 5.3e9),
+        ("fp8 compute error <= 1.3x fp8 storage's (1x512, 8x512)",
+         all(errors["fp8 compute", s] <= 1.3 * errors["fp8 storage", s] for s in (s1, s8))),
+    ]
+    print("\n| target | met |\n|---|---|")
+    for what, ok in checks:
+        print(f"| {what} | {'yes' if ok else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
