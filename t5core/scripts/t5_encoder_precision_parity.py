@@ -7,7 +7,7 @@ ids (--batch x --seq-len). The reference is our float32 encoder (SDPA); errors a
 Default: one precision (--dtype, --fp16-scales, --fuse-norms): per-layer absmax next to float32's, the first
 layer with inf/NaN, |diff| quantiles and the relative error.
 --report: the issue-3 comparison on the same inputs: ours float16 with and without residual scales, ours
-bfloat16, transformers bfloat16 and float16 (its `wo` kept in float32), "ComfyUI-style" float16 weights
+bfloat16, ours fp8 storage and fp8 compute (issue 17, t5core.fp8), transformers bfloat16 and float16 (its `wo` kept in float32), "ComfyUI-style" float16 weights
 computed in float32, and transformers float32 as a check of the reference. transformers rows need a Hugging Face
 folder (random weights are one).
 
@@ -144,6 +144,10 @@ def report_configs(args, path, device):
          lambda: load_model(path, torch.float16, device, fp16_scales=args.fp16_scales, **ours), forward),
         ("ours fp16, no scales", lambda: load_model(path, torch.float16, device, fp16_scales=None, **ours), forward),
         ("ours bf16", lambda: load_model(path, torch.bfloat16, device, **ours), forward),
+        ("ours fp8 storage (bf16 compute)",
+         lambda: load_model(path, torch.bfloat16, device, weight_dtype="fp8_e4m3fn", **ours), forward),
+        ("ours fp8 compute (fp8_e4m3fn_fast)",  # fp8 matmuls on CUDA >= 8.9 only; elsewhere the same as storage
+         lambda: load_model(path, torch.bfloat16, device, weight_dtype="fp8_e4m3fn_fast", **ours), forward),
         ("transformers bf16 (eager)", lambda: load_hf(path, torch.bfloat16, "eager", device), hf_forward),
         ("transformers fp16 (eager)", lambda: load_hf(path, torch.float16, "eager", device), hf_forward),
         ("ComfyUI-style: fp16 weights, fp32 compute",  # ComfyUI stores fp16 and computes in float32
@@ -166,7 +170,9 @@ def describe(model) -> str:
     """What precision a row really ran: transformers' wo dtype, our weights and scales."""
     if hasattr(model, "encoder"):  # transformers
         return f"wo {dtype_name(model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype)}"
-    return f"weights {dtype_name(model.layers[0].attn.o_proj.weight.dtype)}, {scales_text(model.config)}"
+    fp8_mm = sum(bool(getattr(m, "fp8_mm", False)) for m in model.modules())
+    return (f"weights {dtype_name(model.layers[0].attn.o_proj.weight.dtype)}, {scales_text(model.config)}"
+            + (f", {fp8_mm} fp8 matmuls" if model.config.weight_dtype else ""))
 
 
 def report(args, path, ids, mask, ref_out, device) -> dict:
