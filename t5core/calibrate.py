@@ -4,6 +4,7 @@ Runs the encoder (in float32, or whatever precision it has, as long as it is fin
 each layer's attention-out and FFN-out absmax over real tokens, and chooses, layer by layer, the largest power
 of two <= 1 that keeps every scaled output `headroom` times below the float16 maximum."""
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -68,6 +69,7 @@ def calibrate_fp16_scales(model, tokenizer, prompts=None, headroom: float = 4.0,
 
     Use them with load_encoder(..., dtype="float16", fp16_scales=(attn, ffn)), or with scale_residuals_enc on an
     unscaled model before casting it to float16."""
+    headroom = check_headroom(headroom)
     attn, ffn, hidden = measure_output_absmax(model, tokenizer, prompts, max_length)
     for i, h in enumerate(hidden):
         if h * headroom > FLOAT16_MAX:
@@ -83,15 +85,31 @@ def scales_sidecar(weights_path) -> Path:
 
 
 def save_calibrated_scales(weights_path, attn_scales, ffn_scales, headroom: float) -> Path:
+    from .save import write_atomic  # a temporary file renamed when complete: an old sidecar survives a failure
+
     path = scales_sidecar(weights_path)
-    path.write_text(json.dumps({"enc_attn_out_scales": attn_scales, "enc_ffn_out_scales": ffn_scales,
-                                "headroom": headroom}, indent=2))
+    text = json.dumps({"enc_attn_out_scales": attn_scales, "enc_ffn_out_scales": ffn_scales,
+                       "headroom": headroom}, indent=2)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
     return path
 
 
 def load_calibrated_scales(weights_path) -> Optional[tuple[list[float], list[float]]]:
+    """The sidecar's scales, or None without one; a corrupt sidecar is a CheckpointError naming it."""
+    from .checkpoint import _read_json, _scale_pair
+
     path = scales_sidecar(weights_path)
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
-    return data["enc_attn_out_scales"], data["enc_ffn_out_scales"]
+    return _scale_pair(_read_json(path), "enc_attn_out_scales", "enc_ffn_out_scales", path, "calibrated scales")
+
+
+def check_headroom(headroom) -> float:
+    """headroom must be a finite number >= 1 (the scaled activations stay that many times below 65504)."""
+    try:
+        value = float(headroom)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"headroom: must be a finite number >= 1, got {headroom!r}")
+    return value

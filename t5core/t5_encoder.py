@@ -11,7 +11,8 @@ from torch import BoolTensor, FloatTensor, LongTensor, Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.functional import scaled_dot_product_attention
 
-from .t5_common import RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, offset_rows, relative_offset_bias
+from .t5_common import (RMSNorm, T5AttnImpl, T5Config, T5FFNType, check_token_ids, gelu_fn, offset_rows,
+                         relative_offset_bias)
 
 # Eager flex attention materialises the scores; on CUDA it must run compiled to be fast. On CPU the eager
 # form is the intended (small-scale) path, so its "called without torch.compile" warning is noise.
@@ -366,6 +367,7 @@ class T5EncoderStack(nn.Module):
         """input_ids [B, L] (+ mask [B, L], True = real token) -> [B, L, D] float32, with the right mask for the
         configured attention. Compiled CUDA models replay one CUDA graph per shape (no launch gaps); float16
         outputs are checked for overflow (the only host sync)."""
+        check_token_ids(input_ids, self.config.vocab_size)  # CPU ids only: no device sync
         # FSDP2's all-gathers need version counters, which inference tensors lack: sharded models use no_grad
         with torch.no_grad() if self.sharded else torch.inference_mode():
             return self._encode(input_ids, attention_mask)
