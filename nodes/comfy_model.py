@@ -137,7 +137,7 @@ def parse_scales(text: str, num_layers: int) -> Scales:
     def values(part: str, what: str) -> tuple[float, ...]:
         try:
             parsed = [float(Fraction(v.strip())) for v in part.replace("\n", ",").split(",") if v.strip()]
-        except (ValueError, ZeroDivisionError) as e:
+        except (ValueError, ZeroDivisionError, OverflowError) as e:
             raise ValueError(f"custom scales: cannot read {part.strip()!r} ({e}); write e.g. 1,1,0.5,...") from e
         return tuple(check_scales(parsed, num_layers, what))
 

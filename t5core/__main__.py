@@ -132,6 +132,8 @@ def _tokenizer_for(args, ckpt_path):
 def cmd_encode(args) -> None:
     from safetensors.torch import save_file
 
+    if not Path(args.out).resolve().parent.is_dir():
+        raise ValueError(f"--out: the folder of {args.out} does not exist")
     tok = _tokenizer_for(args, args.model)
     ids, mask = tok(args.prompts, max_length=args.max_length, pad_to=args.pad_to)
     model = _load(args, args.model)

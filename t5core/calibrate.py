@@ -52,7 +52,7 @@ def measure_output_absmax(model, tokenizer, prompts: Optional[Sequence[str]] = N
 
 def choose_scales(attn_absmax, ffn_absmax, headroom: float = 4.0) -> tuple[list[float], list[float]]:
     """Greedy, first layer to last: shrink only when the cumulative-scaled output would pass the limit."""
-    limit = FLOAT16_MAX / headroom
+    limit = FLOAT16_MAX / check_headroom(headroom)  # -1 would loop forever, inf give scales of 0, 0 divide by 0
     c, attn_scales, ffn_scales = 1.0, [], []
     for a, f in zip(attn_absmax, ffn_absmax):
         for absmax, out in ((a, attn_scales), (f, ffn_scales)):

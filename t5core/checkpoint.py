@@ -638,7 +638,8 @@ def _resolve(path: Path, subfolder: Optional[str], format: str = "auto") -> tupl
     if (path / "model_index.json").exists():  # a diffusers repo: its T5 lives in a subfolder
         for sub in DIFFUSERS_T5_SUBFOLDERS:
             sub_cfg = path / sub / "config.json"
-            if sub_cfg.exists() and (_read_json(sub_cfg) or {}).get("model_type") in ("t5", "mt5", "umt5"):
+            sub_json = _read_json(sub_cfg) if sub_cfg.exists() else None
+            if isinstance(sub_json, dict) and sub_json.get("model_type") in ("t5", "mt5", "umt5"):
                 return _resolve(path / sub, None)
         raise CheckpointError(f"{path}: a diffusers repo without a T5 text encoder in {DIFFUSERS_T5_SUBFOLDERS}")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):

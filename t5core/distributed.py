@@ -148,5 +148,8 @@ def read_caption_embeddings(out_dir) -> dict[int, Tensor]:
 
 def read_captions(path) -> list[tuple[int, str]]:
     """A caption file, one caption a line -> (line, caption) pairs; blank lines are skipped."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
     return [(i, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]

@@ -606,6 +606,11 @@ def test_headroom_and_scales_in_the_library(folder):
             check_headroom(bad)
     with pytest.raises(ValueError, match=r"headroom: must be a finite number >= 1, got -1"):
         calibrate_fp16_scales(None, None, headroom=-1)
+    from t5core.calibrate import choose_scales
+
+    for bad in (-1, 0, math.inf):
+        with pytest.raises(ValueError, match=r"headroom: must be a finite number >= 1"):
+            choose_scales([10.0], [10.0], headroom=bad)
     with pytest.raises(ValueError, match=r"enc_ffn_out_scales: layer 1 scale 3.0 is not a power of two"):
         t5core.load_encoder(folder, dtype="float16", fp16_scales=[1, 3])
 
@@ -757,6 +762,8 @@ def test_unknown_encode_and_scale_options(comfy):
         node(comfy, "T5CoreFP16Scale", t5_encoder=encoder, mode="magic", custom_scales="")
     with pytest.raises(ValueError, match=r"^T5 FP16 Scale \(fast\): custom scales: cannot read '1/0,1'"):
         node(comfy, "T5CoreFP16Scale", t5_encoder=encoder, mode="custom", custom_scales="1/0,1")
+    with pytest.raises(ValueError, match=r"^T5 FP16 Scale \(fast\): custom scales: cannot read '1e400,1'"):
+        node(comfy, "T5CoreFP16Scale", t5_encoder=encoder, mode="custom", custom_scales="1e400,1")
 
 
 # ==================================================================================================================
@@ -779,6 +786,24 @@ def test_cli_one_line_for_missing_files(folder, tmp_path, capsys):
     line = cli_error(capsys, ["embed", "--model", str(folder), "--captions", str(tmp_path / "none.txt"), "--out",
                               str(tmp_path / "emb"), "--device", "cpu"])
     assert "none.txt" in line and "No such file" in line
+
+
+def test_cli_one_line_for_bad_output_and_caption_files(folder, tmp_path, capsys):
+    line = cli_error(capsys, ["encode", "--model", str(folder), "--out", str(tmp_path / "no" / "e.safetensors"), "a"])
+    assert line == f"t5core: error: --out: the folder of {tmp_path / 'no' / 'e.safetensors'} does not exist"
+    (tmp_path / "c.txt").write_bytes(b"caption \xff\xfe\n")
+    line = cli_error(capsys, ["embed", "--model", str(folder), "--captions", str(tmp_path / "c.txt"), "--out",
+                              str(tmp_path / "emb"), "--device", "cpu"])
+    assert line.startswith(f"t5core: error: {tmp_path / 'c.txt'}: not UTF-8 text")
+    assert not (tmp_path / "emb").exists() and not (tmp_path / "no").exists()
+
+
+def test_diffusers_repo_with_odd_subfolder_config(hf, tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "config.json").write_text("[]")
+    hf.save_pretrained(tmp_path / "text_encoder_2")
+    assert open_checkpoint(tmp_path).config.num_layers == 2
 
 
 def test_cli_one_line_for_argument_conflicts(folder, tmp_path, capsys):
