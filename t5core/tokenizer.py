@@ -7,6 +7,7 @@ becomes the same pipeline that transformers' T5TokenizerFast builds from it:
   model          Unigram(pieces + <extra_id_99> ... <extra_id_0>, score 0), so <extra_id_0> is the last id
   added tokens   control / unknown / user-defined pieces and the sentinels, matched whole in the raw text
   post-processor $A </s>
+and is then read back from its JSON text, so it holds exactly the scores a tokenizer.json holds (see _from_spiece).
 """
 
 import itertools
@@ -73,7 +74,10 @@ def _from_spiece(data: bytes, where: str) -> Tokenizer:
     if (eos_id := tok.token_to_id(EOS)) is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=["$A", EOS], pair=["$A", EOS, "$B", EOS], special_tokens=[(EOS, eos_id)])
-    return tok
+    # Read it back from its JSON text, as every tokenizer.json is read: tokenizers parses the decimal scores up to
+    # 1 ulp off (a quarter of T5's pieces), and exact Unigram ties ("incat----": "---" "-" or "-" "---") follow
+    # those bits. So both sources, and what save() writes, give the same ids.
+    return Tokenizer.from_str(tok.to_str())
 
 
 class T5Tokenizer:

@@ -4,9 +4,9 @@ The reference is `T5TokenizerFast(tokenizer_file=tokenizer.json)`, which runs th
 `from_pretrained(folder)` rebuilds a T5 pipeline instead (WhitespaceSplit + prepend "always"), which differs from
 tokenizer.json next to literal special tokens, so it is only compared on ordinary prompts.
 
-Both sources give the same ids. One known difference that has not changed any id: the tokenizers library reads
-tokenizer.json scores up to 1 ulp off their float32 values (about a quarter of the pieces). A spiece.model keeps
-them exactly. That could only decide an exact tie between two different segmentations differently.
+Both sources give the same ids: the spiece.model route builds the tokenizer.json pipeline, scores included as
+tokenizers reads them from JSON text (up to 1 ulp off their float32 values). That decides rare exact ties
+(test_ties_follow_tokenizer_json); there transformers' own conversion of spiece.model and sentencepiece differ.
 """
 
 import copy
@@ -219,13 +219,23 @@ def test_random_text_matches_hf(source, tok_json, tok_spiece, hf_fast):
 
 
 def test_spiece_route_builds_the_tokenizer_json_pipeline(tok_json, tok_spiece):
-    """The bundled spiece.model becomes T5's tokenizer.json: same normalizer, pre-tokenizer, added tokens,
-    post-processor, decoder and pieces; scores equal up to the tokenizers library's 1-ulp reading of the file."""
+    """The bundled spiece.model becomes T5's tokenizer.json exactly: normalizer, pre-tokenizer, added tokens,
+    post-processor, decoder, pieces and scores (as tokenizers reads them from JSON text)."""
     from_json, from_spiece = (json.loads(tok._tokenizer.to_str()) for tok in (tok_json, tok_spiece))
     vocab_json, vocab_spiece = from_json["model"].pop("vocab"), from_spiece["model"].pop("vocab")
     assert from_json == from_spiece
-    assert [piece for piece, _ in vocab_json] == [piece for piece, _ in vocab_spiece]
-    assert all(a == pytest.approx(b, rel=1e-15, abs=0) for (_, a), (_, b) in zip(vocab_json, vocab_spiece))
+    assert vocab_json == vocab_spiece
+
+
+def test_ties_follow_tokenizer_json(tok_json, tok_spiece, hf_fast):
+    """"----" can be "---" "-" or "-" "---" (same pieces); the scores' last bits decide. Both our sources follow
+    tokenizer.json; sentencepiece (float32 scores, as transformers' own conversion of spiece.model) splits the other
+    way, which is what the spiece.model route would give without reading its scores back from JSON."""
+    expected = hf_fast("incat----")["input_ids"]
+    assert hf_fast.convert_ids_to_tokens(expected) == ["▁", "incat", "---", "-", "</s>"]
+    assert tok_json.encode_ids("incat----") == tok_spiece.encode_ids("incat----") == expected
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(BUNDLED_SPIECE))
+    assert sp.encode("incat----", out_type=str) == ["▁", "incat", "-", "---"]
 
 
 def test_special_ids_and_vocab(tok_json, tok_spiece, hf_fast):
