@@ -157,6 +157,9 @@ def resolve(spec: Spec, config, weights_path=None, stored: Optional[Scales] = No
             return resolve(parse(spec), config, weights_path, stored)
         found = (load_sidecar(weights_path, n) if weights_path is not None else None) or stored or preset(config)
         return None if found is None else Scales.of(found.attn, found.ffn, n)
+    if not isinstance(spec, (list, tuple)):
+        raise ValueError(f"fp16_scales: expected 'auto', 'calibrate', None, Scales, text, a list of FFN-out scales "
+                         f"or an (attn, ffn) pair, got {spec!r}")
     if len(spec) == 2 and not isinstance(spec[0], (int, float)):  # (attn, ffn)
         return Scales.of(spec[0], spec[1], n)
     return Scales.of(None, spec, n)

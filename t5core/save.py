@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import hf_config_dict, hf_key_of
 from .fp16_scales import Scales
+from .tokenizer import TOKENIZER_JSON_NAME
 from .t5_encoder import T5EncoderStack
 
 FORMATS = ("tensorizer", "safetensors", "dcp")
@@ -79,13 +80,14 @@ def check_target(out_dir, overwrite: bool = False) -> Path:
 
 
 def _remove_stale(out: Path, keep: set[str]) -> None:
-    """After a complete write with overwrite allowed: weight files of other formats, indexes, shards and calibrated
-    scales of the previous model go, so loading the folder returns the new model."""
+    """After a complete write with overwrite allowed: weight files of other formats, indexes, shards, calibrated
+    scales and a tokenizer of the previous model go, so loading the folder returns the new model."""
     for p in out.iterdir():
         if p.name in keep or p.name.startswith(TMP_PREFIX):
             continue
         stale = (p.name in MODEL_FILES and p.name not in ("spiece.model", "tokenizer.json")) \
-            or (p.is_file() and p.suffix in MODEL_SUFFIXES) or p.name.endswith(".fp16_scales.json")
+            or (p.is_file() and p.suffix in MODEL_SUFFIXES) or p.name.endswith(".fp16_scales.json") \
+            or (p.name == "spiece.model" and TOKENIZER_JSON_NAME in keep)  # found first: the old model's
         if stale and p.is_file():
             p.unlink()
 
@@ -190,8 +192,8 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
         config = model.config.model_dump_json(indent=2)
         write_atomic(out / "config.json", lambda tmp: tmp.write_text(config))
     if tokenizer is not None:
-        write_atomic(out / "spiece.model", lambda tmp: _save_tokenizer(tokenizer, tmp))
-        written.add("spiece.model")
+        write_atomic(out / TOKENIZER_JSON_NAME, lambda tmp: _save_tokenizer(tokenizer, tmp))
+        written.add(TOKENIZER_JSON_NAME)
     if overwrite:
         _remove_stale(out, written)
     _fsync_dir(out)
@@ -199,7 +201,7 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
 
 
 def _save_tokenizer(tokenizer, tmp: Path) -> None:
-    """tokenizer.save(folder) writes folder/spiece.model: write it in a scratch folder, then move it to tmp."""
+    """tokenizer.save(folder) writes folder/tokenizer.json: write it in a scratch folder, then move it to tmp."""
     scratch = tmp.with_name(tmp.name + ".d")
     scratch.mkdir(exist_ok=True)
     try:
