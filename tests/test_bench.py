@@ -111,10 +111,8 @@ def test_precision_names_the_overflowing_layer(tmp_path):
 
 def test_precision_report_cpu():
     args = ["--size", "small", "--device", "cpu", "--report", "--fuse-norms"]
-    if TOKENIZER_DIR.exists():  # real prompts: padded batch, errors over real tokens only
-        args += ["--tokenizer", str(TOKENIZER_DIR), "--prompt", "a cat", "--prompt", "a photo of a tree at dusk"]
-    else:
-        args += ["--seq-len", "48"]
+    # real prompts: padded batch, errors over real tokens only
+    args += ["--tokenizer", str(TOKENIZER_DIR), "--prompt", "a cat", "--prompt", "a photo of a tree at dusk"]
     rows = {r["config"]: r for r in precision.main(args)["errors"]}
     assert list(rows) == [name for name, _, _ in precision.report_configs(precision_args(), None, "cpu")]
     for name, r in rows.items():

@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from t5core.checkpoint import Checkpoint, CheckpointError  # noqa: E402
 from t5core.gguf import (QTYPES, PackedWeight, dequantize, gguf_name_of, open_gguf,  # noqa: E402
                          packed_native_weights, tokenizer_fields)
+from t5core.runtime import Encoder  # noqa: E402
 from t5core.t5_common import T5FFNType  # noqa: E402
 from t5core.weight_load import build_empty, load_checkpoint_into  # noqa: E402
 from tiny_models import make_hf_encoder, rel_err  # noqa: E402
@@ -290,7 +291,7 @@ def test_gguf_file_loads_with_transformers_parity(models, batch, tmp_path, kind,
     with torch.no_grad():
         want = with_weights(hf, ref)(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     model = load_t5core(path)
-    out = model.encode(ids, mask)
+    out = Encoder(model).encode(ids, mask)
     assert rel_err(out[mask], want[mask]) <= 1e-5
     if label == "mixed":  # the packed, fused weights (q|k|v, gate|up by row concatenation) are the loaded ones
         packed = packed_native_weights(source, config)

@@ -34,7 +34,7 @@ def test_cuda_load_equals_cpu_load(hf_and_folder, fuse_norms):
     folder, _ = hf_and_folder
     gpu = t5core.load_encoder(folder, "bfloat16", "cuda", fuse_norms=fuse_norms)
     cpu = t5core.load_encoder(folder, "bfloat16", "cpu", fuse_norms=fuse_norms)
-    for (name, a), (_, b) in zip(gpu.named_parameters(), cpu.named_parameters()):
+    for (name, a), (_, b) in zip(gpu.model.named_parameters(), cpu.model.named_parameters()):
         assert a.is_cuda and torch.equal(a.cpu(), b), name
 
 

@@ -5,7 +5,8 @@ import torch
 from transformers import MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
 from transformers import MT5Config, T5Config as HFT5Config, UMT5Config
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "t5-tokenizer"
+# the real T5 v1.1 tokenizer (tokenizer.json), kept in the repository: tests read nothing outside it
+TOKENIZER_DIR = Path(__file__).resolve().parent / "fixtures" / "t5-tokenizer"
 
 KINDS = {
     # kind: (config class, model class, extra config)
