@@ -196,6 +196,9 @@ class T5Encoder:
 
 
 # -- what the nodes do ----------------------------------------------------------------------------------------------
+WEIGHT_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+
+
 def check_option(what: str, value, choices) -> None:
     """A node option outside its list (an edited or old workflow) -> a ValueError naming the input and choices."""
     if value not in choices:
@@ -203,7 +206,7 @@ def check_option(what: str, value, choices) -> None:
 
 
 def load(name: str, weight_dtype: str, attention: str, compile: bool, device: str) -> T5Encoder:
-    check_option("weight_dtype", weight_dtype, ("auto", "bf16", "fp16", "fp32"))
+    check_option("weight_dtype", weight_dtype, WEIGHT_DTYPE_CHOICES)
     check_option("attention", attention, ("auto", "flex", "sdpa"))
     check_option("device", device, ("default", "cpu"))
     check_option("compile", compile, (True, False))

@@ -46,7 +46,7 @@ class LoadT5Encoder:
             "model_name": (comfy_model.weight_file_names(), {
                 "tooltip": "A .safetensors / .sft file (any key prefix, scaled fp8 included) or a tensorizer "
                            ".tensors file with its config.json, from models/text_encoders or models/clip."}),
-            "weight_dtype": (["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"], {
+            "weight_dtype": (list(comfy_model.WEIGHT_DTYPE_CHOICES), {
                 "default": "auto",
                 "tooltip": "auto: bf16 where the GPU supports it, else fp32; fp8 files keep their fp8 weights (half "
                            "the memory). bf16/fp16/fp32: weights and compute in that dtype (fp8 files expand). fp16 "
