@@ -496,8 +496,9 @@ class Checkpoint:
 
     def stored_dtype(self, key: str) -> torch.dtype:
         """The dtype `key` is stored in (read from the header where the source has one)."""
-        entries = getattr(self.source, "entries", None)
-        return entries[self.keys[key]][1] if entries else self.source.get(self.keys[key]).dtype
+        if isinstance(self.source, SafetensorsSource):
+            return self.source.entries[self.keys[key]][1]
+        return self.source.get(self.keys[key]).dtype
 
     def projection_dtype(self) -> torch.dtype:
         """The dtype the projection weights are stored in (the first attention output projection's)."""
