@@ -182,7 +182,10 @@ def scale_residuals_enc(model, attn_out_scales=None, ffn_out_scales=None):
     params = dict(model.named_parameters())
     for name, f in factors.items():
         if f != 1.0:
-            params[name].mul_(f)
+            if params[name].dtype.itemsize == 1:  # fp8 weights (t5core.fp8): their float32 row scales, exactly
+                params[name.removesuffix("weight") + "scale"].mul_(f)
+            else:
+                params[name].mul_(f)
     model.config = config
     model.apply_residual_scales_from_config()
     return model

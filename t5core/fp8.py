@@ -151,10 +151,6 @@ class Fp8Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def fp8_modules(model: nn.Module) -> list[Fp8Linear]:
-    return [m for m in model.modules() if isinstance(m, Fp8Linear)]
-
-
 def resolve_weight_dtype(requested, compute_dtype: torch.dtype, stored: torch.dtype, where) -> Optional[str]:
     """load_encoder's weight_dtype -> T5Config.weight_dtype (None: projections in the compute dtype).
 

@@ -22,10 +22,6 @@ from .t5_encoder import T5EncoderStack
 _FUSE_INTO = {"attn.qkv_proj.weight": "ln1.weight", "ffn.ff_in.weight": "ln2.weight"}
 
 
-def is_fp8_dtype(dtype: torch.dtype) -> bool:
-    return dtype in FP8_DTYPES
-
-
 def _norm_key_for(native: str) -> Optional[str]:
     """'layers.3.attn.qkv_proj.weight' -> 'layers.3.ln1.weight'; None for weights no norm feeds."""
     m = re.match(r"^(layers\.\d+)\.(.+)$", native)
@@ -114,10 +110,10 @@ def stream_into_module(
         if name in fp8_scale_of:
             scale_targets[key] = fp8_scale_of[name][part * rows:(part + 1) * rows]
             stored = ckpt.stored_dtype(key)
-            if is_fp8_dtype(stored) and stored != targets[key].dtype:
+            if stored in FP8_DTYPES and stored != targets[key].dtype:
                 raise CheckpointError(f"{ckpt.path}: {key} is {stored}, the model's {name} {targets[key].dtype}: "
                                       f"loading would re-quantize it (load with weight_dtype='auto')")
-            if is_fp8_dtype(stored) and fuse_norm_scales and _norm_key_for(name):
+            if stored in FP8_DTYPES and fuse_norm_scales and _norm_key_for(name):
                 raise CheckpointError(f"{ckpt.path}: fusing norm scales into float8 {key} would re-quantize it: load "
                                       f"without fuse_norms, or expand the weights (weight_dtype = the compute dtype)")
     # norm scales are tiny: read them first, so the big tensors can follow in file order

@@ -9,7 +9,7 @@ import t5core
 from t5core import CheckpointError, T5Config, T5EncoderStack
 from t5core.__main__ import main as cli
 from t5core.checkpoint import open_checkpoint
-from t5core.fp16_scales import Scales
+from t5core.fp16_scales import Scales, scale_residuals_enc
 from t5core.fp8 import Fp8Linear, dequantize, quantize_rows
 from t5core.weight_load import build_empty, load_checkpoint_into
 from tiny_models import make_hf_encoder, rel_err, save_hf
@@ -196,6 +196,8 @@ def test_residual_scales_scale_the_float32_scales(folders):
     ids, mask = batch()
     with torch.inference_mode():
         assert rel_err(scaled(ids, mask)[mask], plain(ids, mask)[mask]) <= 1e-6
+    later = scale_residuals_enc(load_checkpoint_into(build_empty(config, "cpu"), ckpt), [1, 0.5, 1], [0.25, 1, 1])
+    assert all(torch.equal(a, b) for a, b in zip(later.parameters(), scaled.parameters()))
 
 
 # -- the fp8 matmul (CUDA-only in the model; its math checked through the CPU's torch._scaled_mm) ----------------
