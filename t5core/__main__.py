@@ -258,7 +258,6 @@ def main(argv=None) -> None:
     p.set_defaults(func=cmd_calibrate)
 
     for name, module, help_ in (("precision", "t5core.scripts.t5_encoder_precision_parity", "per-layer absmax and error vs float32"),
-                                ("bench", "t5core.bench", "speed vs transformers (CUDA; --size small on CPU)"),
                                 ("demo", "t5core.demo", "build, save, load, tokenize, encode and check a small model")):
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

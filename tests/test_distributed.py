@@ -166,11 +166,13 @@ def test_truncated_dcp_shard_is_named(dcp_folder, tmp_path):
 
 
 def test_sharded_write_and_fsdp_parity_script(dcp_folder, tmp_path):
-    """The guide's two FSDP scripts: a two-rank write gives one shard file per rank, which loads whole with parity
-    and loads sharded identical to the whole model."""
+    """A two-rank `convert --format dcp` (what the guide's serialize script did) gives one shard file per rank,
+    which loads whole with parity and, through the guide's FSDP parity script, sharded identical to the whole
+    model."""
     hf, _, root = dcp_folder
     out = tmp_path / "dcp2"
-    torchrun("t5core/scripts/t5_serialize_dtensor.py", root / "hf", out, "--fuse-norms", "--tokenizer", TOKENIZER_DIR)
+    torchrun("-m", "t5core", "convert", root / "hf", out, "--format", "dcp", "--fuse-norms", "--tokenizer",
+             TOKENIZER_DIR)
     assert sorted(p.name for p in out.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     ids, mask = load_tokenizer(out)(CAPTIONS[:3], max_length=512)
     with torch.no_grad():
