@@ -52,7 +52,7 @@ class LoadT5Encoder:
                            "for the model's size (see FP16 Scale for other scales)."}),
             "attention": (["auto", "flex", "sdpa"], {
                 "default": "auto", "tooltip": "auto: SDPA (without compile it needs no Triton; compiled on an H200 "
-                                               "within 4% of flex, up to 6% slower for one long prompt). flex: flex "
+                                               "within 2% of flex, up to 6% slower for one long prompt). flex: flex "
                                                "attention with the bias as a score_mod (always compiled by Triton)."}),
             "compile": ("BOOLEAN", {
                 "default": False,
