@@ -19,12 +19,13 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32") -> None
     p.add_argument("--subfolder", default=None, help="subfolder of a diffusers repo, e.g. text_encoder_2")
 
 
-def _load(args, model_path, compile: bool = False):
+def _load(args, model_path, compile: bool = False, expand: bool = False):
+    """expand: GGUF weights dequantized at load (to save them), not kept compressed."""
     import t5core
 
     return t5core.load_encoder(model_path, dtype=args.dtype, device=args.device, attn_impl=args.attn,
                                fuse_norms=args.fuse_norms, fp16_scales=args.fp16_scales, compile=compile,
-                               subfolder=args.subfolder)
+                               subfolder=args.subfolder, weight_dtype=args.dtype if expand else None)
 
 
 def _tokenizer_for(args, ckpt_path):
@@ -61,7 +62,7 @@ def cmd_convert(args) -> None:
         init_from_env("cpu" if args.device == "cpu" else None)
     ckpt = open_checkpoint(args.src, subfolder=args.subfolder)
     tok_src = args.tokenizer or ckpt.tokenizer or ckpt.tokenizer_bytes
-    model = _load(args, args.src)
+    model = _load(args, args.src, expand=True)
     out = save_encoder(model.model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None)
     c = model.config
     print(f"wrote {out} ({args.format}, {args.dtype}, norms {'fused' if not c.elementwise_affine else 'kept'}, "
@@ -112,7 +113,7 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("encode", help="encode prompts to a .safetensors file of embeddings")
-    p.add_argument("--model", required=True, help="weights: HF/diffusers folder, ComfyUI file, or tensorizer folder")
+    p.add_argument("--model", required=True, help="weights: HF/diffusers folder, ComfyUI file, GGUF file, or tensorizer folder")
     p.add_argument("--tokenizer", default=None, help="spiece.model, tokenizer.json or a folder (default: beside the model)")
     p.add_argument("--max-length", type=int, default=512, help="truncate longer prompts, with a warning (default 512)")
     p.add_argument("--pad-to", type=int, default=None, help="pad every prompt to this many tokens")

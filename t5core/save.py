@@ -16,6 +16,7 @@ def hf_state_dict(model: T5EncoderStack) -> dict[str, torch.Tensor]:
     """The weights in Hugging Face T5 form, which transformers reads: fused QKV / gate-up split back into q, k, v /
     wi_0, wi_1, residual scales divided out (exact: powers of two), fused norms as unit scales. CPU tensors with
     their own storage (safetensors refuses shared ones)."""
+    _check_expanded(model)
     config = model.config
     unscale = Scales.from_config(config).weight_factors()
     fused_parts = {"attn.qkv_proj.weight": 3, "ffn.ff_in.weight": 2 if model.layers[0].ffn.gated else 1}
@@ -52,6 +53,7 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
     a process group, each rank writes its own shard file (its FSDP shards, or its share of a replicated model)."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+    _check_expanded(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if format == "tensorizer":
@@ -74,3 +76,11 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
     if tokenizer is not None:
         tokenizer.save(out)
     return out
+
+
+def _check_expanded(model: T5EncoderStack) -> None:
+    from .gguf import is_packed
+
+    if is_packed(model):
+        raise ValueError("this encoder keeps GGUF weights compressed: load it with weight_dtype (e.g. 'bf16', the same "
+                         "as dtype) to expand them before saving")
