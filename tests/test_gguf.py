@@ -411,6 +411,19 @@ def test_compressed_model_compiled_on_cpu(models, batch, mixed_file):
     assert rel_err(compiled.encode(ids, mask)[mask], want[mask]) <= 1e-5
 
 
+def test_diffusers_adapter_reads_gguf(batch, mixed_file):
+    from t5core.hf import FastT5EncoderModel
+
+    path, _ = mixed_file
+    ids, mask = batch
+    model = FastT5EncoderModel.from_pretrained(path)  # float32, as transformers dequantizes GGUF
+    assert model.dtype == torch.float32 and is_packed(model.encoder)
+    out = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    assert torch.equal(out, t5core.load_encoder(path).encode(ids, mask))
+    states = model(input_ids=ids, output_hidden_states=True).hidden_states  # eager, hooks; packed embedding rows
+    assert len(states) == 3 and torch.equal(states[0], t5core.load_encoder(path).model.vocab_embed(ids))
+
+
 def test_convert_gguf_to_safetensors_for_transformers(models, batch, mixed_file, tmp_path):
     """`python -m t5core convert` expands the blocks; transformers reads the folder with the file's exact weights."""
     from transformers import T5EncoderModel
@@ -444,6 +457,13 @@ def test_tokenizer_from_gguf_fields(models, tmp_path):
     for text in prompts:
         assert torch.equal(ours([text], max_length=1024)[0], theirs([text], max_length=1024)[0]), text
     assert ours.vocab_size == theirs.vocab_size
+    # the CLI's encode, embed and calibrate use it
+    from types import SimpleNamespace
+
+    from t5core.__main__ import _tokenizer_for
+
+    cli = _tokenizer_for(SimpleNamespace(tokenizer=None, subfolder=None), path)
+    assert torch.equal(cli(["a café"])[0], theirs(["a café"])[0])
     # a tokenizer file beside the weights wins
     (tmp_path / "spiece.model").write_bytes(BUNDLED_SPIECE.read_bytes())
     ckpt = t5core.open_checkpoint(path)
