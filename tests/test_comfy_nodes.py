@@ -269,7 +269,8 @@ def test_flux_chain_float32_matches_transformers(comfy, hf_model):
     assert any(models == [patcher] and full for models, full in comfy.mm.load_calls)
     assert patcher.load_device == comfy.mm.text_encoder_device()
     assert patcher.offload_device == comfy.mm.text_encoder_offload_device()
-    assert patcher.size == sum(p.numel() * p.element_size() for p in patcher.model.parameters())
+    model = patcher.model
+    assert patcher.size == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert clip.patcher in [m for models, _ in comfy.mm.load_calls for m in models]
 
 
