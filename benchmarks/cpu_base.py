@@ -1,10 +1,11 @@
-# Shared by the CPU scripts (cpu_interleaved.py, cpu_profile.py): T5 v1.1 base shape with transformers' own random
-# init (t5core.bench.build_hf_reference), saved once; 1 x 128 token ids; and interleaved timing, every variant in
-# turn each round, so the VM's drift lands on all of them alike.
+# Shared by cpu_interleaved.py: T5 v1.1 base shape with transformers' own random init (bench.build_hf_reference),
+# saved once; 1 x 128 token ids; and interleaved timing, every variant in turn each round, so the VM's drift lands
+# on all of them alike.
 import statistics, sys, tempfile, time
-sys.path.insert(0, ".")
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this file (it puts the checkout first)
 import torch
-from t5core.bench import build_hf_reference
+from bench import build_hf_reference
 
 
 def base_model():

@@ -198,7 +198,17 @@ class T5Encoder:
 
 
 # -- what the nodes do ----------------------------------------------------------------------------------------------
+def check_option(what: str, value, choices) -> None:
+    """A node option outside its list (an edited or old workflow) -> a ValueError naming the input and choices."""
+    if value not in choices:
+        raise ValueError(f"{what}: unknown option {value!r}; choose one of {list(choices)}")
+
+
 def load(name: str, weight_dtype: str, attention: str, compile: bool, device: str) -> T5Encoder:
+    check_option("weight_dtype", weight_dtype, ("auto", "bf16", "fp16", "fp32"))
+    check_option("attention", attention, ("auto", "flex", "sdpa"))
+    check_option("device", device, ("default", "cpu"))
+    check_option("compile", compile, (True, False))
     path = weight_file_path(name)
     ckpt = t5core.open_checkpoint(path)  # reads the header only: rejects non-T5 files before any weight is read
     tokenizer, source = resolve_tokenizer(ckpt)
@@ -241,7 +251,7 @@ def to_fp16(encoder: T5Encoder, mode: str, custom: str) -> tuple[T5Encoder, str]
     elif mode == "auto-calibrate":
         scales = calibrated_scales(encoder)
     else:
-        raise ValueError(f"unknown mode {mode!r}")
+        check_option("mode", mode, ("preset", "custom", "auto-calibrate"))
     return encoder.with_plan(dtype=torch.float16, fp16_scales=scales), scales_text(scales)
 
 

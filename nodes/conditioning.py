@@ -10,6 +10,7 @@ T5 textual inversions to load).
 Shapes: L tokens (after padding), D the T5 width (4096 for XXL), N CLIP tokens (77 per chunk).
 """
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +57,27 @@ def _top_level_pieces(text: str) -> list[str]:
     return pieces
 
 
+MAX_NESTING = 64  # "(" groups inside each other; 1.1**64 is already a weight of 445
+
+
+def _nesting(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    return deepest
+
+
 def parse_weights(text: str, weight: float = 1.0) -> list[tuple[str, float]]:
-    """'a (b:1.5) ((c))' -> [('a ', 1.0), ('b', 1.5), ('c', 1.21)]; text must have its escapes hidden."""
+    """'a (b:1.5) ((c))' -> [('a ', 1.0), ('b', 1.5), ('c', 1.21)]; text must have its escapes hidden.
+    Weights must be finite numbers (no nan, inf or 1e400) and groups nest at most MAX_NESTING deep: a ValueError
+    says which, never a non-finite conditioning or a RecursionError."""
+    if weight == 1.0 and _nesting(text) > MAX_NESTING:
+        raise ValueError(f"prompt weights: brackets nest {_nesting(text)} deep, at most {MAX_NESTING} are supported "
+                         f"(write \\( for a literal bracket)")
     out = []
     for piece in _top_level_pieces(text):
         if len(piece) < 2 or piece[0] != "(" or piece[-1] != ")":
@@ -70,6 +90,10 @@ def parse_weights(text: str, weight: float = 1.0) -> list[tuple[str, float]]:
                 inner_weight, inner = float(value), head
             except ValueError:
                 pass  # "(a:b)": the colon is text and the group gets the 1.1 factor
+        if not math.isfinite(inner_weight):
+            shown = piece if len(piece) <= 60 else piece[:28] + "..." + piece[-28:]
+            raise ValueError(f"prompt weights: the weight of {shown!r} is {inner_weight}; weights must be finite "
+                             f"numbers, e.g. (cat:1.2)")
         out += parse_weights(inner, inner_weight)
     return out
 
@@ -103,7 +127,11 @@ def encode_weighted(encoder, ids: list[int], weights: list[float]) -> torch.Tens
         return z
     w = torch.tensor(weights, dtype=z.dtype, device=z.device).unsqueeze(-1)  # [L, 1]
     z_prompt, z_empty = z[0], z[1]
-    return torch.where(w != 1.0, (z_prompt - z_empty) * w + z_empty, z_prompt).unsqueeze(0)
+    out = torch.where(w != 1.0, (z_prompt - z_empty) * w + z_empty, z_prompt).unsqueeze(0)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"prompt weights: weighting overflows float32 (largest weight {max(map(abs, weights)):g}); "
+                         f"use smaller weights")
+    return out
 
 
 # -- CLIP parts -----------------------------------------------------------------------------------------------------
@@ -169,10 +197,16 @@ def sd3_layout(t5: torch.Tensor, parts: dict) -> tuple[torch.Tensor, torch.Tenso
 def build(encoder, text: str, family_name: str, guidance: float, clip=None) -> tuple[list, str]:
     """-> (CONDITIONING as ComfyUI's own encoder for the family, a one-line summary for the UI)."""
     if family_name not in FAMILIES:
-        raise ValueError(f"unknown family {family_name!r}; choose one of {list(FAMILIES)}")
+        raise ValueError(f"family: unknown family {family_name!r}; choose one of {list(FAMILIES)}")
+    if not isinstance(text, str):
+        raise ValueError(f"text: expected a string, got {type(text).__name__}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(f"guidance: must be a finite number, got {guidance!r}")
     family = FAMILIES[family_name]
     ids, weights, count = tokenize_weighted(encoder.tokenizer, text, family.min_length)
     t5 = encode_weighted(encoder, ids, weights)  # [1, L, D]
+    if not bool(torch.isfinite(t5).all()):  # never hand the sampler NaN or inf conditioning
+        raise ValueError("the T5 output is not finite (NaN or inf): try bf16 or fp32, or check the model file")
     parts = clip_outputs(clip, text, family_name) if clip is not None and family.clip_parts else {}
     if family_name == "Flux":
         if "l" not in parts:

@@ -1,5 +1,6 @@
 """python -m t5core {encode, convert, embed, calibrate, precision, bench, demo}"""
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
@@ -8,15 +9,81 @@ from . import fp16_scales
 from .t5_common import parse_dtype
 
 
-def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32") -> None:
-    p.add_argument("--dtype", default=dtype_default, help="float32 | bfloat16 | float16 (default %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default %(default)s)")
+MAX_TOKENS = 8192  # --max-length / --pad-to: far beyond T5's 512, small enough to allocate
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments print one line, `t5core: error: argument --x: problem`, and exit with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"t5core: error: {' '.join(message.split())}\n")
+
+
+def _int_in(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _dtype_arg(text: str) -> str:
+    """A dtype name parse_dtype knows, kept as written (commands compare the text)."""
+    try:
+        parse_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _device_arg(text: str) -> str:
+    """cpu | cuda | cuda:N, and a GPU must exist for cuda."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
+    return text
+
+
+def _headroom_arg(text: str) -> float:
+    from .calibrate import check_headroom
+
+    try:
+        return check_headroom(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1, got {text!r}") from None
+
+
+def _scales_arg(text: str):
+    """fp16_scales.parse for argparse: its message, not argparse's generic one."""
+    try:
+        return fp16_scales.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32", format_flags=("--format", "--input-format")) -> None:
+    p.add_argument("--dtype", type=_dtype_arg, default=dtype_default, help="float32 | bfloat16 | float16 (default %(default)s)")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="cpu | cuda | cuda:N (default %(default)s)")
     p.add_argument("--attn", choices=["sdpa", "flex"], default=None, help="attention kernel (default: sdpa)")
     p.add_argument("--fuse-norms", action="store_true", help="fold RMSNorm scales into the following projections")
-    p.add_argument("--fp16-scales", type=fp16_scales.parse, default="auto",
+    p.add_argument("--fp16-scales", type=_scales_arg, default="auto",
                    help="float16 residual scales: auto (saved, calibrated or preset by size), none, calibrate, "
-                        "per-layer FFN-out scales '1,1,1/2,...' or 'ATTN;FFN' (default auto)")
+                        "or per-layer FFN-out scales '1,1,1/2,...' (default auto)")
     p.add_argument("--subfolder", default=None, help="subfolder of a diffusers repo, e.g. text_encoder_2")
+    p.add_argument(*format_flags, dest="input_format", choices=["auto", "dcp"], default="auto",
+                   help="auto (default) detects safetensors, tensorizer and tensor-only .bin files and never reads a "
+                        "distributed checkpoint; dcp reads a torch.distributed.checkpoint folder, whose .metadata is "
+                        "a pickle that can run code: only for folders you trust")
 
 
 def _load(args, model_path, compile: bool = False, expand: bool = False):
@@ -25,7 +92,8 @@ def _load(args, model_path, compile: bool = False, expand: bool = False):
 
     return t5core.load_encoder(model_path, dtype=args.dtype, device=args.device, attn_impl=args.attn,
                                fuse_norms=args.fuse_norms, fp16_scales=args.fp16_scales, compile=compile,
-                               subfolder=args.subfolder, weight_dtype=args.dtype if expand else None)
+                               subfolder=args.subfolder, format=args.input_format,
+                               weight_dtype=args.dtype if expand else None)
 
 
 def _tokenizer_for(args, ckpt_path):
@@ -45,6 +113,8 @@ def _tokenizer_for(args, ckpt_path):
 def cmd_encode(args) -> None:
     from safetensors.torch import save_file
 
+    if not Path(args.out).resolve().parent.is_dir():
+        raise ValueError(f"--out: the folder of {args.out} does not exist")
     tok = _tokenizer_for(args, args.model)
     ids, mask = tok(args.prompts, max_length=args.max_length, pad_to=args.pad_to)
     model = _load(args, args.model)
@@ -58,16 +128,20 @@ def cmd_convert(args) -> None:
     from .save import save_encoder
     from .tokenizer import load_tokenizer
 
+    from .save import check_target
+
     if args.fp16_scales not in ("auto", None) and args.dtype not in ("float16", "fp16"):
-        raise SystemExit("--fp16-scales needs --dtype float16")
+        raise ValueError("--fp16-scales: needs --dtype float16")
+    check_target(args.out_dir, args.overwrite)  # before the model is read: refuse early, lose nothing
     if args.format == "dcp":  # under torchrun every rank writes a shard file
         from .distributed import end_process_group, init_from_env
 
         init_from_env("cpu" if args.device == "cpu" else None)
-    ckpt = open_checkpoint(args.src, subfolder=args.subfolder)
+    ckpt = open_checkpoint(args.src, subfolder=args.subfolder, format=args.input_format)
     tok_src = args.tokenizer or ckpt.tokenizer or ckpt.tokenizer_bytes
     model = _load(args, args.src, expand=True)
-    out = save_encoder(model.model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None)
+    out = save_encoder(model.model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None,
+                       overwrite=args.overwrite)
     c = model.config
     print(f"wrote {out} ({args.format}, {args.dtype}, norms {'fused' if not c.elementwise_affine else 'kept'}, "
           f"ffn scales {c.enc_ffn_out_scales}, tokenizer {'copied' if tok_src is not None else 'none found'})")
@@ -96,10 +170,12 @@ def cmd_embed(args) -> None:
                                            ("--fuse-norms", args.fuse_norms), ("--fp16-scales", args.fp16_scales != "auto"),
                                            ("--subfolder", args.subfolder)) if given]
         if unused:
-            raise SystemExit(f"embed --fsdp loads the dcp folder as converted: {', '.join(unused)} do not apply "
+            raise ValueError(f"{unused[0]}: embed --fsdp loads the dcp folder as converted: {', '.join(unused)} do not apply "
                              f"(fuse norms or scale with `convert --format dcp`)")
     rank, world, device = init_from_env(args.device)
     captions = read_captions(args.captions)
+    if not captions:
+        raise ValueError(f"--captions: {args.captions} has no captions (only blank lines)")
     tok = _tokenizer_for(args, args.model)
     if args.fsdp:
         model = load_fsdp(args.model, args.dtype, device)
@@ -113,14 +189,20 @@ def cmd_embed(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m t5core", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error instead of one line")
+    parser = _Parser(prog="python -m t5core", description=__doc__, parents=[debug])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[debug])
 
     p = sub.add_parser("encode", help="encode prompts to a .safetensors file of embeddings")
     p.add_argument("--model", required=True, help="weights: HF/diffusers folder, ComfyUI file, GGUF file, or tensorizer folder")
     p.add_argument("--tokenizer", default=None, help="spiece.model, tokenizer.json or a folder (default: beside the model)")
-    p.add_argument("--max-length", type=int, default=512, help="truncate longer prompts, with a warning (default 512)")
-    p.add_argument("--pad-to", type=int, default=None, help="pad every prompt to this many tokens")
+    p.add_argument("--max-length", type=_int_in(1, MAX_TOKENS), default=512,
+                   help=f"truncate longer prompts, with a warning (default 512, at most {MAX_TOKENS})")
+    p.add_argument("--pad-to", type=_int_in(1, MAX_TOKENS), default=None,
+                   help=f"pad every prompt to this many tokens (at most {MAX_TOKENS})")
     p.add_argument("--out", required=True, help="output .safetensors: embeddings [B,L,D] float32, input_ids, attention_mask")
     p.add_argument("prompts", nargs="+")
     _add_model_args(p)
@@ -133,16 +215,20 @@ def main(argv=None) -> None:
                    help="tensorizer (enc.tensors), safetensors (Hugging Face folder) or dcp (torch.distributed.checkpoint, "
                         "for t5core.distributed.load_fsdp) (default %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to copy (default: the one beside SRC, if any)")
-    _add_model_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model files already in OUT_DIR (default: refuse); weight files of other "
+                        "formats left there are removed once the new files are complete")
+    _add_model_args(p, format_flags=("--input-format",))
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("embed", help="embed a caption file, split across the ranks of torchrun (or one process)")
     p.add_argument("--model", required=True, help="weights in any supported format; with --fsdp a dcp folder")
     p.add_argument("--captions", required=True, help="text file, one caption a line (blank lines skipped)")
     p.add_argument("--out", required=True, help="folder for embeddings-RANK-of-WORLD.safetensors files")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512, help="truncate longer captions, with a warning")
-    p.add_argument("--save-dtype", default="float16", help="dtype of the saved embeddings (default %(default)s)")
+    p.add_argument("--batch-size", type=_int_in(1, 65536), default=16)
+    p.add_argument("--max-length", type=_int_in(1, MAX_TOKENS), default=512,
+                   help=f"truncate longer captions, with a warning (at most {MAX_TOKENS})")
+    p.add_argument("--save-dtype", type=_dtype_arg, default="float16", help="dtype of the saved embeddings (default %(default)s)")
     p.add_argument("--fsdp", action="store_true", help="shard the weights over the ranks (FSDP2) instead of a "
                    "copy per rank; --model must then be a dcp folder (convert --format dcp)")
     p.add_argument("--compile", action="store_true", help="compile the encoder (not with --fsdp)")
@@ -153,13 +239,13 @@ def main(argv=None) -> None:
     p = sub.add_parser("calibrate", help="find float16 residual scales with headroom and save them beside the model")
     p.add_argument("model")
     p.add_argument("--prompts", default=None, help="text file, one prompt a line (default: a built-in varied set)")
-    p.add_argument("--headroom", type=float, default=4.0, help="keep activations this many times below 65504")
+    p.add_argument("--headroom", type=_headroom_arg, default=4.0,
+                   help="keep activations this many times below 65504 (a finite number >= 1; default 4)")
     p.add_argument("--tokenizer", default=None)
     _add_model_args(p)
     p.set_defaults(func=cmd_calibrate)
 
     for name, module, help_ in (("precision", "t5core.scripts.t5_encoder_precision_parity", "per-layer absmax and error vs float32"),
-                                ("bench", "t5core.bench", "speed vs transformers (CUDA; --size small on CPU)"),
                                 ("demo", "t5core.demo", "build, save, load, tokenize, encode and check a small model")):
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,8 +255,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError and bad arguments: a message, not a traceback
-        raise SystemExit(f"error: {e}")
+    except (ValueError, OSError) as e:  # CheckpointError, bad arguments, missing files: one line, not a traceback
+        if getattr(args, "debug", False):
+            raise
+        print(f"t5core: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Runs the encoder (in float32, or whatever precision it has, as long as it is finite) over a prompt set, records
 each layer's attention-out and FFN-out absmax over real tokens, and chooses, layer by layer, the largest power
 of two <= 1 that keeps every scaled output `headroom` times below the float16 maximum."""
+import math
 import warnings
 from typing import Optional, Sequence
 
@@ -49,7 +50,7 @@ def measure_output_absmax(model, tokenizer, prompts: Optional[Sequence[str]] = N
 
 def choose_scales(attn_absmax, ffn_absmax, headroom: float = 4.0) -> tuple[list[float], list[float]]:
     """Greedy, first layer to last: shrink only when the cumulative-scaled output would pass the limit."""
-    limit = FLOAT16_MAX / headroom
+    limit = FLOAT16_MAX / check_headroom(headroom)  # -1 would loop forever, inf give scales of 0, 0 divide by 0
     c, attn_scales, ffn_scales = 1.0, [], []
     for a, f in zip(attn_absmax, ffn_absmax):
         for absmax, out in ((a, attn_scales), (f, ffn_scales)):
@@ -66,9 +67,21 @@ def calibrate_fp16_scales(model, tokenizer, prompts=None, headroom: float = 4.0,
 
     Use them with load_encoder(..., dtype="float16", fp16_scales=scales), or with fp16_scales.scale_residuals_enc
     on an unscaled model before casting it to float16; fp16_scales.save_sidecar keeps them beside the weights."""
+    headroom = check_headroom(headroom)
     attn, ffn, hidden = measure_output_absmax(model, tokenizer, prompts, max_length)
     for i, h in enumerate(hidden):
         if h * headroom > FLOAT16_MAX:
             warnings.warn(f"layer {i}: FFN hidden activations reach {h:.0f}, within {headroom}x of the float16 "
                           f"limit; residual scales cannot reduce them, so prefer bfloat16 for this model")
     return Scales.of(*choose_scales(attn, ffn, headroom), model.config.num_layers)
+
+
+def check_headroom(headroom) -> float:
+    """headroom must be a finite number >= 1 (the scaled activations stay that many times below 65504)."""
+    try:
+        value = float(headroom)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"headroom: must be a finite number >= 1, got {headroom!r}")
+    return value

@@ -8,6 +8,7 @@ Keys are reported in Hugging Face T5 naming with the prefix stripped; `native_ta
 T5EncoderStack's fused parameters.
 """
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 
 from .fp16_scales import CONFIG_KEY as FP16_SCALES_KEY, Scales
-from .t5_common import GELUApprox, T5Config, T5FFNType
+from .t5_common import CONFIG_LIMITS, GELUApprox, T5Config, T5FFNType, config_error_text
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 WEIGHT_SUFFIXES = (*SAFETENSORS_SUFFIXES, ".tensors", ".bin", ".pt", ".pth", ".gguf")
@@ -29,6 +30,15 @@ FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float
 
 class CheckpointError(ValueError):
     """A weight file that cannot be used; the message names the file and the key or problem."""
+
+
+MAX_SAFETENSORS_HEADER = 100_000_000
+MAX_DIM = 1 << 32  # no T5 dimension comes near; a larger one is a corrupt or hostile header
+INPUT_FORMATS = ("auto", "dcp")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,26 +60,60 @@ class SafetensorsSource:
             self._read_header(f)
 
     def _read_header(self, f: Path) -> None:
+        """Every entry is checked against the file before anything is allocated: dtype, shape and offsets agree,
+        tensors lie inside the data section and do not overlap, so no shape asks for more than the file holds."""
         size = f.stat().st_size
         with open(f, "rb") as fh:
             head = fh.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 2 <= n <= min(size - 8, 100_000_000):
-                raise CheckpointError(f"{f}: not a safetensors file (bad header length); it may be truncated or corrupt")
+            if n < 2 or n > min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise CheckpointError(f"{f}: not a safetensors file (bad header length {n}"
+                                      f"{'' if n > size - 8 else f' for a {size}-byte file'}); it may be truncated "
+                                      f"or corrupt")
             try:
                 header = json.loads(fh.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise CheckpointError(f"{f}: corrupt safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{f}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         header.pop("__metadata__", None)
+        spans = []
         for key, info in header.items():
-            dtype = _ST_DTYPES.get(info.get("dtype"))
-            start, end = info["data_offsets"]
+            def bad(problem: str) -> CheckpointError:
+                return CheckpointError(f"{f}: tensor {key!r}: {problem}; the file is corrupt or not a safetensors file")
+
+            if not isinstance(info, dict):
+                raise bad(f"header entry is a JSON {type(info).__name__}, not an object")
+            dtype_name = info.get("dtype")
+            if not isinstance(dtype_name, str):
+                raise bad(f"'dtype' is missing or not a string ({dtype_name!r})")
+            dtype = _ST_DTYPES.get(dtype_name)
             if dtype is None:
-                raise CheckpointError(f"{f}: tensor {key!r} has unsupported dtype {info.get('dtype')}")
+                raise CheckpointError(f"{f}: tensor {key!r} has unsupported dtype {dtype_name}")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+                raise bad(f"'shape' is missing or not a list of integers ({shape!r:.80})")
+            if any(d < 0 or d > MAX_DIM for d in shape):
+                raise bad(f"shape {shape} has a negative or huge dimension (limit {MAX_DIM})")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+                raise bad(f"'data_offsets' is missing or not two integers ({offsets!r:.80})")
+            start, end = offsets
+            if not 0 <= start <= end:
+                raise bad(f"data_offsets {offsets} are negative or reversed")
             if 8 + n + end > size:
                 raise CheckpointError(f"{f}: truncated: tensor {key!r} ends at byte {8 + n + end} but the file has "
                                       f"{size} bytes; re-download it")
-            self.entries[key] = (f, dtype, tuple(info["shape"]), 8 + n + start, end - start)
+            numel = math.prod(shape)
+            if numel * dtype.itemsize != end - start:
+                raise bad(f"shape {shape} of {dtype_name} needs {numel * dtype.itemsize} bytes but data_offsets "
+                          f"{offsets} hold {end - start}")
+            spans.append((start, end, key))
+            self.entries[key] = (f, dtype, tuple(shape), 8 + n + start, end - start)
+        spans.sort()
+        for (_, end_a, key_a), (start_b, end_b, key_b) in zip(spans, spans[1:]):
+            if start_b < end_a and start_b < end_b:
+                raise CheckpointError(f"{f}: tensors {key_a!r} and {key_b!r} overlap in the file (data_offsets); "
+                                      f"the file is corrupt")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -111,7 +155,8 @@ class TensorizerSource:
         from tensorizer import TensorDeserializer
 
         try:
-            self.deser = TensorDeserializer(str(self.path), lazy_load=True, device="cpu")
+            # verify_hash: each tensor's stored hashes are checked as it is read, so flipped bytes are an error
+            self.deser = TensorDeserializer(str(self.path), lazy_load=True, device="cpu", verify_hash=True)
         except Exception as e:
             raise CheckpointError(f"{self.path}: not a readable tensorizer file ({e})") from e
         self.position = -1
@@ -129,13 +174,16 @@ class TensorizerSource:
         try:
             t = self.deser[key]
         except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e}); the file may be truncated or corrupt") from e
+            last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({type(e).__name__}: {last}); the file "
+                                  f"may be truncated or corrupt") from e
         self.position = self.order[key]
         return t
 
 
 class TorchFileSource:
-    """pytorch_model.bin and friends: tensors only (weights_only=True), memory-mapped."""
+    """pytorch_model.bin and friends: tensors only, memory-mapped. weights_only=True unpickles with torch's
+    restricted unpickler (tensors, dicts, lists and plain values; no imports, no calls), so no code in the file runs."""
 
     def __init__(self, files: list[Path]) -> None:
         self.tensors = {}
@@ -146,7 +194,7 @@ class TorchFileSource:
                 raise CheckpointError(f"{f}: not a loadable tensor-only torch file ({e})") from e
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{f}: expected a state dict of tensors, got {type(sd).__name__}")
-            self.tensors.update(sd)
+            self.tensors.update({k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)})
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -160,7 +208,10 @@ class TorchFileSource:
 
 class DcpSource:
     """A torch.distributed.checkpoint folder (`.metadata` + `*.distcp`), as `convert --format dcp` writes: single
-    tensors read without a process group (t5core.distributed.load_fsdp reads it sharded instead)."""
+    tensors read without a process group (t5core.distributed.load_fsdp reads it sharded instead).
+
+    `.metadata` is a pickle that torch unpickles in full: opening one runs whatever code it holds. Only opened when
+    the caller names the format (format="dcp"), i.e. trusts the folder; detection never picks it."""
 
     def __init__(self, folder: Path) -> None:
         from torch.distributed.checkpoint import FileSystemReader
@@ -256,21 +307,66 @@ def hf_key_of(native: str, part: int, config: T5Config) -> str:
 # --------------------------------------------------------------------------------------------------
 # Config: from config.json (Hugging Face or native) or inferred from shapes
 # --------------------------------------------------------------------------------------------------
-def config_from_hf(hf: dict) -> T5Config:
-    proj = hf.get("feed_forward_proj", "relu")
-    extra = hf.get("t5core", {})  # {"elementwise_affine": False} for fused norms saved as unit scales
-    return T5Config(
-        vocab_size=hf["vocab_size"], hidden_dim=hf["d_model"], num_layers=hf["num_layers"],
-        n_head=hf["num_heads"], head_dim=hf["d_kv"], ff_dim=hf["d_ff"],
-        eps=hf.get("layer_norm_epsilon", 1e-6),
-        ffn_type=T5FFNType.GEGLU if proj.startswith("gated") else T5FFNType.ReLU,
-        gelu_approx=GELUApprox.Tanh if hf.get("dense_act_fn", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh") else GELUApprox.None_,
-        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-        pos_emb_per_layer=hf.get("model_type") == "umt5",
-        pad_token_id=hf.get("pad_token_id", 0),
-        **extra,
-    )
+_MISSING = object()
+
+
+def config_from_hf(hf: dict, where="config.json") -> T5Config:
+    """A Hugging Face T5 / mT5 / UMT5 config.json -> T5Config. Every value is checked first: a missing,
+    ill-typed, zero, negative or absurd one is a CheckpointError naming `where` and the config.json key."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got a {type(hf).__name__}")
+
+    def value(key, kind, default=_MISSING, limits=None):
+        v = hf.get(key, default)
+        if v is _MISSING:
+            raise CheckpointError(f"{where}: key {key!r} is missing")
+        ok = _is_int(v) if kind is int else (isinstance(v, (int, float)) and not isinstance(v, bool)) if kind is float \
+            else isinstance(v, kind)
+        if not ok:
+            raise CheckpointError(f"{where}: key {key!r} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {v!r:.80}")
+        if limits is not None:
+            lo, hi = limits
+            if not (lo <= v <= hi) or (kind is float and not math.isfinite(v)):
+                raise CheckpointError(f"{where}: key {key!r} is {v}, outside [{lo}, {hi}]")
+        return v
+
+    proj = value("feed_forward_proj", str, "relu")
+    extra = value("t5core", dict, {})  # {"elementwise_affine": False} for fused norms saved as unit scales
+    d_model = value("d_model", int, limits=CONFIG_LIMITS["hidden_dim"])
+    heads = value("num_heads", int, limits=CONFIG_LIMITS["n_head"])
+    if "d_kv" not in hf and d_model % heads:
+        raise CheckpointError(f"{where}: 'd_model' {d_model} is not divisible by 'num_heads' {heads} (and no 'd_kv')")
+    vocab = value("vocab_size", int, limits=CONFIG_LIMITS["vocab_size"])
+    try:
+        return T5Config(
+            vocab_size=vocab, hidden_dim=d_model,
+            num_layers=value("num_layers", int, limits=CONFIG_LIMITS["num_layers"]),
+            n_head=heads, kv_heads=heads, head_dim=value("d_kv", int, d_model // heads, CONFIG_LIMITS["head_dim"]),
+            ff_dim=value("d_ff", int, limits=CONFIG_LIMITS["ff_dim"]),
+            eps=value("layer_norm_epsilon", float, 1e-6, (1e-30, 1.0)),
+            ffn_type=T5FFNType.GEGLU if proj.startswith("gated") else T5FFNType.ReLU,
+            gelu_approx=GELUApprox.Tanh if value("dense_act_fn", str, "gelu_new") in ("gelu_new", "gelu_pytorch_tanh") else GELUApprox.None_,
+            relative_attention_num_buckets=value("relative_attention_num_buckets", int, 32,
+                                                 CONFIG_LIMITS["relative_attention_num_buckets"]),
+            relative_attention_max_distance=value("relative_attention_max_distance", int, 128,
+                                                  CONFIG_LIMITS["relative_attention_max_distance"]),
+            pos_emb_per_layer=hf.get("model_type") == "umt5",
+            pad_token_id=0 if hf.get("pad_token_id") is None else value("pad_token_id", int, 0, (0, vocab - 1)),
+            **extra,
+        )
+    except (ValueError, TypeError) as e:  # pydantic's ValidationError included: the "t5core" entry, a cross-field rule
+        raise CheckpointError(f"{where}: {config_error_text(e)}") from e
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "an object"}
+
+
+def native_config(cfg: dict, where) -> T5Config:
+    """A t5core config.json (T5Config fields) -> T5Config; errors name the file and the key."""
+    try:
+        return T5Config.model_validate(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {config_error_text(e)}") from e
 
 
 def hf_config_dict(config: T5Config) -> dict:
@@ -307,20 +403,36 @@ def infer_config(shape_of: dict[str, tuple[int, ...]], where: Path) -> T5Config:
             raise CheckpointError(f"{where}: T5 encoder key {key!r} is missing; cannot infer the architecture")
         return shape_of[key]
 
+    def matrix(key):
+        shape = need(key) if isinstance(key, str) else key
+        if len(shape) != 2 or 0 in shape:
+            raise CheckpointError(f"{where}: {key if isinstance(key, str) else 'the token embedding'} has shape "
+                                  f"{tuple(shape)}, not a non-empty matrix")
+        return shape
+
     blocks = {int(m[1]) for k in shape_of if (m := _HF_LAYER.match(k))}
-    inner, d_model = need("encoder.block.0.layer.0.SelfAttention.q.weight")
-    buckets, heads = need("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    q_key = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    inner, d_model = matrix(q_key)
+    bias_key = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    buckets, heads = matrix(bias_key)
+    if inner % heads:
+        raise CheckpointError(f"{where}: {q_key} has {inner} rows, not divisible by the {heads} heads of {bias_key}")
     emb = shape_of.get("shared.weight") or shape_of.get("encoder.embed_tokens.weight")
     if emb is None:
         raise CheckpointError(f"{where}: no token embedding ('shared.weight' or 'encoder.embed_tokens.weight')")
+    matrix(emb)
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shape_of
-    ff = need("encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
-    return T5Config(
-        vocab_size=emb[0], hidden_dim=d_model, num_layers=max(blocks) + 1, n_head=heads,
-        head_dim=inner // heads, ff_dim=ff, relative_attention_num_buckets=buckets,
-        ffn_type=T5FFNType.GEGLU if gated else T5FFNType.ReLU,
-        pos_emb_per_layer="encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in shape_of,
-    )
+    ff = matrix("encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
+    try:
+        return T5Config(
+            vocab_size=emb[0], hidden_dim=d_model, num_layers=max(blocks) + 1, n_head=heads, kv_heads=heads,
+            head_dim=inner // heads, ff_dim=ff, relative_attention_num_buckets=buckets,
+            ffn_type=T5FFNType.GEGLU if gated else T5FFNType.ReLU,
+            pos_emb_per_layer="encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in shape_of,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{where}: the architecture inferred from the tensor shapes is invalid: "
+                              f"{config_error_text(e)}") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,13 +456,38 @@ class Checkpoint:
         """One tensor, on `device`, dequantized if it is ComfyUI scaled fp8 (weight * scale_weight)."""
         return self._dequantized(key, self.source.get(self.keys[key]).to(device))
 
-    def _dequantized(self, key: str, t: torch.Tensor) -> torch.Tensor:
+    def _dequantized(self, key: str, t: torch.Tensor, pending: Optional[list] = None) -> torch.Tensor:
         if t.dtype in FP8_DTYPES:
             scale_key = self.keys[key].removesuffix("weight") + "scale_weight"
             if scale_key not in set(self.source.keys()):
                 raise CheckpointError(f"{self.path}: float8 tensor {self.keys[key]!r} has no {scale_key!r} to dequantize it")
-            t = t.float() * self.source.get(scale_key).to(t.device).float()
+            scale = self.source.get(scale_key).to(t.device).float()
+            if scale.numel() == 0 or not bool((torch.isfinite(scale) & (scale != 0)).all()):
+                raise CheckpointError(f"{self.path}: tensor {scale_key!r} (the float8 scale of {self.keys[key]!r}) is "
+                                      f"0, NaN or infinite: the file is corrupt")
+            try:
+                t = t.float() * scale
+            except RuntimeError as e:
+                raise CheckpointError(f"{self.path}: tensor {scale_key!r} has shape {tuple(scale.shape)}, which does "
+                                      f"not fit {self.keys[key]!r} {tuple(t.shape)}") from e
+        return self._checked(key, t, pending)
+
+    def _checked(self, key: str, t: torch.Tensor, pending: Optional[list] = None) -> torch.Tensor:
+        """NaN or infinite weights are a corrupt file: one isfinite().all() per tensor, naming it. With `pending`
+        (GPU reads) the flags are collected without a host sync and checked once by _raise_non_finite."""
+        if t.is_floating_point() and t.numel():
+            finite = torch.isfinite(t).all()
+            if pending is not None:
+                pending.append((key, finite))
+            elif not bool(finite):
+                self._raise_non_finite([(key, finite)])
         return t
+
+    def _raise_non_finite(self, flags: list) -> None:
+        if flags and not bool(torch.stack([f for _, f in flags]).all()):
+            key = next(k for k, f in flags if not bool(f))
+            raise CheckpointError(f"{self.path}: tensor {self.keys[key]!r} holds NaN or infinite values: the file is "
+                                  f"corrupt (re-download it)")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(self.keys[key])
@@ -395,6 +532,7 @@ class Checkpoint:
                 src.read_range(self.keys[k], start, raw[k][start:start + n])
 
         ahead = slots if staged else 2 * threads
+        pending = [] if staged else None  # GPU: finiteness flags, checked once at the end (no sync per tensor)
         with ThreadPoolExecutor(threads) as pool:
             futures = deque()
 
@@ -427,59 +565,111 @@ class Checkpoint:
                 if start + n == size[k]:
                     _, dtype, shape, _, _ = src.entries[self.keys[k]]
                     data = raw.pop(k)
-                    yield k, into[k] if k in in_place else self._dequantized(k, data.view(dtype).reshape(shape))
+                    yield k, (self._checked(k, into[k], pending) if k in in_place
+                              else self._dequantized(k, data.view(dtype).reshape(shape), pending))
+        if pending:
+            self._raise_non_finite(pending)
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
 
 
-def _resolve(path: Path, subfolder: Optional[str]) -> tuple[list[Path], Optional[dict], Path]:
-    """-> weight files, config.json contents (if any), folder they came from."""
+def _shards_of(folder: Path, index: Path) -> list[Path]:
+    """The shard files an index names, each checked to lie inside `folder` (no '..', absolute paths or symlinks
+    out of it) and to exist."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no 'weight_map' object (tensor name -> shard file); the index is corrupt")
+    root = folder.resolve()
+    shards = []
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{index}: weight_map entry {key!r} is {name!r}, not a file name")
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts or rel.drive:
+            raise CheckpointError(f"{index}: weight_map entry {key!r} points outside the model folder ({name!r}); "
+                                  f"refused")
+        target = folder / rel
+        if target.exists() and not target.resolve().is_relative_to(root):
+            raise CheckpointError(f"{index}: weight_map entry {key!r} ({name!r}) is a link to {target.resolve()}, "
+                                  f"outside the model folder; refused")
+        if target not in shards:
+            shards.append(target)
+    missing = sorted(str(s.relative_to(folder)) for s in shards if not s.is_file())
+    if missing:
+        raise CheckpointError(f"{index}: shard files missing: {missing}")
+    return sorted(shards)
+
+
+def _resolve(path: Path, subfolder: Optional[str], format: str = "auto") -> tuple[list[Path], Optional[dict], Path]:
+    """-> weight files, config.json contents (if any), folder they came from. A distributed checkpoint
+    (`.metadata`, a pickle) is only ever taken when format == "dcp"."""
     if subfolder:
         if not (path / subfolder).is_dir():
             have = sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
             raise CheckpointError(f"{path}: no subfolder {subfolder!r} (subfolders here: {have})")
         path = path / subfolder
+    if format == "dcp":
+        folder = path.parent if path.name == ".metadata" else path
+        if not (folder / ".metadata").is_file():
+            raise CheckpointError(f"{folder}: format 'dcp' given but there is no distributed checkpoint here "
+                                  f"(no .metadata file)")
+        cfg = _read_json(folder / "config.json") if (folder / "config.json").exists() else None
+        return [folder / ".metadata"], cfg, folder
     if path.is_file():
+        if path.name == ".metadata":
+            raise CheckpointError(f"{path}: a distributed checkpoint's metadata (a pickle, which can run code when "
+                                  f"read); load the folder with format='dcp' (--format dcp) only if you trust it")
         cfg = path.parent / "config.json"
         return [path], (_read_json(cfg) if path.suffix == ".tensors" and cfg.exists() else None), path.parent
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
     cfg = _read_json(path / "config.json") if (path / "config.json").exists() else None
-    if (path / ".metadata").exists():  # torch.distributed.checkpoint
-        return [path / ".metadata"], cfg, path
+    if cfg is not None and not isinstance(cfg, dict):
+        raise CheckpointError(f"{path / 'config.json'}: expected a JSON object, got a {type(cfg).__name__}")
     if (path / "model_index.json").exists():  # a diffusers repo: its T5 lives in a subfolder
         for sub in DIFFUSERS_T5_SUBFOLDERS:
             sub_cfg = path / sub / "config.json"
-            if sub_cfg.exists() and _read_json(sub_cfg).get("model_type") in ("t5", "mt5", "umt5"):
+            sub_json = _read_json(sub_cfg) if sub_cfg.exists() else None
+            if isinstance(sub_json, dict) and sub_json.get("model_type") in ("t5", "mt5", "umt5"):
                 return _resolve(path / sub, None)
         raise CheckpointError(f"{path}: a diffusers repo without a T5 text encoder in {DIFFUSERS_T5_SUBFOLDERS}")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).exists():
-            shards = sorted(set(_read_json(path / index)["weight_map"].values()))
-            missing = [s for s in shards if not (path / s).exists()]
-            if missing:
-                raise CheckpointError(f"{path / index}: shard files missing: {missing}")
-            return [path / s for s in shards], cfg, path
+            return _shards_of(path, path / index), cfg, path
     for name in ("enc.tensors", "model.safetensors", "pytorch_model.bin"):
         if (path / name).exists():
             return [path / name], cfg, path
     files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files and (path / ".metadata").exists():
+        raise CheckpointError(f"{path}: only a distributed checkpoint (.metadata) here. Its metadata is a pickle, "
+                              f"which can run code when read: pass format='dcp' (CLI: --format dcp, convert: "
+                              f"--input-format dcp) only if you trust this folder")
     if len(files) != 1:
         raise CheckpointError(f"{path}: expected one weight file (or an index), found {[f.name for f in files] or 'none'}")
     return files, cfg, path
 
 
-def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
-    """Open any supported T5 encoder checkpoint without reading its tensors."""
+def open_checkpoint(path, subfolder: Optional[str] = None, format: Optional[str] = None) -> Checkpoint:
+    """Open any supported T5 encoder checkpoint without reading its tensors.
+
+    format: None / "auto" detects safetensors, tensorizer and tensor-only torch files, and never reads a
+    torch.distributed.checkpoint folder: its `.metadata` is a pickle that can run code. "dcp" reads one; pass it
+    only for folders you trust (ones you converted yourself)."""
     from .tokenizer import find_tokenizer
 
+    format = format or "auto"
+    if format not in INPUT_FORMATS:
+        raise ValueError(f"format: expected one of {INPUT_FORMATS}, got {format!r}")
     path = Path(path).expanduser()
-    files, cfg_json, folder = _resolve(path, subfolder)
+    files, cfg_json, folder = _resolve(path, subfolder, format)
+    if cfg_json is not None and not isinstance(cfg_json, dict):
+        raise CheckpointError(f"{folder / 'config.json'}: expected a JSON object, got a {type(cfg_json).__name__}")
     suffix = files[0].suffix
     if suffix == ".gguf":  # llama.cpp T5 / UMT5 encoder files (t5core.gguf); a tokenizer beside it wins over its fields
         from .gguf import open_gguf, spiece_model_bytes
@@ -491,7 +681,7 @@ def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
                           tokenizer_bytes=spiece_model_bytes(fields) if fields and tokenizer is None else None)
     if suffix == ".tensors":
         source, fmt = TensorizerSource(files[0]), "tensorizer"
-    elif files[0].name == ".metadata":
+    elif format == "dcp":
         source, fmt = DcpSource(folder), "dcp"
     elif suffix in (".safetensors", ".sft"):
         source, fmt = SafetensorsSource(files), "safetensors"
@@ -517,10 +707,11 @@ def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
     if fmt == "safetensors" and any(k.endswith("scale_weight") for k in keys.values()):
         fmt = "comfyui-scaled-fp8"
 
+    cfg_where = folder / "config.json"
     if cfg_json is not None and "hidden_dim" in cfg_json:
-        config = T5Config.model_validate(cfg_json)
+        config = native_config(cfg_json, cfg_where)
     elif cfg_json is not None and "d_model" in cfg_json:
-        config = config_from_hf(cfg_json)
+        config = config_from_hf(cfg_json, cfg_where)
     elif native:
         raise CheckpointError(f"{where}: t5core-native weights need the config.json written beside them")
     else:
@@ -529,10 +720,31 @@ def open_checkpoint(path, subfolder: Optional[str] = None) -> Checkpoint:
     if "spiece_model" in all_keys:
         emb_bytes = bytes(source.get("spiece_model").numpy().tobytes())
     saved = (cfg_json or {}).get(FP16_SCALES_KEY)
-    try:
-        scales = Scales.of(saved["attn"], saved["ffn"], config.num_layers) if saved else None
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: config.json's {FP16_SCALES_KEY!r} is unreadable ({e})") from e
+    if saved is not None:
+        what = f"key {FP16_SCALES_KEY!r}"
+        try:
+            saved = Scales.of(*_scale_pair(saved, "attn", "ffn", cfg_where, what, config.num_layers), config.num_layers)
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_where}: {what}: {e}") from e
     return Checkpoint(path=where, format=fmt, source=source, keys=keys, config=config, native=native,
-                      tokenizer=find_tokenizer(folder), tokenizer_bytes=emb_bytes, fp16_scales=scales)
+                      tokenizer=find_tokenizer(folder), tokenizer_bytes=emb_bytes, fp16_scales=saved)
+
+
+def _scale_pair(data, attn_key: str, ffn_key: str, where, what: str, num_layers: Optional[int] = None):
+    """{attn_key: [..], ffn_key: [..]} -> (attn, ffn) lists of positive finite numbers, or a CheckpointError."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: {what} must be an object with {attn_key!r} and {ffn_key!r} lists")
+    out = []
+    for key in (attn_key, ffn_key):
+        v = data.get(key)
+        if v is None and key == attn_key:
+            out.append(None)
+            continue
+        if (not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                or not all(math.isfinite(x) and x > 0 for x in v)):
+            raise CheckpointError(f"{where}: {what}: {key!r} must be a list of positive finite numbers, got {v!r:.80}")
+        if num_layers is not None and len(v) != num_layers:
+            raise CheckpointError(f"{where}: {what}: {key!r} has {len(v)} scales for {num_layers} layers")
+        out.append(v)
+    return tuple(out)
 

@@ -53,16 +53,22 @@ def load_fsdp(path, dtype="bfloat16", device=None, mesh=None) -> Encoder:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    ckpt = open_checkpoint(path)
-    if ckpt.format != "dcp":
-        raise CheckpointError(f"{ckpt.path}: load_fsdp reads distributed checkpoints ({ckpt.format} given); "
-                              f"convert it once: python -m t5core convert {ckpt.path} OUT --format dcp")
+    from .weight_load import plan_reads
+
+    # by definition a distributed checkpoint: the caller names the format, trusting the folder (its .metadata is
+    # a pickle); any other folder is refused with a pointer to `convert --format dcp`
+    try:
+        ckpt = open_checkpoint(path, format="dcp")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. load_fsdp reads distributed checkpoints; convert it once: "
+                              f"python -m t5core convert {path} OUT --format dcp") from e
     if not dist.is_initialized():
         raise RuntimeError("load_fsdp needs a process group: run under torchrun (t5core.distributed.init_from_env)")
     device = torch.device(device) if device is not None else init_from_env()[2]
     mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
     with torch.device("meta"):
         model = T5EncoderStack(ckpt.config.model_copy(update={"dtype": parse_dtype(dtype)}))
+    plan_reads(dict(model.named_parameters()), ckpt, model.config)  # shapes agree before anything is allocated
     # FSDP2 gathers a group's parameters as one flat buffer of one dtype: each projection and the embedding are
     # their own group (compute dtype); the float32 norm scales and position-bias tables stay with the root.
     for module in [model.vocab_embed, *(m for m in model.layers.modules() if isinstance(m, torch.nn.Linear))]:
@@ -85,6 +91,12 @@ def embed_captions(model: Encoder, tokenizer, captions: list[tuple[int, str]], o
     number of forward calls, padding its tail with empty batches."""
     from safetensors.torch import save_file
 
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    if not (isinstance(max_length, int) and max_length >= 1):
+        raise ValueError(f"max_length: must be an integer >= 1, got {max_length!r}")
+    if not (isinstance(world, int) and world >= 1 and 0 <= rank < world):
+        raise ValueError(f"rank, world: need 0 <= rank < world, got rank {rank!r}, world {world!r}")
     mine = captions[rank::world]
     tokens = []  # EOS-terminated; a loop, not a comprehension: the warning's stacklevel counts frames
     for line, text in mine:
@@ -136,5 +148,8 @@ def read_caption_embeddings(out_dir) -> dict[int, Tensor]:
 
 def read_captions(path) -> list[tuple[int, str]]:
     """A caption file, one caption a line -> (line, caption) pairs; blank lines are skipped."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
     return [(i, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]

@@ -15,7 +15,6 @@ Where scales live, all read and written here:
 """
 import json
 import math
-import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -115,10 +114,15 @@ def parse(text: str) -> Spec:
         raise ValueError(f"fp16 scales {text!r}: expected 'FFN scales' or 'ATTN scales;FFN scales'")
 
     def values(part: str, what: str) -> list[float]:
-        try:
-            return list(_check([Fraction(v.strip()) for v in part.replace("\n", ",").split(",") if v.strip()], what))
-        except (ValueError, ZeroDivisionError) as e:
-            raise ValueError(f"fp16 scales {part.strip()!r}: {e}; write powers of two, e.g. 1,1,1/2,...") from e
+        out = []
+        for v in (v.strip() for v in part.replace("\n", ",").split(",")):
+            if not v:
+                continue
+            try:
+                out.append(float(Fraction(v)))
+            except (ValueError, ZeroDivisionError, OverflowError):
+                raise ValueError(f"fp16 scales: cannot read {v!r}; write powers of two, e.g. 1,1,1/2,...") from None
+        return list(_check(out, what))
 
     if ";" in text:
         attn, ffn = text.split(";")
@@ -151,8 +155,11 @@ def resolve(spec: Spec, config, weights_path=None, stored: Optional[Scales] = No
             raise ValueError("fp16 scales 'calibrate' needs the model and a tokenizer: pass it to load_encoder")
         if spec != "auto":
             return resolve(parse(spec), config, weights_path, stored)
-        found = (load_sidecar(weights_path) if weights_path is not None else None) or stored or preset(config)
+        found = (load_sidecar(weights_path, n) if weights_path is not None else None) or stored or preset(config)
         return None if found is None else Scales.of(found.attn, found.ffn, n)
+    if not isinstance(spec, (list, tuple)):
+        raise ValueError(f"fp16_scales: expected 'auto', 'calibrate', None, Scales, text, a list of FFN-out scales "
+                         f"or an (attn, ffn) pair, got {spec!r}")
     if len(spec) == 2 and not isinstance(spec[0], (int, float)):  # (attn, ffn)
         return Scales.of(spec[0], spec[1], n)
     return Scales.of(None, spec, n)
@@ -198,29 +205,23 @@ def sidecar_path(weights_path) -> Path:
 
 
 def save_sidecar(weights_path, scales: Scales, headroom: float) -> Path:
-    """Write the sidecar under a temporary name and rename it when complete: an old one is never half-replaced."""
-    path = sidecar_path(weights_path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = {"enc_attn_out_scales": list(scales.attn), "enc_ffn_out_scales": list(scales.ffn), "headroom": headroom}
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Write the sidecar under a temporary name, renamed when complete: an old one is never half-replaced."""
+    from .save import write_atomic
+
+    text = json.dumps({"enc_attn_out_scales": list(scales.attn), "enc_ffn_out_scales": list(scales.ffn),
+                       "headroom": headroom}, indent=2)
+    return write_atomic(sidecar_path(weights_path), lambda tmp: tmp.write_text(text))
 
 
-def load_sidecar(weights_path) -> Optional[Scales]:
-    """The calibrated scales saved beside the weights, or None; a corrupt file is an error naming it."""
-    from .checkpoint import CheckpointError
+def load_sidecar(weights_path, num_layers: int) -> Optional[Scales]:
+    """The calibrated scales saved beside the weights, or None; a corrupt file is a CheckpointError naming it."""
+    from .checkpoint import CheckpointError, _read_json, _scale_pair
 
     path = sidecar_path(weights_path)
     if not path.exists():
         return None
+    pair = _scale_pair(_read_json(path), "enc_attn_out_scales", "enc_ffn_out_scales", path, "calibrated scales")
     try:
-        data = json.loads(path.read_text())
-        return Scales(_check(data["enc_attn_out_scales"], "enc_attn_out_scales"),
-                      _check(data["enc_ffn_out_scales"], "enc_ffn_out_scales"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable float16 scales ({type(e).__name__}: {e}); delete it or run "
-                              f"`python -m t5core calibrate` again") from e
+        return Scales.of(*pair, num_layers)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 from torch import BoolTensor, FloatTensor, LongTensor, nn
 
+from .t5_common import check_token_ids
 from .t5_encoder import T5EncoderStack
 
 
@@ -105,6 +106,7 @@ class Encoder:
         """input_ids [B, L] (+ mask [B, L], True = real token) -> [B, L, D] float32. Compiled models run at
         length_bucket(L) (added keys masked, output cut back to L); compiled CUDA models replay one CUDA graph per
         shape; float16 outputs are checked for overflow (the only host sync)."""
+        check_token_ids(input_ids, self.config.vocab_size)  # CPU ids only: no device sync
         with torch.no_grad() if self.sharded else torch.inference_mode():
             return self._encode(input_ids, attention_mask)
 

@@ -1,14 +1,95 @@
-"""Write an encoder back to disk: the seed's tensorizer layout, or a Hugging Face-compatible folder."""
+"""Write an encoder back to disk: the seed's tensorizer layout, or a Hugging Face-compatible folder.
+
+Nothing is lost on the way: every file is written under a temporary name in the target folder, flushed to disk
+and renamed only when complete, so an interrupted or failing write leaves the previous files as they were and no
+partial file that could load. A folder that already holds a model is refused unless overwrite=True; then, once
+the new files are complete, the weight files of other formats (which the loader might otherwise pick) are removed.
+"""
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .checkpoint import hf_config_dict, hf_key_of
 from .fp16_scales import Scales
+from .tokenizer import TOKENIZER_JSON_NAME
 from .t5_encoder import T5EncoderStack
 
 FORMATS = ("tensorizer", "safetensors", "dcp")
+TMP_PREFIX = ".t5core-partial-"  # no weight suffix: the loader never picks a leftover one up
+# Files that make a folder "a model": refusing to write over them without overwrite=True.
+MODEL_FILES = ("config.json", "enc.tensors", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json", ".metadata", "spiece.model", "tokenizer.json", "fp16_scales.json")
+MODEL_SUFFIXES = (".safetensors", ".sft", ".tensors", ".bin", ".pt", ".pth", ".distcp")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        _fsync_path(folder)
+    except OSError:  # some file systems cannot sync a directory; the renames are still atomic
+        pass
+
+
+def write_atomic(path, write: Callable[[Path], object]) -> Path:
+    """write(tmp) writes the whole file at a temporary path beside `path`; it is flushed to disk and renamed over
+    `path` only if write returns. On any failure the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}.tmp")
+    try:
+        write(tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def existing_model_files(folder) -> list[str]:
+    """Names of the model files (weights, configs, tokenizers, calibrated scales) already in `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name in MODEL_FILES or (p.is_file() and p.suffix in MODEL_SUFFIXES))
+
+
+def check_target(out_dir, overwrite: bool = False) -> Path:
+    """Refuse a target that is a file, or a folder holding another model's files unless overwrite."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    found = existing_model_files(out)
+    if found and not overwrite:
+        raise FileExistsError(f"{out}: already holds model files ({', '.join(found[:6])}"
+                              f"{', ...' if len(found) > 6 else ''}); pass overwrite=True (CLI: --overwrite) to "
+                              f"replace them, or choose an empty folder")
+    return out
+
+
+def _remove_stale(out: Path, keep: set[str]) -> None:
+    """After a complete write with overwrite allowed: weight files of other formats, indexes, shards, calibrated
+    scales and a tokenizer of the previous model go, so loading the folder returns the new model."""
+    for p in out.iterdir():
+        if p.name in keep or p.name.startswith(TMP_PREFIX):
+            continue
+        stale = (p.name in MODEL_FILES and p.name not in ("spiece.model", "tokenizer.json")) \
+            or (p.is_file() and p.suffix in MODEL_SUFFIXES) or p.name.endswith(".fp16_scales.json") \
+            or (p.name == "spiece.model" and TOKENIZER_JSON_NAME in keep)  # found first: the old model's
+        if stale and p.is_file():
+            p.unlink()
 
 
 @torch.no_grad()
@@ -35,46 +116,89 @@ def hf_state_dict(model: T5EncoderStack) -> dict[str, torch.Tensor]:
 
 
 def save_hf_folder(model: T5EncoderStack, out_dir) -> Path:
-    """config.json + model.safetensors that transformers' T5EncoderModel reads and t5core reloads as it was."""
+    """config.json + model.safetensors that transformers' T5EncoderModel reads and t5core reloads as it was.
+    Like transformers' save_pretrained it replaces the files of those names (each atomically)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2))
+    sd = hf_state_dict(model)
+    write_atomic(out / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    config = json.dumps(hf_config_dict(model.config), indent=2)
+    write_atomic(out / "config.json", lambda tmp: tmp.write_text(config))
     return out
 
 
-def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tokenizer=None) -> Path:
+def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tokenizer=None,
+                 overwrite: bool = False) -> Path:
     """tensorizer: enc.tensors + config.json (T5Config), as the usage guide's loaders expect (weights as they are).
     safetensors: the Hugging Face form (save_hf_folder).
     dcp: a torch.distributed.checkpoint folder + config.json, weights as they are, which
     t5core.distributed.load_fsdp reads straight into each rank's shards at any world size. Called on every rank of
-    a process group, each rank writes its own shard file (its FSDP shards, or its share of a replicated model)."""
+    a process group, each rank writes its own shard file (its FSDP shards, or its share of a replicated model).
+
+    A folder that already holds model files is refused unless overwrite; every file is written under a temporary
+    name and renamed when complete (see the module docstring)."""
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+        raise ValueError(f"format: unknown format {format!r}; choose one of {FORMATS}")
+    import torch.distributed as dist
+
+    distributed = format == "dcp" and dist.is_initialized()
+    rank0 = not distributed or dist.get_rank() == 0
     _check_expanded(model)
-    out = Path(out_dir)
+    out = check_target(out_dir, overwrite)  # on every rank: all refuse together, none waits for a refused one
     out.mkdir(parents=True, exist_ok=True)
+    written = {"config.json"}
     if format == "tensorizer":
         from tensorizer import TensorSerializer
 
-        serializer = TensorSerializer(str(out / "enc.tensors"))
-        serializer.write_module(model)  # (not write_state_dict: TensorDeserializer.load_into_module needs this form)
-        serializer.close()
-        (out / "config.json").write_text(model.config.model_dump_json(indent=2))
+        def write_tensors(tmp: Path) -> None:
+            serializer = TensorSerializer(str(tmp))
+            try:
+                serializer.write_module(model)  # (not write_state_dict: TensorDeserializer.load_into_module needs this form)
+            finally:
+                serializer.close()
+
+        write_atomic(out / "enc.tensors", write_tensors)
+        written.add("enc.tensors")
     elif format == "dcp":
-        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(model.state_dict(), checkpoint_id=str(out), no_dist=not dist.is_initialized())
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return out  # rank 0 writes the config and tokenizer
-        (out / "config.json").write_text(model.config.model_dump_json(indent=2))
+        # every rank writes into one temporary folder inside the target; rank 0 moves the files out when complete
+        staging = out / f"{TMP_PREFIX}dcp"
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)
+        if distributed:
+            dist.barrier()
+        try:
+            dcp.save(model.state_dict(), checkpoint_id=str(staging), no_dist=not distributed)
+        except BaseException:
+            if rank0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if not rank0:
+            return out  # rank 0 moves the shards and writes the config and tokenizer
+        names = sorted(p.name for p in staging.iterdir())
+        for name in names:
+            if name != ".metadata":
+                _fsync_path(staging / name)
+                os.replace(staging / name, out / name)
+        _fsync_path(staging / ".metadata")
+        os.replace(staging / ".metadata", out / ".metadata")  # last: the folder is a checkpoint only once complete
+        staging.rmdir()
+        written.update(names)
     else:
         save_hf_folder(model, out)
+        written.add("model.safetensors")
+    if format != "safetensors":
+        config = model.config.model_dump_json(indent=2)
+        write_atomic(out / "config.json", lambda tmp: tmp.write_text(config))
     if tokenizer is not None:
-        tokenizer.save(out)
+        write_atomic(out / TOKENIZER_JSON_NAME, lambda tmp: _save_tokenizer(tokenizer, tmp))
+        written.add(TOKENIZER_JSON_NAME)
+    if overwrite:
+        _remove_stale(out, written)
+    _fsync_dir(out)
     return out
 
 
@@ -84,3 +208,13 @@ def _check_expanded(model: T5EncoderStack) -> None:
     if is_packed(model):
         raise ValueError("this encoder keeps GGUF weights compressed: load it with weight_dtype (e.g. 'bf16', the same "
                          "as dtype) to expand them before saving")
+
+
+def _save_tokenizer(tokenizer, tmp: Path) -> None:
+    """tokenizer.save(folder) writes folder/tokenizer.json: write it in a scratch folder, then move it to tmp."""
+    scratch = tmp.with_name(tmp.name + ".d")
+    scratch.mkdir(exist_ok=True)
+    try:
+        shutil.move(str(tokenizer.save(scratch)), str(tmp))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -52,6 +52,30 @@ V1_1_PRESETS = {"small": (512, 6, 1024, 8), "base": (768, 12, 2048, 12), "large"
                 "xl": (2048, 32, 5120, 24), "xxl": (4096, 64, 10240, 24)}
 
 
+# (lowest, highest) accepted for each size field: far beyond any released T5 (UMT5-XXL: vocab 256384, width 4096,
+# ff 10240, 24 layers, 64 heads), yet small enough that a hostile config.json cannot ask for terabytes. Loading
+# also checks every weight's shape against the config before anything is allocated.
+CONFIG_LIMITS = {
+    "vocab_size": (1, 1 << 22), "hidden_dim": (1, 1 << 16), "num_layers": (1, 1024), "n_head": (1, 1024),
+    "kv_heads": (1, 1024), "head_dim": (1, 4096), "ff_dim": (1, 1 << 20),
+    "relative_attention_num_buckets": (4, 4096), "relative_attention_max_distance": (2, 1 << 16),
+}
+
+
+def config_error_text(e: Exception) -> str:
+    """A pydantic ValidationError (or any ValueError) -> one line naming each bad key."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(f"key {'.'.join(map(str, err['loc'])) or '(config)'!r}: "
+                             f"{str(err['msg']).removeprefix('Value error, ')}"
+                             + (f" (got {err['input']!r:.60})" if err.get("type") != "value_error" and "input" in err else "")
+                             for err in errors())
+        except Exception:  # noqa: BLE001 (fall back to the plain text)
+            pass
+    return " ".join(str(e).split())
+
+
 class T5Config(BaseModel):
     """Encoder hyperparameters. Field names follow nai-t5, so its config.json files validate as they are."""
 
@@ -82,6 +106,41 @@ class T5Config(BaseModel):
     # Power-of-two factors already baked into the weights (t5core.fp16_scales); None means all 1.
     enc_attn_out_scales: Optional[list[float]] = None
     enc_ffn_out_scales: Optional[list[float]] = None
+
+    @field_validator(*CONFIG_LIMITS)
+    @classmethod
+    def _in_range(cls, val: int, info) -> int:
+        lo, hi = CONFIG_LIMITS[info.field_name]
+        if not lo <= val <= hi:
+            raise ValueError(f"{info.field_name} is {val}, outside [{lo}, {hi}]")
+        return val
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_positive(cls, val: float) -> float:
+        if not (math.isfinite(val) and 0 < val < 1):
+            raise ValueError(f"eps (layer_norm_epsilon) is {val}; it must be a finite number in (0, 1)")
+        return val
+
+    @field_validator("enc_attn_out_scales", "enc_ffn_out_scales")
+    @classmethod
+    def _scales_finite(cls, val, info):
+        if val is not None and not all(math.isfinite(s) and s > 0 for s in val):
+            raise ValueError(f"{info.field_name} must be positive finite numbers, got {val}")
+        return val
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "T5Config":
+        for name in ("enc_attn_out_scales", "enc_ffn_out_scales"):
+            scales = getattr(self, name)
+            if scales is not None and len(scales) != self.num_layers:
+                raise ValueError(f"{name} has {len(scales)} entries for num_layers={self.num_layers}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})")
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+            raise ValueError(f"relative_attention_max_distance {self.relative_attention_max_distance} must exceed "
+                             f"relative_attention_num_buckets / 4 ({self.relative_attention_num_buckets // 4})")
+        return self
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -169,3 +228,19 @@ def offset_rows(tables: Tensor, seq_len: int) -> Tensor:
 
 def gelu_fn(approx: GELUApprox):
     return lambda x: nn.functional.gelu(x, approximate="tanh" if approx == GELUApprox.Tanh else "none")
+
+
+def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Token ids must index the embedding: a clear ValueError instead of an IndexError deep inside (or a CUDA
+    device assert). Checked only for CPU tensors (tokenizers give CPU ids), so it never adds a device sync."""
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected a [batch, length] tensor with at least one prompt and one token, "
+                         f"got shape {tuple(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
+    if input_ids.device.type == "cpu":
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids: token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
+                             f"is the tokenizer the model's own?")

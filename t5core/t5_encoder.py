@@ -134,7 +134,7 @@ def dense_sdpa_bias(rows: Tensor, input_mask: Optional[BoolTensor], dtype: torch
 
     The bias depends on key - query only (Toeplitz). The row's windows of L entries (unfold: unit strides over
     query and key) are its mirror image (Hankel), and one flip copies it out: a single pass over the output,
-    where indexing with an [L, L] offset matrix took several (benchmarks/bias_table_probe.py)."""
+    where indexing with an [L, L] offset matrix took several."""
     L = (rows.shape[-1] + 1) // 2
     hankel = rows.to(dtype).unfold(-1, L, 1)  # [n, H, L, L]: [.., L-1-q, k] = row[L-1-q+k]
     bias = hankel.flip(2).unsqueeze(1)  # [n, 1, H, L, L]: row[k - q + L - 1]

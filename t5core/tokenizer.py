@@ -1,51 +1,36 @@
-"""T5 tokenizer giving the same ids as Hugging Face's T5 `tokenizer.json`, without transformers / tokenizers.
+"""T5 tokenizer: Hugging Face `tokenizers` (what transformers, diffusers and ComfyUI run), so ids match by construction.
 
-Loads a sentencepiece `spiece.model`, a Hugging Face `tokenizer.json` (Unigram) or raw serialized model bytes.
-Both file kinds become one sentencepiece ModelProto (so both routes give identical ids, and `save` writes a plain
-spiece.model); the sentencepiece runtime validates it and names pad / eos / unk.
-
-The encoding itself is done here rather than by `SentencePieceProcessor.encode`, because the HF tokenizer (the
-reference) differs from it in ways that change ids:
-- it first cuts the text at special tokens written literally in it (`<extra_id_0>`, `</s>`, ...), then normalizes
-  and tokenizes each piece separately, with a leading "▁" only on the piece that starts the text (Metaspace
-  prepend_scheme "first"); it strips trailing Unicode whitespace, not just spaces;
-- its character map (NFKC-like) works per grapheme cluster and uses the shortest matching key, where
-  sentencepiece takes the longest key at each position (differs e.g. for letters with two combining accents);
-- its Viterbi sums scores in float64, sentencepiece in float32, which decides exact ties ("xxx", "!!!") differently.
+A `tokenizer.json` is used as it is. A sentencepiece `spiece.model` (a file, or its bytes as checkpoints embed it)
+becomes the same pipeline that transformers' T5TokenizerFast builds from it:
+  normalizer     Precompiled(charsmap) -> Strip(right) -> Replace(" {2,}" -> "▁")
+  pre-tokenizer  Metaspace("▁", prepend_scheme="first"): "▁" before the first chunk only, split before each "▁"
+  model          Unigram(pieces + <extra_id_99> ... <extra_id_0>, score 0), so <extra_id_0> is the last id
+  added tokens   control / unknown / user-defined pieces and the sentinels, matched whole in the raw text
+  post-processor $A </s>
+and is then read back from its JSON text, so it holds exactly the scores a tokenizer.json holds (see _from_spiece).
 """
 
-import base64
+import itertools
 import json
 import os
 import re
-import struct
-import unicodedata
 import warnings
 from pathlib import Path
 
-import sentencepiece
 import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
-
-Piece = sp_pb.ModelProto.SentencePiece
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPIECE_NAME = "spiece.model"
 TOKENIZER_JSON_NAME = "tokenizer.json"
 # diffusers repos keep the T5 tokenizer beside the text encoder: tokenizer_2/ (Flux), tokenizer_3/ (SD3)
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>, which spiece.model files do not contain
-SENTINEL_RE = re.compile(r"<extra_id_\d+>")
 META = "\u2581"  # "▁", sentencepiece's visible space
-# What Rust's char::is_whitespace accepts (Unicode White_Space), which HF's Strip normalizer uses.
-# Python's str.isspace differs (it also takes \x1c-\x1f), so spell the set out.
-UNICODE_WHITESPACE = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
-)
-PREPEND_SCHEMES = ("first", "always", "never")
-WORD_CACHE_SIZE = 1 << 16
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
-# The real T5 v1.1 tokenizer (32000 pieces + 100 sentinels), converted from tokenizer.json: a fallback when
-# no tokenizer lies beside the weights.
+# The real T5 v1.1 tokenizer (32000 pieces; loading adds the 100 sentinels): a fallback when no tokenizer lies
+# beside the weights.
 BUNDLED_SPIECE = Path(__file__).parent / "data" / "t5_spiece.model"
 
 
@@ -53,309 +38,60 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than max_length allows and was cut."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# tokenizer.json -> sentencepiece ModelProto
-
-
-def _read_json(path: Path) -> dict:
+def _from_spiece(data: bytes, where: str) -> Tokenizer:
+    """A serialized sentencepiece Unigram model -> the Tokenizer T5TokenizerFast builds from it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from e
+        proto = sp_pb.ModelProto.FromString(data)
+    except Exception as e:  # protobuf's DecodeError
+        raise ValueError(f"{where}: not a sentencepiece model ({e})") from e
+    if proto.trainer_spec.model_type != sp_pb.TrainerSpec.UNIGRAM:
+        kind = sp_pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+        raise ValueError(f"{where}: expected a Unigram sentencepiece model, got model type {kind}")
+    if not proto.pieces:
+        raise ValueError(f"{where}: not a sentencepiece model (no pieces)")
+    Piece = sp_pb.ModelProto.SentencePiece
+    vocab = [(p.piece, p.score) for p in proto.pieces]
+    has_sentinels = any(p.piece.startswith("<extra_id_") for p in proto.pieces)
+    sentinels = [] if has_sentinels else [f"<extra_id_{k}>" for k in reversed(range(NUM_SENTINELS))]
+    unk_id = proto.trainer_spec.unk_id
+    if not 0 <= unk_id < len(vocab):
+        raise ValueError(f"{where}: unk_id {unk_id} is not a piece")
 
-
-def _flatten(component: dict | None) -> list[dict]:
-    """A normalizer / pre_tokenizer may be one object or a Sequence of them; return them as a flat list."""
-    if not component:
-        return []
-    inner = component.get("normalizers") or component.get("pretokenizers")
-    if component.get("type") == "Sequence" and inner is not None:
-        return [leaf for part in inner for leaf in _flatten(part)]
-    return [component]
-
-
-def _prepend_scheme_of(data: dict) -> str:
-    """How the Metaspace pre-tokenizer adds the leading "▁": 'first' (only at text start), 'always', 'never'."""
-    for pre in _flatten(data.get("pre_tokenizer")):
-        if pre.get("type") == "Metaspace":
-            if "prepend_scheme" in pre:
-                return pre["prepend_scheme"]
-            return "always" if pre.get("add_prefix_space", True) else "never"  # older files
-    return "never"
-
-
-def _has_sentinel_tail(vocab: list, added_ids: set[int]) -> bool:
-    """Does vocab end with the standard added block <extra_id_99> ... <extra_id_0>?
-
-    That block is what T5 tokenizers add on top of spiece.model. We leave it out of the proto and add it back on
-    load, so the written spiece.model is a plain 32000-piece one, as other sentencepiece users expect.
-    """
-    if len(vocab) < NUM_SENTINELS:
-        return False
-    return all(
-        len(vocab) - 1 - k in added_ids and vocab[len(vocab) - 1 - k][0] == f"<extra_id_{k}>"
-        for k in range(NUM_SENTINELS)
+    tok = Tokenizer(models.Unigram(vocab + [(name, 0.0) for name in sentinels], unk_id=unk_id))
+    charsmap = proto.normalizer_spec.precompiled_charsmap
+    tok.normalizer = normalizers.Sequence(
+        ([normalizers.Precompiled(charsmap)] if charsmap else [])
+        + [normalizers.Strip(left=False, right=True), normalizers.Replace(Regex(" {2,}"), META)]
     )
-
-
-def _proto_from_tokenizer_json(data: dict, path: Path) -> sp_pb.ModelProto:
-    model = data.get("model") or {}
-    if model.get("type") != "Unigram":
-        kind = model.get("type")
-        raise ValueError(f"{path}: expected a Unigram (sentencepiece) tokenizer.json, got model type {kind!r}")
-    if model.get("byte_fallback"):
-        raise ValueError(f"{path}: Unigram byte_fallback is not supported")
-    vocab, unk_id = model.get("vocab"), model.get("unk_id")
-    if not isinstance(vocab, list) or not vocab:
-        raise ValueError(f"{path}: the Unigram model has no vocab")
-    added = {t["id"]: t for t in data.get("added_tokens", [])}
-    for tok_id, tok in added.items():
-        if tok_id >= len(vocab) or vocab[tok_id][0] != tok["content"]:
-            raise ValueError(f"{path}: added token {tok['content']!r} (id {tok_id}) is not in the Unigram vocab")
-    num_pieces = len(vocab) - (NUM_SENTINELS if _has_sentinel_tail(vocab, set(added)) else 0)
-
-    proto = sp_pb.ModelProto()
-    for idx, (text, score) in enumerate(vocab[:num_pieces]):
-        piece = proto.pieces.add(piece=text, score=score, type=Piece.NORMAL)
-        if idx == unk_id:
-            piece.type = Piece.UNKNOWN
-        elif idx in added:  # <pad>, </s>: special tokens, matched in the raw text, never produced by segmentation
-            piece.type = Piece.CONTROL if added[idx].get("special", True) else Piece.USER_DEFINED
-
-    names = [p.piece for p in proto.pieces]
-    spec = proto.trainer_spec
-    spec.model_type = sp_pb.TrainerSpec.UNIGRAM
-    spec.vocab_size = num_pieces
-    spec.unk_id = unk_id if unk_id is not None else -1
-    spec.bos_id = -1  # T5 has no BOS
-    spec.eos_id = names.index("</s>") if "</s>" in names else -1
-    spec.pad_id = names.index("<pad>") if "<pad>" in names else -1
-
-    charsmap = b""
-    for norm in _flatten(data.get("normalizer")):
-        if norm.get("type") == "Precompiled":
-            charsmap = base64.b64decode(norm.get("precompiled_charsmap") or "")
-    norm_spec = proto.normalizer_spec
-    norm_spec.name = "nmt_nfkc" if charsmap else "identity"
-    norm_spec.precompiled_charsmap = charsmap
-    norm_spec.add_dummy_prefix = _prepend_scheme_of(data) != "never"
-    norm_spec.remove_extra_whitespaces = True
-    norm_spec.escape_whitespaces = True
-    return proto
-
-
-def tokenizer_json_to_spiece(tokenizer_json_path: str | os.PathLike, out_spiece_path: str | os.PathLike) -> Path:
-    """Convert a Hugging Face T5 tokenizer.json (Unigram) to an equivalent sentencepiece spiece.model file."""
-    path = Path(tokenizer_json_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer.json not found: {path}")
-    proto = _proto_from_tokenizer_json(_read_json(path), path)
-    out = Path(out_spiece_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(proto.SerializeToString())
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# character normalization, as Hugging Face's Precompiled normalizer does it
-
-ZERO_WIDTH_JOINERS = "\u200c\u200d"
-# Characters that join the preceding grapheme cluster although their category is not M*: halfwidth katakana
-# voiced marks, Thai/Lao sara am (UAX #29 Extend / SpacingMark).
-EXTRA_EXTENDERS = ZERO_WIDTH_JOINERS + "\uff9e\uff9f\u0e33\u0eb3"
-
-
-def _is_control(ch: str) -> bool:
-    """UAX #29 Control (plus CR/LF): nothing joins to it, it joins to nothing."""
-    cat = unicodedata.category(ch)
-    if cat == "Cf":  # format chars are Control, except joiners and emoji tag characters (Extend)
-        return ch not in ZERO_WIDTH_JOINERS and not 0xE0020 <= ord(ch) <= 0xE007F
-    return cat in ("Cc", "Zl", "Zp")
-
-
-def _extends(ch: str) -> bool:
-    """UAX #29 Extend / ZWJ / SpacingMark: joins the grapheme cluster before it."""
-    return (
-        unicodedata.category(ch) in ("Mn", "Me", "Mc")
-        or ch in EXTRA_EXTENDERS
-        or 0x1F3FB <= ord(ch) <= 0x1F3FF  # emoji skin-tone modifiers
-        or 0xE0020 <= ord(ch) <= 0xE007F  # emoji tag characters
-    )
-
-
-def _graphemes(text: str):
-    """Split text into extended grapheme clusters (UAX #29), reduced to the rules that matter here: CR LF,
-    controls, and marks joining their base. The omitted rules (Prepend, Hangul syllables, emoji ZWJ sequences,
-    regional indicator pairs, Indic conjuncts) give clusters of 6+ UTF-8 bytes, which the character map handles
-    character by character anyway, or clusters starting with a character the map leaves alone, which map the
-    same as their characters one by one."""
-    start = 0
-    for i in range(1, len(text)):
-        prev, ch = text[i - 1], text[i]
-        if prev == "\r" and ch == "\n":
-            continue
-        if _is_control(prev) or _is_control(ch) or not _extends(ch):  # CR and LF are controls too
-            yield text[start:i]
-            start = i
-    if text:
-        yield text[start:]
-
-
-def _unit_offset(unit: int) -> int:
-    """darts-clone unit layout: child offset in bits 10..31, scaled by 256 when bit 9 is set."""
-    return (unit >> 10) << ((unit & (1 << 9)) >> 6)
-
-
-class _CharsMap:
-    """sentencepiece's precompiled character map: a darts-clone double-array trie over UTF-8 keys whose values
-    are offsets into a blob of NUL-terminated replacement strings. An empty map changes nothing."""
-
-    def __init__(self, blob: bytes):
-        self._units: tuple[int, ...] = ()
-        self._strings = b""
-        if blob:
-            (trie_bytes,) = struct.unpack_from("<I", blob)
-            self._units = struct.unpack_from(f"<{trie_bytes // 4}I", blob, 4)
-            self._strings = blob[4 + trie_bytes :]
-        self._char_cache: dict[str, str] = {}
-
-    def _shortest_match(self, key: bytes) -> str | None:
-        """Replacement of the shortest map key that is a prefix of `key` (None if none), walking the trie."""
-        units = self._units
-        pos = _unit_offset(units[0])
-        for byte in key:
-            pos ^= byte
-            unit = units[pos]
-            if unit & ((1 << 31) | 0xFF) != byte:  # label check: no edge for this byte
-                return None
-            pos ^= _unit_offset(unit)
-            if unit & (1 << 8):  # a key ends here; its value sits in the unit at pos
-                start = units[pos] & ((1 << 31) - 1)
-                return self._strings[start : self._strings.index(b"\0", start)].decode("utf-8")
-        return None
-
-    def _char(self, ch: str) -> str:
-        if ch not in self._char_cache:
-            found = self._shortest_match(ch.encode("utf-8"))
-            self._char_cache[ch] = ch if found is None else found
-        return self._char_cache[ch]
-
-    def normalize(self, text: str) -> str:
-        """Map text as HF's Precompiled normalizer does: a cluster under 6 UTF-8 bytes whose start matches a key
-        is replaced as a whole by that key's replacement (even if the key covers only its first character);
-        any other cluster is mapped character by character."""
-        if not self._units:
-            return text
-        out = []
-        for cluster in _graphemes(text):
-            if len(cluster) > 1 and len(encoded := cluster.encode("utf-8")) < 6:
-                found = self._shortest_match(encoded)
-                if found is not None:
-                    out.append(found)
-                    continue
-            out.extend(self._char(ch) for ch in cluster)
-        return "".join(out)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Unigram segmentation
-
-
-class _Unigram:
-    """Viterbi segmentation of one word with the Unigram scores, done as Hugging Face's Unigram model does it:
-    float64 sums; on a tie the path whose last piece starts first wins; a character that starts no
-    single-character piece gets an unknown node; runs of unknowns become one unk id."""
-
-    def __init__(self, vocab: list[tuple[str, float]], unk_id: int):
-        self._scores = [score for _, score in vocab]
-        self._unk_id = unk_id
-        self._unk_score = min(self._scores) - 10.0  # the unknown-piece penalty of HF and sentencepiece
-        # every prefix of every piece -> piece id, or -1 if the prefix is no piece; lets the scan stop early
-        self._lookup: dict[str, int] = {}
-        for piece_id, (piece, _) in enumerate(vocab):
-            for end in range(1, len(piece)):
-                self._lookup.setdefault(piece[:end], -1)
-            self._lookup[piece] = piece_id
-        self._cache: dict[str, tuple[int, ...]] = {}  # prompts repeat words; a plain dict keeps this picklable
-
-    def encode_word(self, word: str) -> tuple[int, ...]:
-        ids = self._cache.get(word)
-        if ids is None:
-            if len(self._cache) >= WORD_CACHE_SIZE:
-                self._cache.clear()
-            ids = self._cache[word] = self._viterbi(word)
-        return ids
-
-    def _viterbi(self, word: str) -> tuple[int, ...]:
-        n = len(word)
-        best_score: list[float | None] = [0.0] + [None] * n  # best path score ending at each position
-        best_from: list[tuple[int, int]] = [(0, -1)] * (n + 1)  # (start of its last piece, piece id)
-
-        def offer(start: int, end: int, piece_id: int, score: float) -> None:
-            if best_score[end] is None or score > best_score[end]:  # strict: on a tie the earlier offer stays
-                best_score[end], best_from[end] = score, (start, piece_id)
-
-        for start in range(n):
-            base = best_score[start]
-            has_single_char_piece = False
-            end = start + 1
-            while end <= n and (piece_id := self._lookup.get(word[start:end])) is not None:
-                if piece_id >= 0:
-                    offer(start, end, piece_id, base + self._scores[piece_id])
-                    has_single_char_piece |= end == start + 1
-                end += 1
-            if not has_single_char_piece:
-                offer(start, start + 1, self._unk_id, base + self._unk_score)
-
-        ids, end = [], n
-        while end > 0:
-            start, piece_id = best_from[end]
-            # unknown runs fuse into one unk (a literal "<unk>" piece included, as in HF)
-            if not (piece_id == self._unk_id and ids and ids[-1] == self._unk_id):
-                ids.append(piece_id)
-            end = start
-        return tuple(reversed(ids))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the tokenizer
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=META, prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement=META, prepend_scheme="always")  # as in T5's tokenizer.json
+    # control and unknown pieces (<pad>, </s>, <unk>) are special; user-defined ones are matched whole but not special
+    tok.add_tokens([
+        AddedToken(p.piece, normalized=False, special=p.type != Piece.USER_DEFINED)
+        for p in proto.pieces if p.type in (Piece.CONTROL, Piece.UNKNOWN, Piece.USER_DEFINED)
+    ])
+    tok.add_special_tokens([AddedToken(name, normalized=False, special=True) for name in sentinels])
+    if (eos_id := tok.token_to_id(EOS)) is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=["$A", EOS], pair=["$A", EOS, "$B", EOS], special_tokens=[(EOS, eos_id)])
+    # Read it back from its JSON text, as every tokenizer.json is read: tokenizers parses the decimal scores up to
+    # 1 ulp off (a quarter of T5's pieces), and exact Unigram ties ("incat----": "---" "-" or "-" "---") follow
+    # those bits. So both sources, and what save() writes, give the same ids.
+    return Tokenizer.from_str(tok.to_str())
 
 
 class T5Tokenizer:
     """T5 text -> ids. Build with load_tokenizer(); `tok(texts)` gives padded (input_ids, attention_mask)."""
 
-    def __init__(self, proto: sp_pb.ModelProto, prepend_scheme: str = "first"):
-        if prepend_scheme not in PREPEND_SCHEMES:
-            raise ValueError(f"prepend_scheme must be one of {PREPEND_SCHEMES}, got {prepend_scheme!r}")
-        # kept serialized: what save() writes, and picklable (the sentencepiece proto class is not)
-        self._model_bytes = proto.SerializeToString()
-        processor = sentencepiece.SentencePieceProcessor(model_proto=self._model_bytes)  # validates the model
-        self._pad_id, self._eos_id, self._unk_id = processor.pad_id(), processor.eos_id(), processor.unk_id()
-        if self._pad_id < 0 or self._eos_id < 0:
-            raise ValueError("a T5 tokenizer needs <pad> and </s> control pieces")
-
-        spec = proto.normalizer_spec
-        self._prepend_scheme = prepend_scheme if spec.add_dummy_prefix else "never"
-        self._clean_whitespace = spec.remove_extra_whitespaces
-        self._space = META if spec.escape_whitespaces else " "
-        self._charsmap = _CharsMap(spec.precompiled_charsmap)
-
-        vocab = [(p.piece, p.score) for p in proto.pieces]
-        # Tokens the HF tokenizer matches as whole units in the raw text ("added tokens"): control/unknown/user
-        # pieces plus the sentinels, which follow the model's pieces in reverse order (<extra_id_0> is last).
-        matchable = (Piece.CONTROL, Piece.UNKNOWN, Piece.USER_DEFINED)
-        self._special = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in matchable}
-        if not any(SENTINEL_RE.fullmatch(piece) for piece, _ in vocab):
-            sentinels = [f"<extra_id_{k}>" for k in reversed(range(NUM_SENTINELS))]
-            self._special.update({name: len(vocab) + i for i, name in enumerate(sentinels)})
-            vocab += [(name, 0.0) for name in sentinels]  # score 0, as in HF's tokenizer.json
-        self.vocab_size = len(vocab)
-        # longest first, so at one position the longest special token wins (as HF's leftmost-longest match)
-        self._special_re = re.compile("|".join(map(re.escape, sorted(self._special, key=len, reverse=True))))
-        # HF's Unigram knows all vocab entries, special ones included (score 0): normalized text that spells one,
-        # e.g. full-width "＜/s＞" -> "</s>", becomes that token.
-        self._unigram = _Unigram(vocab, self._unk_id)
+    def __init__(self, tokenizer: Tokenizer, where: str = "tokenizer"):
+        if not isinstance(tokenizer.model, models.Unigram):
+            raise ValueError(f"{where}: expected a Unigram (sentencepiece) T5 tokenizer, got "
+                             f"{type(tokenizer.model).__name__}")
+        self._pad_id, self._eos_id, self._unk_id = map(tokenizer.token_to_id, (PAD, EOS, UNK))
+        if self._pad_id is None or self._eos_id is None:
+            raise ValueError(f"{where}: a T5 tokenizer needs {PAD} and {EOS} tokens")
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     def pad_id(self) -> int:
         return self._pad_id
@@ -363,49 +99,15 @@ class T5Tokenizer:
     def eos_id(self) -> int:
         return self._eos_id
 
-    def unk_id(self) -> int:
+    def unk_id(self) -> int | None:
         return self._unk_id
-
-    def _split_special(self, text: str):
-        """Yield (start offset, chunk, special id or None) in order; chunks between special tokens get None."""
-        pos = 0
-        for m in self._special_re.finditer(text):
-            if m.start() > pos:
-                yield pos, text[pos : m.start()], None
-            yield m.start(), m.group(), self._special[m.group()]
-            pos = m.end()
-        if pos < len(text):
-            yield pos, text[pos:], None
-
-    def _normalize(self, chunk: str, at_text_start: bool) -> str:
-        """HF's normalizer + Metaspace for one chunk: character map, strip the right end, runs of spaces -> one
-        "▁", spaces -> "▁", and a leading "▁" if the scheme asks for one and the chunk has none."""
-        text = self._charsmap.normalize(chunk)
-        if self._clean_whitespace:
-            text = re.sub(" +", " ", text.rstrip(UNICODE_WHITESPACE))
-        text = text.replace(" ", self._space)
-        wants_prefix = self._prepend_scheme == "always" or (self._prepend_scheme == "first" and at_text_start)
-        if text and wants_prefix and not text.startswith(META):
-            text = META + text
-        return text
 
     def encode_ids(self, text: str, add_eos: bool = True) -> list[int]:
         """Token ids of one text, with EOS appended unless add_eos=False. No truncation."""
         if not isinstance(text, str):
             raise TypeError(f"expected a str, got {type(text).__name__}")
-        ids: list[int] = []
-        for start, chunk, special in self._split_special(text):
-            if special is not None:
-                ids.append(special)
-                continue
-            normalized = self._normalize(chunk, at_text_start=start == 0)
-            # HF's Metaspace splits before every "▁" and segments each word on its own
-            for word in re.split(f"(?={META})", normalized):
-                if word:
-                    ids.extend(self._unigram.encode_word(word))
-        if add_eos:
-            ids.append(self._eos_id)
-        return ids
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return ids + [self._eos_id] if add_eos else ids
 
     def __call__(
         self, texts: str | list[str], max_length: int = 512, pad_to: int | None = None
@@ -419,9 +121,12 @@ class T5Tokenizer:
             texts = [texts]
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1 (room for EOS), got {max_length}")
+        if bad := [type(t).__name__ for t in texts if not isinstance(t, str)]:
+            raise TypeError(f"expected str prompts, got {bad[0]}")
+        encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         rows = []
-        for index, text in enumerate(texts):  # a loop, not a comprehension: the warning's stacklevel counts frames
-            rows.append(self.truncate(self.encode_ids(text, add_eos=False), max_length, f"prompt {index} has"))
+        for index, encoding in enumerate(encodings):  # a loop, not a comprehension: stacklevel counts frames
+            rows.append(self.truncate(encoding.ids, max_length, f"prompt {index} has"))
         return self.pad_rows(rows, pad_to)
 
     def truncate(self, ids: list[int], max_length: int, what: str, stacklevel: int = 2) -> list[int]:
@@ -436,30 +141,27 @@ class T5Tokenizer:
     def pad_rows(self, rows: list[list[int]], pad_to: int | None = None) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """Token id rows -> (input_ids [B, L] int64, attention_mask [B, L] bool), right-padded with 0 to
         L = pad_to if given, else the longest row."""
-        longest = max((len(r) for r in rows), default=0)
+        lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+        longest = int(lengths.max()) if rows else 0
         if pad_to is not None and pad_to < longest:
             raise ValueError(f"pad_to={pad_to} is shorter than the longest encoded prompt ({longest} tokens)")
         length = longest if pad_to is None else pad_to
+        mask = torch.arange(length) < lengths.reshape(-1, 1)
         input_ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = True
+        # one flat conversion: much faster than a tensor from a list of lists; row-major order fills row by row
+        input_ids[mask] = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
         return input_ids, mask
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write folder/spiece.model, a plain sentencepiece model (no sentinels; loading adds them back).
-
-        A tokenizer.json whose Metaspace prepends "▁" to every chunk ('always', older files) saves as one that
-        prepends only at the start of the text ('first'): a spiece.model cannot say the difference.
-        """
-        out = Path(folder) / SPIECE_NAME
+        """Write folder/tokenizer.json: the full pipeline, which load_tokenizer, transformers' T5TokenizerFast,
+        diffusers and ComfyUI read back."""
+        out = Path(folder) / TOKENIZER_JSON_NAME
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(self._model_bytes)
+        self._tokenizer.save(str(out))
         return out
 
     def __repr__(self) -> str:
-        return f"T5Tokenizer(vocab_size={self.vocab_size}, prepend_scheme={self._prepend_scheme!r})"
+        return f"T5Tokenizer(vocab_size={self.vocab_size})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -469,8 +171,9 @@ class T5Tokenizer:
 def _is_unigram_json(path: Path) -> bool:
     """tokenizer.json files of CLIP tokenizers sit in the same kind of folders; only accept Unigram ones."""
     try:
-        return _read_json(path).get("model", {}).get("type") == "Unigram"
-    except (OSError, ValueError):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("model", {}).get("type") == "Unigram"
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -503,26 +206,6 @@ def find_tokenizer(folder_or_file: str | os.PathLike) -> Path | None:
     return None
 
 
-def _parse_proto(data: bytes, where: str) -> sp_pb.ModelProto:
-    try:
-        proto = sp_pb.ModelProto.FromString(data)
-    except Exception as e:  # protobuf's DecodeError
-        raise ValueError(f"{where}: not a sentencepiece model ({e})") from e
-    if proto.trainer_spec.model_type != sp_pb.TrainerSpec.UNIGRAM:
-        kind = sp_pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
-        raise ValueError(f"{where}: expected a Unigram sentencepiece model, got model type {kind}")
-    return proto
-
-
-def _build(proto: sp_pb.ModelProto, where: str, prepend_scheme: str = "first") -> T5Tokenizer:
-    """T5Tokenizer(proto), with sentencepiece's complaints about a broken model turned into a ValueError naming
-    where the model came from."""
-    try:
-        return T5Tokenizer(proto, prepend_scheme)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{where}: not a usable T5 sentencepiece model ({e})") from e
-
-
 def load_tokenizer(source: "str | os.PathLike | bytes | bytearray | memoryview | torch.Tensor") -> T5Tokenizer:
     """Load a T5 tokenizer from a spiece.model, a tokenizer.json, a folder holding either (spiece.model preferred),
     or serialized sentencepiece model bytes (also a uint8 tensor, as ComfyUI checkpoints embed `spiece_model`)."""
@@ -530,7 +213,7 @@ def load_tokenizer(source: "str | os.PathLike | bytes | bytearray | memoryview |
         source = source.detach().cpu().to(torch.uint8).numpy().tobytes()
     if isinstance(source, (bytes, bytearray, memoryview)):
         where = "sentencepiece model bytes"
-        return _build(_parse_proto(bytes(source), where), where)
+        return T5Tokenizer(_from_spiece(bytes(source), where), where)
 
     path = Path(source)
     expected = f"expected a {SPIECE_NAME}, a {TOKENIZER_JSON_NAME}, or a folder holding one"
@@ -542,10 +225,14 @@ def load_tokenizer(source: "str | os.PathLike | bytes | bytearray | memoryview |
             raise FileNotFoundError(f"no T5 tokenizer in folder {path} ({expected})")
         path = found
     if path.suffix == ".json":
-        data = _read_json(path)
-        return _build(_proto_from_tokenizer_json(data, path), str(path), _prepend_scheme_of(data))
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e}); {expected}") from e
-    return _build(_parse_proto(data, str(path)), str(path))
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from e
+    else:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read ({e}); {expected}") from e
+        tokenizer = _from_spiece(data, str(path))
+    return T5Tokenizer(tokenizer, str(path))

@@ -27,6 +27,51 @@ def _norm_key_for(native: str) -> Optional[str]:
     return f"{m[1]}.{_FUSE_INTO[m[2]]}" if m and m[2] in _FUSE_INTO else None
 
 
+_LAYER_OF = re.compile(r"^layers\.(\d+)\.")
+
+
+def plan_reads(params: dict, ckpt: Checkpoint, config: T5Config):
+    """Which checkpoint tensor fills which parameter rows, with every shape checked, before anything is read or
+    allocated (params may be meta tensors). -> ({key in ckpt: (parameter, part, parts)} in file order,
+    {norm parameter: key in ckpt}). Weights the config has no room for (more layers, per-layer position tables)
+    are an error naming both, never silently dropped."""
+    work: dict[str, tuple[str, int, int]] = {}
+    norm_keys: dict[str, str] = {}  # norm parameter name -> key in ckpt (their scales may be fused instead)
+    where = ckpt.path
+    for key in ckpt.keys:
+        target = (key, 0, 1) if ckpt.native else native_target(key, config)
+        if target is None:
+            if (not ckpt.native and not config.pos_emb_per_layer and key.endswith("relative_attention_bias.weight")
+                    and key.startswith("encoder.block.") and not key.startswith("encoder.block.0.")):
+                raise CheckpointError(f"{where}: {key} is a per-layer position table (UMT5) but the config describes "
+                                      f"a T5 with one shared table (model_type is not 'umt5')")
+            continue  # decoder, lm_head, ComfyUI markers, buffers
+        name, part, parts = target
+        m = _LAYER_OF.match(name)
+        if m and int(m[1]) >= config.num_layers:
+            raise CheckpointError(f"{where}: {key} belongs to layer {m[1]}, but the config says num_layers="
+                                  f"{config.num_layers}: the config and the weights disagree")
+        if name.endswith(("ln1.weight", "ln2.weight")):
+            norm_keys[name] = key
+        if name not in params or target in work.values():
+            continue  # a norm fused away, or shared.weight / encoder.embed_tokens.weight: the same tensor twice
+        rows = params[name].shape[0] // parts
+        if tuple(ckpt.shape(key)) != (rows, *params[name].shape[1:]):
+            raise CheckpointError(
+                f"{where}: {key} has shape {tuple(ckpt.shape(key))}, expected {(rows, *params[name].shape[1:])} "
+                f"for {name} (config says vocab {config.vocab_size}, hidden {config.hidden_dim}, heads "
+                f"{config.n_head}, ff {config.ff_dim})")
+        work[key] = target
+    for name in params:
+        found = [key for key, t in work.items() if t[0] == name]
+        if not found:
+            raise CheckpointError(f"{where}: missing weight for {name} (a truncated or non-T5-encoder checkpoint, "
+                                  f"or a config that does not match the weights?)")
+        if len(found) != work[found[0]][2]:
+            raise CheckpointError(f"{where}: {name} needs {work[found[0]][2]} tensors, found {found}")
+    return work, norm_keys
+
+
 @torch.no_grad()
 def stream_into_module(
     model: T5EncoderStack,
@@ -46,32 +91,11 @@ def stream_into_module(
             multiply_weight(model, name, factor)
     if not fuse_norm_scales and model.config.elementwise_affine is False and ckpt.config.elementwise_affine:
         raise CheckpointError(f"{ckpt.path}: the model has no norm scales but the checkpoint does: pass fuse_norm_scales=True")
-    work: dict[str, tuple[str, int, int]] = {}  # key in ckpt -> (parameter, part, parts), in file order
-    norm_keys: dict[str, str] = {}  # norm parameter name -> key in ckpt (their scales may be fused instead)
-    targets: dict[str, torch.Tensor] = {}  # key in ckpt -> the parameter rows it fills
-    for key in ckpt.keys:
-        target = (key, 0, 1) if ckpt.native else native_target(key, model.config)
-        if target is None:
-            continue  # decoder, lm_head, ComfyUI markers, buffers
-        name, part, parts = target
-        if name.endswith(("ln1.weight", "ln2.weight")):
-            norm_keys[name] = key
-        if name not in params or target in work.values():
-            continue  # a norm fused away, or shared.weight / encoder.embed_tokens.weight: the same tensor twice
+    work, norm_keys = plan_reads(params, ckpt, model.config)
+    targets = {}  # key in ckpt -> the parameter rows it fills
+    for key, (name, part, parts) in work.items():
         rows = params[name].shape[0] // parts
-        if tuple(ckpt.shape(key)) != (rows, *params[name].shape[1:]):
-            raise CheckpointError(
-                f"{ckpt.path}: {key} has shape {tuple(ckpt.shape(key))}, expected {(rows, *params[name].shape[1:])} "
-                f"for {name} (config says hidden {model.config.hidden_dim}, heads {model.config.n_head}, "
-                f"ff {model.config.ff_dim})")
-        work[key] = target
         targets[key] = params[name][part * rows:(part + 1) * rows]
-    for name in params:
-        found = [key for key, t in work.items() if t[0] == name]
-        if not found:
-            raise CheckpointError(f"{ckpt.path}: missing weight for {name} (a truncated or non-T5-encoder checkpoint?)")
-        if len(found) != work[found[0]][2]:
-            raise CheckpointError(f"{ckpt.path}: {name} needs {work[found[0]][2]} tensors, found {found}")
     # norm scales are tiny: read them first, so the big tensors can follow in file order
     norm_scales = ({name: ckpt.get(key, device=model.ln.weight.device) for name, key in norm_keys.items()}
                    if fuse_norm_scales else {})
@@ -94,10 +118,13 @@ def stream_into_module(
         del t
 
 
-def build_empty(config: T5Config, device) -> T5EncoderStack:
-    """A model with uninitialised storage on `device`: loading overwrites every parameter anyway."""
+def build_empty(config: T5Config, device, ckpt: Optional[Checkpoint] = None) -> T5EncoderStack:
+    """A model with uninitialised storage on `device`: loading overwrites every parameter anyway. With `ckpt`,
+    its shapes are checked against the config first, so nothing is allocated for a config the weights do not back."""
     with torch.device("meta"):
         model = T5EncoderStack(config)
+    if ckpt is not None:
+        plan_reads(dict(model.named_parameters()), ckpt, config)
     model = model.to_empty(device=device)
     model.apply_residual_scales_from_config()
     return model.eval()
@@ -180,6 +207,7 @@ def load_encoder(
     fp16_scales="auto",
     compile: bool = False,
     subfolder: Optional[str] = None,
+    format: Optional[str] = None,
     weight_dtype: Optional[str] = None,
 ) -> Encoder:
     """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`; the
@@ -195,6 +223,8 @@ def load_encoder(
     or an (attn_out_scales, ffn_out_scales) pair.
     compile: torch.compile for fixed-shape speed (CUDA: one layer compiled and reused, CUDA graphs; CPU: frozen
     weights, except for weights kept as GGUF blocks).
+    format: None detects the format; "dcp" reads a torch.distributed.checkpoint folder, whose metadata is a pickle:
+    only for folders you trust (see open_checkpoint).
     weight_dtype: None keeps a GGUF file's quantized weights as their blocks, dequantized in each layer just before
     use (t5core.gguf.build_packed); "bf16" / "fp16" / "fp32" (the same as dtype) expands them once at load."""
     dtype = parse_dtype(dtype)
@@ -202,7 +232,7 @@ def load_encoder(
     if weight_dtype is not None and parse_dtype(weight_dtype) != dtype:
         raise ValueError(f"weight_dtype={weight_dtype!r} expands the weights to the model's dtype, which is {dtype}: "
                          f"pass dtype={weight_dtype!r} too")
-    ckpt = open_checkpoint(path, subfolder=subfolder)
+    ckpt = open_checkpoint(path, subfolder=subfolder, format=format)
     packed = ckpt.format == "gguf" and weight_dtype is None
     if packed and fuse_norms:
         raise ValueError(f"{ckpt.path}: fuse_norms=True cannot fold norm scales into GGUF blocks kept compressed (that "
@@ -213,19 +243,19 @@ def load_encoder(
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
     scaled = dtype == torch.float16 and fp16_scales is not None and not baked
     if scaled and fp16_scales == "calibrate":
-        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder,
+        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder, format,
                              None if packed else "float32").model
         found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
         scale_residuals_enc(model, found.attn, found.ffn)
         model.set_weight_dtype(torch.float16)
-    else:
+    else:  # the sidecar is read only for float16 loads: float32 never touches it
         scales = resolve_scales(fp16_scales, ckpt.config, ckpt.path, ckpt.fp16_scales) if scaled else None
         if packed:
             from .gguf import build_packed
 
             model = build_packed(config, ckpt.source, device)
         else:
-            model = build_empty(config, device)
+            model = build_empty(config, device, ckpt)
         load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True, scales=scales)
     encoder = Encoder(model, source_path=Path(ckpt.path))
     return encoder.compile() if compile else encoder

@@ -134,7 +134,7 @@ def test_convert_round_trip_bit_identical(hf, tmp_path, fmt, extra):
     shutil.copy(TOKENIZER_DIR / "tokenizer.json", src)
     cli(["convert", str(src), str(tmp_path / "out"), "--format", fmt, *extra])
     out = tmp_path / "out"
-    assert (out / "config.json").exists() and (out / "spiece.model").exists()
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     if fmt == "tensorizer":
         assert (out / "enc.tensors").exists()
         t5core.T5Config.model_validate(json.loads((out / "config.json").read_text()))

@@ -1,6 +1,7 @@
 """Distributed checkpoints, FSDP2 sharded loading and caption embedding across ranks: real torchrun processes on
 the CPU (gloo), compared with transformers on the same weights."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,9 @@ def hf_reference(hf, texts):
 
 def test_dcp_folder_round_trip(dcp_folder):
     hf, model, root = dcp_folder
-    ckpt = open_checkpoint(root / "dcp")
+    ckpt = open_checkpoint(root / "dcp", format="dcp")  # never detected: its .metadata is a pickle
     assert ckpt.format == "dcp" and ckpt.native and ckpt.config.elementwise_affine is False
-    back = t5core.load_encoder(root / "dcp")
+    back = t5core.load_encoder(root / "dcp", format="dcp")
     for (name, a), (_, b) in zip(model.model.named_parameters(), back.model.named_parameters()):
         assert torch.equal(a, b), name
     tok = load_tokenizer(root / "dcp")  # the tokenizer was saved beside the weights
@@ -97,7 +98,8 @@ def test_embed_captions_across_ranks(dcp_folder, tmp_path, fsdp):
     captions.write_text("\n".join(CAPTIONS), encoding="utf-8")
     out = tmp_path / "emb"
     torchrun("-m", "t5core", "embed", "--model", root / "dcp", "--captions", captions, "--out", out,
-             "--dtype", "float32", "--save-dtype", "float32", "--batch-size", "2", *(["--fsdp"] if fsdp else []))
+             "--dtype", "float32", "--save-dtype", "float32", "--batch-size", "2",
+             *(["--fsdp"] if fsdp else ["--format", "dcp"]))
     assert sorted(p.name for p in out.iterdir()) == ["embeddings-00000-of-00002.safetensors",
                                                     "embeddings-00001-of-00002.safetensors"]
     got = read_caption_embeddings(out)
@@ -139,14 +141,17 @@ def test_fsdp_refuses_other_formats_and_no_process_group(dcp_folder):
         load_fsdp(root / "dcp")
 
 
-def test_embed_fsdp_refuses_options_it_cannot_apply(tmp_path):
+def test_embed_fsdp_refuses_options_it_cannot_apply(tmp_path, capsys):
     """A sharded load takes the dcp folder as converted: options that would change the weights or the compute
     are refused by name rather than ignored (before any process group or file is touched)."""
     from t5core.__main__ import main
 
-    with pytest.raises(SystemExit, match=r"--compile, --fuse-norms do not apply .*convert --format dcp"):
+    with pytest.raises(SystemExit) as exit_:
         main(["embed", "--model", str(tmp_path / "none"), "--captions", str(tmp_path / "none.txt"), "--out",
               str(tmp_path), "--fsdp", "--compile", "--fuse-norms"])
+    assert exit_.value.code == 2
+    assert re.search(r"^t5core: error: --compile: .*--compile, --fuse-norms do not apply .*convert --format dcp",
+                     capsys.readouterr().err)
 
 
 def test_truncated_dcp_shard_is_named(dcp_folder, tmp_path):
@@ -157,20 +162,22 @@ def test_truncated_dcp_shard_is_named(dcp_folder, tmp_path):
         data = f.read_bytes()
         (bad / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".distcp" else data)
     with pytest.raises(CheckpointError, match=r"dcp: cannot read tensor"):
-        t5core.load_encoder(bad)
+        t5core.load_encoder(bad, format="dcp")
 
 
 def test_sharded_write_and_fsdp_parity_script(dcp_folder, tmp_path):
-    """The guide's two FSDP scripts: a two-rank write gives one shard file per rank, which loads whole with parity
-    and loads sharded identical to the whole model."""
+    """A two-rank `convert --format dcp` (what the guide's serialize script did) gives one shard file per rank,
+    which loads whole with parity and, through the guide's FSDP parity script, sharded identical to the whole
+    model."""
     hf, _, root = dcp_folder
     out = tmp_path / "dcp2"
-    torchrun("t5core/scripts/t5_serialize_dtensor.py", root / "hf", out, "--fuse-norms", "--tokenizer", TOKENIZER_DIR)
+    torchrun("-m", "t5core", "convert", root / "hf", out, "--format", "dcp", "--fuse-norms", "--tokenizer",
+             TOKENIZER_DIR)
     assert sorted(p.name for p in out.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     ids, mask = load_tokenizer(out)(CAPTIONS[:3], max_length=512)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-    assert rel_err(t5core.load_encoder(out).encode(ids, mask)[mask], ref[mask]) <= 1e-5
+    assert rel_err(t5core.load_encoder(out, format="dcp").encode(ids, mask)[mask], ref[mask]) <= 1e-5
     printed = torchrun("t5core/scripts/t5_encoder_parity_fsdp.py", out)
     assert "local shard [96, 64] of [192, 64]" in printed
     err = float(printed.split("relative error ")[1].split()[0])

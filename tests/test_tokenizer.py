@@ -1,8 +1,12 @@
-"""t5core.tokenizer against Hugging Face's T5 tokenizer (test-only dependency: transformers / tokenizers).
+"""t5core.tokenizer against Hugging Face's T5 tokenizer.
 
-The reference is `T5TokenizerFast(tokenizer_file=tokenizer.json)`, which runs the file's own pipeline. Note that
-transformers 5's `from_pretrained(folder)` rebuilds a T5 pipeline instead (WhitespaceSplit + prepend "always"),
-which differs from tokenizer.json next to literal special tokens, so it is only compared on ordinary prompts.
+The reference is `T5TokenizerFast(tokenizer_file=tokenizer.json)`, which runs the file's own pipeline. transformers 5's
+`from_pretrained(folder)` rebuilds a T5 pipeline instead (WhitespaceSplit + prepend "always"), which differs from
+tokenizer.json next to literal special tokens, so it is only compared on ordinary prompts.
+
+Both sources give the same ids: the spiece.model route builds the tokenizer.json pipeline, scores included as
+tokenizers reads them from JSON text (up to 1 ulp off their float32 values). That decides rare exact ties
+(test_ties_follow_tokenizer_json); there transformers' own conversion of spiece.model and sentencepiece differ.
 """
 
 import copy
@@ -15,22 +19,12 @@ from pathlib import Path
 import pytest
 import sentencepiece
 import torch
-from sentencepiece import sentencepiece_model_pb2 as sp_pb
+from transformers import T5TokenizerFast
 
-from t5core.tokenizer import (
-    BUNDLED_SPIECE,
-    PromptTruncatedWarning,
-    T5Tokenizer,
-    find_tokenizer,
-    load_tokenizer,
-    tokenizer_json_to_spiece,
-)
+from t5core.tokenizer import BUNDLED_SPIECE, PromptTruncatedWarning, T5Tokenizer, find_tokenizer, load_tokenizer
+from tiny_models import TOKENIZER_DIR
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/data/t5-tokenizer"
 TOKENIZER_JSON = TOKENIZER_DIR / "tokenizer.json"
-
-needs_tokenizer = pytest.mark.skipif(not TOKENIZER_JSON.is_file(), reason=f"no T5 tokenizer at {TOKENIZER_DIR}")
-pytestmark = needs_tokenizer
 
 # ---------------------------------------------------------------------------------------------------------------
 # prompts
@@ -103,7 +97,8 @@ POOLS = [
     "\u200b\u200c\ufeff\u00ad\x00\x01\x7f",
     "ǅǈǋ\u0130\u0131ﬅ\U0001d400\U0001d41a\u2126\u212b\u2160\u33a1\uff9e\uff76\uff9f",
 ]
-SPECIALS = ["<extra_id_0>", "<extra_id_17>", "<extra_id_99>", "</s>", "<pad>", "<unk>", "<extra_id_100>", "＜/s＞"]
+SPECIALS = ["<extra_id_0>", "<extra_id_5>", "<extra_id_17>", "<extra_id_99>", "</s>", "<pad>", "<unk>",
+            "<extra_id_100>", "＜/s＞"]
 SEPARATORS = ["", " ", " ", " ", "  ", "\t", "\n", "\u3000", " \n "]
 REPEATS = ["!!!", "...", "???", "xxx", "AAA", "zzzz", "----"]
 
@@ -140,14 +135,31 @@ def _prompts() -> list[str]:
 
 PROMPTS = _prompts()
 
+# Character-level random text for the property test: every character drawn from a mixed alphabet, with literal
+# special-token text (real, full-width and unknown ones) dropped in.
+ALPHABET = "".join(POOLS) + "aaaeeeooo    "
+LITERALS = SPECIALS + ["<s>", "＜extra_id_5＞", "<extra_id_5"]
+
+
+def _random_text(rng: random.Random) -> str:
+    parts = []
+    for _ in range(rng.randint(1, 6)):
+        parts.append("".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 12))))
+        if rng.random() < 0.4:
+            parts.append(rng.choice(LITERALS))
+    return "".join(parts)
+
+
+_rng = random.Random(2026)
+RANDOM_TEXTS = [_random_text(_rng) for _ in range(2000)]
+
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures
 
 
 @pytest.fixture(scope="module")
 def hf_fast():
-    transformers = pytest.importorskip("transformers")
-    return transformers.T5TokenizerFast(tokenizer_file=str(TOKENIZER_JSON))
+    return T5TokenizerFast(tokenizer_file=str(TOKENIZER_JSON))
 
 
 @pytest.fixture(scope="module")
@@ -161,13 +173,15 @@ def tok_json() -> T5Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def converted_spiece(tmp_path_factory) -> Path:
-    return tokenizer_json_to_spiece(TOKENIZER_JSON, tmp_path_factory.mktemp("converted") / "spiece.model")
+def tok_spiece() -> T5Tokenizer:
+    return load_tokenizer(BUNDLED_SPIECE)
 
 
 @pytest.fixture(scope="module")
-def saved_spiece(tok_json, tmp_path_factory) -> Path:
-    return tok_json.save(tmp_path_factory.mktemp("saved"))
+def spiece_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("spiece")
+    (folder / "spiece.model").write_bytes(BUNDLED_SPIECE.read_bytes())
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,99 +191,101 @@ def saved_spiece(tok_json, tmp_path_factory) -> Path:
 def test_prompt_set_is_varied_enough(tok_json):
     assert len(PROMPTS) >= 200
     assert max(len(tok_json.encode_ids(p)) for p in PROMPTS) > 512
+    assert len(set(RANDOM_TEXTS)) > 1900
 
 
-def test_ids_match_hf_via_tokenizer_json(tok_json, hf_ids):
-    for prompt, expected in zip(PROMPTS, hf_ids):
-        assert tok_json.encode_ids(prompt) == expected, repr(prompt)
-
-
-@pytest.mark.parametrize("route", ["converted_file", "saved_folder", "uint8_tensor"])
-def test_ids_match_hf_via_spiece_model(route, converted_spiece, saved_spiece, hf_ids):
-    # (converted and saved files are the same bytes: test_spiece_file_is_a_plain_t5_sentencepiece_model)
-    sources = {
-        "converted_file": converted_spiece,
-        "saved_folder": saved_spiece.parent,
-        "uint8_tensor": torch.frombuffer(bytearray(saved_spiece.read_bytes()), dtype=torch.uint8),  # as ComfyUI's
-    }
-    tok = load_tokenizer(sources[route])
+@pytest.mark.parametrize("route", ["tokenizer.json", "spiece.model", "spiece folder", "spiece uint8 tensor"])
+def test_ids_match_hf(route, tok_json, tok_spiece, spiece_folder, hf_ids):
+    if route == "tokenizer.json":
+        tok = tok_json
+    elif route == "spiece.model":
+        tok = tok_spiece
+    elif route == "spiece folder":
+        tok = load_tokenizer(spiece_folder)
+    else:  # as ComfyUI checkpoints embed it
+        tok = load_tokenizer(torch.frombuffer(bytearray(BUNDLED_SPIECE.read_bytes()), dtype=torch.uint8))
     for prompt, expected in zip(PROMPTS, hf_ids):
         assert tok.encode_ids(prompt) == expected, repr(prompt)
 
 
-def test_special_ids_and_vocab(tok_json, saved_spiece, hf_fast):
-    for tok in (tok_json, load_tokenizer(saved_spiece)):
+@pytest.mark.parametrize("source", ["tokenizer.json", "spiece.model"])
+def test_random_text_matches_hf(source, tok_json, tok_spiece, hf_fast):
+    tok = tok_json if source == "tokenizer.json" else tok_spiece
+    expected = hf_fast(RANDOM_TEXTS)["input_ids"]
+    for text, ids in zip(RANDOM_TEXTS, expected):
+        assert tok.encode_ids(text) == ids, repr(text)
+    batch, mask = tok(RANDOM_TEXTS, max_length=10_000)
+    assert [row[m].tolist() for row, m in zip(batch, mask)] == expected
+
+
+def test_spiece_route_builds_the_tokenizer_json_pipeline(tok_json, tok_spiece):
+    """The bundled spiece.model becomes T5's tokenizer.json exactly: normalizer, pre-tokenizer, added tokens,
+    post-processor, decoder, pieces and scores (as tokenizers reads them from JSON text)."""
+    from_json, from_spiece = (json.loads(tok._tokenizer.to_str()) for tok in (tok_json, tok_spiece))
+    vocab_json, vocab_spiece = from_json["model"].pop("vocab"), from_spiece["model"].pop("vocab")
+    assert from_json == from_spiece
+    assert vocab_json == vocab_spiece
+
+
+def test_ties_follow_tokenizer_json(tok_json, tok_spiece, hf_fast):
+    """"----" can be "---" "-" or "-" "---" (same pieces); the scores' last bits decide. Both our sources follow
+    tokenizer.json; sentencepiece (float32 scores, as transformers' own conversion of spiece.model) splits the other
+    way, which is what the spiece.model route would give without reading its scores back from JSON."""
+    expected = hf_fast("incat----")["input_ids"]
+    assert hf_fast.convert_ids_to_tokens(expected) == ["▁", "incat", "---", "-", "</s>"]
+    assert tok_json.encode_ids("incat----") == tok_spiece.encode_ids("incat----") == expected
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(BUNDLED_SPIECE))
+    assert sp.encode("incat----", out_type=str) == ["▁", "incat", "-", "---"]
+
+
+def test_special_ids_and_vocab(tok_json, tok_spiece, hf_fast):
+    for tok in (tok_json, tok_spiece):
         assert (tok.pad_id(), tok.eos_id(), tok.unk_id(), tok.vocab_size) == (0, 1, 2, 32100)
         assert tok.encode_ids("<extra_id_0>", add_eos=False) == [32099]
         assert tok.encode_ids("<extra_id_99>", add_eos=False) == [32000]
         names = [f"<extra_id_{k}>" for k in range(100)] + ["<pad>", "</s>", "<unk>"]
         assert [tok.encode_ids(n, add_eos=False)[0] for n in names] == hf_fast.convert_tokens_to_ids(names)
-    assert tok_json.encode_ids("") == [1]
-    assert tok_json.encode_ids("a photo", add_eos=False) + [1] == tok_json.encode_ids("a photo")
+        assert tok.encode_ids("") == [1]
+        assert tok.encode_ids("a photo", add_eos=False) + [1] == tok.encode_ids("a photo")
 
 
-def test_spiece_file_is_a_plain_t5_sentencepiece_model(converted_spiece, saved_spiece):
-    # same bytes both ways; 32000 pieces without sentinels, like T5's own spiece.model
-    assert converted_spiece.read_bytes() == saved_spiece.read_bytes()
-    proto = sp_pb.ModelProto.FromString(saved_spiece.read_bytes())
-    assert len(proto.pieces) == 32000
-    assert not any("extra_id" in p.piece for p in proto.pieces)
-    Piece = sp_pb.ModelProto.SentencePiece
-    assert [p.type for p in proto.pieces[:4]] == [Piece.CONTROL, Piece.CONTROL, Piece.UNKNOWN, Piece.NORMAL]
-    spec = proto.normalizer_spec
-    assert spec.precompiled_charsmap and spec.add_dummy_prefix and spec.remove_extra_whitespaces
-    # the sentencepiece runtime itself reads it, and agrees with us on ordinary text
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(saved_spiece))
+def test_bundled_spiece_is_a_plain_sentencepiece_model(tok_spiece):
+    """32000 pieces without sentinels, like T5's own spiece.model; the sentencepiece runtime reads it and agrees on
+    ordinary text."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(BUNDLED_SPIECE))
+    assert sp.get_piece_size() == 32000 and not any("extra_id" in sp.id_to_piece(i) for i in range(32000))
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
-    tok = load_tokenizer(saved_spiece)
     for prompt in ORDINARY:
-        assert sp.encode(prompt) == tok.encode_ids(prompt, add_eos=False), repr(prompt)
+        assert sp.encode(prompt) == tok_spiece.encode_ids(prompt, add_eos=False), repr(prompt)
 
 
-def test_bundled_spiece_is_the_real_t5_tokenizer(converted_spiece):
-    if not BUNDLED_SPIECE.is_file():
-        pytest.skip(f"no bundled tokenizer at {BUNDLED_SPIECE}")
-    assert BUNDLED_SPIECE.read_bytes() == converted_spiece.read_bytes()
+@pytest.mark.parametrize("source", ["tokenizer.json", "spiece.model"])
+def test_save_writes_tokenizer_json_that_loads_back(source, tok_json, tok_spiece, tmp_path):
+    tok = tok_json if source == "tokenizer.json" else tok_spiece
+    saved = tok.save(tmp_path / "out")
+    assert saved == tmp_path / "out" / "tokenizer.json"
+    again = load_tokenizer(saved.parent)
+    hf = T5TokenizerFast(tokenizer_file=str(saved))
+    expected = [tok.encode_ids(p) for p in PROMPTS]
+    assert [again.encode_ids(p) for p in PROMPTS] == expected
+    assert hf(PROMPTS)["input_ids"] == expected
+    from_folder = T5TokenizerFast.from_pretrained(str(saved.parent))
+    assert from_folder(ORDINARY)["input_ids"] == expected[: len(ORDINARY)]
 
 
-def test_pickle_and_deepcopy(tok_json):
+def test_transformers_from_pretrained_agrees_on_ordinary_prompts(tok_json, spiece_folder):
+    """transformers' own slow->fast conversion of spiece.model, and its from_pretrained of the tokenizer.json folder."""
+    for folder in (spiece_folder, TOKENIZER_DIR):
+        hf = T5TokenizerFast.from_pretrained(str(folder))
+        for prompt in ORDINARY + ORDINARY_WITH_SPECIALS:
+            assert hf(prompt)["input_ids"] == tok_json.encode_ids(prompt), (folder.name, prompt)
+
+
+def test_pickle_and_deepcopy(tok_spiece):
     prompt = "a cat <extra_id_0> wearing a hat"
-    for clone in (pickle.loads(pickle.dumps(tok_json)), copy.deepcopy(tok_json)):
-        assert clone.encode_ids(prompt) == tok_json.encode_ids(prompt)
-
-
-def test_transformers_sentencepiece_routes_agree_on_ordinary_prompts(tok_json, saved_spiece):
-    """transformers 5 has no slow T5Tokenizer any more (and T5Tokenizer(vocab_file=...) ignores the file); its
-    generic sentencepiece backend on our spiece.model and from_pretrained of both folders stand in for it."""
-    transformers = pytest.importorskip("transformers")
-    backend_cls = getattr(transformers, "SentencePieceBackend", None)
-    if backend_cls is None:
-        pytest.skip("transformers has no SentencePieceBackend")
-    sentinels = [f"<extra_id_{k}>" for k in reversed(range(100))]  # added in id order 32000, 32001, ...
-    slow = backend_cls(
-        vocab_file=str(saved_spiece), legacy=True, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        additional_special_tokens=sentinels,
-    )
-    from_spiece = transformers.T5TokenizerFast.from_pretrained(str(saved_spiece.parent))
-    from_json = transformers.T5TokenizerFast.from_pretrained(str(TOKENIZER_DIR))
-    for prompt in ORDINARY + ORDINARY_WITH_SPECIALS:
-        ours = tok_json.encode_ids(prompt, add_eos=False)
-        assert slow.encode(prompt, add_special_tokens=False) == ours, repr(prompt)
-        assert from_spiece(prompt, add_special_tokens=False)["input_ids"] == ours, repr(prompt)
-        assert from_json(prompt, add_special_tokens=False)["input_ids"] == ours, repr(prompt)
-
-
-@pytest.mark.parametrize("scheme", ["always", "never"])
-def test_other_prepend_schemes_follow_tokenizer_json(scheme, tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    data = json.loads(TOKENIZER_JSON.read_text(encoding="utf-8"))
-    data["pre_tokenizer"]["prepend_scheme"] = scheme
-    path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(data), encoding="utf-8")
-    reference = tokenizers.Tokenizer.from_file(str(path))
-    tok = load_tokenizer(path)
-    for prompt in ORDINARY + ORDINARY_WITH_SPECIALS + EDGE:
-        assert tok.encode_ids(prompt) == reference.encode(prompt).ids, repr(prompt)
+    for clone in (pickle.loads(pickle.dumps(tok_spiece)), copy.deepcopy(tok_spiece)):
+        assert clone.encode_ids(prompt) == tok_spiece.encode_ids(prompt)
+        assert clone.eos_id() == 1 and clone.vocab_size == 32100
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,13 +319,16 @@ def test_padding_to_longest_and_pad_to(tok_json):
         tok_json(texts, pad_to=3)
     single, _ = tok_json("a cat")
     assert single.tolist() == [rows[0]]
+    ids, mask = tok_json([])
+    assert ids.shape == mask.shape == (0, 0)
 
 
 def test_truncation_warns_with_index_and_count(tok_json):
     long_text = "word " * 600
     n = len(tok_json.encode_ids(long_text))
-    with pytest.warns(PromptTruncatedWarning, match=rf"prompt 1 .*dropped its last {n - 512} tokens"):
+    with pytest.warns(PromptTruncatedWarning, match=rf"prompt 1 .*dropped its last {n - 512} tokens") as record:
         ids, mask = tok_json(["short", long_text], max_length=512)
+    assert record[0].filename == __file__  # the warning points at the caller
     assert ids.shape == (2, 512) and ids[1, -1].item() == 1 and mask[1].all()
     assert ids[1].tolist() == tok_json.encode_ids(long_text)[:511] + [1]
     with warnings.catch_warnings():
@@ -317,6 +336,13 @@ def test_truncation_warns_with_index_and_count(tok_json):
         tok_json(["short", long_text], max_length=n)
     with pytest.raises(ValueError, match="max_length"):
         tok_json("x", max_length=0)
+
+
+def test_non_text_is_a_type_error(tok_json):
+    with pytest.raises(TypeError, match="NoneType"):
+        tok_json.encode_ids(None)
+    with pytest.raises(TypeError, match="int"):
+        tok_json(["a cat", 3])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,8 +355,8 @@ def _write_clip_like_tokenizer(folder: Path) -> None:
     (folder / "vocab.json").write_text("{}")
 
 
-def test_find_tokenizer_layouts(tmp_path, saved_spiece):
-    spiece = saved_spiece.read_bytes()
+def test_find_tokenizer_layouts(tmp_path):
+    spiece = BUNDLED_SPIECE.read_bytes()
     # Flux-style diffusers repo: CLIP in tokenizer/, T5 in tokenizer_2/
     flux = tmp_path / "flux"
     (flux / "text_encoder_2").mkdir(parents=True)
@@ -366,13 +392,13 @@ def test_find_tokenizer_layouts(tmp_path, saved_spiece):
     assert find_tokenizer(tmp_path / "does-not-exist" / "x.safetensors") is None
 
 
-def test_folder_prefers_spiece_model(tmp_path, saved_spiece):
-    (tmp_path / "spiece.model").write_bytes(saved_spiece.read_bytes())
+def test_folder_prefers_spiece_model(tmp_path, tok_spiece):
+    (tmp_path / "spiece.model").write_bytes(BUNDLED_SPIECE.read_bytes())
     (tmp_path / "tokenizer.json").write_text("not json at all")  # would fail if it were read
-    assert load_tokenizer(tmp_path).encode_ids("a cat") == load_tokenizer(saved_spiece).encode_ids("a cat")
+    assert load_tokenizer(tmp_path).encode_ids("a cat") == tok_spiece.encode_ids("a cat")
 
 
-def test_errors_name_the_path(tmp_path, saved_spiece):
+def test_errors_name_the_path(tmp_path):
     missing = tmp_path / "nope" / "spiece.model"
     with pytest.raises(FileNotFoundError, match="nope") as err:
         load_tokenizer(missing)
@@ -383,12 +409,14 @@ def test_errors_name_the_path(tmp_path, saved_spiece):
     with pytest.raises(FileNotFoundError, match="empty_folder.*expected"):
         load_tokenizer(empty)
 
+    spiece = BUNDLED_SPIECE.read_bytes()
     cases = {
         "garbage.model": b"this is not a sentencepiece model \x00\xff\x13",
-        "truncated.model": saved_spiece.read_bytes()[:5000],
+        "truncated.model": spiece[:5000],
         "empty.model": b"",
         "broken.json": b'{"model": {"type": "Unigram", "vocab": [',
-        "bpe.json": json.dumps({"model": {"type": "BPE", "vocab": {}}}).encode(),
+        "bpe.json": json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []}}).encode(),
+        "no_eos.json": TOKENIZER_JSON.read_text(encoding="utf-8").replace("</s>", "</eos>").encode(),
     }
     for name, content in cases.items():
         path = tmp_path / name
@@ -397,5 +425,3 @@ def test_errors_name_the_path(tmp_path, saved_spiece):
             load_tokenizer(path)
     with pytest.raises(ValueError, match="sentencepiece model bytes"):
         load_tokenizer(b"\x00\x01garbage")
-    with pytest.raises(FileNotFoundError, match="missing.json"):
-        tokenizer_json_to_spiece(tmp_path / "missing.json", tmp_path / "out.model")

@@ -5,10 +5,8 @@ import torch
 from transformers import MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
 from transformers import MT5Config, T5Config as HFT5Config, UMT5Config
 
-# shared/ beside the checkout (/work/shared for /work/main and for worktrees in /work/wt/NAME alike)
-TOKENIZER_DIR = next((p / "shared" / "data" / "t5-tokenizer" for p in Path(__file__).resolve().parents[1:]
-                      if (p / "shared" / "data" / "t5-tokenizer").is_dir()),
-                     Path(__file__).resolve().parents[2] / "shared" / "data" / "t5-tokenizer")
+# the real T5 v1.1 tokenizer (tokenizer.json), kept in the repository: tests read nothing outside it
+TOKENIZER_DIR = Path(__file__).resolve().parent / "fixtures" / "t5-tokenizer"
 
 KINDS = {
     # kind: (config class, model class, extra config)

@@ -33,7 +33,7 @@ def main() -> None:
     ids, mask = tok(args.prompt or ["a photo of a cat wearing a tiny hat", "an oil painting of a lighthouse at dusk"])
     out = sharded.encode(ids, mask)
     if rank == 0:
-        whole = load_encoder(args.dcp_folder, args.dtype, device).encode(ids, mask)
+        whole = load_encoder(args.dcp_folder, args.dtype, device, format="dcp").encode(ids, mask)  # a folder we trust
         m = mask.to(out.device)
         print(f"FSDP ({world} ranks) vs whole model: relative error {relative_error(out[m], whole[m]):.2e}")
     end_process_group()

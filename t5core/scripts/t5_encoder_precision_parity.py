@@ -26,11 +26,9 @@ if __package__ in (None, ""):  # run as a file from a checkout: make `t5core` im
 
 import torch
 
-from t5core.bench import (Shape, build_hf_reference, free, load_hf, make_inputs, md_table, quiet_transformers,
-                          short_error)
 from t5core.precision import QUANTILES, diff_quantiles, relative_error, trace_layers
 from t5core.fp16_scales import Scales, parse as parse_scales
-from t5core.t5_common import V1_1_PRESETS, dtype_name, parse_dtype
+from t5core.t5_common import V1_1_PRESETS, T5Config, dtype_name, parse_dtype
 from t5core.weight_load import load_encoder
 
 PROMPTS = [
@@ -60,14 +58,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-json", default=None)
 
 
+# -- random weights, transformers and tables (benchmarks/bench.py, outside the package, has its own copy) -------
+def build_hf_reference(size: str, device, seed: int = 0):
+    """transformers' own random init of a T5 v1.1 encoder (normal weights, unit norms), float32, eager attention,
+    created directly on `device`."""
+    from transformers import T5Config as HFT5Config, T5EncoderModel
+
+    c = T5Config.from_name(size)
+    config = HFT5Config(vocab_size=c.vocab_size, d_model=c.hidden_dim, d_kv=c.head_dim, d_ff=c.ff_dim,
+                        num_layers=c.num_layers, num_heads=c.n_head, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                        layer_norm_epsilon=1e-6, relative_attention_num_buckets=32,
+                        relative_attention_max_distance=128, tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = T5EncoderModel(config)
+    return model.eval()
+
+
+def load_hf(folder, dtype: torch.dtype, attn: str, device):
+    """transformers' own load path; float16 keeps `wo` in float32 (its _keep_in_fp32_modules)."""
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
+                                          device_map=str(device)).eval()
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+def free(device) -> None:
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def short_error(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def random_ids(batch: int, seq_len: int, vocab_size: int, device, seed: int) -> torch.Tensor:
+    """[batch, seq_len] random ids (3 .. 32000), EOS (1) last."""
+    ids = torch.randint(3, min(vocab_size, 32000), (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    ids[:, -1] = 1
+    return ids.to(device)
+
+
 # -- inputs and forward ---------------------------------------------------------------------------------------
 def prompt_inputs(args, vocab_size: int, device):
     """-> (input_ids [B, L], mask [B, L] bool or None, description)."""
     if args.tokenizer is None:
         if args.prompt:
             raise ValueError("--prompt needs --tokenizer")
-        inp = make_inputs(Shape(args.batch, args.seq_len), vocab_size, device, args.seed)
-        return inp.ids, None, f"random ids {args.batch} x {args.seq_len}"
+        ids = random_ids(args.batch, args.seq_len, vocab_size, device, args.seed)
+        return ids, None, f"random ids {args.batch} x {args.seq_len}"
     from t5core import load_tokenizer
 
     with warnings.catch_warnings():

@@ -1,15 +1,21 @@
-"""Speed and accuracy of t5core against transformers, on one set of random T5 v1.1 weights (issue 4).
+"""Speed and accuracy of t5core against every transformers set-up, on one set of random T5 v1.1 weights.
 
 One process builds a transformers T5EncoderModel with transformers' own random init, in float32 on the device:
 that model is the reference (TF32 off). It is saved once as a Hugging Face folder, and every variant loads from
 that folder: ours through t5core.load_encoder (the product path, norms fused), transformers through
 from_pretrained. Every variant sees the same token ids.
 
+transformers set-ups (all four are timed by default; the fastest at each shape is the baseline):
+  hf-eager[-compiled]-DT   attn_implementation="eager", run as loaded / under torch.compile(model, dynamic=False)
+  hf-sdpa[-compiled]-DT    attn_implementation="sdpa", the same two ways
+  (DT: bf16, fp16 or fp32; the eager and compiled variants of one attention share one loaded model)
+
 Sections (--sections):
-  speed       median ms per (variant, shape) with CUDA events, speedup vs transformers eager and compiled at the
-              same shape, achieved TFLOP/s and its share of a bf16 8192^3 torch.mm measured in the same run
-              (in every round next to the variants, and once as a burst before them: see matmul_tflops),
-              relative error vs the float32 reference on real tokens, first-call seconds (compile included)
+  speed       median ms per (variant, shape) with CUDA events; each variant's speed against the FASTEST
+              transformers set-up at the same shape (named in the table); achieved TFLOP/s and its share of a bf16
+              8192^3 torch.mm measured in the same run (in every round next to the variants, and once as a burst
+              before them: see matmul_tflops); relative error vs the float32 reference on real tokens; first-call
+              seconds (compile included)
   load        bf16 safetensors folder -> encoder ready on the device: ours vs transformers, seconds and memory
   cold-start  first call of one compiled variant (--cold-variant, at the first of --shapes) in fresh processes
               loading a bf16 copy of the weights: with an empty inductor/Triton cache, then again with that
@@ -17,15 +23,16 @@ Sections (--sections):
 Markdown tables are printed at the end; --out-json keeps every number (rewritten after every case).
 
 Cases run shape by shape (every variant at the first shape, then the next shape...), with all variants' models
-alive at once (XXL: 7 x 9.5 GB after the 19 GB float32 reference is freed), so that a run cut short by
+alive at once (XXL: 9.5 GB each after the 19 GB float32 reference is freed), so that a run cut short by
 --budget-s still has the most important shape for everyone (SIGTERM, as from `timeout`, also prints what is
 done). Float32 weights are written to $TMPDIR (19 GB at XXL: about 20-40 s; TMPDIR=/dev/shm keeps them in
 memory); every variant loads from them, so bf16 and float16 are each rounded once from the exact float32
 reference. The load and cold-start sections write a bf16 copy (9.5 GB) as well.
 
-  python -m t5core bench                                  # XXL on CUDA: all default variants and shapes
-  python -m t5core bench --sections load,cold-start
-  python -m t5core bench --device cpu --size base         # CPU: ours float32 vs transformers eager, 1 x 128
+Run from a checkout (this file imports the checkout's t5core, through its public API only):
+  python benchmarks/bench.py                                  # XXL on CUDA: all default variants and shapes
+  python benchmarks/bench.py --sections load,cold-start
+  python benchmarks/bench.py --device cpu --size base         # CPU: ours float32 vs transformers, 1 x 128
 """
 import argparse
 import json
@@ -40,14 +47,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+REPO = Path(__file__).resolve().parents[1]
+if (REPO / "t5core" / "__init__.py").is_file():  # a checkout: benchmark its t5core, not another installed copy
+    sys.path.insert(0, str(REPO))
+
 import torch
 
-from .checkpoint import open_checkpoint
-from .precision import relative_error
-from .t5_common import V1_1_PRESETS, T5FFNType
-from .weight_load import load_encoder
+from t5core import T5Config, load_encoder, open_checkpoint
 
+SIZES = ("small", "base", "large", "xl", "xxl")  # T5 v1.1 presets (T5Config.from_name)
 FIRST_CALL_TAG = "T5CORE_FIRST_CALL "  # prefix of the JSON line a --first-call-only child prints
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
 
 
 # -- variants and shapes --------------------------------------------------------------------------------------
@@ -57,31 +72,29 @@ class Variant:
     impl: str  # "ours" | "hf"
     dtype: torch.dtype
     attn: str  # ours: "sdpa" | "flex"; transformers: "eager" | "sdpa"
-    compiled: bool = False  # ours: regional (compile_layers); transformers: torch.compile of the whole model
+    compiled: bool = False  # ours: load_encoder(compile=True); transformers: torch.compile of the whole model
 
 
+DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 VARIANTS = {v.name: v for v in [
-    Variant("ours-flex-compile-bf16", "ours", torch.bfloat16, "flex", True),
+    Variant("ours-flex-compiled-bf16", "ours", torch.bfloat16, "flex", True),
     Variant("ours-sdpa-bf16", "ours", torch.bfloat16, "sdpa"),
-    Variant("ours-sdpa-compile-bf16", "ours", torch.bfloat16, "sdpa", True),
-    Variant("ours-flex-compile-fp16", "ours", torch.float16, "flex", True),  # fp16_scales="auto": preset by size
-    Variant("ours-sdpa-compile-fp16", "ours", torch.float16, "sdpa", True),
+    Variant("ours-sdpa-compiled-bf16", "ours", torch.bfloat16, "sdpa", True),
+    Variant("ours-flex-compiled-fp16", "ours", torch.float16, "flex", True),  # fp16_scales="auto": preset by size
+    Variant("ours-sdpa-compiled-fp16", "ours", torch.float16, "sdpa", True),
     Variant("ours-sdpa-fp32", "ours", torch.float32, "sdpa"),
-    Variant("ours-sdpa-compile-fp32", "ours", torch.float32, "sdpa", True),  # CPU: whole stack, frozen weights
-    Variant("hf-eager-bf16", "hf", torch.bfloat16, "eager"),
-    Variant("hf-sdpa-bf16", "hf", torch.bfloat16, "sdpa"),
-    Variant("hf-compile-bf16", "hf", torch.bfloat16, "sdpa", True),  # transformers' default attention, compiled
-    Variant("hf-eager-fp32", "hf", torch.float32, "eager"),
+    Variant("ours-sdpa-compiled-fp32", "ours", torch.float32, "sdpa", True),  # CPU: whole stack, frozen weights
+    *[Variant(f"hf-{attn}{'-compiled' if compiled else ''}-{tag}", "hf", dtype, attn, compiled)
+      for dtype, tag in DTYPE_TAGS.items() for attn in ("eager", "sdpa") for compiled in (False, True)],
 ]}
+HF_SETUPS = ("hf-eager-{}", "hf-eager-compiled-{}", "hf-sdpa-{}", "hf-sdpa-compiled-{}")  # every one a user can pick
 # most important first: a run cut by the time budget loses the tail
 DEFAULT_VARIANTS = {
-    "cuda": "ours-sdpa-compile-bf16,hf-eager-bf16,hf-compile-bf16,ours-flex-compile-bf16,ours-sdpa-compile-fp16,"
-            "ours-sdpa-bf16,hf-sdpa-bf16,ours-flex-compile-fp16",
-    "cpu": "ours-sdpa-compile-fp32,ours-sdpa-fp32,hf-eager-fp32",
+    "cuda": ",".join(["ours-sdpa-compiled-bf16", *(s.format("bf16") for s in HF_SETUPS), "ours-flex-compiled-bf16",
+                      "ours-sdpa-compiled-fp16", "ours-sdpa-bf16"]),
+    "cpu": ",".join(["ours-sdpa-compiled-fp32", "ours-sdpa-fp32", *(s.format("fp32") for s in HF_SETUPS)]),
 }
 DEFAULT_SHAPES = {"cuda": "1x512,8x512,pad8x256,1x256,8x256", "cpu": "1x128"}
-BASELINE_EAGER = ("hf-eager-bf16", "hf-eager-fp32")  # the first present is the "x vs HF eager" baseline
-BASELINE_COMPILE = ("hf-compile-bf16",)
 
 
 @dataclass(frozen=True)
@@ -146,7 +159,7 @@ def make_inputs(shape: Shape, vocab_size: int, device, seed: int = 0) -> Inputs:
 def encoder_flops(cfg, batch: int, seq_len: int) -> float:
     """Matmul FLOPs of one forward over all B*L positions (pads included: every variant computes them)."""
     d, inner, ff = cfg.hidden_dim, cfg.inner_dim, cfg.ff_dim
-    ff_in = 2 * ff if cfg.ffn_type == T5FFNType.GEGLU else ff
+    ff_in = 2 * ff if getattr(cfg.ffn_type, "value", cfg.ffn_type) == "GEGLU" else ff  # gate and up
     per_token = 2 * (d * 3 * inner + inner * d + d * ff_in + ff * d) + 4 * seq_len * inner  # + QK^T and PV
     return float(per_token) * batch * seq_len * cfg.num_layers
 
@@ -206,7 +219,7 @@ def summary(times: list[float]) -> dict:
 def matmul_tflops(device: torch.device, seconds: float = 0.5) -> dict:
     """The matrix-unit reference: bf16 8192^3 torch.mm on random data (CPU: float32 1024^3), back to back.
     Its rate depends on the GPU's clock at the time: an idle H200 boosts to 1980 MHz for about a second, then its
-    700 W power cap holds it near 1500 MHz (benchmarks/clock_probe.py), so the bench measures it once first
+    700 W power cap holds it near 1500 MHz (BENCHMARKS.md), so the bench measures it once first
     (burst) and again in every round next to the encoders it is compared with."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -219,8 +232,9 @@ def matmul_tflops(device: torch.device, seconds: float = 0.5) -> dict:
 def hf_v1_1_config(size: str):
     from transformers import T5Config as HFT5Config
 
-    d, heads, ff, layers = V1_1_PRESETS[size]
-    return HFT5Config(vocab_size=32128, d_model=d, d_kv=64, d_ff=ff, num_layers=layers, num_heads=heads,
+    c = T5Config.from_name(size)
+    return HFT5Config(vocab_size=c.vocab_size, d_model=c.hidden_dim, d_kv=c.head_dim, d_ff=c.ff_dim,
+                      num_layers=c.num_layers, num_heads=c.n_head,
                       feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
                       tie_word_embeddings=False, attn_implementation="eager")
@@ -253,12 +267,19 @@ def hf_forward(model) -> Callable[[Inputs], torch.Tensor]:
     return call
 
 
-def load_variant(v: Variant, folder, device):
-    """-> (model, call(inputs) -> [B, L, D]). Ours: the product path, encode()."""
+def load_variant(v: Variant, folder, device, shared: Optional[dict] = None):
+    """-> (model, call(inputs) -> [B, L, D]). Ours: the product path, load_encoder() and encode().
+    transformers: the eager and the compiled variant of one dtype and attention share one loaded model when
+    `shared` (keyed by both) is given; the compiled one calls torch.compile(model, dynamic=False) on it."""
     if v.impl == "ours":
-        model = load_encoder(folder, v.dtype, device, attn_impl=v.attn, fuse_norms=True, compile=v.compiled)
-        return model, lambda inp: model.encode(inp.ids, inp.mask)
-    model = load_hf(folder, v.dtype, v.attn, device)
+        enc = load_encoder(folder, dtype=v.dtype, device=device, attn_impl=v.attn, fuse_norms=True,
+                           compile=v.compiled)
+        return enc, lambda inp: enc.encode(inp.ids, inp.mask)
+    shared = {} if shared is None else shared
+    key = (v.dtype, v.attn)
+    if key not in shared:
+        shared[key] = load_hf(folder, v.dtype, v.attn, device)
+    model = shared[key]
     return model, hf_forward(torch.compile(model, dynamic=False) if v.compiled else model)
 
 
@@ -321,10 +342,10 @@ class Loaded:
     error: str = ""
 
 
-def load_for_speed(run: Run, v: Variant, folder: Path) -> Loaded:
+def load_for_speed(run: Run, v: Variant, folder: Path, shared: dict) -> Loaded:
     try:
         start = time.perf_counter()
-        model, call = load_variant(v, folder, run.device)
+        model, call = load_variant(v, folder, run.device, shared)
         run.log(f"loaded {v.name} in {time.perf_counter() - start:.1f}s")
         return Loaded(model, call, variant_note(v, model))
     except Exception as e:  # one broken variant must not lose the run
@@ -392,18 +413,20 @@ def run_speed(run: Run, folder: Path, cfg, refs: dict, burst: float) -> None:
     args = run.args
     variants, shapes = parse_variants(args.variants), parse_shapes(args.shapes)
     models: dict[str, Loaded] = {}
+    shared_hf: dict = {}  # one transformers model per (dtype, attention), eager and compiled alike
     try:
         for shape in shapes:
             inp = make_inputs(shape, cfg.vocab_size, run.device, args.seed)
             cases = []
             for v in variants:
-                row = {"variant": v.name, "shape": shape.name, "flops": encoder_flops(cfg, shape.batch, shape.seq_len)}
+                row = {"variant": v.name, "impl": v.impl, "shape": shape.name,
+                       "flops": encoder_flops(cfg, shape.batch, shape.seq_len)}
                 run.results["speed"].append(row)
                 if run.over_budget():
                     row["error"] = f"skipped: past --budget-s {args.budget_s:.0f}"
                     continue
                 if v.name not in models:
-                    models[v.name] = load_for_speed(run, v, folder)
+                    models[v.name] = load_for_speed(run, v, folder, shared_hf)
                 if models[v.name].error:
                     row["error"] = models[v.name].error
                 elif check_case(run, row, v, models[v.name], inp, refs[shape.name]):
@@ -413,17 +436,26 @@ def run_speed(run: Run, folder: Path, cfg, refs: dict, burst: float) -> None:
     finally:
         add_ratios(run.results["speed"])
         models.clear()
+        shared_hf.clear()
         free(run.device)
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Speedup = baseline ms / this row's ms, at the same shape."""
-    ms = {(r["variant"], r["shape"]): r["ms"] for r in rows if "ms" in r}
+def fastest_hf(rows: list[dict]) -> dict:
+    """{shape: the timed transformers row with the lowest median at that shape}."""
+    best = {}
     for r in rows:
-        for key, names in (("x_hf_eager", BASELINE_EAGER), ("x_hf_compile", BASELINE_COMPILE)):
-            base = next((ms[(n, r["shape"])] for n in names if (n, r["shape"]) in ms), None)
-            if base is not None and "ms" in r:
-                r[key] = base / r["ms"]
+        if r.get("impl") == "hf" and "ms" in r and (r["shape"] not in best or r["ms"] < best[r["shape"]]["ms"]):
+            best[r["shape"]] = r
+    return best
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed against the fastest transformers set-up timed at the same shape: its ms / this row's ms (above 1:
+    faster than every transformers set-up), with that set-up's name."""
+    best = fastest_hf(rows)
+    for r in rows:
+        if "ms" in r and r["shape"] in best:
+            r["fastest_hf"], r["x_fastest_hf"] = best[r["shape"]]["variant"], best[r["shape"]]["ms"] / r["ms"]
 
 
 def reference_outputs(ref_model, cfg, shapes: list[Shape], device, seed: int) -> dict:
@@ -436,8 +468,11 @@ def reference_outputs(ref_model, cfg, shapes: list[Shape], device, seed: int) ->
 
 
 def weight_bytes(model) -> int:
+    """Bytes of the parameters and buffers (each storage once) of a transformers model or of what load_encoder
+    returned (a t5core.Encoder: its .model)."""
+    module = getattr(model, "model", model)
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in [*module.parameters(), *module.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
@@ -459,8 +494,8 @@ def run_load(run: Run, folder16: Path) -> None:
     warm_read(folder16)
     loaders = [
         ("ours: t5core.load_encoder(bf16, fuse_norms=True)",
-         lambda: load_encoder(folder16, torch.bfloat16, device, fuse_norms=True)),
-        ("ours: t5core.load_encoder(bf16)", lambda: load_encoder(folder16, torch.bfloat16, device)),
+         lambda: load_encoder(folder16, dtype=torch.bfloat16, device=device, fuse_norms=True)),
+        ("ours: t5core.load_encoder(bf16)", lambda: load_encoder(folder16, dtype=torch.bfloat16, device=device)),
         (f"transformers: from_pretrained(dtype=bf16, device_map={str(device)!r})",
          lambda: load_hf(folder16, torch.bfloat16, "sdpa", device)),
     ]
@@ -490,12 +525,12 @@ def run_cold_start(run: Run, folder: Path, workdir: Path) -> None:
     """The same first call in two fresh processes: empty inductor + Triton caches, then those caches kept."""
     args = run.args
     cache = workdir / "compile-cache"
-    repo = str(Path(__file__).resolve().parents[1])  # the child imports this checkout's t5core
+    repo = str(REPO)  # the child imports this checkout's t5core
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     shape = parse_shapes(args.shapes)[0]
-    cmd = [sys.executable, "-m", "t5core.bench", "--first-call-only", "--model", str(folder), "--device", args.device,
-           "--variants", args.cold_variant, "--shapes", shape.name, "--seed", str(args.seed)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--first-call-only", "--model", str(folder),
+           "--device", args.device, "--variants", args.cold_variant, "--shapes", shape.name, "--seed", str(args.seed)]
     for label in ("cold: empty compile caches", "warm restart: caches kept"):
         row = {"run": label, "variant": args.cold_variant, "shape": shape.name}
         run.results["cold_start"].append(row)
@@ -550,13 +585,33 @@ def speed_table(rows: list[dict]) -> str:
     for r in rows:
         spread = (r["p90_ms"] - r["p10_ms"]) / r["ms"] if "ms" in r else None
         note = r.get("error") or ("not finished; " if "ms" not in r else "") + r.get("note", "")
-        out.append([r["variant"], r["shape"], fmt(r.get("ms")), fmt(spread, "pct"), fmt(r.get("x_hf_eager"), "x"),
-                    fmt(r.get("x_hf_compile"), "x"), fmt(r.get("tflops")), fmt(r.get("mm_tflops")),
+        out.append([r["variant"], r["shape"], fmt(r.get("ms")), fmt(spread, "pct"), fmt(r.get("x_fastest_hf"), "x"),
+                    r.get("fastest_hf", ""), fmt(r.get("tflops")), fmt(r.get("mm_tflops")),
                     fmt(r.get("mm_share"), "pct"), fmt(r.get("burst_share"), "pct"),
                     fmt(r.get("rel_err"), "err"), fmt(r.get("first_call_s")), note])
-    return md_table(["variant", "shape", "median ms", "p10-p90", "x HF eager", "x HF compile", "TFLOP/s",
+    return md_table(["variant", "shape", "median ms", "p10-p90", "x fastest HF", "fastest HF", "TFLOP/s",
                      "mm in rounds TFLOP/s", "of mm in rounds", "of mm burst", "rel err vs f32", "first call s",
                      "note"], out)
+
+
+def baseline_table(rows: list[dict]) -> str:
+    """One line per shape: every transformers set-up's median ms, the fastest of them, and each t5core variant's
+    ms with its speed against that fastest set-up."""
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    hf = list(dict.fromkeys(r["variant"] for r in rows if r.get("impl") == "hf"))
+    ours = list(dict.fromkeys(r["variant"] for r in rows if r.get("impl") != "hf"))
+    cell = {(r["variant"], r["shape"]): r for r in rows}
+    best = fastest_hf(rows)
+    out = []
+    for shape in shapes:
+        line = [shape, *(fmt(cell.get((v, shape), {}).get("ms")) for v in hf)]
+        line.append(f"{best[shape]['variant']} ({fmt(best[shape]['ms'])})" if shape in best else "")
+        for v in ours:
+            r = cell.get((v, shape), {})
+            line.append(f"{fmt(r['ms'])} ({fmt(r['x_fastest_hf'], 'x')})" if "x_fastest_hf" in r else fmt(r.get("ms")))
+        out.append(line)
+    return md_table(["shape", *(f"{v} ms" for v in hf), "fastest HF (ms)", *(f"{v} ms (x fastest HF)" for v in ours)],
+                    out)
 
 
 def load_table(rows: list[dict]) -> str:
@@ -576,14 +631,14 @@ def cold_table(rows: list[dict]) -> str:
 def rerun_command(args) -> str:
     """The command that repeats this run, defaults resolved, so a saved report says how it was made."""
     model = f" --model {args.model}" if args.model else f" --size {args.size}"
-    return (f"python -m t5core bench --device {args.device}{model} --sections {args.sections} --variants "
+    return (f"python benchmarks/bench.py --device {args.device}{model} --sections {args.sections} --variants "
             f"{args.variants} --shapes {args.shapes} --seconds-per-case {args.seconds_per_case:g} --rounds "
             f"{args.rounds} --budget-s {args.budget_s:g} --cold-variant {args.cold_variant} --seed {args.seed}")
 
 
 def print_report(run: Run, stopped: Optional[str]) -> None:
     m, res = run.results["meta"], run.results
-    print("\n## t5core bench")
+    print("\n## t5core bench (benchmarks/bench.py)")
     print(rerun_command(run.args))
     print(f"device {m.get('device_name')}, torch {m.get('torch')}, transformers {m.get('transformers')}, "
           f"size {m.get('size')} {m.get('dims', '')}, wall {run.elapsed():.0f}s"
@@ -593,14 +648,19 @@ def print_report(run: Run, stopped: Optional[str]) -> None:
               "measured again at the start of every round (the 'in rounds' columns); work per shape: "
               + ", ".join(f"{s} {f / 1e12:.3f} TFLOP" for s, f in m.get("flops", {}).items()))
         print("ours: t5core.load_encoder(fuse_norms=True), timed through encode() (compiled: one CUDA graph replayed "
-              "per shape); HF: T5EncoderModel "
-              "from_pretrained, compile = torch.compile(model, dynamic=False). Each call synchronized (latency), "
+              "per shape); HF: T5EncoderModel from_pretrained with attn_implementation eager or sdpa, run as loaded or "
+              "under torch.compile(model, dynamic=False) ('-compiled'). 'x fastest HF' = the fastest transformers "
+              "set-up's ms at that shape / the row's ms (above 1: faster than all of them). Each call synchronized "
+              "(latency), "
               f"{'host clock' if m.get('device_name') == 'cpu' else 'CUDA events'}, median; the variants of a shape "
               f"are timed in turn, {m.get('rounds')} rounds. Rel err on real tokens "
               "vs HF float32 "
               "(TF32 off). First call includes compilation; inductor caches carry across variants and shapes in "
               "one process (see cold-start for a fresh process). Padded TFLOP/s counts pads.\n")
         print(speed_table(res["speed"]))
+        print("\nAgainst every transformers set-up (median ms; t5core: ms and x the fastest transformers set-up at "
+              "that shape):\n")
+        print(baseline_table(res["speed"]))
     if res["load"]:
         print("\nLoad: bf16 safetensors folder -> ready encoder (synchronized; no forward). Files read once "
               "before timing: both loaders read a warm page cache. GB deltas of torch.cuda memory.\n")
@@ -614,7 +674,7 @@ def print_report(run: Run, stopped: Optional[str]) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda | cpu (default: cuda if present)")
-    p.add_argument("--size", choices=list(V1_1_PRESETS), default=None,
+    p.add_argument("--size", choices=SIZES, default=None,
                    help="random T5 v1.1 weights of this size (default: xxl on CUDA, small on CPU)")
     p.add_argument("--model", default=None, help="a Hugging Face T5 folder to use instead of random weights")
     p.add_argument("--sections", default="speed", help="comma list of speed, load, cold-start (default speed)")
@@ -628,7 +688,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the variants of a shape are timed in turn, this many times over (default 3)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip the speed cases not started within this many seconds of the run (default 420)")
-    p.add_argument("--cold-variant", default="ours-sdpa-compile-bf16",
+    p.add_argument("--cold-variant", default="ours-sdpa-compiled-bf16",
                    help="variant timed by cold-start, at the first of --shapes (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=None, help="write every number here")
@@ -733,7 +793,7 @@ def prepare_speed(run: Run, ref_model, cfg) -> tuple[dict, float]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m t5core bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
