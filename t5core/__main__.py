@@ -97,13 +97,12 @@ def _load(args, model_path, compile: bool = False, expand: bool = False):
 
 
 def _tokenizer_for(args, ckpt_path):
+    from .checkpoint import open_checkpoint
     from .tokenizer import BUNDLED_SPIECE, find_tokenizer, load_tokenizer
 
-    from .checkpoint import open_checkpoint
-
     path = args.tokenizer or find_tokenizer(Path(ckpt_path) / (args.subfolder or ""))
-    if path is None:  # one carried in the file (GGUF tokenizer.ggml.* fields, a ComfyUI file's spiece_model)?
-        path = open_checkpoint(ckpt_path, subfolder=args.subfolder).tokenizer_bytes
+    if path is None and Path(ckpt_path).suffix == ".gguf":  # the one in its tokenizer.ggml.* fields, if any
+        path = open_checkpoint(ckpt_path).tokenizer_bytes
     if path is None:
         print(f"no tokenizer beside {ckpt_path}; using the bundled T5 tokenizer", file=sys.stderr)
         path = BUNDLED_SPIECE
