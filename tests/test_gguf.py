@@ -284,9 +284,9 @@ def mixed(name, i):  # every type somewhere, as a K_M file mixes them per tensor
     return ALL_TYPES[i % len(ALL_TYPES)]
 
 
-CASES = [("t5-v1_1", q.name, one_type(q)) for q in (T.F16, T.Q8_0, T.Q4_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K)]
-CASES += [("t5-v1_1", "mixed", mixed), ("umt5", "mixed", mixed), ("umt5", "Q4_K", one_type(T.Q4_K)),
-          ("t5-v1_0", "Q5_K", one_type(T.Q5_K))]
+CASES = [(kind, q.name, one_type(q)) for kind in ("t5-v1_1", "umt5")
+         for q in (T.F16, T.Q8_0, T.Q4_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K)]
+CASES += [("t5-v1_1", "mixed", mixed), ("umt5", "mixed", mixed), ("t5-v1_0", "Q5_K", one_type(T.Q5_K))]
 
 
 @pytest.mark.parametrize("kind,label,type_of", CASES, ids=[f"{k}-{n}" for k, n, _ in CASES])
