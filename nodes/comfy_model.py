@@ -26,31 +26,35 @@ from t5core.t5_common import parse_dtype
 
 log = logging.getLogger("t5core.nodes")
 
-TENSORS_FOLDER = "t5core_tensors"  # folder_paths entry listing tensorizer files in the text-encoder folders
+# folder_paths entries listing the text-encoder folders' files of suffixes ComfyUI does not list there itself
+EXTRA_FOLDERS = {".tensors": "t5core_tensors", ".gguf": "t5core_gguf"}
 
 
 # -- model files ----------------------------------------------------------------------------------------------------
-def _tensors_folder(folder_paths) -> str:
-    """Register the tensorizer entry once; it shares the text-encoder folder list, so paths added later show up."""
-    if TENSORS_FOLDER not in folder_paths.folder_names_and_paths:
+def _extra_folder(folder_paths, suffix: str) -> str:
+    """Register the entry for `suffix` once; it shares the text-encoder folder list, so paths added later show up."""
+    entry = EXTRA_FOLDERS[suffix]
+    if entry not in folder_paths.folder_names_and_paths:
         paths = folder_paths.folder_names_and_paths["text_encoders"][0]
-        folder_paths.folder_names_and_paths[TENSORS_FOLDER] = (paths, {".tensors"})
-    return TENSORS_FOLDER
+        folder_paths.folder_names_and_paths[entry] = (paths, {suffix})
+    return entry
 
 
 def weight_file_names() -> list[str]:
-    """.safetensors / .sft files of models/text_encoders (and models/clip), plus tensorizer .tensors files."""
+    """.safetensors / .sft files of models/text_encoders (and models/clip), plus tensorizer .tensors and GGUF
+    files."""
     import folder_paths
 
-    tensors = folder_paths.get_filename_list(_tensors_folder(folder_paths))
+    extra = [n for suffix in EXTRA_FOLDERS for n in folder_paths.get_filename_list(_extra_folder(folder_paths, suffix))]
     names = [n for n in folder_paths.get_filename_list("text_encoders") if n.lower().endswith(SAFETENSORS_SUFFIXES)]
-    return sorted(names + tensors)
+    return sorted(names + extra)
 
 
 def weight_file_path(name: str) -> str:
     import folder_paths
 
-    folder = _tensors_folder(folder_paths) if name.lower().endswith(".tensors") else "text_encoders"
+    suffix = Path(name).suffix.lower()
+    folder = _extra_folder(folder_paths, suffix) if suffix in EXTRA_FOLDERS else "text_encoders"
     return folder_paths.get_full_path_or_raise(folder, name)
 
 
@@ -152,7 +156,8 @@ class T5Encoder:
                                             fp16_scales=plan.fp16_scales)
             if plan.compile:  # regional: valid on whichever device ComfyUI moves the weights to (graphs on CUDA)
                 runtime.compile_layers()
-            size = sum(p.numel() * p.element_size() for p in runtime.model.parameters())
+            model = runtime.model  # (weights kept as GGUF blocks are buffers)
+            size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             self._patcher = ModelPatcher(runtime.model, load_device=load_device, offload_device=offload_device,
                                          size=size)
             self._runtime = runtime

@@ -97,6 +97,7 @@ def hf_state_dict(model: T5EncoderStack) -> dict[str, torch.Tensor]:
     """The weights in Hugging Face T5 form, which transformers reads: fused QKV / gate-up split back into q, k, v /
     wi_0, wi_1, residual scales divided out (exact: powers of two), fused norms as unit scales. CPU tensors with
     their own storage (safetensors refuses shared ones)."""
+    _check_expanded(model)
     config = model.config
     unscale = Scales.from_config(config).weight_factors()
     fused_parts = {"attn.qkv_proj.weight": 3, "ffn.ff_in.weight": 2 if model.layers[0].ffn.gated else 1}
@@ -144,6 +145,7 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
 
     distributed = format == "dcp" and dist.is_initialized()
     rank0 = not distributed or dist.get_rank() == 0
+    _check_expanded(model)
     out = check_target(out_dir, overwrite)  # on every rank: all refuse together, none waits for a refused one
     out.mkdir(parents=True, exist_ok=True)
     written = {"config.json"}
@@ -198,6 +200,14 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
         _remove_stale(out, written)
     _fsync_dir(out)
     return out
+
+
+def _check_expanded(model: T5EncoderStack) -> None:
+    from .gguf import is_packed
+
+    if is_packed(model):
+        raise ValueError("this encoder keeps GGUF weights compressed: load it with weight_dtype (e.g. 'bf16', the same "
+                         "as dtype) to expand them before saving")
 
 
 def _save_tokenizer(tokenizer, tmp: Path) -> None:

@@ -28,14 +28,20 @@ FLEX_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64}
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
+def f32_out_linear(x: Tensor, weight: Tensor) -> FloatTensor:
+    """x [.., K], weight [N, K] -> x @ weight.T [.., N] float32: on CUDA a half-precision matmul writes its fp32
+    accumulator directly, one rounding fewer. (F32OutLinear, and t5core.gguf.PackedLinear for GGUF blocks.)"""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
+        return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+    return nn.functional.linear(x, weight).float()
+
+
 class F32OutLinear(nn.Linear):
-    """A projection whose result is consumed in float32 (the residual add, the gated activation): on CUDA the
-    half-precision matmul writes its fp32 accumulator directly, one rounding fewer. [.., K] -> [.., N] float32."""
+    """A projection (no bias) whose result is consumed in float32 (the residual add, the gated activation):
+    [.., K] -> [.., N] float32 (f32_out_linear)."""
 
     def forward(self, x: Tensor) -> FloatTensor:
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
-            return torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
-        return super().forward(x).float()
+        return f32_out_linear(x, self.weight)
 
 
 class T5SelfAttention(nn.Module):
@@ -216,10 +222,14 @@ class T5EncoderStack(nn.Module):
 
     @torch.no_grad()
     def set_weight_dtype(self, dtype: torch.dtype) -> "T5EncoderStack":
-        """Cast the projection and embedding weights (norms and bias tables stay float32), in place."""
+        """Cast the projection and embedding weights (norms and bias tables stay float32), in place. Weights kept
+        as GGUF blocks (t5core.gguf) stay as they are: they dequantize to the layer's dtype on use."""
         for mod in [self.vocab_embed, *(m for layer in self.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj,
                                                                                 layer.ffn.ff_in, layer.ffn.ff_out))]:
-            mod.weight.data = mod.weight.data.to(dtype)
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.weight.data = mod.weight.data.to(dtype)
+        if not isinstance(self.vocab_embed, nn.Embedding):  # a packed table: its rows come out in `dtype`
+            self.vocab_embed.dtype = dtype
         for layer in self.layers:
             layer.dtype = dtype
         self.config = self.config.model_copy(update={"dtype": dtype})

@@ -11,7 +11,7 @@ import torch
 
 from .calibrate import calibrate_fp16_scales
 from .checkpoint import Checkpoint, CheckpointError, native_target, open_checkpoint
-from .fp16_scales import Scales, combined_config, resolve as resolve_scales, scale_residuals_enc
+from .fp16_scales import Scales, combined_config, multiply_weight, resolve as resolve_scales, scale_residuals_enc
 from .fuse_norm_scales import norm_consumers, scale_input_columns
 from .runtime import Encoder
 from .t5_common import T5AttnImpl, T5Config, parse_dtype
@@ -86,6 +86,9 @@ def stream_into_module(
     must then be scale-free); weight_factors multiplies named parameters (residual scaling)."""
     params = dict(model.named_parameters())
     weight_factors = weight_factors or {}
+    for name, factor in weight_factors.items():
+        if name not in params:  # a projection kept as GGUF blocks (t5core.gguf.PackedLinear): scaled on use
+            multiply_weight(model, name, factor)
     if not fuse_norm_scales and model.config.elementwise_affine is False and ckpt.config.elementwise_affine:
         raise CheckpointError(f"{ckpt.path}: the model has no norm scales but the checkpoint does: pass fuse_norm_scales=True")
     work, norm_keys = plan_reads(params, ckpt, model.config)
@@ -205,6 +208,7 @@ def load_encoder(
     compile: bool = False,
     subfolder: Optional[str] = None,
     format: Optional[str] = None,
+    weight_dtype: Optional[str] = None,
 ) -> Encoder:
     """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`; the
     nn.Module is its `.model` (t5core.runtime.Encoder).
@@ -218,24 +222,40 @@ def load_encoder(
     (measure now on varied prompts), None, Scales, text ('1,1,1/2,...' or 'ATTN;FFN'), a list of FFN-out scales,
     or an (attn_out_scales, ffn_out_scales) pair.
     compile: torch.compile for fixed-shape speed (CUDA: one layer compiled and reused, CUDA graphs; CPU: frozen
-    weights).
+    weights, except for weights kept as GGUF blocks).
     format: None detects the format; "dcp" reads a torch.distributed.checkpoint folder, whose metadata is a pickle:
-    only for folders you trust (see open_checkpoint)."""
+    only for folders you trust (see open_checkpoint).
+    weight_dtype: None keeps a GGUF file's quantized weights as their blocks, dequantized in each layer just before
+    use (t5core.gguf.build_packed); "bf16" / "fp16" / "fp32" (the same as dtype) expands them once at load."""
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    if weight_dtype is not None and parse_dtype(weight_dtype) != dtype:
+        raise ValueError(f"weight_dtype={weight_dtype!r} expands the weights to the model's dtype, which is {dtype}: "
+                         f"pass dtype={weight_dtype!r} too")
     ckpt = open_checkpoint(path, subfolder=subfolder, format=format)
+    packed = ckpt.format == "gguf" and weight_dtype is None
+    if packed and fuse_norms:
+        raise ValueError(f"{ckpt.path}: fuse_norms=True cannot fold norm scales into GGUF blocks kept compressed (that "
+                         f"would mean re-quantizing): pass weight_dtype={str(dtype).removeprefix('torch.')!r} to expand "
+                         f"the weights at load, or fuse_norms=False")
     impl = T5AttnImpl(attn_impl or "sdpa")
     config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl})
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
     scaled = dtype == torch.float16 and fp16_scales is not None and not baked
     if scaled and fp16_scales == "calibrate":
-        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder, format).model
+        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder, format,
+                             None if packed else "float32").model
         found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
         scale_residuals_enc(model, found.attn, found.ffn)
         model.set_weight_dtype(torch.float16)
     else:  # the sidecar is read only for float16 loads: float32 never touches it
         scales = resolve_scales(fp16_scales, ckpt.config, ckpt.path, ckpt.fp16_scales) if scaled else None
-        model = build_empty(config, device, ckpt)
+        if packed:
+            from .gguf import build_packed
+
+            model = build_packed(config, ckpt.source, device)
+        else:
+            model = build_empty(config, device, ckpt)
         load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True, scales=scales)
     encoder = Encoder(model, source_path=Path(ckpt.path))
     return encoder.compile() if compile else encoder

@@ -23,6 +23,8 @@ import comfy_fakes
 from tiny_models import TOKENIZER_DIR, make_hf_encoder, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
+HAVE_GGUF = importlib.util.find_spec("gguf") is not None
+GGUF_NAME = "t5_tiny-Q8_0.gguf"
 PREFIX = "text_encoders.t5xxl.transformer."  # any prefix: ComfyUI files carry several
 ENCODE, LOAD, FUSE, FP16 = "T5CoreEncodePrompt", "T5CoreLoadEncoder", "T5CoreFuseNorms", "T5CoreFP16Scale"
 LOAD_DEFAULTS = {"weight_dtype": "fp32", "attention": "auto", "compile": False, "device": "default"}
@@ -53,6 +55,12 @@ def comfy_root(tmp_path_factory, hf_model):
     save_encoder(t5core.load_encoder(te / "t5_tiny.safetensors").model, te / "t5_tensorized", "tensorizer")
     (te / "notes.txt").write_text("not a model")
     torch.save({"x": torch.zeros(1)}, te / "old.bin")
+    if HAVE_GGUF:  # in the legacy models/clip folder, which text_encoders also lists
+        from test_gguf import one_type, write_gguf
+        from gguf import GGMLQuantizationType
+
+        (root / "models" / "clip").mkdir()
+        write_gguf(root / "models" / "clip" / GGUF_NAME, hf_model, one_type(GGMLQuantizationType.Q8_0))
     return root
 
 
@@ -149,8 +157,8 @@ def test_v1_registration_and_schema(comfy):
         assert not hasattr(cls, "IS_CHANGED") and not hasattr(cls, "fingerprint_inputs")  # pure: ComfyUI caches
 
     load_in = comfy.nodes[LOAD].INPUT_TYPES()["required"]
-    assert load_in["model_name"][0] == ["clip_l.safetensors", "t5_tensorized/enc.tensors", "t5_tiny.safetensors",
-                                        "with_tokenizer/t5_tiny.sft"]  # no .bin, no .txt; .tensors listed
+    assert load_in["model_name"][0] == ["clip_l.safetensors", "t5_tensorized/enc.tensors",  # no .bin, no .txt
+                                        *[GGUF_NAME] * HAVE_GGUF, "t5_tiny.safetensors", "with_tokenizer/t5_tiny.sft"]
     assert load_in["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32"]
     assert load_in["weight_dtype"][1]["default"] == "auto"
     assert (load_in["attention"][0], load_in["attention"][1]["default"]) == (["auto", "flex", "sdpa"], "auto")
@@ -261,7 +269,8 @@ def test_flux_chain_float32_matches_transformers(comfy, hf_model):
     assert any(models == [patcher] and full for models, full in comfy.mm.load_calls)
     assert patcher.load_device == comfy.mm.text_encoder_device()
     assert patcher.offload_device == comfy.mm.text_encoder_offload_device()
-    assert patcher.size == sum(p.numel() * p.element_size() for p in patcher.model.parameters())
+    model = patcher.model
+    assert patcher.size == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert clip.patcher in [m for models, _ in comfy.mm.load_calls for m in models]
 
 
@@ -288,6 +297,24 @@ def test_tensorizer_file_and_tokenizer_beside_the_weights(comfy, hf_model):
     for enc in (encoder, tensorized):
         (cond,), _ = encode(comfy, enc, "tensors on disk")
         assert rel_err(cond[0][0], hf_encode(hf_model, t5_ids("tensors on disk"))) <= 1e-5
+
+
+def test_gguf_file_is_listed_and_loads_compressed(comfy, hf_model):
+    pytest.importorskip("gguf")
+    import t5core
+    from t5core.gguf import is_packed
+
+    assert GGUF_NAME in comfy.nodes[LOAD].INPUT_TYPES()["required"]["model_name"][0]
+    encoder = load(comfy, GGUF_NAME)
+    text = "a quantized file"
+    (cond,), _ = encode(comfy, encoder, text)
+    model = encoder.patcher().model
+    assert is_packed(model)  # the patcher counts the blocks (buffers) in its size
+    assert encoder.patcher().size == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    path = comfy.folder_paths.get_full_path("text_encoders", GGUF_NAME)
+    want = t5core.load_encoder(path).encode(torch.tensor([t5_ids(text)]))
+    assert rel_err(cond[0][0], want[0]) <= 1e-6
+    assert rel_err(cond[0][0], hf_encode(hf_model, t5_ids(text))) <= 0.05  # Q8_0 of the tiny model
 
 
 def test_fp16_scales_beat_bfloat16(comfy, hf_model):
