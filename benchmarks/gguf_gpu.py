@@ -87,8 +87,8 @@ def write_file(path: Path, size: str, qtype: str, device, seed: int = 0) -> None
     vector("enc.output_norm.weight", d, mean=1.0, std=0.1)
     for i in range(layers):
         b = f"enc.blk.{i}."
-        for part in ("attn_q", "attn_k", "attn_v"):
-            matrix(b + part + ".weight", inner, d, d ** -0.5)
+        for part in ("attn_q", "attn_k", "attn_v"):  # T5 folds 1/sqrt(d_kv) into its queries: so does this init
+            matrix(b + part + ".weight", inner, d, d ** -0.5 * (dkv ** -0.5 if part == "attn_q" else 1.0))
         matrix(b + "attn_o.weight", d, inner, inner ** -0.5)
         matrix(b + "ffn_gate.weight", ff, d, d ** -0.5)
         matrix(b + "ffn_up.weight", ff, d, d ** -0.5)
