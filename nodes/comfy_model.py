@@ -27,31 +27,35 @@ from t5core.t5_common import parse_dtype
 
 log = logging.getLogger("t5core.nodes")
 
-TENSORS_FOLDER = "t5core_tensors"  # folder_paths entry listing tensorizer files in the text-encoder folders
+# folder_paths entries listing the text-encoder folders' files of suffixes ComfyUI does not list there itself
+EXTRA_FOLDERS = {".tensors": "t5core_tensors", ".gguf": "t5core_gguf"}
 
 
 # -- model files ----------------------------------------------------------------------------------------------------
-def _tensors_folder(folder_paths) -> str:
-    """Register the tensorizer entry once; it shares the text-encoder folder list, so paths added later show up."""
-    if TENSORS_FOLDER not in folder_paths.folder_names_and_paths:
+def _extra_folder(folder_paths, suffix: str) -> str:
+    """Register the entry for `suffix` once; it shares the text-encoder folder list, so paths added later show up."""
+    entry = EXTRA_FOLDERS[suffix]
+    if entry not in folder_paths.folder_names_and_paths:
         paths = folder_paths.folder_names_and_paths["text_encoders"][0]
-        folder_paths.folder_names_and_paths[TENSORS_FOLDER] = (paths, {".tensors"})
-    return TENSORS_FOLDER
+        folder_paths.folder_names_and_paths[entry] = (paths, {suffix})
+    return entry
 
 
 def weight_file_names() -> list[str]:
-    """.safetensors / .sft files of models/text_encoders (and models/clip), plus tensorizer .tensors files."""
+    """.safetensors / .sft files of models/text_encoders (and models/clip), plus tensorizer .tensors and GGUF
+    files."""
     import folder_paths
 
-    tensors = folder_paths.get_filename_list(_tensors_folder(folder_paths))
+    extra = [n for suffix in EXTRA_FOLDERS for n in folder_paths.get_filename_list(_extra_folder(folder_paths, suffix))]
     names = [n for n in folder_paths.get_filename_list("text_encoders") if n.lower().endswith(SAFETENSORS_SUFFIXES)]
-    return sorted(names + tensors)
+    return sorted(names + extra)
 
 
 def weight_file_path(name: str) -> str:
     import folder_paths
 
-    folder = _tensors_folder(folder_paths) if name.lower().endswith(".tensors") else "text_encoders"
+    suffix = Path(name).suffix.lower()
+    folder = _extra_folder(folder_paths, suffix) if suffix in EXTRA_FOLDERS else "text_encoders"
     return folder_paths.get_full_path_or_raise(folder, name)
 
 
@@ -100,7 +104,7 @@ class LoadPlan:
     cpu: bool  # load and offload device both the CPU
     fuse_norms: bool = False
     fp16_scales: Optional[Scales] = None  # float16 only; None: no scaling (or the scales baked into the file)
-    weight_dtype: Optional[str] = None  # t5core.load_encoder's (fp8 names, "auto"); None: weights in `dtype`
+    weight_dtype: Optional[str] = None  # fp8 weights (t5core.fp8 names); None: as the file (GGUF blocks stay)
 
 
 class T5Encoder:
@@ -151,10 +155,11 @@ class T5Encoder:
             plan = self.plan
             runtime = t5core.load_encoder(plan.path, dtype=plan.dtype, device=offload_device,
                                             attn_impl=self.attention(), fuse_norms=plan.fuse_norms,
-                                            fp16_scales=plan.fp16_scales, weight_dtype=plan.weight_dtype or plan.dtype)
+                                            fp16_scales=plan.fp16_scales, weight_dtype=plan.weight_dtype or "auto")
             if plan.compile:  # regional: valid on whichever device ComfyUI moves the weights to (graphs on CUDA)
                 runtime.compile_layers()
-            size = sum(p.numel() * p.element_size() for p in runtime.model.parameters())
+            model = runtime.model  # (weights kept as GGUF blocks are buffers)
+            size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             self._patcher = ModelPatcher(runtime.model, load_device=load_device, offload_device=offload_device,
                                          size=size)
             self._runtime = runtime
@@ -216,12 +221,15 @@ def load(name: str, weight_dtype: str, attention: str, compile: bool, device: st
     plan = LoadPlan(path=str(path), dtype=torch.float32, attention=None if attention == "auto" else attention,
                     compile=compile, cpu=device == "cpu")
     encoder = T5Encoder(plan, ckpt.config, tokenizer, source, ckpt.fp16_scales)
-    if weight_dtype == "auto" or weight_dtype.startswith("fp8"):  # compute in bf16 where the GPU supports it
+    fp8_choice = weight_dtype.startswith("fp8")
+    if weight_dtype == "auto" or fp8_choice:  # compute in bf16 where the GPU supports it
         dtype = torch.bfloat16 if _bf16_ok(encoder.devices()[0]) else torch.float32
-        # "auto": fp8 files stay fp8 (as ComfyUI's own loader keeps them), others load in dtype
-        fp8 = resolve_weight_dtype(weight_dtype, dtype, ckpt.projection_dtype(), ckpt.path)
     else:
-        dtype, fp8 = parse_dtype(weight_dtype), None  # bf16 / fp16 / fp32: weights too (fp8 files expand)
+        dtype = parse_dtype(weight_dtype)  # bf16 / fp16 / fp32: the compute dtype
+    # fp8 files keep their fp8 weights and GGUF files their blocks (as ComfyUI keeps them); fp8_* quantize others.
+    # (A GGUF file's blocks are not fp8: no tensor is read to know it.)
+    stored = torch.float32 if ckpt.format == "gguf" else ckpt.projection_dtype()
+    fp8 = resolve_weight_dtype(weight_dtype if fp8_choice else "auto", dtype, stored, ckpt.path)
     if fp8 == FAST and not fp8_matmul_support(encoder.devices()[0])[0]:
         log.warning("t5core: %s on %s: fp8 matmuls need a CUDA GPU with compute capability >= 8.9; the weights stay "
                     "fp8 and are dequantized before each matmul", FAST, encoder.devices()[0])

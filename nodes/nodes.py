@@ -48,14 +48,14 @@ class LoadT5Encoder:
                            ".tensors file with its config.json, from models/text_encoders or models/clip."}),
             "weight_dtype": (list(comfy_model.WEIGHT_DTYPE_CHOICES), {
                 "default": "auto",
-                "tooltip": "auto: bf16 where the GPU supports it, else fp32; fp8 files keep their fp8 weights (half "
-                           "the memory). bf16/fp16/fp32: weights and compute in that dtype (fp8 files expand). fp16 "
-                           "uses the preset float16 scales for the model's size (see FP16 Scale for other scales). "
-                           "fp8_*: fp8 weights (quantized at load unless the file's are fp8), compute as auto; "
-                           "fp8_e4m3fn_fast also multiplies in fp8 on GPUs that can (RTX 40xx, H100, newer)."}),
+                "tooltip": "auto: compute in bf16 where the GPU supports it, else fp32. bf16/fp16/fp32: compute in "
+                           "that dtype (fp16 uses the preset float16 scales for the model's size; see FP16 Scale). "
+                           "fp8 and GGUF files keep their compressed weights either way. fp8_*: fp8 weights "
+                           "(quantized at load unless the file's are fp8), compute as auto; fp8_e4m3fn_fast also "
+                           "multiplies in fp8 on GPUs that can (RTX 40xx, H100, newer)."}),
             "attention": (["auto", "flex", "sdpa"], {
                 "default": "auto", "tooltip": "auto: SDPA (without compile it needs no Triton; compiled on an H200 "
-                                               "within 4% of flex, up to 6% slower for one long prompt). flex: flex "
+                                               "within 2% of flex, up to 6% slower for one long prompt). flex: flex "
                                                "attention with the bias as a score_mod (always compiled by Triton)."}),
             "compile": ("BOOLEAN", {
                 "default": False,

@@ -90,18 +90,23 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32", format_
                         "a pickle that can run code: only for folders you trust")
 
 
-def _load(args, model_path, compile: bool = False):
+def _load(args, model_path, compile: bool = False, expand: bool = False):
+    """expand (convert): weights in --dtype, GGUF and fp8 files expanded, unless --weight-dtype says otherwise."""
     import t5core
 
     return t5core.load_encoder(model_path, dtype=args.dtype, device=args.device, attn_impl=args.attn,
                                fuse_norms=args.fuse_norms, fp16_scales=args.fp16_scales, compile=compile,
-                               subfolder=args.subfolder, format=args.input_format, weight_dtype=args.weight_dtype)
+                               subfolder=args.subfolder, format=args.input_format,
+                               weight_dtype=(args.weight_dtype or args.dtype) if expand else args.weight_dtype)
 
 
 def _tokenizer_for(args, ckpt_path):
+    from .checkpoint import open_checkpoint
     from .tokenizer import BUNDLED_SPIECE, find_tokenizer, load_tokenizer
 
     path = args.tokenizer or find_tokenizer(Path(ckpt_path) / (args.subfolder or ""))
+    if path is None and Path(ckpt_path).suffix == ".gguf":  # the one in its tokenizer.ggml.* fields, if any
+        path = open_checkpoint(ckpt_path).tokenizer_bytes
     if path is None:
         print(f"no tokenizer beside {ckpt_path}; using the bundled T5 tokenizer", file=sys.stderr)
         path = BUNDLED_SPIECE
@@ -148,7 +153,7 @@ def cmd_convert(args) -> None:
     if fp8:
         args.weight_dtype = "auto" if ckpt.projection_dtype() in FP8_DTYPES else args.dtype
     tok_src = args.tokenizer or ckpt.tokenizer or ckpt.tokenizer_bytes
-    model = _load(args, args.src)
+    model = _load(args, args.src, expand=True)
     out = save_encoder(model.model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None,
                        overwrite=args.overwrite, fp8=fp8)
     c = model.config
@@ -208,7 +213,7 @@ def main(argv=None) -> None:
     sub.add_parser = functools.partial(sub.add_parser, parents=[debug])
 
     p = sub.add_parser("encode", help="encode prompts to a .safetensors file of embeddings")
-    p.add_argument("--model", required=True, help="weights: HF/diffusers folder, ComfyUI file, or tensorizer folder")
+    p.add_argument("--model", required=True, help="weights: HF/diffusers folder, ComfyUI file, GGUF file, or tensorizer folder")
     p.add_argument("--tokenizer", default=None, help="spiece.model, tokenizer.json or a folder (default: beside the model)")
     p.add_argument("--max-length", type=_int_in(1, MAX_TOKENS), default=512,
                    help=f"truncate longer prompts, with a warning (default 512, at most {MAX_TOKENS})")

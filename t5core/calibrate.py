@@ -33,7 +33,7 @@ def measure_output_absmax(model, tokenizer, prompts: Optional[Sequence[str]] = N
     """-> per layer (attention-out absmax, FFN-out absmax, FFN-hidden absmax), unscaled units."""
     n = model.config.num_layers
     stats = {}
-    device = model.vocab_embed.weight.device
+    device = model.unit_scale.device
     for text in prompts or BUILTIN_PROMPTS:  # one at a time: no padding, exact lengths
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # long built-in prompts are meant to be truncated

@@ -2,8 +2,8 @@
 
 Formats: Hugging Face folders (single or sharded safetensors, or pytorch_model.bin read with weights_only),
 diffusers repos (text_encoder_2/ etc.), ComfyUI single files (any key prefix, scaled fp8 included), full
-encoder-decoder checkpoints (the encoder is taken), tensorizer `enc.tensors` + config.json folders, and
-torch.distributed.checkpoint folders + config.json.
+encoder-decoder checkpoints (the encoder is taken), tensorizer `enc.tensors` + config.json folders,
+torch.distributed.checkpoint folders + config.json, and GGUF T5 / UMT5 encoder files (t5core.gguf).
 Keys are reported in Hugging Face T5 naming with the prefix stripped; `native_target` maps them onto
 T5EncoderStack's fused parameters.
 """
@@ -20,7 +20,7 @@ from .fp16_scales import CONFIG_KEY as FP16_SCALES_KEY, Scales
 from .t5_common import CONFIG_LIMITS, GELUApprox, T5Config, T5FFNType, config_error_text
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-WEIGHT_SUFFIXES = (*SAFETENSORS_SUFFIXES, ".tensors", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (*SAFETENSORS_SUFFIXES, ".tensors", ".bin", ".pt", ".pth", ".gguf")
 DIFFUSERS_T5_SUBFOLDERS = ("text_encoder_2", "text_encoder_3", "text_encoder")
 # Each marker locates the encoder inside any prefix; group 1 is the prefix to strip.
 HF_MARKER = re.compile(r"^(.*?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")
@@ -705,6 +705,14 @@ def open_checkpoint(path, subfolder: Optional[str] = None, format: Optional[str]
     if cfg_json is not None and not isinstance(cfg_json, dict):
         raise CheckpointError(f"{folder / 'config.json'}: expected a JSON object, got a {type(cfg_json).__name__}")
     suffix = files[0].suffix
+    if suffix == ".gguf":  # llama.cpp T5 / UMT5 encoder files (t5core.gguf); a tokenizer beside it wins over its fields
+        from .gguf import open_gguf, spiece_model_bytes
+
+        source, config, fields = open_gguf(files[0])
+        tokenizer = find_tokenizer(folder)
+        return Checkpoint(path=files[0], format="gguf", source=source, keys={k: k for k in source.keys()},
+                          config=config, tokenizer=tokenizer,
+                          tokenizer_bytes=spiece_model_bytes(fields) if fields and tokenizer is None else None)
     if suffix == ".tensors":
         source, fmt = TensorizerSource(files[0]), "tensorizer"
     elif format == "dcp":

@@ -179,16 +179,24 @@ def scale_residuals_enc(model, attn_out_scales=None, ffn_out_scales=None):
     """Apply power-of-two residual scales to a T5EncoderStack in place (on top of any already applied); its
     output is unchanged."""
     config, factors = combined_config(model.config, Scales.of(attn_out_scales, ffn_out_scales, model.config.num_layers))
-    params = dict(model.named_parameters())
     for name, f in factors.items():
         if f != 1.0:
-            if params[name].dtype.itemsize == 1:  # fp8 weights (t5core.fp8): their float32 row scales, exactly
-                params[name.removesuffix("weight") + "scale"].mul_(f)
-            else:
-                params[name].mul_(f)
+            multiply_weight(model, name, f)
     model.config = config
     model.apply_residual_scales_from_config()
     return model
+
+
+@torch.no_grad()
+def multiply_weight(model, name: str, factor: float) -> None:
+    """Multiply weight `name` ('layers.3.ffn.ff_out.weight') by a power of two in place; a projection kept as GGUF
+    blocks (t5core.gguf.PackedLinear) or fp8 (t5core.fp8.Fp8Linear) takes it into the scale it applies after
+    dequantizing (exact either way)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    weight = getattr(module, attr, None)
+    # fp8 weights (t5core.fp8.Fp8Linear) too: their float32 row scales take it, never the fp8 bytes
+    (weight if isinstance(weight, torch.nn.Parameter) and weight.dtype.itemsize > 1 else module.scale).mul_(factor)
 
 
 # -- the sidecar that `calibrate` writes ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import FloatTensor, Tensor, nn
 
-from .t5_common import matmul_f32_out
+from .t5_common import f32_out_linear
 
 log = logging.getLogger("t5core")
 
@@ -135,7 +135,7 @@ class Fp8Linear(nn.Module):
         if self.fp8_mm and x.is_cuda:
             return self.fp8_matmul(x)
         w = dequantize(self.weight, self.scale, x.dtype)
-        return matmul_f32_out(x, w) if self.f32_out else nn.functional.linear(x, w)
+        return f32_out_linear(x, w) if self.f32_out else nn.functional.linear(x, w)
 
     def fp8_matmul(self, x: Tensor) -> Tensor:
         """x [.., K] -> [.., N] through torch._scaled_mm: x quantized per token to e4m3 (plain torch ops, which

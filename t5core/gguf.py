@@ -27,6 +27,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .t5_common import GELUApprox, T5Config, T5FFNType
+from .t5_encoder import T5EncoderStack, f32_out_linear
 
 QK_K = 256
 # GGML type id -> (name, elements per block, bytes per block); ids and sizes as in ggml.h / gguf.constants
@@ -293,6 +294,41 @@ class PackedWeight(nn.Module):
         return cls(torch.cat([p.blocks.reshape(-1) for p in parts]), None, shape, segments)
 
 
+class PackedLinear(nn.Module):
+    """What replaces a projection of T5EncoderStack whose weight stays GGML blocks: x [.., K] -> [.., N] in x's dtype
+    (as nn.Linear, no bias), or float32 when f32_out (as F32OutLinear, through the same f32_out_linear). Each call
+    dequantizes the weight in float32, multiplies it by `scale` (a float16 residual factor, a power of two: exact)
+    and rounds it once to x's dtype: the weight an expanded load of that dtype holds."""
+
+    def __init__(self, packed: PackedWeight, f32_out: bool) -> None:
+        super().__init__()
+        self.packed = packed
+        self.f32_out = f32_out
+        self.register_buffer("scale", torch.ones(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.packed(torch.float32) * self.scale).to(x.dtype)
+        return f32_out_linear(x, w) if self.f32_out else F.linear(x, w)
+
+
+class PackedEmbedding(nn.Module):
+    """What replaces vocab_embed when the table stays GGML blocks: ids [..] -> rows [.., D] in `dtype`, dequantizing
+    only the rows looked up (set_weight_dtype sets `dtype`)."""
+
+    def __init__(self, packed: PackedWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.packed = packed
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.packed.embedding(ids, self.dtype)
+
+
+def is_packed(model: nn.Module) -> bool:
+    """Does the model keep any weight as GGML blocks?"""
+    return any(isinstance(m, PackedWeight) for m in model.modules())
+
+
 # --------------------------------------------------------------------------------------------------
 # GGUF names -> Hugging Face T5 names
 # --------------------------------------------------------------------------------------------------
@@ -502,6 +538,41 @@ def tokenizer_fields(path_or_reader) -> Optional[dict]:
     return out
 
 
+def spiece_model_bytes(fields: dict) -> Optional[bytes]:
+    """The SentencePiece tokenizer a GGUF file carries (tokenizer_fields, model 't5') as a serialized sentencepiece
+    Unigram model, what t5core.load_tokenizer reads (as it reads the `spiece_model` ComfyUI files embed): pieces with
+    their scores and types (GGUF's token types are sentencepiece's), the precompiled character map, the space and
+    whitespace options, and the unk / eos / pad ids. The unused pieces llama.cpp appends to fill the embedding
+    ('[PAD1]', ...) are left out, so the <extra_id_*> tokens load_tokenizer adds get T5's ids. None for other
+    tokenizer models (BPE)."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb
+
+    if fields.get("model") != "t5":
+        return None
+    tokens, types = fields["tokens"], fields.get("token_types") or [1] * len(fields["tokens"])
+    scores = fields.get("scores") or [0.0] * len(tokens)
+    n = len(tokens)
+    while n and types[n - 1] == sp_pb.ModelProto.SentencePiece.UNUSED:
+        n -= 1
+    proto = sp_pb.ModelProto()
+    for piece, score, kind in zip(tokens[:n], scores, types):
+        proto.pieces.add(piece=piece.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), score=score,
+                         type=kind)
+    spec = proto.trainer_spec
+    spec.model_type = sp_pb.TrainerSpec.UNIGRAM
+    spec.unk_id = int(fields.get("unknown_token_id", 2))
+    spec.eos_id = int(fields.get("eos_token_id", 1))
+    spec.pad_id = int(fields.get("padding_token_id", 0))
+    spec.bos_id = -1
+    norm = proto.normalizer_spec
+    norm.name = "nmt_nfkc"
+    norm.precompiled_charsmap = fields.get("precompiled_charsmap", b"")
+    norm.add_dummy_prefix = bool(fields.get("add_space_prefix", True))
+    norm.remove_extra_whitespaces = bool(fields.get("remove_extra_whitespaces", True))
+    norm.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
 class GGUFSource:
     """A GGUF T5 / UMT5 encoder as a checkpoint source in Hugging Face naming ('shared.weight',
     'encoder.block.0.layer.0.SelfAttention.q.weight', ...): keys, shape, get (dequantized float32), nbytes and
@@ -694,3 +765,61 @@ def open_gguf(path) -> tuple[GGUFSource, T5Config, Optional[dict]]:
     """-> (GGUFSource in Hugging Face key naming, T5Config, tokenizer fields or None). Reads only the header."""
     source = GGUFSource(path)
     return source, config_from_gguf(source), source.tokenizer
+
+
+_PACKABLE = ("vocab_embed", "attn.qkv_proj", "attn.o_proj", "ffn.ff_in", "ffn.ff_out")
+
+
+def _packed_modules(source: GGUFSource, config: T5Config) -> dict[str, list[str]]:
+    """T5EncoderStack module name -> its tensors' keys in row order, for the projections and the embedding that
+    stay GGML blocks: those with a part that expanding to config.dtype would make bigger (every quantized type;
+    F16 / BF16 under float32). The rest (and norms, bias tables) load as plain tensors."""
+    from .checkpoint import native_target
+
+    groups: dict[str, list] = {}
+    for key in source.keys():
+        target = native_target(key, config)
+        if target is not None and target[0].removesuffix(".weight").endswith(_PACKABLE):
+            name, part, parts = target
+            groups.setdefault(name.removesuffix(".weight"), [None] * parts)[part] = key
+
+    def grows(key: str) -> bool:
+        q = source.qtype(key)
+        return q not in _PLAIN or _PLAIN[q].itemsize < config.dtype.itemsize
+
+    return {name: keys for name, keys in groups.items() if any(grows(k) for k in keys)}
+
+
+@torch.no_grad()
+def build_packed(config: T5Config, source: GGUFSource, device) -> T5EncoderStack:
+    """A T5EncoderStack on `device` whose quantized projections are PackedLinear and whose quantized embedding is a
+    PackedEmbedding, their blocks read from the file as they are (the gpt-fast way: built on meta, modules swapped,
+    then allocated). Every parameter left (norms, bias tables, plain-float projections) is uninitialised: stream
+    the checkpoint into it (weight_load.load_checkpoint_into), which skips the packed modules."""
+    from .t5_encoder import F32OutLinear
+
+    with torch.device("meta"):
+        model = T5EncoderStack(config)
+    packed = _packed_modules(source, config)
+    for name, keys in packed.items():
+        parts = [PackedWeight(torch.empty(source.nbytes(k), dtype=torch.uint8, device="meta"), source.qtype(k),
+                              source.shape(k)) for k in keys]
+        weight = PackedWeight.cat(parts) if len(parts) > 1 else parts[0]
+        old = model.get_submodule(name)
+        model.set_submodule(name, PackedEmbedding(weight, config.dtype) if name == "vocab_embed"
+                            else PackedLinear(weight, isinstance(old, F32OutLinear)))
+    model = model.to_empty(device=device)
+    model.apply_residual_scales_from_config()
+    for name, keys in packed.items():
+        module = model.get_submodule(name)
+        if isinstance(module, PackedLinear):
+            module.scale.fill_(1.0)
+        flat, at = module.packed.blocks.view(-1), 0  # parts lie one after the other (PackedWeight.cat)
+        for key in keys:
+            n = source.nbytes(key)
+            if flat.device.type == "cpu":
+                source.read_range(key, 0, flat[at:at + n])
+            else:
+                flat[at:at + n].copy_(source.raw(key).view(-1))
+            at += n
+    return model.eval()

@@ -95,7 +95,7 @@ class FastT5EncoderModel(PreTrainedModel):
         outs: list[Tensor] = []
         hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(mod.stream_after(out)))
                  for layer in self.encoder.layers]
-        device = self.encoder.vocab_embed.weight.device
+        device = self.encoder.unit_scale.device
         try:  # eagerly: hooks see every layer (a compiled region or a graph replay runs none)
             with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
                 last = self.encoder(input_ids.to(device), input_mask=None if mask is None else mask.to(device))

@@ -56,24 +56,27 @@ class Encoder:
 
     @property
     def device(self) -> torch.device:
-        return self.model.vocab_embed.weight.device
+        return self.model.unit_scale.device  # (a buffer every model has: its embedding may be GGUF blocks)
 
     # -- compiling -----------------------------------------------------------------------------------
     def compile(self) -> "Encoder":
         """CUDA: regional compilation (compile_layers) and a CUDA graph per shape in encode(). CPU: the whole
         forward compiled with frozen weights, which inductor repacks for MKL's packed GEMM (10-20% faster than
-        torch's CPU matmul at these shapes); weights must not change afterwards (or call reset())."""
+        torch's CPU matmul at these shapes); weights must not change afterwards (or call reset()). Weights kept as
+        GGUF blocks are not frozen: freezing would fold their dequantization into constant float weights."""
         if self.device.type == "cuda":
             return self.compile_layers()
+        from .gguf import is_packed
+
         allow_many_compiled_shapes()
         compiled = torch.compile(self.model, dynamic=False)
-        # freezing would fold the dequantization of fp8 weights into full-size constants: not for fp8
-        freeze = self.config.weight_dtype is None
+        # freezing would fold the dequantization of GGUF blocks or fp8 weights into full-size constants
+        freezing = not is_packed(self.model) and self.config.weight_dtype is None
 
         def frozen(*args, **kwargs):
             # inductor reads `freezing` from its global config when it compiles (the first call at each shape);
             # torch.compile(options={"freezing": True}) does not reach it
-            with torch._inductor.config.patch(freezing=freeze):
+            with torch._inductor.config.patch(freezing=freezing):
                 return compiled(*args, **kwargs)
 
         self._frozen = frozen
@@ -167,11 +170,15 @@ class Encoder:
         return graph, (ids, mask), out
 
     def _weight_ptrs(self) -> tuple[int, ...]:
-        """Every parameter's address, read through its owner's parameter dict: walking parameters() on every
-        call cost 0.2 ms of host time at XXL on the H200's host, 2% of a 1x512 encode. A parameter moved (.data)
-        or replaced (setattr, as ComfyUI's patcher does) still shows; a replaced submodule needs reset()."""
+        """Every weight's address (parameters, and the blocks of weights kept as GGUF blocks, which are buffers),
+        read through its owner's dict: walking parameters() on every call cost 0.2 ms of host time at XXL on the
+        H200's host, 2% of a 1x512 encode. A weight moved (.data) or replaced (setattr, as ComfyUI's patcher does)
+        still shows; a replaced submodule needs reset()."""
         if self._param_slots is None:
+            from .gguf import PackedWeight
+
             self._param_slots = [(m._parameters, name) for m in self.model.modules() for name in m._parameters]
+            self._param_slots += [(m._buffers, "blocks") for m in self.model.modules() if isinstance(m, PackedWeight)]
         return tuple(-1 if d[name] is None else d[name].data_ptr() for d, name in self._param_slots)
 
 

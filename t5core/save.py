@@ -105,6 +105,7 @@ def hf_state_dict(model: T5EncoderStack, fp8: bool = False) -> dict[str, torch.T
     `scale_weight` [] (ComfyUI takes one scale per tensor), and the `scaled_fp8` marker. An fp8 part whose rows
     share one scale (weights read from such a file) keeps its bytes; one whose rows have their own scales (weights
     quantized by t5core) is re-quantized from them; wider weights are quantized once."""
+    _check_expanded(model)
     config = model.config
     unscale = Scales.from_config(config).weight_factors()
     fused_parts = {"attn.qkv_proj.weight": 3, "ffn.ff_in.weight": 2 if model.layers[0].ffn.gated else 1}
@@ -175,6 +176,7 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
 
     distributed = format == "dcp" and dist.is_initialized()
     rank0 = not distributed or dist.get_rank() == 0
+    _check_expanded(model)
     out = check_target(out_dir, overwrite)  # on every rank: all refuse together, none waits for a refused one
     out.mkdir(parents=True, exist_ok=True)
     written = {"config.json"}
@@ -231,6 +233,14 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
         _remove_stale(out, written)
     _fsync_dir(out)
     return out
+
+
+def _check_expanded(model: T5EncoderStack) -> None:
+    from .gguf import is_packed
+
+    if is_packed(model):
+        raise ValueError("this encoder keeps GGUF weights compressed: load it with weight_dtype (e.g. 'bf16', the same "
+                         "as dtype) to expand them before saving")
 
 
 def _save_tokenizer(tokenizer, tmp: Path) -> None:

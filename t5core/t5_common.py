@@ -204,7 +204,7 @@ class RMSNorm(nn.Module):
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def matmul_f32_out(x: Tensor, weight: Tensor) -> FloatTensor:
+def f32_out_linear(x: Tensor, weight: Tensor) -> FloatTensor:
     """x [.., K] @ weight[N, K].T -> [.., N] float32. On CUDA a half-precision matmul writes its fp32 accumulator
     directly, one rounding fewer than rounding to x's dtype and casting back."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:

@@ -11,8 +11,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.functional import scaled_dot_product_attention
 
 from .fp16_scales import Scales
-from .fp8 import FAST, WEIGHT_DTYPES, Fp8Linear, is_fp8
-from .t5_common import (RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, matmul_f32_out, offset_rows,
+from .fp8 import FAST, WEIGHT_DTYPES, Fp8Linear
+from .t5_common import (RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, f32_out_linear, offset_rows,
                         relative_offset_bias)
 
 # Eager flex attention materialises the scores; on CUDA it must run compiled to be fast. On CPU the eager
@@ -27,11 +27,11 @@ warnings.filterwarnings("ignore", message="flex_attention called without torch.c
 FLEX_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64}
 
 class F32OutLinear(nn.Linear):
-    """A projection whose result is consumed in float32 (the residual add, the gated activation): on CUDA the
-    half-precision matmul writes its fp32 accumulator directly, one rounding fewer. [.., K] -> [.., N] float32."""
+    """A projection (no bias) whose result is consumed in float32 (the residual add, the gated activation):
+    [.., K] -> [.., N] float32 (f32_out_linear)."""
 
     def forward(self, x: Tensor) -> FloatTensor:
-        return matmul_f32_out(x, self.weight)
+        return f32_out_linear(x, self.weight)
 
 
 def projection(config: T5Config, in_features: int, out_features: int, f32_out: bool = False,
@@ -224,12 +224,14 @@ class T5EncoderStack(nn.Module):
 
     @torch.no_grad()
     def set_weight_dtype(self, dtype: torch.dtype) -> "T5EncoderStack":
-        """Cast the projection and embedding weights (norms and bias tables stay float32), in place; the compute
-        dtype. fp8 weights stay fp8 (they are dequantized into the compute dtype in the forward)."""
+        """Cast the projection and embedding weights (norms and bias tables stay float32), in place. Weights kept
+        as GGUF blocks (t5core.gguf) stay as they are: they dequantize to the layer's dtype on use."""
         for mod in [self.vocab_embed, *(m for layer in self.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj,
                                                                                 layer.ffn.ff_in, layer.ffn.ff_out))]:
-            if not is_fp8(mod.weight):
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
                 mod.weight.data = mod.weight.data.to(dtype)
+        if not isinstance(self.vocab_embed, nn.Embedding):  # a packed table: its rows come out in `dtype`
+            self.vocab_embed.dtype = dtype
         for layer in self.layers:
             layer.dtype = dtype
         self.config = self.config.model_copy(update={"dtype": dtype})

@@ -11,8 +11,8 @@ import torch
 
 from .calibrate import calibrate_fp16_scales
 from .checkpoint import Checkpoint, CheckpointError, native_target, open_checkpoint
-from .fp16_scales import Scales, combined_config, resolve as resolve_scales, scale_residuals_enc
-from .fp8 import FP8_DTYPES, Fp8Linear, is_fp8, quantize_rows, resolve_weight_dtype
+from .fp16_scales import Scales, combined_config, multiply_weight, resolve as resolve_scales, scale_residuals_enc
+from .fp8 import FP8_DTYPES, WEIGHT_DTYPES, Fp8Linear, is_fp8, quantize_rows, resolve_weight_dtype
 from .fuse_norm_scales import norm_consumers, scale_input_columns
 from .runtime import Encoder
 from .t5_common import T5AttnImpl, T5Config, parse_dtype
@@ -99,6 +99,9 @@ def stream_into_module(
     fp8_scale_of = {f"{n}.weight": m.scale for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
     params = file_backed_parameters(model)
     weight_factors = weight_factors or {}
+    for name, factor in weight_factors.items():
+        if name not in params:  # a projection kept as GGUF blocks (t5core.gguf.PackedLinear): scaled on use
+            multiply_weight(model, name, factor)
     if not fuse_norm_scales and model.config.elementwise_affine is False and ckpt.config.elementwise_affine:
         raise CheckpointError(f"{ckpt.path}: the model has no norm scales but the checkpoint does: pass fuse_norm_scales=True")
     work, norm_keys = plan_reads(params, ckpt, model.config)
@@ -240,13 +243,13 @@ def load_encoder(
     compile: bool = False,
     subfolder: Optional[str] = None,
     format: Optional[str] = None,
-    weight_dtype="auto",
+    weight_dtype=None,
 ) -> Encoder:
     """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`; the
     nn.Module is its `.model` (t5core.runtime.Encoder).
 
     dtype: float32 / bfloat16 / float16. attn_impl: "sdpa" (default) or "flex". Compiled on an H200 the two are
-    within 4% except for one long prompt, where flex is up to 6% faster (BENCHMARKS.md); on CUDA flex always
+    within 2% (BENCHMARKS.md; flex up to 6% faster for one long prompt in earlier runs); on CUDA flex always
     compiles its kernel with Triton, SDPA uncompiled needs no Triton.
     fuse_norms: fold norm scales into the projections while loading.
     fp16_scales (float16 only; t5core.fp16_scales): "auto" (scales baked into the checkpoint, else calibrated
@@ -254,18 +257,29 @@ def load_encoder(
     (measure now on varied prompts), None, Scales, text ('1,1,1/2,...' or 'ATTN;FFN'), a list of FFN-out scales,
     or an (attn_out_scales, ffn_out_scales) pair.
     compile: torch.compile for fixed-shape speed (CUDA: one layer compiled and reused, CUDA graphs; CPU: frozen
-    weights).
+    weights, except for weights kept as GGUF blocks).
     format: None detects the format; "dcp" reads a torch.distributed.checkpoint folder, whose metadata is a pickle:
     only for folders you trust (see open_checkpoint).
-    weight_dtype (t5core.fp8): "auto" (an fp8 file's projection weights stay fp8, others load in dtype),
-    "fp8_e4m3fn" / "fp8_e5m2" (fp8 weights with a float32 scale per row, quantized as they stream in unless the
-    file's are fp8 already), "fp8_e4m3fn_fast" (also fp8 matmuls on CUDA GPUs of compute capability >= 8.9), or
-    dtype's own name (expand an fp8 file). The embedding, norms and bias tables are never fp8."""
+    weight_dtype (None or "auto" by default): a GGUF file's quantized weights stay as their blocks, dequantized in
+    each layer just before use (t5core.gguf.build_packed), an fp8 file's stay fp8 (t5core.fp8), others load in
+    dtype. "bf16" / "fp16" / "fp32" (the same as dtype) expands GGUF and fp8 files once at load. "fp8_e4m3fn" /
+    "fp8_e5m2": fp8 weights with a float32 scale per row, quantized as they stream in unless the file's are fp8
+    already (another fp8 type is an error: no re-quantizing); "fp8_e4m3fn_fast": also fp8 matmuls on CUDA GPUs of
+    compute capability >= 8.9. The embedding, norms and bias tables are never fp8."""
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    auto = weight_dtype in (None, "auto")
+    if not auto and str(weight_dtype) not in WEIGHT_DTYPES and parse_dtype(weight_dtype) != dtype:
+        raise ValueError(f"weight_dtype={weight_dtype!r} expands the weights to the model's dtype, which is {dtype}: "
+                         f"pass dtype={weight_dtype!r} too")
     ckpt = open_checkpoint(path, subfolder=subfolder, format=format)
+    packed = ckpt.format == "gguf" and auto
+    if packed and fuse_norms:
+        raise ValueError(f"{ckpt.path}: fuse_norms=True cannot fold norm scales into GGUF blocks kept compressed (that "
+                         f"would mean re-quantizing): pass weight_dtype={str(dtype).removeprefix('torch.')!r} to expand "
+                         f"the weights at load, or fuse_norms=False")
     impl = T5AttnImpl(attn_impl or "sdpa")
-    wdtype = resolve_weight_dtype(weight_dtype, dtype, ckpt.projection_dtype(), ckpt.path)
+    wdtype = None if packed else resolve_weight_dtype(weight_dtype, dtype, ckpt.projection_dtype(), ckpt.path)
     config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl, "weight_dtype": wdtype})
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
     scaled = dtype == torch.float16 and fp16_scales is not None and not baked
@@ -275,13 +289,19 @@ def load_encoder(
         del model
         return load_encoder(path, dtype, device, attn_impl, fuse_norms, found, compile, subfolder, format, weight_dtype)
     if scaled and fp16_scales == "calibrate":
-        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder, format, "float32").model
+        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder, format,
+                             None if packed else "float32").model
         found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
         scale_residuals_enc(model, found.attn, found.ffn)
         model.set_weight_dtype(torch.float16)
     else:  # the sidecar is read only for float16 loads: float32 never touches it
         scales = resolve_scales(fp16_scales, ckpt.config, ckpt.path, ckpt.fp16_scales) if scaled else None
-        model = build_empty(config, device, ckpt)
+        if packed:
+            from .gguf import build_packed
+
+            model = build_packed(config, ckpt.source, device)
+        else:
+            model = build_empty(config, device, ckpt)
         load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True, scales=scales)
     encoder = Encoder(model, source_path=Path(ckpt.path))
     return encoder.compile() if compile else encoder

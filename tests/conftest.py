@@ -5,6 +5,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:  # the gguf package now: pytest puts the checkout's parent folder on sys.path, where a worktree named gguf shadows it
+    import gguf  # noqa: F401
+except ImportError:
+    pass
 
 
 def pytest_collection_modifyitems(config, items):

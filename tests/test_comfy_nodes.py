@@ -23,6 +23,8 @@ import comfy_fakes
 from tiny_models import TOKENIZER_DIR, make_hf_encoder, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
+HAVE_GGUF = importlib.util.find_spec("gguf") is not None
+GGUF_NAME = "t5_tiny-Q8_0.gguf"
 PREFIX = "text_encoders.t5xxl.transformer."  # any prefix: ComfyUI files carry several
 ENCODE, LOAD, FUSE, FP16 = "T5CoreEncodePrompt", "T5CoreLoadEncoder", "T5CoreFuseNorms", "T5CoreFP16Scale"
 LOAD_DEFAULTS = {"weight_dtype": "fp32", "attention": "auto", "compile": False, "device": "default"}
@@ -58,6 +60,12 @@ def comfy_root(tmp_path_factory, hf_model):
     save_file(bad, te / "fp8" / "bad_scale.safetensors")
     (te / "notes.txt").write_text("not a model")
     torch.save({"x": torch.zeros(1)}, te / "old.bin")
+    if HAVE_GGUF:  # in the legacy models/clip folder, which text_encoders also lists
+        from test_gguf import one_type, write_gguf
+        from gguf import GGMLQuantizationType
+
+        (root / "models" / "clip").mkdir()
+        write_gguf(root / "models" / "clip" / GGUF_NAME, hf_model, one_type(GGMLQuantizationType.Q8_0))
     return root
 
 
@@ -166,9 +174,9 @@ def test_v1_registration_and_schema(comfy):
         assert not hasattr(cls, "IS_CHANGED") and not hasattr(cls, "fingerprint_inputs")  # pure: ComfyUI caches
 
     load_in = comfy.nodes[LOAD].INPUT_TYPES()["required"]
-    assert load_in["model_name"][0] == ["clip_l.safetensors", "fp8/bad_scale.safetensors",
+    assert load_in["model_name"][0] == ["clip_l.safetensors", "fp8/bad_scale.safetensors",  # no .bin, no .txt
                                         "fp8/t5_tiny_fp8_scaled.safetensors", "t5_tensorized/enc.tensors",
-                                        "t5_tiny.safetensors", "with_tokenizer/t5_tiny.sft"]  # no .bin, no .txt
+                                        *[GGUF_NAME] * HAVE_GGUF, "t5_tiny.safetensors", "with_tokenizer/t5_tiny.sft"]
     assert load_in["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
     assert load_in["weight_dtype"][1]["default"] == "auto"
     assert (load_in["attention"][0], load_in["attention"][1]["default"]) == (["auto", "flex", "sdpa"], "auto")
@@ -279,7 +287,8 @@ def test_flux_chain_float32_matches_transformers(comfy, hf_model):
     assert any(models == [patcher] and full for models, full in comfy.mm.load_calls)
     assert patcher.load_device == comfy.mm.text_encoder_device()
     assert patcher.offload_device == comfy.mm.text_encoder_offload_device()
-    assert patcher.size == sum(p.numel() * p.element_size() for p in patcher.model.parameters())
+    model = patcher.model
+    assert patcher.size == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert clip.patcher in [m for models, _ in comfy.mm.load_calls for m in models]
 
 
@@ -309,8 +318,7 @@ def test_tensorizer_file_and_tokenizer_beside_the_weights(comfy, hf_model):
 
 
 def test_fp8_weight_dtypes(comfy, hf_model):
-    """fp8 files stay fp8 by default; fp8_* quantize a wider file; a dtype expands an fp8 file; bad scales are
-    named errors."""
+    """fp8 files stay fp8 (auto, or a compute dtype); fp8_* quantize a wider file; bad scales are named errors."""
     text = "fp8 weights"
     reference = hf_encode(hf_model, t5_ids(text))
     fp8_file = "fp8/t5_tiny_fp8_scaled.safetensors"
@@ -318,18 +326,36 @@ def test_fp8_weight_dtypes(comfy, hf_model):
     for name, weight_dtype, stored in ((fp8_file, "auto", torch.float8_e4m3fn),
                                        ("t5_tiny.safetensors", "fp8_e4m3fn_fast", torch.float8_e4m3fn),
                                        ("t5_tiny.safetensors", "fp8_e5m2", torch.float8_e5m2),
-                                       (fp8_file, "fp32", torch.float32)):
+                                       (fp8_file, "fp32", torch.float8_e4m3fn)):  # fp32 compute
         (encoder,), ui = run(comfy, LOAD, model_name=name, **{**LOAD_DEFAULTS, "weight_dtype": weight_dtype})
         (cond,), _ = encode(comfy, encoder, text)
         assert encoder.patcher().model.layers[0].attn.qkv_proj.weight.dtype == stored
         assert rel_err(cond[0][0], reference) < 0.08, (name, weight_dtype)
         if stored != torch.float32:
-            assert f"weights {weight_dtype if weight_dtype != 'auto' else 'fp8_e4m3fn'}" in ui["text"][0]
+            assert f"weights {weight_dtype if weight_dtype.startswith('fp8') else 'fp8_e4m3fn'}" in ui["text"][0]
             model = encoder.patcher().model  # the patcher counts 1 byte per fp8 weight (the embedding dominates here)
             assert encoder.patcher().size == sum(p.numel() * p.element_size() for p in model.parameters()) < full_size
     (broken,), _ = run(comfy, LOAD, model_name="fp8/bad_scale.safetensors", **LOAD_DEFAULTS)
     with pytest.raises(ValueError, match=r"^T5 Encode Prompt \(fast\): .*bad_scale.*block\.2\.layer\.1\.DenseReluDense\.wo"):
         encode(comfy, broken, text)
+
+
+def test_gguf_file_is_listed_and_loads_compressed(comfy, hf_model):
+    pytest.importorskip("gguf")
+    import t5core
+    from t5core.gguf import is_packed
+
+    assert GGUF_NAME in comfy.nodes[LOAD].INPUT_TYPES()["required"]["model_name"][0]
+    encoder = load(comfy, GGUF_NAME)
+    text = "a quantized file"
+    (cond,), _ = encode(comfy, encoder, text)
+    model = encoder.patcher().model
+    assert is_packed(model)  # the patcher counts the blocks (buffers) in its size
+    assert encoder.patcher().size == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    path = comfy.folder_paths.get_full_path("text_encoders", GGUF_NAME)
+    want = t5core.load_encoder(path).encode(torch.tensor([t5_ids(text)]))
+    assert rel_err(cond[0][0], want[0]) <= 1e-6
+    assert rel_err(cond[0][0], hf_encode(hf_model, t5_ids(text))) <= 0.05  # Q8_0 of the tiny model
 
 
 def test_fp16_scales_beat_bfloat16(comfy, hf_model):

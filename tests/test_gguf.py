@@ -11,12 +11,11 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from t5core.checkpoint import Checkpoint, CheckpointError  # noqa: E402
-from t5core.gguf import (QTYPES, PackedWeight, dequantize, gguf_name_of, open_gguf,  # noqa: E402
-                         packed_native_weights, tokenizer_fields)
-from t5core.runtime import Encoder  # noqa: E402
+import t5core  # noqa: E402
+from t5core.checkpoint import CheckpointError  # noqa: E402
+from t5core.gguf import (QTYPES, PackedLinear, PackedWeight, dequantize, gguf_name_of, is_packed,  # noqa: E402
+                         open_gguf, packed_native_weights, tokenizer_fields)
 from t5core.t5_common import T5FFNType  # noqa: E402
-from t5core.weight_load import build_empty, load_checkpoint_into  # noqa: E402
 from tiny_models import make_hf_encoder, rel_err  # noqa: E402
 
 VOCAB = 512
@@ -167,10 +166,47 @@ def test_packed_weight_concat_is_the_fused_weight():
 TOKENS = ["<pad>", "</s>", "<unk>", "\u2581the", "\u2581caf\u00e9", "\u2581\u732b"] + [f"t{i}" for i in range(VOCAB - 6)]
 
 
-def write_gguf(path: Path, hf, type_of, arch="t5encoder", metadata=True, tokenizer=False, drop=(), meta_override=None,
+def fake_tokenizer(writer) -> None:
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list(TOKENS)
+    writer.add_token_scores([-float(i) / 7 for i in range(VOCAB)])
+    writer.add_token_types([3, 3, 2] + [1] * (VOCAB - 3))
+    writer.add_add_space_prefix(True)
+    writer.add_remove_extra_whitespaces(True)
+    writer.add_precompiled_charsmap(bytes(range(256)) * 3)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(2)
+    writer.add_pad_token_id(0)
+
+
+def spiece_tokenizer(writer) -> None:
+    """The bundled T5 spiece.model as llama.cpp's convert_hf_to_gguf.py writes a T5 tokenizer: its pieces, scores
+    and types, then unused '[PADn]' pieces up to the embedding's 32128 rows, the charsmap and the options."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb
+    from t5core.tokenizer import BUNDLED_SPIECE
+
+    proto = sp_pb.ModelProto.FromString(BUNDLED_SPIECE.read_bytes())
+    pad = [f"[PAD{i}]" for i in range(1, 32128 - len(proto.pieces) + 1)]
+    writer.add_tokenizer_model("t5")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([p.piece for p in proto.pieces] + pad)
+    writer.add_token_scores([p.score for p in proto.pieces] + [-1000.0] * len(pad))
+    writer.add_token_types([p.type for p in proto.pieces] + [5] * len(pad))
+    writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    writer.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+    writer.add_precompiled_charsmap(proto.normalizer_spec.precompiled_charsmap)
+    writer.add_eos_token_id(proto.trainer_spec.eos_id)
+    writer.add_unk_token_id(proto.trainer_spec.unk_id)
+    writer.add_pad_token_id(proto.trainer_spec.pad_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(True)
+
+
+def write_gguf(path: Path, hf, type_of, arch="t5encoder", metadata=True, tokenizer=None, drop=(), meta_override=None,
                extra=None, seed=0) -> dict[str, torch.Tensor]:
     """Write hf's encoder as a llama.cpp-named GGUF, each matrix in type_of(gguf_name, index among the matrices)
-    (vectors and relative biases in F32, as llama.cpp writes them), then `extra` {name: float32 array};
+    (vectors and relative biases in F32, as llama.cpp writes them), then `extra` {name: float32 array}; tokenizer:
+    a function adding tokenizer.ggml.* fields to the writer.
     -> {HF key: the dequantized float32 weight the file holds} (gguf.quants' dequantization of the bytes written)."""
     rng = np.random.default_rng(seed)
     cfg = hf.config
@@ -184,16 +220,7 @@ def write_gguf(path: Path, hf, type_of, arch="t5encoder", metadata=True, tokeniz
         for name, value in meta.items():
             getattr(writer, f"add_{name}")(value)
     if tokenizer:
-        writer.add_tokenizer_model("t5")
-        writer.add_token_list(TOKENS)
-        writer.add_token_scores([-float(i) / 7 for i in range(VOCAB)])
-        writer.add_token_types([3, 3, 2] + [1] * (VOCAB - 3))
-        writer.add_add_space_prefix(True)
-        writer.add_remove_extra_whitespaces(True)
-        writer.add_precompiled_charsmap(bytes(range(256)) * 3)
-        writer.add_eos_token_id(1)
-        writer.add_unk_token_id(2)
-        writer.add_pad_token_id(0)
+        tokenizer(writer)
     ref, i = {}, 0
     for key, p in hf.state_dict().items():
         if key == "encoder.embed_tokens.weight":
@@ -229,11 +256,8 @@ def with_weights(hf, ref: dict[str, torch.Tensor]):
     return model
 
 
-def load_t5core(path):
-    source, config, _ = open_gguf(path)
-    ckpt = Checkpoint(path=Path(path), format="gguf", source=source, keys={k: k for k in source.keys()}, config=config)
-    model = build_empty(config, "cpu")
-    return load_checkpoint_into(model, ckpt)
+def tensor_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 @pytest.fixture(scope="module")
@@ -260,16 +284,16 @@ def mixed(name, i):  # every type somewhere, as a K_M file mixes them per tensor
     return ALL_TYPES[i % len(ALL_TYPES)]
 
 
-CASES = [("t5-v1_1", q.name, one_type(q)) for q in (T.F16, T.Q8_0, T.Q4_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K)]
-CASES += [("t5-v1_1", "mixed", mixed), ("umt5", "mixed", mixed), ("umt5", "Q4_K", one_type(T.Q4_K)),
-          ("t5-v1_0", "Q5_K", one_type(T.Q5_K))]
+CASES = [(kind, q.name, one_type(q)) for kind in ("t5-v1_1", "umt5")
+         for q in (T.F16, T.Q8_0, T.Q4_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K)]
+CASES += [("t5-v1_1", "mixed", mixed), ("umt5", "mixed", mixed), ("t5-v1_0", "Q5_K", one_type(T.Q5_K))]
 
 
 @pytest.mark.parametrize("kind,label,type_of", CASES, ids=[f"{k}-{n}" for k, n, _ in CASES])
 def test_gguf_file_loads_with_transformers_parity(models, batch, tmp_path, kind, label, type_of):
     hf = models[kind]
     path = tmp_path / f"{kind}-{label}.gguf"
-    ref = write_gguf(path, hf, type_of, tokenizer=label == "mixed")
+    ref = write_gguf(path, hf, type_of, tokenizer=fake_tokenizer if label == "mixed" else None)
     source, config, tok = open_gguf(path)
     # every tensor, in Hugging Face naming, is exactly what gguf.quants dequantizes from the file
     assert set(source.keys()) == set(ref)
@@ -290,12 +314,18 @@ def test_gguf_file_loads_with_transformers_parity(models, batch, tmp_path, kind,
     ids, mask = batch
     with torch.no_grad():
         want = with_weights(hf, ref)(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-    model = load_t5core(path)
-    out = Encoder(model).encode(ids, mask)
+    # by default the weights stay compressed: the module holds about the file's tensor bytes
+    compressed = t5core.load_encoder(path)
+    out = compressed.encode(ids, mask)
     assert rel_err(out[mask], want[mask]) <= 1e-5
+    assert tensor_bytes(compressed.model) <= 1.15 * sum(source.nbytes(k) for k in source.keys())
+    assert is_packed(compressed.model) and isinstance(compressed.model.layers[0].ffn.ff_out, PackedLinear)
+    # weight_dtype expands them at load, through the plain streaming path: the same output
+    model = t5core.load_encoder(path, weight_dtype="fp32")
+    assert not is_packed(model.model) and torch.equal(model.encode(ids, mask), out)
     if label == "mixed":  # the packed, fused weights (q|k|v, gate|up by row concatenation) are the loaded ones
         packed = packed_native_weights(source, config)
-        params = dict(model.named_parameters())
+        params = dict(model.model.named_parameters())
         assert set(packed) == set(params)
         for name, w in packed.items():
             assert np.array_equal(bits(w()), bits(params[name].detach())), name
@@ -315,6 +345,129 @@ def test_full_t5_file_and_packed_reads(models, tmp_path):
     assert w.qtype == T.Q5_K and w.shape == (256, 512) and w.blocks.shape == (256, 512 // 256 * 176)
     assert np.array_equal(bits(w()), bits(ref[key]))
     assert source.metadata["t5.block_count"] == 2 and source.architecture == "t5"
+
+
+# --------------------------------------------------------------------------------------------------
+# The compressed model in use
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixed_file(models, tmp_path_factory):
+    """Every type, starting from a Q8_0 embedding; layer 1's o_proj is F16."""
+    path = tmp_path_factory.mktemp("mixed") / "t5-mixed.gguf"
+    return path, write_gguf(path, models["t5-v1_1"], lambda name, i: mixed(name, i + 3))
+
+
+def test_compressed_model_options(batch, mixed_file, tmp_path):
+    """float16 residual scales, set_weight_dtype, fuse_norms, weight_dtype, saving, device and the CUDA-graph
+    address check on a model that keeps GGUF blocks."""
+    from t5core.runtime import Encoder
+    from t5core.save import save_encoder
+
+    path, _ = mixed_file
+    ids, mask = batch
+    # float16 residual scales: a power-of-two factor after dequantization, as exact as scaling expanded weights
+    # (factors are cumulative: layer 0's ff_out and every output projection after it carry 1/2)
+    scaled = t5core.load_encoder(path, dtype="float16", fp16_scales=[0.5, 1])
+    layers = scaled.model.layers
+    assert [layers[0].attn.o_proj.scale.item(), layers[0].ffn.ff_out.scale.item(), layers[1].ffn.ff_out.scale.item()] == [
+        1, 0.5, 0.5]
+    assert not isinstance(layers[1].attn.o_proj, PackedLinear)  # F16 in a float16 model: a plain, scaled weight
+    expanded = t5core.load_encoder(path, dtype="float16", fp16_scales=[0.5, 1], weight_dtype="fp16")
+    assert torch.equal(scaled.encode(ids, mask), expanded.encode(ids, mask))
+    # set_weight_dtype leaves the blocks alone; the embedding's rows follow the dtype
+    model = t5core.load_encoder(path).model
+    blocks = model.layers[0].attn.qkv_proj.packed.blocks
+    model.set_weight_dtype(torch.bfloat16)
+    assert model.layers[0].attn.qkv_proj.packed.blocks is blocks and blocks.dtype == torch.uint8
+    assert model.vocab_embed.dtype == torch.bfloat16
+    runtime = Encoder(model)
+    assert runtime.device == torch.device("cpu")
+    assert torch.equal(runtime.encode(ids, mask), t5core.load_encoder(path, dtype="bfloat16").encode(ids, mask))
+    # moved blocks are buffers, and still change the addresses CUDA graphs were captured with
+    before = runtime._weight_ptrs()
+    model.layers[1].ffn.ff_in.packed.blocks = model.layers[1].ffn.ff_in.packed.blocks.clone()
+    assert runtime._weight_ptrs() != before
+    # what cannot be done to blocks says so
+    with pytest.raises(ValueError, match=r"t5-mixed\.gguf: fuse_norms=True cannot fold norm scales into GGUF blocks "
+                                         r"kept compressed.*weight_dtype='float32'"):
+        t5core.load_encoder(path, fuse_norms=True)
+    assert not t5core.load_encoder(path, fuse_norms=True, weight_dtype="fp32").config.elementwise_affine
+    with pytest.raises(ValueError, match=r"weight_dtype='bf16' expands the weights to the model's dtype, which is "
+                                         r"torch.float32: pass dtype='bf16' too"):
+        t5core.load_encoder(path, weight_dtype="bf16")
+    with pytest.raises(ValueError, match="keeps GGUF weights compressed: load it with weight_dtype"):
+        save_encoder(model, tmp_path / "out", "safetensors")
+
+
+@pytest.mark.slow  # about 100 s on 2 loaded cores: inductor compiles every type's dequantization
+def test_compressed_model_compiled_on_cpu(models, batch, mixed_file):
+    path, ref = mixed_file
+    ids, mask = batch
+    with torch.no_grad():
+        want = with_weights(models["t5-v1_1"], ref)(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    torch._dynamo.reset()
+    compiled = t5core.load_encoder(path, compile=True)
+    assert is_packed(compiled.model)
+    assert rel_err(compiled.encode(ids, mask)[mask], want[mask]) <= 1e-5
+
+
+def test_diffusers_adapter_reads_gguf(batch, mixed_file):
+    from t5core.hf import FastT5EncoderModel
+
+    path, _ = mixed_file
+    ids, mask = batch
+    model = FastT5EncoderModel.from_pretrained(path)  # float32, as transformers dequantizes GGUF
+    assert model.dtype == torch.float32 and is_packed(model.encoder)
+    out = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    assert torch.equal(out, t5core.load_encoder(path).encode(ids, mask))
+    states = model(input_ids=ids, output_hidden_states=True).hidden_states  # eager, hooks; packed embedding rows
+    assert len(states) == 3 and torch.equal(states[0], t5core.load_encoder(path).model.vocab_embed(ids))
+
+
+def test_convert_gguf_to_safetensors_for_transformers(models, batch, mixed_file, tmp_path):
+    """`python -m t5core convert` expands the blocks; transformers reads the folder with the file's exact weights."""
+    from transformers import T5EncoderModel
+
+    from t5core.__main__ import main
+
+    path, ref = mixed_file
+    main(["convert", str(path), str(tmp_path / "hf"), "--format", "safetensors"])
+    hf = T5EncoderModel.from_pretrained(tmp_path / "hf").eval()
+    state = hf.state_dict()
+    for key, want in ref.items():
+        assert np.array_equal(bits(state[key]), bits(want)), key
+    ids, mask = batch
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    assert rel_err(out[mask], t5core.load_encoder(path).encode(ids, mask)[mask]) <= 1e-6
+
+
+def test_tokenizer_from_gguf_fields(models, tmp_path):
+    """No tokenizer beside the file: the one in its tokenizer.ggml.* fields (as llama.cpp writes T5's) gives the
+    ids of the spiece.model the fields were written from."""
+    from t5core.calibrate import BUILTIN_PROMPTS
+    from t5core.tokenizer import BUNDLED_SPIECE
+
+    path = tmp_path / "t5-tok.gguf"
+    write_gguf(path, models["t5-v1_1"], one_type(T.Q8_0), tokenizer=spiece_tokenizer)
+    ckpt = t5core.open_checkpoint(path)
+    assert ckpt.format == "gguf" and ckpt.tokenizer is None and ckpt.tokenizer_bytes
+    ours, theirs = t5core.load_tokenizer(ckpt.tokenizer_bytes), t5core.load_tokenizer(BUNDLED_SPIECE)
+    prompts = [*BUILTIN_PROMPTS, "<extra_id_0> sentinel", "  leading and  double  spaces ", "ﬁne ｆｕｌｌ width"]
+    for text in prompts:
+        assert torch.equal(ours([text], max_length=1024)[0], theirs([text], max_length=1024)[0]), text
+    assert ours.vocab_size == theirs.vocab_size
+    # the CLI's encode, embed and calibrate use it
+    from types import SimpleNamespace
+
+    from t5core.__main__ import _tokenizer_for
+
+    cli = _tokenizer_for(SimpleNamespace(tokenizer=None, subfolder=None), path)
+    assert torch.equal(cli(["a café"])[0], theirs(["a café"])[0])
+    # a tokenizer file beside the weights wins
+    (tmp_path / "spiece.model").write_bytes(BUNDLED_SPIECE.read_bytes())
+    ckpt = t5core.open_checkpoint(path)
+    assert ckpt.tokenizer == tmp_path / "spiece.model" and ckpt.tokenizer_bytes is None
 
 
 # --------------------------------------------------------------------------------------------------
