@@ -334,7 +334,8 @@ def test_fp8_weight_dtypes(comfy, hf_model):
         if stored != torch.float32:
             assert f"weights {weight_dtype if weight_dtype.startswith('fp8') else 'fp8_e4m3fn'}" in ui["text"][0]
             model = encoder.patcher().model  # the patcher counts 1 byte per fp8 weight (the embedding dominates here)
-            assert encoder.patcher().size == sum(p.numel() * p.element_size() for p in model.parameters()) < full_size
+            size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+            assert encoder.patcher().size == size < full_size
     (broken,), _ = run(comfy, LOAD, model_name="fp8/bad_scale.safetensors", **LOAD_DEFAULTS)
     with pytest.raises(ValueError, match=r"^T5 Encode Prompt \(fast\): .*bad_scale.*block\.2\.layer\.1\.DenseReluDense\.wo"):
         encode(comfy, broken, text)
