@@ -53,16 +53,13 @@ if (REPO / "t5core" / "__init__.py").is_file():  # a checkout: benchmark its t5c
 
 import torch
 
-from t5core import T5Config, load_encoder, open_checkpoint
+from t5core import load_encoder, open_checkpoint
+from t5core.precision import relative_error
+from t5core.scripts.t5_encoder_precision_parity import (build_hf_reference, free, load_hf, md_table,
+                                                      quiet_transformers, short_error)
 
 SIZES = ("small", "base", "large", "xl", "xxl")  # T5 v1.1 presets (T5Config.from_name)
 FIRST_CALL_TAG = "T5CORE_FIRST_CALL "  # prefix of the JSON line a --first-call-only child prints
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref||, in float64."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 # -- variants and shapes --------------------------------------------------------------------------------------
@@ -229,36 +226,6 @@ def matmul_tflops(device: torch.device, seconds: float = 0.5) -> dict:
 
 
 # -- models -------------------------------------------------------------------------------------------------
-def hf_v1_1_config(size: str):
-    from transformers import T5Config as HFT5Config
-
-    c = T5Config.from_name(size)
-    return HFT5Config(vocab_size=c.vocab_size, d_model=c.hidden_dim, d_kv=c.head_dim, d_ff=c.ff_dim,
-                      num_layers=c.num_layers, num_heads=c.n_head,
-                      feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
-                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                      tie_word_embeddings=False, attn_implementation="eager")
-
-
-def build_hf_reference(size: str, device, seed: int = 0):
-    """transformers' own random init (normal weights, unit norms; never zeros), float32, eager attention,
-    created directly on `device` (initialising 4.8 B parameters on the CPU would take minutes)."""
-    from transformers import T5EncoderModel
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = T5EncoderModel(hf_v1_1_config(size))
-    return model.eval()
-
-
-def load_hf(folder, dtype: torch.dtype, attn: str, device):
-    """transformers' own load path; float16 keeps `wo` in float32 (its _keep_in_fp32_modules)."""
-    from transformers import T5EncoderModel
-
-    return T5EncoderModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
-                                          device_map=str(device)).eval()
-
-
 def hf_forward(model) -> Callable[[Inputs], torch.Tensor]:
     @torch.inference_mode()
     def call(inp: Inputs) -> torch.Tensor:
@@ -291,14 +258,6 @@ def variant_note(v: Variant, model) -> str:
     return f"fp16 ffn scales {scaled}" if scaled else "no fp16 scales"
 
 
-def free(device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 # -- one run ------------------------------------------------------------------------------------------------
 class Stop(BaseException):
     """SIGTERM (the device runner's time limit): print what we have. A BaseException, like KeyboardInterrupt,
@@ -326,11 +285,6 @@ class Run:
         if self.args.out_json:
             self.results["meta"]["wall_s"] = self.elapsed()
             Path(self.args.out_json).write_text(json.dumps(self.results, indent=1, default=str))
-
-
-def short_error(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first[:160]}"
 
 
 @dataclass
@@ -574,12 +528,6 @@ def fmt(x, kind: str = "ms") -> str:
     return f"{x:.2f}" if abs(x) < 100 else f"{x:.1f}" if abs(x) < 1000 else f"{x:.0f}"
 
 
-def md_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def speed_table(rows: list[dict]) -> str:
     out = []
     for r in rows:
@@ -707,13 +655,6 @@ def _setup(args) -> torch.device:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
     quiet_transformers()
     return device
-
-
-def quiet_transformers() -> None:
-    """No progress bars: the device runner returns only the last 12000 characters of output."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
 
 
 def run(args) -> dict:

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-json", default=None)
 
 
-# -- random weights, transformers and tables (benchmarks/bench.py, outside the package, has its own copy) -------
+# -- random weights, transformers and tables (benchmarks/bench.py uses these too) -------------------------------------
 def build_hf_reference(size: str, device, seed: int = 0):
     """transformers' own random init of a T5 v1.1 encoder (normal weights, unit norms), float32, eager attention,
     created directly on `device`."""
