@@ -276,6 +276,11 @@ class _ShardOutput:
             event.record(self.copy_stream)
         return event
 
+    def flush(self) -> None:
+        """Wait until everything queued is written (or dropped after an error)."""
+        self.jobs.join()
+        self.check()
+
     def finished(self) -> list[Path]:
         paths = []
         while not self.done.empty():
@@ -291,6 +296,7 @@ class _ShardOutput:
         self.abort = abort
         self.jobs.put(None)
         self._thread.join()
+        self.jobs.task_done()
         if not abort:
             self.check()
 
@@ -340,6 +346,8 @@ class _ShardOutput:
                     self.done.put(final)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = self.error or e
+            finally:
+                self.jobs.task_done()
         if file is not None:
             file.close()
             if self.abort or self.error is not None:
@@ -377,8 +385,9 @@ def embed_captions(model: Encoder, tokenizer, captions: list[tuple[int, str]], o
                    on_shard: Optional[Callable[[Path], None]] = None) -> list[Path]:
     """Encode this rank's share of (line, caption) pairs (read_captions) into shard files in out_dir; shards already
     there are kept. on_shard(path) is called on this thread once a new shard file is complete (a few batches
-    later). Returns this rank's shard paths, old and new. A sharded (FSDP) model needs its ranks together: every
-    rank then runs the same number of forward calls, with one-token calls where it has less work."""
+    later; with FSDP before the next shard). Returns this rank's shard paths, old and new. A sharded (FSDP) model
+    needs its ranks together: every rank then runs the same number of forward calls, with one-token calls where
+    it has less work."""
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ValueError(f"rank, world: need 0 <= rank < world, got rank {rank!r}, world {world!r}")
     out_dir = Path(out_dir)
@@ -413,6 +422,8 @@ def embed_captions(model: Encoder, tokenizer, captions: list[tuple[int, str]], o
                     model.encode(torch.full((1, 1), tokenizer.eos_id(), dtype=torch.long))
             if batches:
                 output.close()
+            if model.sharded:  # the ranks move in step anyway: each reports its shard in the round that wrote it
+                output.flush()
             for done in output.finished():
                 if on_shard:
                     on_shard(done)
