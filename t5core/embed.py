@@ -59,7 +59,7 @@ class EmbedSettings:
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {what}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name}: must be {what}, got {getattr(self, name)!r}")
 
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)

@@ -237,11 +237,11 @@ def test_embed_validates_arguments(tmp_path, capsys, flag, value, message):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("max_length", 0, r"max_length \(--max-length\) must be an integer from 1 to 8192, got 0"),
-    ("tokens_per_batch", 0, r"tokens_per_batch \(--tokens-per-batch\) must be an integer >= 1, got 0"),
-    ("batch_size", 2.5, r"batch_size \(--batch-size\) must be an integer >= 1, got 2.5"),
-    ("shard_size", 0, r"shard_size \(--shard-size\) must be an integer >= 1, got 0"),
-    ("save_dtype", "int8", r"save_dtype \(--save-dtype\) must be float16, bfloat16 or float32, got 'int8'"),
+    ("max_length", 0, r"^max_length: must be an integer from 1 to 8192, got 0"),
+    ("tokens_per_batch", 0, r"^tokens_per_batch: must be an integer >= 1, got 0"),
+    ("batch_size", 2.5, r"^batch_size: must be an integer >= 1, got 2.5"),
+    ("shard_size", 0, r"^shard_size: must be an integer >= 1, got 0"),
+    ("save_dtype", "int8", r"^save_dtype: must be float16, bfloat16 or float32, got 'int8'"),
 ])
 def test_embed_settings_are_checked(field, value, message):
     with pytest.raises(ValueError, match=message):
