@@ -178,7 +178,8 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from .distributed import embed_captions, end_process_group, init_from_env, load_fsdp, read_captions
+    from .distributed import end_process_group, init_from_env, load_fsdp
+    from .embed import EmbedSettings, embed_captions, read_captions
 
     if args.fsdp:
         unused = [flag for flag, given in (("--compile", args.compile), ("--attn", args.attn),
@@ -188,6 +189,8 @@ def cmd_embed(args) -> None:
         if unused:
             raise ValueError(f"{unused[0]}: embed --fsdp loads the dcp folder as converted: {', '.join(unused)} do not apply "
                              f"(fuse norms or scale with `convert --format dcp`)")
+    settings = EmbedSettings(max_length=args.max_length, save_dtype=args.save_dtype, batch_size=args.batch_size,
+                             tokens_per_batch=args.tokens_per_batch, shard_size=args.shard_size)
     rank, world, device = init_from_env(args.device)
     captions = read_captions(args.captions)
     if not captions:
@@ -198,9 +201,14 @@ def cmd_embed(args) -> None:
     else:
         args.device = str(device)
         model = _load(args, args.model, compile=args.compile)
-    path = embed_captions(model, tok, captions, args.out, rank, world, args.batch_size, args.max_length,
-                          parse_dtype(args.save_dtype))
-    print(f"rank {rank}/{world}: wrote {path}")
+    written = []
+
+    def progress(path):
+        written.append(path)
+        print(f"rank {rank}/{world}: wrote {path}", flush=True)
+
+    shards = embed_captions(model, tok, captions, args.out, rank, world, settings, on_shard=progress)
+    print(f"rank {rank}/{world}: {len(shards)} shards in {args.out} ({len(shards) - len(written)} were already there)")
     end_process_group()
 
 
@@ -241,10 +249,16 @@ def main(argv=None) -> None:
     p = sub.add_parser("embed", help="embed a caption file, split across the ranks of torchrun (or one process)")
     p.add_argument("--model", required=True, help="weights in any supported format; with --fsdp a dcp folder")
     p.add_argument("--captions", required=True, help="text file, one caption a line (blank lines skipped)")
-    p.add_argument("--out", required=True, help="folder for embeddings-RANK-of-WORLD.safetensors files")
-    p.add_argument("--batch-size", type=_int_in(1, 65536), default=16)
+    p.add_argument("--out", required=True, help="folder for manifest.json and shard-RANK-NUMBER.safetensors files; "
+                   "rerunning the same command resumes an interrupted run")
+    p.add_argument("--tokens-per-batch", type=_int_in(1, 1 << 20), default=8192,
+                   help="padded tokens per batch: short captions go in big batches, long ones in small (default %(default)s)")
+    p.add_argument("--batch-size", type=_int_in(1, 65536), default=None,
+                   help="at most this many captions a batch (default: as many as --tokens-per-batch allows)")
+    p.add_argument("--shard-size", type=_int_in(1, 1 << 24), default=4096,
+                   help="captions per shard file (default %(default)s)")
     p.add_argument("--max-length", type=_int_in(1, MAX_TOKENS), default=512,
-                   help=f"truncate longer captions, with a warning (at most {MAX_TOKENS})")
+                   help=f"truncate longer captions, with a warning (default 512, at most {MAX_TOKENS})")
     p.add_argument("--save-dtype", type=_dtype_arg, default="float16", help="dtype of the saved embeddings (default %(default)s)")
     p.add_argument("--fsdp", action="store_true", help="shard the weights over the ranks (FSDP2) instead of a "
                    "copy per rank; --model must then be a dcp folder (convert --format dcp)")

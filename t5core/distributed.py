@@ -1,22 +1,17 @@
-"""Several processes (torchrun): an FSDP2-sharded encoder read from a distributed checkpoint, and embedding a
-caption file split across ranks.
+"""Several processes (torchrun): the process group, and an FSDP2-sharded encoder read from a distributed
+checkpoint. Embedding a caption file across ranks is t5core.embed (its functions are importable from here too).
 
     python -m t5core convert MODEL enc-dcp --format dcp --dtype bfloat16 --fuse-norms     # once
     torchrun --nproc-per-node 8 -m t5core embed --model enc-dcp --captions captions.txt --out emb/ [--fsdp]
-
-Each rank writes emb/embeddings-RRRRR-of-WWWWW.safetensors: `embeddings` [tokens, D] (real tokens only, captions
-one after another), `offsets` [n + 1] (caption i is embeddings[offsets[i]:offsets[i + 1]]) and `lines` [n] (its
-0-based line in the caption file). read_caption_embeddings(out) gathers them back by line.
 """
 import os
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from .checkpoint import CheckpointError, open_checkpoint
+from .embed import EmbedSettings, embed_captions, read_caption_embeddings, read_captions  # noqa: F401
 from .runtime import Encoder
 from .t5_common import parse_dtype
 from .t5_encoder import T5EncoderStack
@@ -82,74 +77,3 @@ def load_fsdp(path, dtype="bfloat16", device=None, mesh=None) -> Encoder:
     dcp_load(state, checkpoint_id=str(ckpt.path))  # casts to the model's dtypes while copying into the shards
     model.apply_residual_scales_from_config()
     return Encoder(model.eval(), sharded=True, source_path=ckpt.path)
-
-
-def embed_captions(model: Encoder, tokenizer, captions: list[tuple[int, str]], out_dir, rank: int = 0,
-                   world: int = 1, batch_size: int = 16, max_length: int = 512, save_dtype=torch.float16) -> Path:
-    """Encode this rank's share of (line, caption) pairs (every world-th, shortest first so batches pad little)
-    and write one safetensors file. A sharded (FSDP) model needs its ranks together: every rank then runs the same
-    number of forward calls, padding its tail with empty batches."""
-    from safetensors.torch import save_file
-
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    if not (isinstance(max_length, int) and max_length >= 1):
-        raise ValueError(f"max_length: must be an integer >= 1, got {max_length!r}")
-    if not (isinstance(world, int) and world >= 1 and 0 <= rank < world):
-        raise ValueError(f"rank, world: need 0 <= rank < world, got rank {rank!r}, world {world!r}")
-    mine = captions[rank::world]
-    tokens = []  # EOS-terminated; a loop, not a comprehension: the warning's stacklevel counts frames
-    for line, text in mine:
-        tokens.append(tokenizer.truncate(tokenizer.encode_ids(text, add_eos=False), max_length, f"line {line + 1}:"))
-    order = sorted(range(len(mine)), key=lambda i: len(tokens[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    n_calls = len(batches)
-    if model.sharded:
-        count = torch.tensor([n_calls], device=model.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        n_calls = int(count)
-    pieces, lines = [], []
-    for b in range(n_calls):
-        batch = batches[b] if b < len(batches) else []
-        rows = [tokens[i] for i in batch] or [[tokenizer.eos_id()]]  # an idle rank still joins the sharded forward
-        ids, mask = tokenizer.pad_rows(rows)  # a compiled encoder pads to its length buckets itself
-        out = model.encode(ids, mask).to("cpu", save_dtype)  # one device-to-host copy per batch
-        for row, i in enumerate(batch):
-            emb = out[row, : int(mask[row].sum())].clone()  # real tokens only: the padded batch is freed
-            if not torch.isfinite(emb).all():
-                raise FloatingPointError(f"line {mine[i][0] + 1}: embedding overflows {save_dtype}; "
-                                         f"save in float32 or bfloat16 instead")
-            pieces.append(emb)
-            lines.append(mine[i][0])
-    counts = torch.tensor([0] + [len(p) for p in pieces])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"embeddings-{rank:05d}-of-{world:05d}.safetensors"
-    hidden = model.config.hidden_dim
-    save_file({"embeddings": torch.cat(pieces) if pieces else torch.empty(0, hidden, dtype=save_dtype),
-               "offsets": counts.cumsum(0), "lines": torch.tensor(lines, dtype=torch.int64)}, str(path))
-    return path
-
-
-def read_caption_embeddings(out_dir) -> dict[int, Tensor]:
-    """Every rank file of embed_captions in out_dir -> {line: embeddings [tokens, D]}."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(out_dir).glob("embeddings-*-of-*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{out_dir}: no embeddings-*-of-*.safetensors files")
-    result = {}
-    for f in files:
-        d = load_file(str(f))
-        for i, line in enumerate(d["lines"].tolist()):
-            result[line] = d["embeddings"][d["offsets"][i]:d["offsets"][i + 1]]
-    return result
-
-
-def read_captions(path) -> list[tuple[int, str]]:
-    """A caption file, one caption a line -> (line, caption) pairs; blank lines are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
-    return [(i, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]

@@ -644,12 +644,14 @@ def test_embed_with_zero_captions(folder, tmp_path, capsys):
 
 
 def test_embed_captions_arguments(tmp_path):
-    from t5core.distributed import embed_captions
+    from t5core.distributed import EmbedSettings, embed_captions
 
     for kwargs, name in (({"batch_size": -1}, "batch_size"), ({"batch_size": 0}, "batch_size"),
-                         ({"max_length": 0}, "max_length"), ({"rank": 2, "world": 2}, "rank, world")):
+                         ({"max_length": 0}, "max_length"), ({"tokens_per_batch": 0}, "tokens_per_batch")):
         with pytest.raises(ValueError, match=rf"^{name}: "):
-            embed_captions(None, None, [(0, "a")], tmp_path, **kwargs)
+            EmbedSettings(**kwargs)
+    with pytest.raises(ValueError, match=r"^rank, world: "):
+        embed_captions(None, None, [(0, "a")], tmp_path, rank=2, world=2)
     assert not list(tmp_path.iterdir())
 
 
