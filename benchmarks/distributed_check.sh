@@ -14,7 +14,7 @@ PY
 python3 -m t5core convert /tmp/hf /tmp/dcp --format dcp --dtype bfloat16 --fuse-norms --device cuda
 torchrun --nproc-per-node 1 t5core/scripts/t5_encoder_parity_fsdp.py /tmp/dcp --dtype bfloat16 2>&1 | grep -E "rank|FSDP"
 torchrun --nproc-per-node 1 -m t5core embed --model /tmp/dcp --captions /tmp/caps.txt --out /tmp/e1 --fsdp --dtype bfloat16 2>&1 | grep rank
-torchrun --nproc-per-node 1 -m t5core embed --model /tmp/dcp --captions /tmp/caps.txt --out /tmp/e2 --dtype bfloat16 --compile 2>&1 | grep rank
+torchrun --nproc-per-node 1 -m t5core embed --model /tmp/dcp --format dcp --captions /tmp/caps.txt --out /tmp/e2 --dtype bfloat16 --compile 2>&1 | grep rank
 python3 -m t5core embed --model /tmp/hf --captions /tmp/caps.txt --out /tmp/e3 --dtype float32 --save-dtype float32 --device cuda 2>&1 | grep rank
 python3 - <<'PY'
 import torch
