@@ -32,7 +32,10 @@ def log(msg: str) -> None:
 
 
 def random_encoder(size: str, dtype: torch.dtype, device: torch.device) -> T5EncoderStack:
-    """A T5 v1.1 stack with norm scales 1 + N(0, 0.1) and every other weight N(0, 0.02), seed 0."""
+    """A T5 v1.1 stack scaled like T5's own init (t5core.demo.random_init_, drawn on the device): norm scales
+    1 + N(0, 0.1), embeddings and position biases N(0, 1), projections N(0, 1/fan_in) with the queries a further
+    1/sqrt(head_dim) (T5 folds attention scaling into them; without it attention is one-hot and bf16 rounding
+    flips it), seed 0."""
     config = T5Config(**TINY, dtype=dtype) if size == "tiny" else T5Config.from_name(size, dtype=dtype)
     torch.manual_seed(0)
     with torch.device(device):
@@ -41,8 +44,12 @@ def random_encoder(size: str, dtype: torch.dtype, device: torch.device) -> T5Enc
         for name, p in model.named_parameters():
             if p.dim() == 1:  # RMSNorm scales
                 p.copy_(1 + 0.1 * torch.randn_like(p, dtype=torch.float32))
+            elif "vocab_embed" in name or "relative_attention_bias" in name:
+                p.normal_(0, 1.0)
             else:
-                p.normal_(0, 0.02)
+                p.normal_(0, p.shape[1] ** -0.5)
+                if name.endswith("qkv_proj.weight"):
+                    p[: config.inner_dim] *= config.head_dim ** -0.5
     return model
 
 
