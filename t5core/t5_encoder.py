@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore", message="flex_attention called without torch.c
 # fast or faster at every unpadded shape measured too (BENCHMARKS.md).
 FLEX_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 64}
 
+
 class F32OutLinear(nn.Linear):
     """A projection (no bias) whose result is consumed in float32 (the residual add, the gated activation):
     [.., K] -> [.., N] float32 (f32_out_linear)."""
