@@ -211,11 +211,11 @@ for layer in (-1, -2):
 enc = our_encoder("t5_v11.safetensors")
 c = our_clip("flux", clip_l)
 print("CLIP patcher is the T5Encoder's:", c.patcher is enc.patcher(), "| part patchers:", len(c.part_patchers),
-      "| loaded:", [type(m.model).__name__ for m in mm.current_loaded_models])
+      "| loaded:", [type(m.model.model).__name__ for m in mm.current_loaded_models])
 mm.unload_all_models()
-print("after unload_all_models: loaded", [type(m.model).__name__ for m in mm.current_loaded_models])
+print("after unload_all_models: loaded", [type(m.model.model).__name__ for m in mm.current_loaded_models])
 text_encode(c, "again", "flux")
-print("after encoding again: loaded", [type(m.model).__name__ for m in mm.current_loaded_models])
+print("after encoding again: loaded", [type(m.model.model).__name__ for m in mm.current_loaded_models])
 
 # bad input: each error names both sides
 clip_g = comfy.sd.load_clip(P("clip_g.safetensors"), clip_type=comfy.sd.CLIPType.SD3, model_options=small)
