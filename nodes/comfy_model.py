@@ -165,6 +165,11 @@ class T5Encoder:
             self._runtime = runtime
         return self._patcher
 
+    def runtime(self):
+        """The t5core.Encoder around the patcher's model, wherever ComfyUI's memory manager has put it."""
+        self.patcher()
+        return self._runtime
+
     def on_device(self):
         """The t5core.Encoder whose model ComfyUI's memory manager has moved to the load device."""
         import comfy.model_management as mm

@@ -5,7 +5,7 @@ defines IS_CHANGED. Errors name the node and the problem.
 """
 import contextlib
 
-from . import comfy_model, conditioning
+from . import clip as comfy_clip, comfy_model, conditioning
 
 CATEGORY = "T5 (fast)"
 T5_ENCODER = "T5_ENCODER"
@@ -119,9 +119,41 @@ class FP16Scale:
             return {"ui": _ui(encoder.describe()), "result": (encoder, scales)}
 
 
+class EncoderToCLIP:
+    DESCRIPTION = ("A ComfyUI CLIP for a T5 / UMT5 model family whose T5 runs on t5core: ComfyUI's own tokenizer, "
+                   "prompt weights, padding, masks and conditioning for the family, so every text-encode node works "
+                   "with it (CLIP Text Encode, CLIPTextEncodeFlux, the WAN / LTXV nodes...). CLIP-L / CLIP-G come from "
+                   "the optional CLIP input (ComfyUI's CLIP loaders).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP",)
+    RETURN_NAMES = ("clip",)
+    FUNCTION = "to_clip"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        families = comfy_clip.available_families() or list(comfy_clip.FAMILIES)
+        return {
+            "required": {
+                "t5_encoder": ENCODER_INPUT,
+                "family": (families, {"default": families[0], "tooltip": "ComfyUI's text-encoder type (as CLIPLoader's "
+                                      "type). wan takes a UMT5 file, cosmos a T5 v1.0 file, the others T5 v1.1."}),
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "flux: CLIP-L (CLIPLoader). sd3: CLIP-L and/or CLIP-G (DualCLIPLoader "
+                                             "type sd3). hidream: CLIP-L / CLIP-G / Llama. Others take none."}),
+            },
+        }
+
+    def to_clip(self, t5_encoder, family, clip=None):
+        with errors_named(type(self)):
+            made = comfy_clip.make_clip(t5_encoder, family, clip)
+            return {"ui": _ui(f"{family}: ComfyUI's {family} text encoder, T5 from t5core ({t5_encoder.describe()})"),
+                    "result": (made,)}
+
+
 class EncodePrompt:
-    DESCRIPTION = ("Encode a prompt with T5 into CONDITIONING, exactly as ComfyUI's own encoder for the family "
-                   "(Flux: T5 + CLIP-L pooled + guidance; SD3: CLIP-L/G then T5; plain T5: the T5 states only). "
+    DESCRIPTION = ("Encode a prompt with T5 into CONDITIONING through ComfyUI's own text encoder for the family (the "
+                   "CLIP that T5 Encoder to CLIP builds; Flux adds the guidance). plain T5: the T5 states only. "
                    "Supports (word:1.2) weights.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
@@ -135,10 +167,10 @@ class EncodePrompt:
                 "t5_encoder": ENCODER_INPUT,
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                     "tooltip": "The prompt; an empty prompt is valid (EOS and padding)."}),
-                "family": (list(conditioning.FAMILIES), {
+                "family": (list(comfy_clip.ENCODE_FAMILIES), {
                     "default": "Flux",
-                    "tooltip": "Flux: T5 padded to 256+ tokens, CLIP-L pooled, guidance. SD3: CLIP-L/G states then "
-                               "T5 (77+ tokens), pooled L+G. plain T5: [1, tokens, width] and no extras."}),
+                    "tooltip": "ComfyUI's encoder for the family (Flux: T5 padded to 256+ tokens, CLIP-L pooled, "
+                               "guidance; SD3: CLIP-L/G states then T5). plain T5: [1, tokens, width], no extras."}),
                 "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
                                        "tooltip": "Flux guidance (ignored by SD3 and plain T5)."}),
             },
@@ -150,16 +182,20 @@ class EncodePrompt:
 
     def encode(self, t5_encoder, text, family="Flux", guidance=3.5, clip=None):
         with errors_named(type(self)):
-            cond, summary = conditioning.build(t5_encoder, text, family, guidance, clip)
+            if comfy_clip.ENCODE_FAMILIES.get(family, "") is None:  # plain T5: ComfyUI has no such encoder
+                cond, summary = conditioning.build(t5_encoder, text, family, guidance, clip)
+            else:
+                cond, summary = comfy_clip.encode(t5_encoder, text, family, guidance, clip)
             return {"ui": _ui(summary), "result": (cond,)}
 
 
 NODE_CLASSES = {"T5CoreLoadEncoder": LoadT5Encoder, "T5CoreFuseNorms": FuseNorms, "T5CoreFP16Scale": FP16Scale,
-                "T5CoreEncodePrompt": EncodePrompt}
+                "T5CoreEncodePrompt": EncodePrompt, "T5CoreEncoderToCLIP": EncoderToCLIP}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "T5CoreLoadEncoder": "Load T5 Encoder (fast)",
     "T5CoreFuseNorms": "T5 Fuse Norms (fast)",
     "T5CoreFP16Scale": "T5 FP16 Scale (fast)",
     "T5CoreEncodePrompt": "T5 Encode Prompt (fast)",
+    "T5CoreEncoderToCLIP": "T5 Encoder to CLIP (fast)",
 }
 DISPLAY_NAMES = {cls.__name__: NODE_DISPLAY_NAME_MAPPINGS[node_id] for node_id, cls in NODE_CLASSES.items()}

@@ -18,11 +18,13 @@ class LayerStat:
 
 
 @torch.inference_mode()
-def trace_layers(model, input_ids: LongTensor, mask: Optional[BoolTensor] = None) -> list[LayerStat]:
+def trace_layers(model, input_ids: Optional[LongTensor], mask: Optional[BoolTensor] = None,
+                 embeds: Optional[Tensor] = None) -> list[LayerStat]:
     """Run the model eagerly and record, in order, the absmax of every attention output, FFN hidden, FFN output
-    and residual, over real tokens only."""
+    and residual, over real tokens only. embeds: input embeddings instead of input_ids (T5EncoderStack.forward)."""
     stats: list[LayerStat] = []
-    real = None if mask is None else mask.to(input_ids.device).bool()
+    device = (input_ids if embeds is None else embeds).device
+    real = None if mask is None else mask.to(device).bool()
 
     def record(name, t: Tensor):
         t = t.detach() if real is None else t.detach()[real]
@@ -37,7 +39,7 @@ def trace_layers(model, input_ids: LongTensor, mask: Optional[BoolTensor] = None
     hooks.append(model.ln.register_forward_hook(lambda m, a, out: record("final_norm", out)))
     try:
         with torch.compiler.set_stance("force_eager"):  # hooks call .item() and must see every module
-            model(input_ids, input_mask=real)
+            model(input_ids, input_mask=real, **({} if embeds is None else {"embeds": embeds}))
     finally:
         for h in hooks:
             h.remove()

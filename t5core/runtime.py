@@ -3,11 +3,12 @@
 
     enc = Encoder(model).compile()          # what t5core.load_encoder(..., compile=True) returns
     emb = enc.encode(input_ids, attention_mask)   # [B, L] (+ [B, L]) -> [B, L, D] float32
+    emb = enc.encode(None, attention_mask, embeds=x)   # input embeddings [B, L, D] instead of token ids
 """
 from typing import Callable, Optional
 
 import torch
-from torch import BoolTensor, FloatTensor, LongTensor, nn
+from torch import BoolTensor, FloatTensor, LongTensor, Tensor, nn
 
 from . import fp8
 from .t5_common import check_token_ids
@@ -104,41 +105,60 @@ class Encoder:
         self._frozen = None
 
     # -- encoding ------------------------------------------------------------------------------------
-    def encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor] = None) -> FloatTensor:
+    def encode(self, input_ids: Optional[LongTensor], attention_mask: Optional[BoolTensor] = None,
+               embeds: Optional[FloatTensor] = None, num_layers: Optional[int] = None) -> FloatTensor:
         """input_ids [B, L] (+ mask [B, L], True = real token) -> [B, L, D] float32. Compiled models run at
         length_bucket(L) (added keys masked, output cut back to L); compiled CUDA models replay one CUDA graph per
-        shape; float16 outputs are checked for overflow (the only host sync)."""
-        check_token_ids(input_ids, self.config.vocab_size)  # CPU ids only: no device sync
+        shape; float16 outputs are checked for overflow (the only host sync). embeds [B, L, D] (with input_ids
+        None) are input embeddings instead of token ids; num_layers stops after that many layers (then the final
+        norm), see T5EncoderStack.forward."""
+        if embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)  # CPU ids only: no device sync
+        elif input_ids is not None or embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_dim:
+            raise ValueError(f"embeds: expected [batch, length, {self.config.hidden_dim}] input embeddings and no "
+                             f"input_ids, got shape {tuple(embeds.shape)}")
         with torch.no_grad() if self.sharded else torch.inference_mode():
-            return self._encode(input_ids, attention_mask)
+            return self._encode(input_ids, attention_mask, embeds, num_layers)
 
-    def _encode(self, input_ids: LongTensor, attention_mask: Optional[BoolTensor]) -> FloatTensor:
+    def _encode(self, input_ids: Optional[LongTensor], attention_mask: Optional[BoolTensor],
+                embeds: Optional[FloatTensor] = None, num_layers: Optional[int] = None) -> FloatTensor:
         if self.config.weight_dtype == fp8.FAST and not fp8.fp8_matmul_support(self.device)[0]:
             fp8.log_compute_fallback(self.device)
-        L = input_ids.shape[1]
+        x = input_ids if embeds is None else embeds  # what the model reads: [B, L] ids or [B, L, D] embeddings
+        L = x.shape[1]
         padded = attention_mask is not None and not bool(attention_mask.all())  # tokenizer masks are on the CPU
-        input_ids = input_ids.to(self.device, non_blocking=True)
+        x = x.to(self.device, non_blocking=True)
         mask = attention_mask.to(self.device, non_blocking=True).bool() if padded else None
         bucket = length_bucket(L) if self.compiled else L
         if bucket > L:  # masked keys change no real token's output, so the rows up to L are the unpadded ones
-            run_mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
-            run_ids, run_mask = (nn.functional.pad(t, (0, bucket - L)) for t in (input_ids, run_mask))
+            run_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
+            run_mask = nn.functional.pad(run_mask, (0, bucket - L))
+            run_x = nn.functional.pad(x, (0, bucket - L) if embeds is None else (0, 0, 0, bucket - L))
         else:
-            run_ids, run_mask = input_ids, mask
+            run_x, run_mask = x, mask
         if self.compiled and self.device.type == "cuda":
-            out = self._graphed_forward(run_ids, run_mask)
+            out = self._graphed_forward(run_x, run_mask, embeds is not None, num_layers)
         else:
-            out = (self._frozen or self.model)(run_ids, input_mask=run_mask)
+            out = (self._frozen or self.model)(**self._inputs(run_x, embeds is not None), input_mask=run_mask,
+                                               num_layers=num_layers)
         out = out[:, :L].contiguous() if bucket > L else out
         if self.config.dtype == torch.float16:
             finite_rows = torch.isfinite(out).all(-1)  # [B, L]; pad rows do not count
             if not bool((finite_rows if mask is None else finite_rows | ~mask).all()):
-                raise NonFiniteOutputError(overflow_report(self.model, input_ids, mask))
+                raise NonFiniteOutputError(overflow_report(self.model, **self._inputs(x, embeds is not None),
+                                                           mask=mask))
         return out
 
+    @staticmethod
+    def _inputs(x: Tensor, is_embeds: bool) -> dict[str, Optional[Tensor]]:
+        """The model's input_ids and embeds, from what _encode runs: ids [B, L] or embeddings [B, L, D]."""
+        return {"input_ids": None, "embeds": x} if is_embeds else {"input_ids": x, "embeds": None}
+
     # -- CUDA graphs ---------------------------------------------------------------------------------
-    def _graphed_forward(self, input_ids: LongTensor, mask: Optional[BoolTensor]) -> FloatTensor:
-        with torch.cuda.device(input_ids.device):  # streams and capture on the model's GPU, not the current one
+    def _graphed_forward(self, x: Tensor, mask: Optional[BoolTensor], is_embeds: bool = False,
+                         num_layers: Optional[int] = None) -> FloatTensor:
+        """x: token ids [B, L], or input embeddings [B, L, D] when is_embeds."""
+        with torch.cuda.device(x.device):  # streams and capture on the model's GPU, not the current one
             # Weights moved piecemeal (e.g. by an offloading manager) invalidate captured addresses: recapture.
             # (Buffers move with their module's parameters and are otherwise updated in place.)
             ptrs = self._weight_ptrs()
@@ -146,28 +166,31 @@ class Encoder:
                 self._graphs.clear()
                 self._graph_pool = None
                 self._graph_ptrs = ptrs
-            key = (*input_ids.shape, mask is not None)
+            key = (*x.shape, mask is not None, is_embeds, num_layers)
             if key not in self._graphs:
-                self._graphs[key] = self._capture(input_ids.clone(), None if mask is None else mask.clone())
-            graph, (static_ids, static_mask), static_out = self._graphs[key]
-            static_ids.copy_(input_ids)
+                self._graphs[key] = self._capture(x.clone(), None if mask is None else mask.clone(), is_embeds,
+                                                  num_layers)
+            graph, (static_x, static_mask), static_out = self._graphs[key]
+            static_x.copy_(x)
             if mask is not None:
                 static_mask.copy_(mask)
             graph.replay()
             return static_out.clone()  # the next replay overwrites static_out
 
-    def _capture(self, ids: LongTensor, mask: Optional[BoolTensor]) -> tuple:
+    def _capture(self, x: Tensor, mask: Optional[BoolTensor], is_embeds: bool = False,
+                 num_layers: Optional[int] = None) -> tuple:
+        inputs = self._inputs(x, is_embeds)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (compiles) off the capture
             for _ in range(2):
-                self.model(ids, input_mask=mask)
+                self.model(**inputs, input_mask=mask, num_layers=num_layers)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self.model(ids, input_mask=mask)
+            out = self.model(**inputs, input_mask=mask, num_layers=num_layers)
         self._graph_pool = graph.pool()
-        return graph, (ids, mask), out
+        return graph, (x, mask), out
 
     def _weight_ptrs(self) -> tuple[int, ...]:
         """Every weight's address (parameters, and the blocks of weights kept as GGUF blocks, which are buffers),
@@ -182,11 +205,12 @@ class Encoder:
         return tuple(-1 if d[name] is None else d[name].data_ptr() for d, name in self._param_slots)
 
 
-def overflow_report(model: T5EncoderStack, input_ids: LongTensor, mask: Optional[BoolTensor]) -> str:
+def overflow_report(model: T5EncoderStack, input_ids: Optional[LongTensor], embeds: Optional[FloatTensor],
+                    mask: Optional[BoolTensor]) -> str:
     """Rerun eagerly layer by layer and say where inf/NaN first appears, and what to do (the failure path only)."""
     from .precision import trace_layers
 
-    bad = next((r for r in trace_layers(model, input_ids, mask) if not r.finite), None)
+    bad = next((r for r in trace_layers(model, input_ids, mask, embeds) if not r.finite), None)
     where = bad.name if bad is not None else "final_norm"
     if where.endswith((".attn", ".ffn")):  # an output projection: what residual scales shrink
         advice = ("calibrate residual scales (`python -m t5core calibrate MODEL`, or fp16_scales='calibrate') "

@@ -248,16 +248,20 @@ class T5EncoderStack(nn.Module):
 
     def forward(
         self,
-        input_ids: LongTensor,
+        input_ids: Optional[LongTensor],
         input_mask: Optional[BoolTensor] = None,
         block_mask: Optional[BlockMask] = None,
+        embeds: Optional[FloatTensor] = None,
+        num_layers: Optional[int] = None,
     ) -> FloatTensor:
         """input_ids [B, L] -> embeddings [B, L, D] float32.
 
         input_mask [B, L] (True = real token) masks padded keys; flex turns it into the padding block mask
         (make_self_attn_block_mask(input_mask)) unless given a block_mask, such as one that also drops pad
-        queries."""
-        L = input_ids.shape[1]
+        queries. embeds [B, L, D] replace vocab_embed(input_ids) (pass input_ids=None): token embeddings with
+        others spliced in, as ComfyUI's textual inversions. num_layers runs only the first layers, then the final
+        norm (ComfyUI's "hidden layer" output)."""
+        L = (input_ids if embeds is None else embeds).shape[1]
         flex = self.config.attn_impl == T5AttnImpl.Flex
         rows = offset_rows(self.offset_bias(), L)  # [n, H, 2L-1]: a few KB
         if flex and input_mask is not None and block_mask is None:
@@ -267,9 +271,9 @@ class T5EncoderStack(nn.Module):
         biases = dense_sdpa_bias(rows, input_mask, self.config.dtype) if not flex and len(rows) == 1 else rows
         # only a layer that makes its own dense bias takes the mask: otherwise it is a guard without a use
         layer_mask = input_mask if not flex and biases.dim() == 3 else None
-        x = self.vocab_embed(input_ids).float()  # [B, L, D]
+        x = (self.vocab_embed(input_ids) if embeds is None else embeds).float()  # [B, L, D]
         ffn_out, ffn_scale = torch.zeros_like(x), self.unit_scale  # nothing pending before the first layer
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:num_layers]):
             bias = biases[i if len(biases) > 1 else 0]  # offsets [H, 2L-1], or SDPA's dense [1 or B, H, L, L]
             x, ffn_out = layer(x, ffn_out, ffn_scale, bias, block_mask, flex, layer_mask)
             ffn_scale = layer.ffn_res_scale

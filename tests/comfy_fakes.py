@@ -171,11 +171,14 @@ class ModelPatcher:
 class ToyClipEncoder(torch.nn.Module):
     """Shaped like ComfyUI's SDClipModel: set/reset_clip_options and encode_token_weights -> (z [1, 77k, C], pooled)."""
 
-    def __init__(self, width: int, seed: int, return_projected_pooled: bool = True):
+    def __init__(self, width: int, seed: int, return_projected_pooled: bool = True, device=None):
         super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.table = torch.randn(49408, width, generator=gen)
-        self.proj = torch.randn(width, width, generator=gen) / width**0.5
+        if str(device) == "meta":  # as ComfyUI builds a model it loads weights into later: nothing allocated
+            self.table, self.proj = torch.empty(49408, width, device="meta"), torch.empty(width, width, device="meta")
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            self.table = torch.randn(49408, width, generator=gen)
+            self.proj = torch.randn(width, width, generator=gen) / width**0.5
         self.options_default = (return_projected_pooled, None)
         self.return_projected_pooled, self.layer_idx = self.options_default
 
@@ -232,20 +235,57 @@ class ToyTokenizerSet:
 
 
 class CLIP:
+    """comfy.sd.CLIP: the model built from target.params and model_options (initial / load / offload device, dtype),
+    its tokenizer, a ModelPatcher around it; tokenize, encode_from_tokens(_scheduled), clone, load_model."""
+
     def __init__(self, target=None, embedding_directory=None, no_init=False, tokenizer_data={}, parameters=0,
                  model_options={}):
         if no_init:
             return
         import comfy.model_management as mm
 
-        self.cond_stage_model = target.clip()
-        self.tokenizer = target.tokenizer()
-        self.patcher = ModelPatcher(self.cond_stage_model, mm.text_encoder_device(), mm.text_encoder_offload_device())
+        params = target.params.copy()
+        load_device = model_options.get("load_device", mm.text_encoder_device())
+        offload_device = model_options.get("offload_device", mm.text_encoder_offload_device())
+        params["dtype"] = model_options.get("dtype", torch.float32)
+        params["device"] = model_options.get("initial_device", offload_device)
+        params["model_options"] = model_options
+        self.cond_stage_model = target.clip(**params)
+        self.tokenizer = target.tokenizer(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
+        self.patcher = ModelPatcher(self.cond_stage_model, load_device, offload_device)
+        self.patcher.hook_mode, self.patcher.is_clip = "MinVram", True
         self.layer_idx = None
         self.tokenizer_options = {}
 
+    def clone(self):
+        n = CLIP(no_init=True)
+        n.patcher, n.cond_stage_model, n.tokenizer = self.patcher.clone(), self.cond_stage_model, self.tokenizer
+        n.layer_idx, n.tokenizer_options = self.layer_idx, self.tokenizer_options.copy()
+        return n
+
+    def clip_layer(self, layer_idx):
+        self.layer_idx = layer_idx
+
     def tokenize(self, text, return_word_ids=False, **kwargs):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        self.cond_stage_model.reset_clip_options()
+        if self.layer_idx is not None:
+            self.cond_stage_model.set_clip_options({"layer": self.layer_idx})
+        if return_pooled == "unprojected":
+            self.cond_stage_model.set_clip_options({"projected_pooled": False})
+        self.load_model()
+        o = self.cond_stage_model.encode_token_weights(tokens)
+        out = {"cond": o[0], "pooled_output": o[1], **(o[2] if len(o) > 2 else {})}
+        return out if return_dict else (o[0], o[1]) if return_pooled else o[0]
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict={}, show_pbar=True):
+        pooled_dict = self.encode_from_tokens(tokens, return_pooled="unprojected" if unprojected else True,
+                                              return_dict=True)
+        cond = pooled_dict.pop("cond")
+        pooled_dict.update(add_dict)
+        return [[cond, pooled_dict]]
 
     def load_model(self):
         import comfy.model_management as mm
@@ -254,22 +294,250 @@ class CLIP:
         return self.patcher
 
 
-@dataclass
-class ClipTarget:
-    clip: object
-    tokenizer: object
+class ClipTarget:  # comfy.supported_models_base.ClipTarget
+    def __init__(self, tokenizer, clip):
+        self.clip, self.tokenizer, self.params = clip, tokenizer, {}
 
 
 def toy_clip(parts=("l",), l_width=768, g_width=1280, with_t5=False) -> CLIP:
     """parts ("l",): CLIPLoader clip_l; ("l", "g"): DualCLIPLoader sd3/sdxl (CLIP-L pooled projected unless told)."""
-    def build():
-        encoders = {"l": ToyClipEncoder(l_width, 1), "g": ToyClipEncoder(g_width, 2)}
+    def build(**params):
+        # CLIPLoader's clip_l (SD1ClipModel) pools unprojected; DualCLIPLoader's sd3 / sdxl CLIP-L projects
+        encoders = {"l": ToyClipEncoder(l_width, 1, return_projected_pooled=parts != ("l",)),
+                    "g": ToyClipEncoder(g_width, 2)}
         chosen = {k: encoders[k] for k in parts}
         if with_t5:
             chosen["t5xxl"] = torch.nn.Linear(1, 1)
         return ToyContainer(chosen)
 
-    return CLIP(ClipTarget(clip=build, tokenizer=lambda: ToyTokenizerSet(parts + (("t5xxl",) if with_t5 else ()))))
+    return CLIP(ClipTarget(clip=build, tokenizer=lambda **kw: ToyTokenizerSet(parts + (("t5xxl",) if with_t5 else ()))))
+
+
+
+# -- comfy.sd1_clip and comfy.text_encoders.flux / sd3_clip: ComfyUI's T5 family encoders, reduced ----------------
+class MetaT5(torch.nn.Module):
+    """comfy.text_encoders.t5.T5 as ComfyUI builds it: config, embedding; the nodes build it on the meta device and
+    replace it, so it never runs here."""
+
+    def __init__(self, config, dtype, device, operations=None):
+        super().__init__()
+        self.num_layers = config["num_layers"]
+        self.shared = torch.nn.Embedding(config["vocab_size"], config["d_model"], device=device)
+
+    def get_input_embeddings(self):
+        return self.shared
+
+
+class SDClipModel(torch.nn.Module):
+    """comfy.sd1_clip.SDClipModel around a T5: layer options, process_tokens (ids through get_input_embeddings(),
+    mask up to the first end token), the transformer call, zero-out, and ClipTokenWeightEncoder's weighting against
+    the empty prompt (end then pad tokens)."""
+
+    def __init__(self, device="cpu", dtype=None, special_tokens={"end": 1, "pad": 0}, enable_attention_masks=False,
+                 zero_out_masked=False, return_attention_masks=False, model_options={}):
+        super().__init__()
+        config = {"num_layers": 24, "vocab_size": 32128, "d_model": 4096,
+                  **model_options.get(f"{model_options.get('model_name', '')}_model_config", {})}
+        self.transformer = MetaT5(config, dtype, device)
+        self.num_layers = self.transformer.num_layers
+        self.special_tokens = special_tokens
+        self.enable_attention_masks, self.zero_out_masked = enable_attention_masks, zero_out_masked
+        self.return_attention_masks = return_attention_masks
+        self.layer, self.layer_idx = "last", None
+        self.options_default = (self.layer, self.layer_idx)
+
+    def set_clip_options(self, options):
+        layer_idx = options.get("layer", self.layer_idx)
+        if layer_idx is None or abs(layer_idx) > self.num_layers:
+            self.layer = "last"
+        else:
+            self.layer, self.layer_idx = "hidden", layer_idx
+
+    def reset_clip_options(self):
+        self.layer, self.layer_idx = self.options_default
+
+    def forward(self, tokens):
+        embed = self.transformer.get_input_embeddings()
+        end = self.special_tokens["end"]
+        masks = [[1 if end not in t[:i] else 0 for i in range(len(t))] for t in tokens]
+        embeds = torch.cat([embed(torch.tensor([t], device=embed.weight.device), out_dtype=torch.float32)
+                            for t in tokens])
+        mask = torch.tensor(masks, device=embeds.device)
+        outputs = self.transformer(None, mask if self.enable_attention_masks else None, embeds=embeds,
+                                   num_tokens=[sum(m) for m in masks], intermediate_output=self.layer_idx,
+                                   final_layer_norm_intermediate=True, dtype=torch.float32, embeds_info=[])
+        z = (outputs[0] if self.layer == "last" else outputs[1]).float()
+        if self.zero_out_masked:
+            z *= mask.unsqueeze(-1).float()
+        return (z, None, {"attention_mask": mask}) if self.return_attention_masks else (z, None)
+
+    def encode_token_weights(self, token_weight_pairs):
+        to_encode = [[t for t, _ in x] for x in token_weight_pairs]
+        has_weights = any(w != 1.0 for x in token_weight_pairs for _, w in x)
+        if has_weights:
+            n = max(len(t) for t in to_encode)
+            to_encode.append([self.special_tokens["end"]] + [self.special_tokens["pad"]] * (n - 1))
+        o = self(to_encode)
+        out = o[0]
+        output = []
+        for k, x in enumerate(token_weight_pairs):
+            z = out[k:k + 1]
+            for j, (_, w) in enumerate(x):
+                if w != 1.0:
+                    z[0][j] = (z[0][j] - out[-1][j]) * w + out[-1][j]
+            output.append(z)
+        r = (torch.cat(output, dim=-2), None)
+        if len(o) > 2:
+            r += ({"attention_mask": o[2]["attention_mask"][:len(output)].flatten().unsqueeze(0)},)
+        return r
+
+
+def make_t5_tokenizer(min_length: int, key: str = "t5xxl"):
+    """comfy.sd1_clip.SDTokenizer for T5 (ComfyUI's bundled tokenizer, EOS, pad 0 to min_length); prompt weights are
+    not parsed here (every weight 1.0)."""
+    class T5Tokenizer:
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            from transformers import T5TokenizerFast
+
+            import comfy
+
+            folder = Path(comfy.__path__[0]) / "text_encoders" / "t5_tokenizer"
+            self.tokenizer = T5TokenizerFast.from_pretrained(str(folder))
+
+        def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+            ids = self.tokenizer(text)["input_ids"]
+            return {key: [[(t, 1.0) for t in ids + [0] * max(0, min_length - len(ids))]]}
+    return T5Tokenizer
+
+
+def make_text_encoders() -> dict[str, types.ModuleType]:
+    flux, sd3 = types.ModuleType("comfy.text_encoders.flux"), types.ModuleType("comfy.text_encoders.sd3_clip")
+    T5XXL = lambda device, dtype, model_options, attention_mask=False: SDClipModel(  # noqa: E731
+        device, dtype, enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+        model_options={**model_options, "model_name": "t5xxl"})
+
+    class FluxClipModel(torch.nn.Module):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__()
+            self.clip_l = ToyClipEncoder(768, 1, return_projected_pooled=False, device=device)
+            self.t5xxl = T5XXL(device, dtype, model_options)
+            self.dtypes = {dtype}
+
+        def set_clip_options(self, options):
+            self.clip_l.set_clip_options(options)
+            self.t5xxl.set_clip_options(options)
+
+        def reset_clip_options(self):
+            self.clip_l.reset_clip_options()
+            self.t5xxl.reset_clip_options()
+
+        def encode_token_weights(self, token_weight_pairs):
+            t5_out, _ = self.t5xxl.encode_token_weights(token_weight_pairs["t5xxl"])
+            _, l_pooled = self.clip_l.encode_token_weights(token_weight_pairs["l"])
+            return t5_out, l_pooled
+
+    class FluxTokenizer:
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            self.t5 = make_t5_tokenizer(256)()
+
+        def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+            return {"l": ToyClipTokenizer().tokenize_with_weights(text), **self.t5.tokenize_with_weights(text)}
+
+    class SD3ClipModel(torch.nn.Module):
+        def __init__(self, clip_l=True, clip_g=True, t5=True, device="cpu", dtype=None, model_options={}):
+            super().__init__()
+            self.clip_l = ToyClipEncoder(768, 1, return_projected_pooled=False, device=device) if clip_l else None
+            self.clip_g = ToyClipEncoder(1280, 2, device=device) if clip_g else None
+            self.t5xxl = T5XXL(device, dtype, model_options) if t5 else None
+            self.dtypes = {dtype}
+
+        def _parts(self):
+            return [p for p in (self.clip_l, self.clip_g, self.t5xxl) if p is not None]
+
+        def set_clip_options(self, options):
+            for p in self._parts():
+                p.set_clip_options(options)
+
+        def reset_clip_options(self):
+            for p in self._parts():
+                p.reset_clip_options()
+
+        def encode_token_weights(self, token_weight_pairs):
+            lg_out = None
+            l_pooled, g_pooled = torch.zeros((1, 768)), torch.zeros((1, 1280))
+            if self.clip_l is not None:
+                lg_out, l_pooled = self.clip_l.encode_token_weights(token_weight_pairs["l"])
+            if self.clip_g is not None:
+                g_out, g_pooled = self.clip_g.encode_token_weights(token_weight_pairs["g"])
+                lg_out = (torch.nn.functional.pad(g_out, (768, 0)) if lg_out is None
+                          else torch.cat([lg_out, g_out], dim=-1))
+            out = self.t5xxl.encode_token_weights(token_weight_pairs["t5xxl"])[0]
+            if lg_out is not None:
+                out = torch.cat([torch.nn.functional.pad(lg_out, (0, 4096 - lg_out.shape[-1])), out], dim=-2)
+            return out, torch.cat((l_pooled, g_pooled), dim=-1), {}
+
+    def sd3_clip(clip_l=True, clip_g=True, t5=True, dtype_t5=None, t5xxl_scaled_fp8=None, t5_attention_mask=False):
+        return lambda device="cpu", dtype=None, model_options={}: SD3ClipModel(clip_l, clip_g, t5, device, dtype,
+                                                                              model_options)
+
+    class SD3Tokenizer(FluxTokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            self.t5 = make_t5_tokenizer(77)()
+
+        def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+            return {"g": ToyClipTokenizer().tokenize_with_weights(text), **super().tokenize_with_weights(text)}
+
+    class SD1ClipModel(torch.nn.Module):  # comfy.sd1_clip.SD1ClipModel: one encoder under its name
+        def __init__(self, name, clip_model, device="cpu", dtype=None, model_options={}):
+            super().__init__()
+            self.clip_name = name
+            setattr(self, name, clip_model(device=device, dtype=dtype, model_options={**model_options,
+                                                                                     "model_name": name}))
+            self.dtypes = {dtype}
+
+        def set_clip_options(self, options):
+            getattr(self, self.clip_name).set_clip_options(options)
+
+        def reset_clip_options(self):
+            getattr(self, self.clip_name).reset_clip_options()
+
+        def encode_token_weights(self, token_weight_pairs):
+            return getattr(self, self.clip_name).encode_token_weights(token_weight_pairs[self.clip_name])
+
+    pixart, wan = types.ModuleType("comfy.text_encoders.pixart_t5"), types.ModuleType("comfy.text_encoders.wan")
+    pixart.pixart_te = lambda dtype_t5=None, t5xxl_scaled_fp8=None: lambda device="cpu", dtype=None, model_options={}: \
+        SD1ClipModel("t5xxl", SDClipModel, device, dtype, model_options)
+    pixart.PixArtTokenizer = make_t5_tokenizer(1)
+    umt5 = lambda device, dtype, model_options: SDClipModel(device, dtype, enable_attention_masks=True,  # noqa: E731
+                                                            zero_out_masked=True, model_options=model_options)
+    wan.te = lambda dtype_t5=None, t5xxl_scaled_fp8=None: lambda device="cpu", dtype=None, model_options={}: \
+        SD1ClipModel("umt5xxl", umt5, device, dtype, model_options)
+
+    class WanT5Tokenizer:  # SPieceTokenizer from tokenizer_data["spiece_model"], min_length 512
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            import sentencepiece
+
+            self.sp = sentencepiece.SentencePieceProcessor(model_proto=tokenizer_data["spiece_model"].numpy().tobytes(),
+                                                           add_eos=True)
+
+        def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+            ids = self.sp.encode(text)
+            return {"umt5xxl": [[(t, 1.0) for t in ids + [0] * max(0, 512 - len(ids))]]}
+
+    wan.WanT5Tokenizer = WanT5Tokenizer
+    flux.FluxClipModel, flux.FluxTokenizer = FluxClipModel, FluxTokenizer
+    flux.flux_clip = lambda dtype_t5=None, t5xxl_scaled_fp8=None: FluxClipModel
+    sd3.SD3ClipModel, sd3.SD3Tokenizer, sd3.sd3_clip = SD3ClipModel, SD3Tokenizer, sd3_clip
+    return {"comfy.text_encoders.flux": flux, "comfy.text_encoders.sd3_clip": sd3,
+            "comfy.text_encoders.pixart_t5": pixart, "comfy.text_encoders.wan": wan}
+
+
+class CLIPType(Enum):  # comfy.sd.CLIPType, the members these fakes model
+    STABLE_DIFFUSION = 1
+    SD3 = 3
+    FLUX = 6
+    WAN = 13
+    CHROMA = 15
 
 
 # -- comfy_api.latest -----------------------------------------------------------------------------------------------
@@ -396,10 +664,16 @@ def install(root: Path, tokenizer_dir: Path, with_v3: bool = False) -> dict[str,
     patcher_mod = types.ModuleType("comfy.model_patcher")
     patcher_mod.ModelPatcher = ModelPatcher
     sd = types.ModuleType("comfy.sd")
-    sd.CLIP = CLIP
+    sd.CLIP, sd.CLIPType = CLIP, CLIPType
+    smb = types.ModuleType("comfy.supported_models_base")
+    smb.ClipTarget = ClipTarget
+    text_encoders = types.ModuleType("comfy.text_encoders")
+    text_encoders.__path__ = []
     comfy.model_management, comfy.model_patcher, comfy.sd = mm, patcher_mod, sd
+    comfy.supported_models_base, comfy.text_encoders = smb, text_encoders
     modules = {"folder_paths": make_folder_paths(root / "models"), "comfy": comfy, "comfy.model_management": mm,
-               "comfy.model_patcher": patcher_mod, "comfy.sd": sd}
+               "comfy.model_patcher": patcher_mod, "comfy.sd": sd, "comfy.supported_models_base": smb,
+               "comfy.text_encoders": text_encoders, **make_text_encoders()}
     if with_v3:
         api = types.ModuleType("comfy_api")
         api.__path__ = []

@@ -27,6 +27,8 @@ HAVE_GGUF = importlib.util.find_spec("gguf") is not None
 GGUF_NAME = "t5_tiny-Q8_0.gguf"
 PREFIX = "text_encoders.t5xxl.transformer."  # any prefix: ComfyUI files carry several
 ENCODE, LOAD, FUSE, FP16 = "T5CoreEncodePrompt", "T5CoreLoadEncoder", "T5CoreFuseNorms", "T5CoreFP16Scale"
+TO_CLIP = "T5CoreEncoderToCLIP"
+ENCODE_FAMILIES = ["Flux", "SD3", "Chroma", "PixArt", "LTXV", "Mochi", "Cosmos", "WAN", "HiDream", "plain T5"]
 LOAD_DEFAULTS = {"weight_dtype": "fp32", "attention": "auto", "compile": False, "device": "default"}
 
 
@@ -58,6 +60,8 @@ def comfy_root(tmp_path_factory, hf_model):
     bad = scaled_fp8(weights)
     bad[PREFIX + "encoder.block.2.layer.1.DenseReluDense.wo.scale_weight"] = torch.tensor(float("nan"))
     save_file(bad, te / "fp8" / "bad_scale.safetensors")
+    umt5 = make_hf_encoder("umt5", d_model=64, num_heads=4, d_kv=16, d_ff=96, num_layers=2)  # T5's vocabulary size
+    save_file({k: v.clone().contiguous() for k, v in umt5.state_dict().items()}, te / "umt5_tiny.safetensors")
     (te / "notes.txt").write_text("not a model")
     torch.save({"x": torch.zeros(1)}, te / "old.bin")
     if HAVE_GGUF:  # in the legacy models/clip folder, which text_encoders also lists
@@ -164,9 +168,10 @@ def t5_ids(text: str, pad_to: int = 0) -> list[int]:
 
 # -- registration and schemas ---------------------------------------------------------------------------------------
 def test_v1_registration_and_schema(comfy):
-    assert set(comfy.nodes) == {LOAD, FUSE, FP16, ENCODE}
+    assert set(comfy.nodes) == {LOAD, FUSE, FP16, ENCODE, TO_CLIP}
     assert comfy.names == {LOAD: "Load T5 Encoder (fast)", FUSE: "T5 Fuse Norms (fast)",
-                           FP16: "T5 FP16 Scale (fast)", ENCODE: "T5 Encode Prompt (fast)"}
+                           FP16: "T5 FP16 Scale (fast)", ENCODE: "T5 Encode Prompt (fast)",
+                           TO_CLIP: "T5 Encoder to CLIP (fast)"}
     assert not hasattr(comfy.module, "comfy_entrypoint")
     assert (ROOT / comfy.module.WEB_DIRECTORY / "t5core.js").is_file()
     for cls in comfy.nodes.values():
@@ -176,7 +181,8 @@ def test_v1_registration_and_schema(comfy):
     load_in = comfy.nodes[LOAD].INPUT_TYPES()["required"]
     assert load_in["model_name"][0] == ["clip_l.safetensors", "fp8/bad_scale.safetensors",  # no .bin, no .txt
                                         "fp8/t5_tiny_fp8_scaled.safetensors", "t5_tensorized/enc.tensors",
-                                        *[GGUF_NAME] * HAVE_GGUF, "t5_tiny.safetensors", "with_tokenizer/t5_tiny.sft"]
+                                        *[GGUF_NAME] * HAVE_GGUF, "t5_tiny.safetensors", "umt5_tiny.safetensors",
+                                        "with_tokenizer/t5_tiny.sft"]
     assert load_in["weight_dtype"][0] == ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
     assert load_in["weight_dtype"][1]["default"] == "auto"
     assert (load_in["attention"][0], load_in["attention"][1]["default"]) == (["auto", "flex", "sdpa"], "auto")
@@ -196,7 +202,7 @@ def test_v1_registration_and_schema(comfy):
     assert list(enc_in["required"]) == ["t5_encoder", "text", "family", "guidance"]
     assert enc_in["required"]["text"][0] == "STRING"
     assert enc_in["required"]["text"][1]["multiline"] and enc_in["required"]["text"][1]["dynamicPrompts"]
-    assert enc_in["required"]["family"][0] == ["Flux", "SD3", "plain T5"]
+    assert enc_in["required"]["family"][0] == ENCODE_FAMILIES
     assert {k: enc_in["required"]["guidance"][1][k] for k in ("default", "min", "max", "step")} == \
         {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1}
     assert enc_in["optional"]["clip"][0] == "CLIP"
@@ -204,20 +210,23 @@ def test_v1_registration_and_schema(comfy):
     outputs = {k: (c.RETURN_TYPES, c.RETURN_NAMES) for k, c in comfy.nodes.items()}
     assert outputs == {LOAD: (("T5_ENCODER",), ("t5_encoder",)), FUSE: (("T5_ENCODER",), ("t5_encoder",)),
                        FP16: (("T5_ENCODER", "STRING"), ("t5_encoder", "scales")),
-                       ENCODE: (("CONDITIONING",), ("conditioning",))}
+                       ENCODE: (("CONDITIONING",), ("conditioning",)), TO_CLIP: (("CLIP",), ("clip",))}
+    to_clip = comfy.nodes[TO_CLIP].INPUT_TYPES()
+    assert list(to_clip["required"]) == ["t5_encoder", "family"] and to_clip["optional"]["clip"][0] == "CLIP"
+    assert to_clip["required"]["family"][0] == ["flux", "chroma", "sd3", "wan"]  # what this (fake) ComfyUI has
 
 
 def test_v3_registration_and_schema(comfy_v3):
     module, nodes, names = comfy_v3
     assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # else ComfyUI would take V1 and ignore the entry point
-    assert names[ENCODE] == "T5 Encode Prompt (fast)" and set(nodes) == {LOAD, FUSE, FP16, ENCODE}
+    assert names[ENCODE] == "T5 Encode Prompt (fast)" and set(nodes) == {LOAD, FUSE, FP16, ENCODE, TO_CLIP}
     schema = nodes[ENCODE].GET_SCHEMA()
     assert schema.category == "T5 (fast)" and schema.description
     inputs = {i.id: i for i in schema.inputs}
     assert [i.id for i in schema.inputs] == ["t5_encoder", "text", "family", "guidance", "clip"]
     assert inputs["t5_encoder"].io_type == "T5_ENCODER" and not inputs["t5_encoder"].optional
     assert inputs["text"].io_type == "STRING" and inputs["text"].multiline and inputs["text"].dynamic_prompts
-    assert inputs["family"].io_type == "COMBO" and inputs["family"].options == ["Flux", "SD3", "plain T5"]
+    assert inputs["family"].io_type == "COMBO" and inputs["family"].options == ENCODE_FAMILIES
     assert (inputs["guidance"].default, inputs["guidance"].min, inputs["guidance"].max) == (3.5, 0.0, 100.0)
     assert inputs["clip"].io_type == "CLIP" and inputs["clip"].optional
     assert [(o.io_type, o.display_name) for o in schema.outputs] == [("CONDITIONING", "conditioning")]
@@ -251,7 +260,7 @@ def test_imports_without_comfyui_as_plain_t5core(tmp_path):
     """)
     done = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert f"NODES {sorted([ENCODE, FP16, FUSE, LOAD])}" in done.stdout
+    assert f"NODES {sorted([ENCODE, FP16, FUSE, LOAD, TO_CLIP])}" in done.stdout
     assert f"T5CORE {ROOT / 't5core' / '__init__.py'}" in done.stdout
     assert "LAST True COMFY_NODES True" in done.stdout
 
@@ -266,7 +275,7 @@ def test_flux_chain_float32_matches_transformers(comfy, hf_model):
     (cond,), ui = encode(comfy, fused, "a photo of a cat", family="Flux", guidance=2.5, clip=clip)
 
     ids = t5_ids("a photo of a cat", pad_to=256)
-    assert ui["text"][0] == f"{len(t5_ids('a photo of a cat'))} tokens, padded to 256"
+    assert ui["text"][0] == "Flux through ComfyUI's flux encoder: 256 T5 tokens"
     assert len(cond) == 1 and len(cond[0]) == 2
     tokens, extras = cond[0]
     assert list(extras) == ["pooled_output", "guidance"] and extras["guidance"] == 2.5
@@ -280,11 +289,11 @@ def test_flux_chain_float32_matches_transformers(comfy, hf_model):
     expected_pooled = clip_l.encode_token_weights(clip_tokens)[1]
     clip_l.reset_clip_options()
     assert extras["pooled_output"].shape == (1, 768) and torch.equal(extras["pooled_output"], expected_pooled)
-    assert clip_l.return_projected_pooled  # the CLIP's options are restored afterwards
+    assert not clip_l.return_projected_pooled  # CLIPLoader clip_l: unprojected, its options restored afterwards
 
     # ComfyUI's memory manager loaded the encoder's ModelPatcher, whole, onto the text-encoder device
     patcher = fused.patcher()
-    assert any(models == [patcher] and full for models, full in comfy.mm.load_calls)
+    assert any(models == [patcher, clip.patcher] and full for models, full in comfy.mm.load_calls)
     assert patcher.load_device == comfy.mm.text_encoder_device()
     assert patcher.offload_device == comfy.mm.text_encoder_offload_device()
     model = patcher.model
@@ -303,7 +312,7 @@ def test_flux_long_prompt_pads_to_n_plus_1_and_empty_prompt(comfy, hf_model):
 
     for empty in ("", "   \n "):  # valid, as in ComfyUI: EOS then padding
         (cond,), ui = encode(comfy, encoder, empty, family="Flux")
-        assert cond[0][0].shape == (1, 256, 64) and ui["text"][0] == "1 tokens, padded to 256"
+        assert cond[0][0].shape == (1, 256, 64) and ui["text"][0].endswith(": 256 T5 tokens")
         assert rel_err(cond[0][0], hf_encode(hf_model, [1] + [0] * 255)) <= 1e-5
         assert torch.equal(cond[0][1]["pooled_output"], torch.zeros(1, 768))  # no CLIP: zeros
 
@@ -417,30 +426,64 @@ def test_prompt_weights_interpolate_against_the_empty_prompt(comfy):
     assert not torch.allclose(cond[0][0][0], z)  # the weights did something
 
 
-def test_sd3_concatenates_clip_before_t5(comfy, hf_model):
-    encoder = load(comfy)
-    text = "a castle"
-    # toy CLIP widths small enough for the 64-wide toy T5 (real SD3: 768 + 1280 inside T5-XXL's 4096)
-    clip = comfy_fakes.toy_clip(("l", "g"), l_width=16, g_width=24)
-    (cond,), ui = encode(comfy, encoder, text, family="SD3", clip=clip)
+def test_sd3_through_comfyuis_encoder(comfy, hf_model):
+    """ComfyUI's SD3ClipModel pads the CLIP states to T5-XXL's 4096 (tools/check_against_comfyui.py checks that with
+    CLIP-L/G); the 64-wide toy T5 runs without them: T5 tokens padded to 77, zero pooled vector."""
+    (cond,), ui = encode(comfy, load(comfy), "a castle", family="SD3")
     tokens, extras = cond[0]
-    assert list(extras) == ["pooled_output"] and ui["text"][0].endswith("padded to 77")
+    assert list(extras) == ["pooled_output"] and ui["text"][0].endswith(": 77 T5 tokens")
+    assert rel_err(tokens, hf_encode(hf_model, t5_ids("a castle", pad_to=77))) <= 1e-5
+    assert torch.equal(extras["pooled_output"], torch.zeros(1, 2048))
 
-    clip_l, clip_g = clip.cond_stage_model.clip_l, clip.cond_stage_model.clip_g
-    clip_tokens = clip.tokenize(text)
-    clip_l.set_clip_options({"projected_pooled": False})
-    l_out, l_pooled = clip_l.encode_token_weights(clip_tokens["l"])
-    clip_l.reset_clip_options()
-    g_out, g_pooled = clip_g.encode_token_weights(clip_tokens["g"])
-    lg = torch.nn.functional.pad(torch.cat([l_out, g_out], dim=-1), (0, 64 - 40))
-    assert tokens.shape == (1, 77 + 77, 64)
-    assert torch.equal(tokens[:, :77], lg)
-    assert rel_err(tokens[:, 77:], hf_encode(hf_model, t5_ids(text, pad_to=77))) <= 1e-5
-    assert torch.equal(extras["pooled_output"], torch.cat([l_pooled, g_pooled], dim=-1))
 
-    (no_clip,), _ = encode(comfy, encoder, text, family="SD3")
-    assert torch.equal(no_clip[0][0], tokens[:, 77:])  # T5 tokens only
-    assert torch.equal(no_clip[0][1]["pooled_output"], torch.zeros(1, 2048))
+def test_encoder_to_clip_is_a_comfyui_clip(comfy, hf_model):
+    """The CLIP runs ComfyUI's family encoder; its T5 is t5core's (ComfyUI's own stays on the meta device), its
+    patcher the T5Encoder's, and clones (CLIPSetLastLayer, LoRA loaders) keep all of that."""
+    encoder = load(comfy)
+    clip_l = comfy_fakes.toy_clip(("l",))
+    (clip,), ui = run(comfy, TO_CLIP, t5_encoder=encoder, family="flux", clip=clip_l)
+    assert ui["text"][0].startswith("flux: ComfyUI's flux text encoder")
+    assert clip.patcher is encoder.patcher() and clip.part_patchers == (clip_l.patcher,)
+    model = clip.cond_stage_model
+    assert model.clip_l is clip_l.cond_stage_model.clip_l
+    assert all(p.is_meta for p in model.t5xxl.parameters())  # nothing of ComfyUI's own T5 was allocated
+    embed = model.t5xxl.transformer.get_input_embeddings()
+    assert embed.weight is encoder.runtime().model.vocab_embed.weight  # textual inversions meet t5core's table
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"), add_dict={"guidance": 3.0})
+    assert rel_err(cond[0][0], hf_encode(hf_model, t5_ids("a photo of a cat", pad_to=256))) <= 1e-5
+    assert cond[0][1]["guidance"] == 3.0 and cond[0][1]["pooled_output"].shape == (1, 768)
+
+    clone = clip.clone()
+    clone.clip_layer(-2)  # CLIPSetLastLayer: the T5's hidden layer 1 of 3, after the final norm
+    hidden = clone.encode_from_tokens(clone.tokenize("a cat"))
+    with torch.no_grad():
+        states = hf_model(input_ids=torch.tensor([t5_ids("a cat", pad_to=256)]), output_hidden_states=True)
+    expected = hf_model.encoder.final_layer_norm(states.hidden_states[2])
+    assert type(clone) is type(clip) and rel_err(hidden, expected) <= 1e-5
+    assert comfy.mm.load_calls[-1][0][1:] == [clip_l.patcher]
+
+    # chroma: T5 only, no padding, no CLIP input needed
+    (chroma,), _ = run(comfy, TO_CLIP, t5_encoder=encoder, family="chroma")
+    z = chroma.encode_from_tokens(chroma.tokenize("a cat"))
+    assert rel_err(z, hf_encode(hf_model, t5_ids("a cat"))) <= 1e-5
+
+
+def test_encoder_to_clip_refuses_what_the_family_cannot_use(comfy):
+    t5, umt5 = load(comfy), load(comfy, "umt5_tiny.safetensors")
+    with pytest.raises(ValueError, match=r"^T5 Encoder to CLIP \(fast\): the wan family needs a UMT5 encoder, but "
+                                         r".*t5_tiny\.safetensors is a T5 v1\.1 \(32128-token vocabulary"):
+        run(comfy, TO_CLIP, t5_encoder=t5, family="wan")
+    with pytest.raises(ValueError, match=r"^T5 Encoder to CLIP \(fast\): the flux family needs a T5 v1\.1 encoder, "
+                                         r"but .*umt5_tiny\.safetensors is a UMT5"):
+        run(comfy, TO_CLIP, t5_encoder=umt5, family="flux")
+    with pytest.raises(ValueError, match=r"^T5 Encode Prompt \(fast\): the sd3 family needs a T5 v1\.1 encoder"):
+        encode(comfy, umt5, "x", family="SD3")
+    with pytest.raises(ValueError, match=r"^T5 Encoder to CLIP \(fast\): the CLIP input \(ToyContainer holding "
+                                         r"clip_g\) has nothing the flux family uses: it takes clip_l"):
+        run(comfy, TO_CLIP, t5_encoder=t5, family="flux", clip=comfy_fakes.toy_clip(("g",)))
+    with pytest.raises(ValueError, match=r"^T5 Encoder to CLIP \(fast\): the CLIP input .* chroma family uses: it "
+                                         r"takes no CLIP input"):
+        run(comfy, TO_CLIP, t5_encoder=t5, family="chroma", clip=comfy_fakes.toy_clip(("l",)))
 
 
 def test_plain_t5(comfy, hf_model):
@@ -477,17 +520,15 @@ def test_errors_name_the_node_and_the_problem(comfy):
         run(comfy, FP16, t5_encoder=encoder, mode="custom", custom_scales="1,1")
     with pytest.raises(ValueError, match=r"^T5 FP16 Scale \(fast\): .*not a power of two"):
         run(comfy, FP16, t5_encoder=encoder, mode="custom", custom_scales="1,0.3,1")
-    with pytest.raises(ValueError, match=r"^T5 Encode Prompt \(fast\): the CLIP input has no CLIP-L.*Flux"):
+    with pytest.raises(ValueError, match=r"^T5 Encode Prompt \(fast\): the CLIP input .*clip_g.*flux.*clip_l"):
         encode(comfy, encoder, "x", family="Flux", clip=comfy_fakes.toy_clip(("g",)))
-    with pytest.raises(ValueError, match=r"^T5 Encode Prompt \(fast\): .*2048 wide.*only 64 wide.*4096"):
-        encode(comfy, encoder, "x", family="SD3", clip=comfy_fakes.toy_clip(("l", "g")))
 
 
 def test_clip_holding_its_own_t5_is_used_with_a_warning(comfy, caplog):
     with caplog.at_level(logging.WARNING, logger="t5core.nodes"):
         (cond,), _ = encode(comfy, load(comfy), "x", family="Flux", clip=comfy_fakes.toy_clip(("l",), with_t5=True))
     assert cond[0][1]["pooled_output"].shape == (1, 768)
-    assert any("holds ComfyUI's own T5" in r.message for r in caplog.records)
+    assert any("holds ComfyUI's own t5xxl" in r.getMessage() for r in caplog.records)
 
 
 # -- example workflows ----------------------------------------------------------------------------------------------

@@ -236,3 +236,21 @@ def test_per_layer_bias_tables_become_dense_one_layer_at_a_time(tmp_path):
         ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     assert rel_err(out[mask], ref[mask]) <= 1e-5
     assert seen.numel == 2 * 4 * 64 * 64
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex"])
+def test_input_embeddings_and_hidden_layers(pair, attn):
+    """encode(None, mask, embeds=...) (ComfyUI passes embeddings, textual inversions spliced in) equals encode(ids)
+    for the ids' embeddings; num_layers=k is transformers' hidden state after layer k, through the final norm."""
+    kind, hf, folder = pair
+    model = t5core.load_encoder(folder, dtype="float32", attn_impl=attn)
+    ids, mask = _batch(512, [9, 4], seed=3)
+    embeds = model.model.vocab_embed(ids).float()
+    torch.testing.assert_close(model.encode(None, mask, embeds=embeds), model.encode(ids, mask), rtol=0, atol=0)
+    with torch.no_grad():
+        states = hf(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+        expected = hf.encoder.final_layer_norm(states[2])
+    out = model.encode(None, mask, embeds=embeds, num_layers=2)
+    assert rel_err(out[mask], expected[mask]) <= 1e-5, (kind, attn)
+    with pytest.raises(ValueError, match=r"embeds: expected \[batch, length, 64\] input embeddings and no input_ids"):
+        model.encode(ids, mask, embeds=embeds)

@@ -1,104 +1,235 @@
-"""Check the nodes against REAL ComfyUI code (CPU): loading, ModelPatcher/load_models_gpu, and CONDITIONING equal to
-ComfyUI's own Flux / SD3 encoders on the same random weights.
+"""Check the nodes against REAL ComfyUI code (CPU, --cpu): for every T5 / UMT5 family the ComfyUI checkout has, the
+CONDITIONING of ComfyUI's own text-encode nodes with the CLIP from "T5 Encoder to CLIP (fast)" equals that with
+ComfyUI's own text encoder (its CLIP loaders picking the family from the type argument) on the same random weights,
+within 1e-5 in float32; also the Encode Prompt node, the memory manager, and the error cases.
 
 Not part of the test run (ComfyUI is not on PyPI). Usage, with a ComfyUI checkout and its requirements installed:
     COMFYUI_DIR=/path/to/ComfyUI python tools/check_against_comfyui.py
-(COMFYUI_EXTRA_SITE may name a folder of extra packages ComfyUI needs.)"""
-import sys, types, os, asyncio, importlib.util, tempfile, logging
+(COMFYUI_EXTRA_SITE may name a folder of extra packages ComfyUI needs.) The weights are tiny but shaped so that
+ComfyUI's detect_te_model recognises them: 24 layers, T5-XXL's 4096 width (1024 for Cosmos' T5 v1.0) with 2 heads
+and a 32-wide FFN; ComfyUI is told the small sizes through its <model>_model_config option. The UMT5 file embeds a
+small sentencepiece model trained here, as ComfyUI's UMT5 files embed theirs."""
+import asyncio
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import types
 from pathlib import Path
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ["COMFYUI_DIR"])
 if os.environ.get("COMFYUI_EXTRA_SITE"):
     sys.path.append(os.environ["COMFYUI_EXTRA_SITE"])
-import transformers, transformers.models.clip, transformers.models.t5  # before the torchvision stub
-tv = types.ModuleType("torchvision"); tv.transforms = types.ModuleType("torchvision.transforms")
-sys.modules["torchvision"] = tv; sys.modules["torchvision.transforms"] = tv.transforms
+import transformers.models.clip  # noqa: E402,F401  (before the torchvision stub)
+import transformers.models.t5  # noqa: E402,F401
+
+tv = types.ModuleType("torchvision")
+tv.transforms = types.ModuleType("torchvision.transforms")
+sys.modules["torchvision"], sys.modules["torchvision.transforms"] = tv, tv.transforms
 sys.argv = ["main.py", "--cpu"] + sys.argv[1:]
-import comfy.options; comfy.options.enable_args_parsing()
-logging.basicConfig(level=logging.INFO)
-import torch
-import folder_paths, comfy.sd, comfy.model_management as mm
-from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+logging.basicConfig(level=logging.WARNING)
+import sentencepiece as spm  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E402
+from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.sd  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402
 
 tmp = Path(tempfile.mkdtemp())
-te = tmp / "text_encoders"; te.mkdir()
+te = tmp / "text_encoders"
+te.mkdir()
 folder_paths.folder_names_and_paths["text_encoders"] = ([str(te)], folder_paths.supported_pt_extensions)
-torch.manual_seed(0)
-# T5 4096 wide (so SD3's layout holds), 2 layers; ComfyUI's T5-XXL config told num_layers=2
-t5cfg = T5Config(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240 // 8, num_layers=2, feed_forward_proj="gated-gelu")
-t5 = T5EncoderModel(t5cfg).eval()
-with torch.no_grad():
-    for n, p in t5.named_parameters():
-        if "layer_norm" in n: p.copy_(1 + 0.2 * torch.randn_like(p))
-        elif "shared" in n or "embed" in n or "relative" in n: p.normal_(0, 1)
-        else: p.normal_(0, 0.5 / p.shape[1] ** 0.5)
-save_file({k: v.clone().contiguous() for k, v in t5.state_dict().items()}, te / "t5_test.safetensors")
+SMALL = {"num_layers": 24, "num_heads": 2, "d_kv": 16, "d_ff": 32}
+UMT5_VOCAB = 256  # at least the pieces of the sentencepiece model below (about 160), at most twice as many
 
-def clip_file(name, hidden, layers, heads, proj):
-    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers, num_attention_heads=heads, projection_dim=proj, hidden_act="gelu" if hidden == 1280 else "quick_gelu")
-    m = CLIPTextModelWithProjection(cfg).eval()
-    sd = {k: v.clone().contiguous() for k, v in m.state_dict().items()}
-    save_file(sd, te / name)
-clip_file("clip_l.safetensors", 768, 12, 12, 768)
-clip_file("clip_g.safetensors", 1280, 32, 20, 1280)
-print("files written")
 
-# load our package the way ComfyUI does
+def randomize(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "layer_norm" in n:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif "shared" in n or "embed" in n or "relative" in n:
+                p.normal_(0, 1)
+            else:
+                p.normal_(0, 0.5 / p.shape[1] ** 0.5)
+    return {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def t5_file(name, kind, d_model, vocab_size=32128, extra=None):
+    cfg_cls, model_cls = (UMT5Config, UMT5EncoderModel) if kind == "umt5" else (T5Config, T5EncoderModel)
+    ffn = "relu" if kind == "t5-v1_0" else "gated-gelu"
+    cfg = cfg_cls(vocab_size=vocab_size, d_model=d_model, feed_forward_proj=ffn, dropout_rate=0.0, **SMALL)
+    sd = randomize(model_cls(cfg).eval(), seed=len(name))
+    save_file({**sd, **(extra or {})}, te / name)
+
+
+def clip_file(name, hidden, layers, heads):
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                         num_attention_heads=heads, projection_dim=hidden,
+                         hidden_act="gelu" if hidden == 1280 else "quick_gelu")
+    torch.manual_seed(hidden)
+    save_file({k: v.clone().contiguous() for k, v in CLIPTextModelWithProjection(cfg).state_dict().items()}, te / name)
+
+
+def umt5_spiece() -> bytes:
+    """A small unigram sentencepiece model with UMT5's special ids (pad 0, eos 1, unk 2)."""
+    words = ("a red fox in the snow detailed photo of cat dog running through forest at night with moon light over "
+             "water city street rain neon sign old man young woman painting oil canvas bright colors").split()
+    text = tmp / "spm.txt"
+    text.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(400)))
+    with open(os.devnull, "w") as quiet:
+        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp / "spm"), vocab_size=64,
+                                       hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                       model_type="unigram", logstream=quiet)
+    return (tmp / "spm.model").read_bytes()
+
+
+t5_file("t5_v11.safetensors", "t5-v1_1", 4096)  # ComfyUI: T5_XXL
+t5_file("t5_v10.safetensors", "t5-v1_0", 1024)  # ComfyUI: T5_XXL_OLD (Cosmos)
+spiece = umt5_spiece()
+t5_file("umt5.safetensors", "umt5", 4096, vocab_size=UMT5_VOCAB,
+        extra={"spiece_model": torch.frombuffer(bytearray(spiece), dtype=torch.uint8)})  # ComfyUI: T5_XXL, WAN
+clip_file("clip_l.safetensors", 768, 12, 12)
+clip_file("clip_g.safetensors", 1280, 32, 20)
+print("files written to", te)
+
+# our package, loaded the way ComfyUI loads a custom node
 name = str(REPO).replace(".", "_x_")
 spec = importlib.util.spec_from_file_location(name, str(REPO / "__init__.py"))
-pkg = importlib.util.module_from_spec(spec); sys.modules[name] = pkg; spec.loader.exec_module(pkg)
+pkg = importlib.util.module_from_spec(spec)
+sys.modules[name] = pkg
+spec.loader.exec_module(pkg)
 print("V1 mappings:", getattr(pkg, "NODE_CLASS_MAPPINGS", None) is not None, "V3:", hasattr(pkg, "comfy_entrypoint"))
-ext = asyncio.run(pkg.comfy_entrypoint()); nodes = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
-for n in nodes.values():
+ext = asyncio.run(pkg.comfy_entrypoint())
+ours = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
+for n in ours.values():
     info = n.GET_NODE_INFO_V1()  # what /object_info sends
-    print(info["name"], info["display_name"], info["category"], info["output"], list(info["input"]["required"]))
-opts = {"t5xxl_model_config": {"num_layers": 2, "d_ff": 10240 // 8}, "dtype": torch.float32}
-P = lambda *f: [str(te / x) for x in f]
-text = "a (red:1.3) fox in the snow, ((detailed))"
+    print(" ", info["name"], "|", info["display_name"], "|", info["output"], list(info["input"]["required"]),
+          list(info["input"].get("optional", {})))
+families = ours["T5CoreEncoderToCLIP"].GET_NODE_INFO_V1()["input"]["required"]["family"][1]["options"]
+print("families offered:", families)
 
-def ours(family, clip):
-    enc = nodes["T5CoreLoadEncoder"].execute(model_name="t5_test.safetensors", weight_dtype="fp32", attention="auto", compile=False, device="default")
-    out = nodes["T5CoreEncodePrompt"].execute(t5_encoder=enc.args[0], text=text, family=family, guidance=3.5, **({"clip": clip} if clip else {}))
-    print("ui:", enc.ui, out.ui)
-    return out.args[0], enc.args[0]
+small = {"t5xxl_model_config": SMALL, "umt5xxl_model_config": {**SMALL, "vocab_size": UMT5_VOCAB}, "dtype": torch.float32}
+FILES = {"cosmos": "t5_v10.safetensors", "wan": "umt5.safetensors"}
+P = lambda *f: [str(te / x) for x in f]  # noqa: E731
+TEXTS = ["a (red:1.3) fox in the snow, ((detailed))", "", "a photo of a cat " * 70]
+encoders = {}
 
-def rel(a, b): return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+def our_encoder(file):
+    if file not in encoders:
+        enc = ours["T5CoreLoadEncoder"].execute(model_name=file, weight_dtype="fp32", attention="auto",
+                                                compile=False, device="default")
+        encoders[file] = enc.args[0]
+    return encoders[file]
+
+
+def our_clip(family, clip=None):
+    enc = our_encoder(FILES.get(family, "t5_v11.safetensors"))
+    return ours["T5CoreEncoderToCLIP"].execute(t5_encoder=enc, family=family, **({"clip": clip} if clip else {})).args[0]
+
+
+def text_encode(clip, text, family):
+    if family == "flux":
+        from comfy_extras.nodes_flux import CLIPTextEncodeFlux
+
+        return CLIPTextEncodeFlux.execute(clip, text, text, 3.5).args[0]
+    return comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+worst = 0.0
+
+
 def compare(tag, mine, ref):
+    global worst
     (a, da), (b, db) = mine[0], ref[0]
-    print(tag, "keys", list(da), list(db), "shapes", tuple(a.shape), tuple(b.shape), "rel", rel(a, b) if a.shape == b.shape else None)
+    errs = [(a.double() - b.double()).abs().max().item() if a.shape == b.shape else float("inf")]
     for k in db:
-        if torch.is_tensor(db[k]): print("  ", k, tuple(da[k].shape), tuple(db[k].shape), rel(da[k], db[k]) if db[k].abs().sum() else float(da[k].abs().sum()))
-        else: print("  ", k, da.get(k), db[k])
+        if torch.is_tensor(db[k]):
+            errs.append((da[k].double() - db[k].double()).abs().max().item() if da[k].shape == db[k].shape
+                        else float("inf"))
+        elif da.get(k) != db[k]:
+            errs.append(float("inf"))
+    ok = sorted(da) == sorted(db) and max(errs) <= 1e-5
+    worst = max(worst, max(errs))
+    print(f"{'OK  ' if ok else 'FAIL'} {tag:34s} cond {tuple(a.shape)} keys {sorted(db)} max |diff| {max(errs):.2e}")
+    return ok
 
-# Flux: ComfyUI's own = DualCLIPLoader(clip_l, t5, flux) + CLIPTextEncodeFlux; ours = CLIPLoader(clip_l) + our nodes
-ref_clip = comfy.sd.load_clip(P("clip_l.safetensors", "t5_test.safetensors"), clip_type=comfy.sd.CLIPType.FLUX, model_options=opts)
-tokens = ref_clip.tokenize(text)
-ref = ref_clip.encode_from_tokens_scheduled(tokens, add_dict={"guidance": 3.5})
-clip_l = comfy.sd.load_clip(P("clip_l.safetensors"), clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options={"dtype": torch.float32})
-mine, enc = ours("Flux", clip_l)
-compare("FLUX", mine, ref)
-print("loaded models:", [type(m.model).__name__ for m in mm.current_loaded_models])
-# SD3: ComfyUI = TripleCLIP(l, g, t5) sd3; ours = DualCLIPLoader(l, g, sd3)
-ref_clip = comfy.sd.load_clip(P("clip_l.safetensors", "clip_g.safetensors", "t5_test.safetensors"), clip_type=comfy.sd.CLIPType.SD3, model_options=opts)
-ref = ref_clip.encode_from_tokens_scheduled(ref_clip.tokenize(text))
-lg = comfy.sd.load_clip(P("clip_l.safetensors", "clip_g.safetensors"), clip_type=comfy.sd.CLIPType.SD3, model_options={"dtype": torch.float32})
-mine, _ = ours("SD3", lg)
-compare("SD3", mine, ref)
-# SD3 with T5 only (CLIPLoader t5 sd3) vs ours without CLIP
-import comfy.text_encoders.sd3_clip as sd3c, comfy.supported_models_base as smb, comfy.utils
-target = smb.ClipTarget(sd3c.SD3Tokenizer, sd3c.sd3_clip(clip_l=False, clip_g=False, t5=True))
-ref_clip = comfy.sd.CLIP(target, model_options=opts)
-ref_clip.load_sd(comfy.utils.load_torch_file(P("t5_test.safetensors")[0]))
-ref = ref_clip.encode_from_tokens_scheduled(ref_clip.tokenize(text))
-mine, _ = ours("SD3", None)
-compare("SD3-T5only", mine, ref)
-# empty prompt, Flux
-text = ""
-ref_clip = comfy.sd.load_clip(P("clip_l.safetensors", "t5_test.safetensors"), clip_type=comfy.sd.CLIPType.FLUX, model_options=opts)
-ref = ref_clip.encode_from_tokens_scheduled(ref_clip.tokenize(text), add_dict={"guidance": 3.5})
-mine, _ = ours("Flux", clip_l)
-compare("FLUX-empty", mine, ref)
-# memory manager: unload everything, encode again
+
+results = []
+clip_l = comfy.sd.load_clip(P("clip_l.safetensors"), clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options=small)
+clip_lg = comfy.sd.load_clip(P("clip_l.safetensors", "clip_g.safetensors"), clip_type=comfy.sd.CLIPType.SD3,
+                             model_options=small)
+for family in families:
+    ctype = getattr(comfy.sd.CLIPType, family.upper())
+    file = FILES.get(family, "t5_v11.safetensors")
+    cases = {"": (P(file), None)}  # ComfyUI's own: CLIPLoader(file, type) / Dual / TripleCLIPLoader
+    if family == "flux":
+        cases = {"+clip_l": (P("clip_l.safetensors", file), clip_l)}
+    elif family == "sd3":
+        cases["+clip_l+clip_g"] = (P("clip_l.safetensors", "clip_g.safetensors", file), clip_lg)
+    for label, (paths, parts) in cases.items():
+        try:
+            ref_clip = comfy.sd.load_clip(paths, clip_type=ctype, model_options=small)
+        except (OSError, ValueError) as e:  # e.g. a checkout without a tokenizer file (files of 4 MB and more)
+            print(f"SKIP {family}{label}: ComfyUI's own encoder cannot be built here: {type(e).__name__}: {e}")
+            continue
+        mine_clip = our_clip(family, parts)
+        t5 = getattr(mine_clip.cond_stage_model, "umt5xxl" if family == "wan" else "t5xxl")
+        own = [n for n, p in t5.named_parameters() if not p.is_meta and n != "logit_scale"]  # SDClipModel's scalar
+        assert not own, f"{family}: ComfyUI allocated T5 weights: {own[:3]}"
+        for i, text in enumerate(TEXTS):
+            results.append(compare(f"{family}{label} text {i}", text_encode(mine_clip, text, family),
+                                   text_encode(ref_clip, text, family)))
+        del ref_clip
+
+# Encode Prompt now runs the same ComfyUI code: Flux with guidance 3.5, and a Flux CLIP clone (CLIPSetLastLayer)
+ref_clip = comfy.sd.load_clip(P("clip_l.safetensors", "t5_v11.safetensors"), clip_type=comfy.sd.CLIPType.FLUX,
+                              model_options=small)
+out = ours["T5CoreEncodePrompt"].execute(t5_encoder=our_encoder("t5_v11.safetensors"), text=TEXTS[0],
+                                         family="Flux", guidance=3.5, clip=clip_l)
+print("Encode Prompt ui:", out.ui)
+results.append(compare("Encode Prompt Flux", out.args[0], text_encode(ref_clip, TEXTS[0], "flux")))
+set_last = comfy_nodes.CLIPSetLastLayer()
+for layer in (-1, -2):
+    mine = text_encode(set_last.set_last_layer(our_clip("flux", clip_l), layer)[0], TEXTS[0], "flux")
+    results.append(compare(f"flux CLIPSetLastLayer {layer}", mine,
+                           text_encode(set_last.set_last_layer(ref_clip, layer)[0], TEXTS[0], "flux")))
+
+# memory: the CLIP's patcher is the T5Encoder's; unloading moves the weights off (to the CPU under --cpu) and the
+# next encode loads them again
+enc = our_encoder("t5_v11.safetensors")
+c = our_clip("flux", clip_l)
+print("CLIP patcher is the T5Encoder's:", c.patcher is enc.patcher(), "| part patchers:", len(c.part_patchers),
+      "| loaded:", [type(m.model.model).__name__ for m in mm.current_loaded_models])
 mm.unload_all_models()
-print("after unload, device:", next(enc.patcher().model.parameters()).device)
+print("after unload_all_models: loaded", [type(m.model.model).__name__ for m in mm.current_loaded_models])
+text_encode(c, "again", "flux")
+print("after encoding again: loaded", [type(m.model.model).__name__ for m in mm.current_loaded_models])
+
+# bad input: each error names both sides
+clip_g = comfy.sd.load_clip(P("clip_g.safetensors"), clip_type=comfy.sd.CLIPType.SD3, model_options=small)
+for what, call in [("wan with a T5 v1.1 file", lambda: ours["T5CoreEncoderToCLIP"].execute(
+                        t5_encoder=our_encoder("t5_v11.safetensors"), family="wan")),
+                   ("sd3 with a UMT5 file", lambda: ours["T5CoreEncoderToCLIP"].execute(
+                        t5_encoder=our_encoder("umt5.safetensors"), family="sd3")),
+                   ("flux with a CLIP-G only CLIP", lambda: our_clip("flux", clip_g))]:
+    try:
+        call()
+        print("FAIL no error for", what)
+        results.append(False)
+    except ValueError as e:
+        print(f"error ({what}): {e}")
+
+print(f"{sum(results)}/{len(results)} comparisons within 1e-5 (largest difference {worst:.2e})")
+sys.exit(0 if all(results) else 1)

@@ -6,7 +6,8 @@ const ENCODER_NODES = new Set(["T5CoreLoadEncoder", "T5CoreFuseNorms", "T5CoreFP
 const ENCODE_NODE = "T5CoreEncodePrompt";
 // Per family: ComfyUI's minimum T5 length, and the longest prompt the model was trained with. Longer prompts
 // are not cut (as in ComfyUI), but the model may ignore their end, so the count turns orange.
-const FAMILIES = { "Flux": [256, 512], "SD3": [77, 256], "plain T5": [0, 512] };
+const FAMILIES = { "Flux": [256, 512], "SD3": [77, 256], "Chroma": [1, 512], "PixArt": [1, 300], "LTXV": [128, 128],
+  "Mochi": [256, 256], "Cosmos": [512, 512], "WAN": [512, 512], "HiDream": [128, 128], "plain T5": [0, 512] };
 const LINE_HEIGHT = 15;
 
 // T5's sentencepiece gives about one token per common word or punctuation mark, more for long or rare words.

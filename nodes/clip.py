@@ -1,0 +1,283 @@
+"""A ComfyUI CLIP whose T5 / UMT5 forward is t5core's, for every ComfyUI family built on T5.
+
+ComfyUI's own text-encoder model for the family (FluxClipModel, SD3ClipModel, PixArtT5XXL, WanT5Model, ...) is built
+the way comfy.sd.load_text_encoder_state_dicts builds it, on the meta device (no weights are allocated), with ComfyUI's
+own tokenizer. Then:
+  * the `transformer` of each of its T5 SDClipModels becomes a T5Transformer: ComfyUI's T5 call contract (ids or
+    input embeddings, attention mask, hidden-layer index) served by the T5Encoder's t5core model;
+  * its CLIP-L / CLIP-G / Llama parts become those of the CLIP input (from ComfyUI's CLIP loaders);
+  * its patcher is the T5Encoder's ModelPatcher, so ComfyUI's memory manager loads and offloads the T5 weights;
+    the CLIP input's patcher is loaded beside it when the CLIP encodes.
+Everything else (tokenizing, prompt weights, embeddings, padding, masks, zero-out, the family's conditioning) is
+ComfyUI's code, unchanged. ComfyUI modules are imported inside functions: this package must import without ComfyUI.
+"""
+import dataclasses
+import functools
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from t5core.t5_common import T5FFNType, check_token_ids
+
+log = logging.getLogger("t5core.nodes")
+
+T5, T5_V1_0, MT5, UMT5 = "T5 v1.1", "T5 v1.0", "mT5", "UMT5"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    module: str  # comfy.text_encoders.<module>
+    model: Callable  # (module, parts present) -> ComfyUI's text-encoder model class, as load_text_encoder_state_dicts
+    tokenizer: str  # the tokenizer class in that module
+    kind: str = T5  # the T5 the family was trained with
+    parts: tuple[str, ...] = ()  # non-T5 encoders it takes from the CLIP input (cond_stage_model attributes)
+    t5: str = "t5xxl"  # the attribute holding its T5 SDClipModel (inside SD1ClipModel containers too)
+
+
+FAMILIES = {  # ComfyUI's CLIPType names, lower case, as CLIPLoader's "type"
+    "flux": Family("flux", lambda m, p: m.flux_clip(), "FluxTokenizer", parts=("clip_l",)),
+    "chroma": Family("pixart_t5", lambda m, p: m.pixart_te(), "PixArtTokenizer"),
+    "sd3": Family("sd3_clip", lambda m, p: m.sd3_clip(clip_l="clip_l" in p, clip_g="clip_g" in p, t5=True),
+                  "SD3Tokenizer", parts=("clip_l", "clip_g")),
+    "pixart": Family("pixart_t5", lambda m, p: m.pixart_te(), "PixArtTokenizer"),
+    "ltxv": Family("lt", lambda m, p: m.ltxv_te(), "LTXVT5Tokenizer"),
+    "mochi": Family("genmo", lambda m, p: m.mochi_te(), "MochiT5Tokenizer"),
+    "cosmos": Family("cosmos", lambda m, p: m.te(), "CosmosT5Tokenizer", kind=T5_V1_0),
+    "wan": Family("wan", lambda m, p: m.te(), "WanT5Tokenizer", kind=UMT5, t5="umt5xxl"),
+    "hidream": Family("hidream", lambda m, p: m.hidream_clip(clip_l="clip_l" in p, clip_g="clip_g" in p, t5=True,
+                                                             llama="llama" in p),
+                      "HiDreamTokenizer", parts=("clip_l", "clip_g", "llama")),
+}
+
+
+def available_families() -> list[str]:
+    """The families the running ComfyUI knows: its comfy.sd.CLIPType has the name and comfy.text_encoders the
+    module and classes. Without ComfyUI (or a very old one): none."""
+    import importlib
+
+    try:
+        import comfy.sd
+    except ImportError:
+        return []
+    names = []
+    for name, fam in FAMILIES.items():
+        if not hasattr(getattr(comfy.sd, "CLIPType", None), name.upper()):
+            continue
+        try:
+            module = importlib.import_module(f"comfy.text_encoders.{fam.module}")
+        except ImportError:
+            continue
+        if hasattr(module, fam.tokenizer):
+            names.append(name)
+    return names
+
+
+def encoder_kind(config) -> str:
+    """What a T5Config is, in the terms the family errors use."""
+    if config.pos_emb_per_layer:
+        return UMT5
+    if config.vocab_size > 100_000:
+        return MT5
+    return T5 if config.ffn_type == T5FFNType.GEGLU else T5_V1_0
+
+
+def check_family(encoder, family: str) -> None:
+    """ValueError naming the family and the file when the loaded T5 is not the one the family was trained with
+    (its vocabulary or architecture differs: WAN's UMT5 has 256k tokens and a position bias per layer)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family: unknown family {family!r}; choose one of {list(FAMILIES)}")
+    need, have, cfg = FAMILIES[family].kind, encoder_kind(encoder.config), encoder.config
+    if need != have:
+        raise ValueError(f"the {family} family needs a {need} encoder, but {encoder.plan.path} is a {have} "
+                         f"({cfg.vocab_size}-token vocabulary, {cfg.num_layers} layers, "
+                         f"{'per-layer' if cfg.pos_emb_per_layer else 'shared'} position bias)")
+
+
+# -- ComfyUI's T5 call contract, served by t5core -------------------------------------------------------------------
+class Embedding(torch.nn.Module):
+    """t5core's token embedding (vocab_embed, not a copy) called the way ComfyUI calls its T5's: ids -> [B, L, D],
+    out_dtype=float32. Not registered anywhere: its weight belongs to the T5Encoder's model."""
+
+    def __init__(self, embed: torch.nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "embed", embed)  # a plain reference: no second owner of the weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        check_token_ids(input_ids.cpu(), self.embed.num_embeddings)  # a clear error, not a CUDA device assert
+        out = self.embed(input_ids.to(self.weight.device))
+        return out if out_dtype is None else out.to(out_dtype)
+
+
+class T5Transformer(torch.nn.Module):
+    """Stands where ComfyUI's comfy.text_encoders.t5.T5 stands (SDClipModel.transformer) and returns what it returns:
+    (last hidden state [B, L, D], hidden state of layer intermediate_output or None), float32."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder  # nodes.comfy_model.T5Encoder (not a module: its weights live in its patcher)
+        self.num_layers = encoder.config.num_layers
+        self.dtype = encoder.plan.dtype
+
+    def get_input_embeddings(self) -> Embedding:
+        return Embedding(self.encoder.runtime().model.vocab_embed)
+
+    def forward(self, input_ids, attention_mask=None, embeds=None, num_tokens=None, intermediate_output=None,
+                final_layer_norm_intermediate=True, dtype=None, embeds_info=(), **kwargs):
+        runtime = self.encoder.runtime()
+        if embeds is None:
+            embeds = self.get_input_embeddings()(input_ids, out_dtype=torch.float32)
+        mask = None if attention_mask is None else attention_mask.bool()
+        # t5core encodes in inference mode; ComfyUI weights tokens in place, also outside it: a normal tensor
+        out = runtime.encode(None, mask, embeds=embeds).clone()
+        intermediate = None
+        if intermediate_output is not None:  # CLIPSetLastLayer: that layer's output, after the final norm
+            if not isinstance(intermediate_output, int) or not final_layer_norm_intermediate:
+                raise ValueError(f"t5core: this T5 gives the last layer or one hidden layer (normed), not "
+                                 f"{intermediate_output!r} (final_layer_norm_intermediate={final_layer_norm_intermediate})")
+            depth = (intermediate_output % self.num_layers) + 1
+            intermediate = out.clone() if depth == self.num_layers else runtime.encode(
+                None, mask, embeds=embeds, num_layers=depth).clone()
+        return out, intermediate
+
+
+# -- the CLIP -------------------------------------------------------------------------------------------------------
+@functools.cache
+def clip_class():
+    """comfy.sd.CLIP whose load_model also loads the CLIP input's weights (the parts the family took from it), whole:
+    t5core's plain nn.Linear layers cannot stream weights the way ComfyUI's cast layers do."""
+    import comfy.model_management as mm
+    import comfy.sd
+
+    class T5CoreCLIP(comfy.sd.CLIP):
+        part_patchers = ()
+
+        def clone(self):
+            n = super().clone()
+            n.__class__, n.part_patchers = type(self), self.part_patchers
+            return n
+
+        def load_model(self):
+            mm.load_models_gpu([self.patcher, *self.part_patchers], force_full_load=True)
+            return self.patcher
+
+    return T5CoreCLIP
+
+
+def clip_parts(clip, family: str) -> dict[str, torch.nn.Module]:
+    """The non-T5 encoders of the CLIP input that the family uses; ValueError naming both for a CLIP of the wrong
+    kind (one holding none of them)."""
+    fam = FAMILIES[family]
+    if clip is None:
+        return {}
+    container = getattr(clip, "cond_stage_model", None)
+    parts = {name: getattr(container, name) for name in fam.parts if getattr(container, name, None) is not None}
+    if not parts:
+        held = sorted(n for n in ("clip_l", "clip_g", "clip_h", "llama", "t5xxl", "umt5xxl")
+                      if getattr(container, n, None) is not None)
+        wanted = " / ".join(fam.parts) if fam.parts else "no CLIP input (leave it unconnected)"
+        raise ValueError(f"the CLIP input ({type(container).__name__} holding {', '.join(held) or 'nothing known'}) "
+                         f"has nothing the {family} family uses: it takes {wanted}")
+    for name in ("t5xxl", "umt5xxl"):
+        if getattr(container, name, None) is not None:
+            log.warning("t5core: the CLIP input also holds ComfyUI's own %s; it is loaded but not used here (load "
+                        "only the CLIP files to save memory)", name)
+    return parts
+
+
+class ZeroPooledCLIPL(torch.nn.Module):
+    """Flux without a CLIP-L: ComfyUI's FluxClipModel keeps only CLIP-L's pooled vector, which is then zeros (as the
+    Encode Prompt node always gave)."""
+
+    def set_clip_options(self, options):
+        pass
+
+    def reset_clip_options(self):
+        pass
+
+    def encode_token_weights(self, token_weight_pairs):
+        import comfy.model_management as mm
+
+        return None, torch.zeros((1, 768), device=mm.intermediate_device())
+
+
+def wan_tokenizer_data(encoder) -> dict:
+    """ComfyUI's WAN tokenizer reads the UMT5 sentencepiece model from tokenizer_data["spiece_model"] (as the
+    `spiece_model` tensor ComfyUI's UMT5 files embed): from the file, else from a spiece.model beside it."""
+    import t5core
+
+    ckpt = t5core.open_checkpoint(encoder.plan.path)
+    if ckpt.tokenizer_bytes:
+        data = ckpt.tokenizer_bytes
+    elif ckpt.tokenizer is not None and ckpt.tokenizer.suffix == ".model":
+        data = ckpt.tokenizer.read_bytes()
+    else:
+        raise ValueError(f"ComfyUI's WAN tokenizer needs the UMT5 sentencepiece model: {encoder.plan.path} embeds no "
+                         f"`spiece_model` and has no spiece.model beside it (Comfy-Org's umt5_xxl files embed it)")
+    return {"spiece_model": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+
+
+def make_clip(encoder, family: str, clip=None):
+    """-> a ComfyUI CLIP for the family: ComfyUI's model and tokenizer for it, t5core's T5, the CLIP input's parts."""
+    import importlib
+
+    import comfy.supported_models_base
+    import folder_paths
+
+    check_family(encoder, family)
+    if family not in available_families():
+        raise ValueError(f"family: this ComfyUI has no {family} text encoder; it has {available_families()}")
+    fam = FAMILIES[family]
+    parts = clip_parts(clip, family)
+    module = importlib.import_module(f"comfy.text_encoders.{fam.module}")
+    target = comfy.supported_models_base.ClipTarget(getattr(module, fam.tokenizer), fam.model(module, parts))
+    load_device, offload_device = encoder.devices()
+    options = {"initial_device": torch.device("meta"), "load_device": load_device, "offload_device": offload_device,
+               "dtype": torch.float32}  # meta: ComfyUI's own T5 (and the parts replaced below) allocate nothing
+    out = clip_class()(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                       tokenizer_data=wan_tokenizer_data(encoder) if fam.kind == UMT5 else {}, model_options=options)
+    model = out.cond_stage_model
+    t5 = getattr(model, fam.t5)
+    t5.transformer, t5.num_layers = T5Transformer(encoder), encoder.config.num_layers
+    for name in fam.parts:
+        if name in parts:
+            setattr(model, name, parts[name])
+        elif family == "flux":
+            model.clip_l = ZeroPooledCLIPL()
+            log.warning("t5core: Flux without a CLIP-L: the pooled vector is zeros (connect a CLIP-L)")
+    patcher = encoder.patcher()
+    patcher.is_clip, patcher.hook_mode = True, out.patcher.hook_mode
+    out.patcher, out.part_patchers = patcher, (clip.patcher,) if parts else ()
+    return out
+
+
+# -- the Encode Prompt node's families ------------------------------------------------------------------------------
+ENCODE_FAMILIES = {"Flux": "flux", "SD3": "sd3", "Chroma": "chroma", "PixArt": "pixart", "LTXV": "ltxv",
+                   "Mochi": "mochi", "Cosmos": "cosmos", "WAN": "wan", "HiDream": "hidream",
+                   "plain T5": None}  # plain T5: no ComfyUI encoder (nodes/conditioning.py)
+
+
+def encode(encoder, text: str, family_name: str, guidance: float, clip=None) -> tuple[list, str]:
+    """-> (CONDITIONING from ComfyUI's own encoder for the family, a one-line summary): the CLIP make_clip builds,
+    encoded as CLIP Text Encode does (Flux: as CLIPTextEncodeFlux, with the guidance)."""
+    import math
+
+    if family_name not in ENCODE_FAMILIES:
+        raise ValueError(f"family: unknown family {family_name!r}; choose one of {list(ENCODE_FAMILIES)}")
+    if not isinstance(text, str):
+        raise ValueError(f"text: expected a string, got {type(text).__name__}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(f"guidance: must be a finite number, got {guidance!r}")
+    family = ENCODE_FAMILIES[family_name]
+    made = make_clip(encoder, family, clip)
+    tokens = made.tokenize(text)
+    cond = made.encode_from_tokens_scheduled(tokens, add_dict={"guidance": guidance} if family == "flux" else {})
+    if not all(bool(torch.isfinite(c).all()) for c, _ in cond):  # never hand the sampler NaN or inf conditioning
+        raise ValueError("the T5 output is not finite (NaN or inf): try bf16 or fp32, or check the model file")
+    t5 = tokens.get(FAMILIES[family].t5, [[]])
+    summary = f"{family_name} through ComfyUI's {family} encoder: {sum(len(s) for s in t5)} T5 tokens"
+    return cond, summary
