@@ -1,4 +1,4 @@
-"""python -m t5core {encode, convert, embed, calibrate, precision, bench, demo}"""
+"""python -m t5core {encode, convert, embed, calibrate, precision, demo}"""
 import argparse
 import functools
 import importlib
