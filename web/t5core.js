@@ -82,7 +82,8 @@ function setUpEncode(node) {
     const [minLength, trained] = FAMILIES[family?.value] || FAMILIES["Flux"];
     const n = approxTokens(String(text?.value ?? ""));
     let line = `≈${n} tokens` + (minLength > n ? `, padded to ${minLength}` : "");
-    if (n > trained) line += ` ⚠ more than the ${trained} ${family?.value} was trained with (nothing is cut)`;
+    const cut = family?.value === "HiDream" ? "ComfyUI cuts the rest" : "nothing is cut"; // HiDream's T5: 128 at most
+    if (n > trained) line += ` ⚠ more than the ${trained} ${family?.value} was trained with (${cut})`;
     show(node, info, line);
   };
   const input = text?.inputEl || text?.element; // the textarea, in old and new frontends
