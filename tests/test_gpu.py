@@ -64,7 +64,17 @@ def test_float32_parity_compiled_with_graphs(hf_and_folder, attn):
             ref = hf(input_ids=ids.to(CUDA), attention_mask=mask.long().to(CUDA)).last_hidden_state
         out = model.encode(ids, mask)
         assert out.shape == ref.shape and rel_err(out[mask.to(CUDA)], ref[mask.to(CUDA)]) <= 1e-5, (attn, seed)
-    assert set(model._graphs) == {(2, 64, False), (2, 64, True), (2, 56, True)}
+    # input embeddings (ComfyUI's path) and a hidden layer replay graphs of their own, with the same results
+    with torch.no_grad():
+        embeds = hf.shared(ids.to(CUDA))
+        hidden = hf(input_ids=ids.to(CUDA), attention_mask=mask.long().to(CUDA), output_hidden_states=True).hidden_states
+    out = model.encode(None, mask, embeds=embeds)
+    assert rel_err(out[mask.to(CUDA)], ref[mask.to(CUDA)]) <= 1e-5, attn
+    first = model.encode(ids, mask, num_layers=1)  # layer 1's output through the final norm
+    want = hf.encoder.final_layer_norm(hidden[1])
+    assert rel_err(first[mask.to(CUDA)], want[mask.to(CUDA)]) <= 1e-5, attn
+    assert set(model._graphs) == {(2, 64, False, False, None), (2, 64, True, False, None), (2, 56, True, False, None),
+                                  (2, 56, True, True, None), (2, 56, True, False, 1)}
 
 
 def test_bfloat16_graphs_follow_new_weights(hf_and_folder):
