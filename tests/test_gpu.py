@@ -74,7 +74,7 @@ def test_float32_parity_compiled_with_graphs(hf_and_folder, attn):
     want = hf.encoder.final_layer_norm(hidden[1])
     assert rel_err(first[mask.to(CUDA)], want[mask.to(CUDA)]) <= 1e-5, attn
     assert set(model._graphs) == {(2, 64, False, False, None), (2, 64, True, False, None), (2, 56, True, False, None),
-                                  (2, 56, True, True, None), (2, 56, True, False, 1)}
+                                  (2, 56, 64, True, True, None), (2, 56, True, False, 1)}  # embeddings: [B, L, D]
 
 
 def test_bfloat16_graphs_follow_new_weights(hf_and_folder):
