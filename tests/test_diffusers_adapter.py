@@ -1,5 +1,6 @@
-"""t5core.hf inside real diffusers pipelines, fully offline: tiny random Flux, SD3, PixArt-Sigma and Chroma
-pipelines run once with transformers' T5 encoder and once with FastT5EncoderModel on the same weights.
+"""t5core.hf inside real diffusers pipelines, fully offline: tiny random Flux, SD3, PixArt-Sigma, Chroma, Wan (UMT5),
+LTX-Video and Mochi pipelines run once with transformers' T5 / UMT5 encoder and once with FastT5EncoderModel on the
+same weights.
 
 Needs diffusers, transformers, sentencepiece and accelerate (for enable_model_cpu_offload)."""
 import json
@@ -14,9 +15,11 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 import sentencepiece  # noqa: E402
 from diffusers import (  # noqa: E402
-    AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, DDIMScheduler, DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel,
-    PixArtSigmaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+    AutoencoderKL, AutoencoderKLLTXVideo, AutoencoderKLMochi, AutoencoderKLWan, ChromaPipeline, ChromaTransformer2DModel,
+    DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline,
+    FluxTransformer2DModel, LTXPipeline, LTXVideoTransformer3DModel, MochiPipeline, MochiTransformer3DModel,
+    PixArtSigmaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, WanPipeline,
+    WanTransformer3DModel,
 )
 from transformers import (  # noqa: E402
     CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer,
@@ -31,6 +34,8 @@ T5_DIM = 64  # make_hf_encoder's d_model; SD3 needs CLIP-L + CLIP-G widths (32 +
 CLIP_DIM = 32
 PROMPT = "a tiny red fox under the blue moon"
 SIZE = 8  # image height and width
+# video pipelines: their denoised latents (no clamping VAE decode); 32 tokens leave padding after PROMPT's 19
+VIDEO = {"height": 16, "width": 16, "num_frames": 5, "output_type": "latent", "max_sequence_length": 32}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,6 +89,11 @@ def _t5(tokenizer: T5Tokenizer) -> T5EncoderModel:
     return make_hf_encoder(vocab_size=len(tokenizer), d_model=T5_DIM)
 
 
+def _umt5(tokenizer: T5Tokenizer) -> UMT5EncoderModel:
+    """UMT5 (Wan's text encoder): a relative-position bias table in every layer, not only the first."""
+    return make_hf_encoder("umt5", vocab_size=len(tokenizer), d_model=T5_DIM)
+
+
 def _vae(latent_channels: int) -> AutoencoderKL:
     torch.manual_seed(1)
     return AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1,
@@ -131,21 +141,63 @@ def build_chroma(t5_tok, clip_tok):
                           tokenizer=t5_tok, transformer=transformer.eval())
 
 
+def build_wan(t5_tok, clip_tok):
+    torch.manual_seed(2)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                        out_channels=4, text_dim=T5_DIM, freq_dim=16, ffn_dim=16, num_layers=1,
+                                        rope_max_seq_len=32)
+    torch.manual_seed(1)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4)
+    return WanPipeline(tokenizer=t5_tok, text_encoder=_umt5(t5_tok), vae=vae.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer.eval())
+
+
+def build_ltx(t5_tok, clip_tok):
+    torch.manual_seed(2)
+    transformer = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                             cross_attention_dim=16, num_layers=1, caption_channels=T5_DIM)
+    torch.manual_seed(1)
+    vae = AutoencoderKLLTXVideo(latent_channels=4, block_out_channels=(4,) * 4, decoder_block_out_channels=(4,) * 4,
+                                layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
+                                spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False), patch_size=1, patch_size_t=1)
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=_t5(t5_tok),
+                       tokenizer=t5_tok, transformer=transformer.eval())
+
+
+def build_mochi(t5_tok, clip_tok):
+    torch.manual_seed(2)
+    transformer = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                          pooled_projection_dim=16, in_channels=12, text_embed_dim=T5_DIM,
+                                          time_embed_dim=4, max_sequence_length=VIDEO["max_sequence_length"])
+    torch.manual_seed(1)
+    vae = AutoencoderKLMochi(latent_channels=12, encoder_block_out_channels=(32,) * 4,  # GroupNorm(32 groups) inside
+                             decoder_block_out_channels=(32,) * 4, layers_per_block=(1,) * 5)
+    return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=_t5(t5_tok),
+                         tokenizer=t5_tok, transformer=transformer.eval())
+
+
 PIPELINES = {
     # name: (builder, T5 slot, extra call arguments)
     "flux": (build_flux, "text_encoder_2", {"max_sequence_length": 512}),
     "sd3": (build_sd3, "text_encoder_3", {}),
     "pixart": (build_pixart, "text_encoder", {"use_resolution_binning": False, "clean_caption": False}),
     "chroma": (build_chroma, "text_encoder", {}),
+    "wan": (build_wan, "text_encoder", VIDEO),
+    "ltx": (build_ltx, "text_encoder", {**VIDEO, "height": 32, "width": 32, "num_frames": 9}),
+    "mochi": (build_mochi, "text_encoder", VIDEO),
 }
+MASKED = ("pixart", "chroma", "wan", "mochi")  # these pass the padding mask to T5 (LTX only to its transformer)
 
 
 def run(pipe, name: str) -> torch.Tensor:
-    extra = PIPELINES[name][2]
+    """The image (or, for video pipelines, the denoised latents) after two steps."""
+    args = {"height": SIZE, "width": SIZE, "output_type": "pt", **PIPELINES[name][2]}
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        return pipe(PROMPT, num_inference_steps=2, height=SIZE, width=SIZE, generator=generator, output_type="pt",
-                    **extra).images
+        out = pipe(PROMPT, num_inference_steps=2, generator=generator, **args)
+    return out.frames if hasattr(out, "frames") else out.images
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +234,17 @@ def test_pipeline_image_matches_transformers_t5(name, tokenizers, monkeypatch):
     assert pipe.config[slot] == ("t5core.hf", "FastT5EncoderModel")
     image = run(pipe, name)
     assert (image - reference).abs().max().item() <= 1e-4
+    if name == "wan":  # UMT5: every layer's own position-bias table was taken over
+        assert ours.config.model_type == "umt5" and ours.encoder.config.pos_emb_per_layer
 
-    if name in ("pixart", "chroma"):  # these pass the padding mask to T5: dropping it must change the image
+    if name in MASKED:  # dropping the padding mask must change the output
         _ignore_mask(ours, monkeypatch)
         assert (run(pipe, name) - reference).abs().max().item() > 1e-3
 
 
-def test_encoder_outputs_match_transformers(tokenizers):
-    hf = _t5(tokenizers[0])
+@pytest.mark.parametrize("make", [_t5, _umt5], ids=["t5", "umt5"])
+def test_encoder_outputs_match_transformers(make, tokenizers):
+    hf = make(tokenizers[0])
     ours = FastT5EncoderModel.from_hf_model(hf)
     batch = tokenizers[0](["a red fox", PROMPT], padding="max_length", max_length=24, truncation=True,
                               return_tensors="pt")
@@ -202,6 +257,10 @@ def test_encoder_outputs_match_transformers(tokenizers):
     plain = ours(batch.input_ids, attention_mask=batch.attention_mask, return_dict=False)
     assert isinstance(plain, tuple) and torch.equal(plain[0], out.last_hidden_state)
     assert not out.last_hidden_state.is_inference()  # usable in later autograd
+    if hf.config.model_type == "umt5":  # every layer keeps its own position-bias table, shared with hf
+        for layer, block in zip(ours.encoder.layers, hf.encoder.block, strict=True):
+            table = block.layer[0].SelfAttention.relative_attention_bias.weight
+            assert layer.attn.relative_attention_bias.weight.data_ptr() == table.data_ptr()
 
 
 def test_from_hf_model_shares_weights(tokenizers):
