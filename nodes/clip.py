@@ -261,23 +261,20 @@ ENCODE_FAMILIES = {"Flux": "flux", "SD3": "sd3", "Chroma": "chroma", "PixArt": "
                    "plain T5": None}  # plain T5: no ComfyUI encoder (nodes/conditioning.py)
 
 
+def check_finite(tensors) -> None:
+    """Never hand the sampler NaN or inf conditioning."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError("the T5 output is not finite (NaN or inf): try bf16 or fp32, or check the model file")
+
+
 def encode(encoder, text: str, family_name: str, guidance: float, clip=None) -> tuple[list, str]:
     """-> (CONDITIONING from ComfyUI's own encoder for the family, a one-line summary): the CLIP make_clip builds,
-    encoded as CLIP Text Encode does (Flux: as CLIPTextEncodeFlux, with the guidance)."""
-    import math
-
-    if family_name not in ENCODE_FAMILIES:
-        raise ValueError(f"family: unknown family {family_name!r}; choose one of {list(ENCODE_FAMILIES)}")
-    if not isinstance(text, str):
-        raise ValueError(f"text: expected a string, got {type(text).__name__}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise ValueError(f"guidance: must be a finite number, got {guidance!r}")
+    encoded as CLIP Text Encode does (Flux: as CLIPTextEncodeFlux, with the guidance). The Encode Prompt node has
+    checked the family, text and guidance."""
     family = ENCODE_FAMILIES[family_name]
     made = make_clip(encoder, family, clip)
     tokens = made.tokenize(text)
     cond = made.encode_from_tokens_scheduled(tokens, add_dict={"guidance": guidance} if family == "flux" else {})
-    if not all(bool(torch.isfinite(c).all()) for c, _ in cond):  # never hand the sampler NaN or inf conditioning
-        raise ValueError("the T5 output is not finite (NaN or inf): try bf16 or fp32, or check the model file")
     t5 = tokens.get(FAMILIES[family].t5, [[]])
     summary = f"{family_name} through ComfyUI's {family} encoder: {sum(len(s) for s in t5)} T5 tokens"
     return cond, summary

@@ -4,15 +4,14 @@ encoders: nodes/clip.py), built the way ComfyUI's T5 encoders build theirs, with
 Prompt weights use ComfyUI's syntax: "(text)" multiplies the weight by 1.1, "(text:1.3)" sets it, groups nest, and
 "\\(" "\\)" are literal brackets. As in ComfyUI, each weighted piece is tokenized on its own; if any weight is not
 1, an empty prompt of the same length (EOS then padding) is encoded alongside, and every weighted token's vector is
-moved away from the empty prompt's: z = (z - z_empty) * w + z_empty. T5 runs without an attention mask, on the
-tokens padded with 0 to the family's minimum length. Unlike ComfyUI, "embedding:name" is plain text (there are no
+moved away from the empty prompt's: z = (z - z_empty) * w + z_empty. T5 runs without an attention mask and without
+padding (plain T5 has no minimum length). Unlike ComfyUI, "embedding:name" is plain text (there are no
 T5 textual inversions to load).
 
 Shapes: L tokens (after padding), D the T5 width (4096 for XXL).
 """
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -21,13 +20,7 @@ log = logging.getLogger("t5core.nodes")
 _LEFT, _RIGHT = "\0\2", "\0\1"  # escaped "(" and ")" while the brackets are parsed
 
 
-@dataclass(frozen=True)
-class Family:
-    min_length: int  # ComfyUI pads the T5 tokens to at least this many
-    trained_length: int  # prompts longer than this are not cut (as in ComfyUI), but the UI warns
-
-
-FAMILIES = {"plain T5": Family(min_length=0, trained_length=512)}
+TRAINED_LENGTH = 512  # T5's training length: longer prompts are not cut (as in ComfyUI), but the UI warns
 
 
 # -- prompt weights -------------------------------------------------------------------------------------------------
@@ -93,8 +86,8 @@ def parse_weights(text: str, weight: float = 1.0) -> list[tuple[str, float]]:
     return out
 
 
-def tokenize_weighted(tokenizer, text: str, min_length: int = 0) -> tuple[list[int], list[float], int]:
-    """-> (token ids, weight per token, tokens before padding): pieces tokenized one by one, EOS, pad to min_length."""
+def tokenize_weighted(tokenizer, text: str) -> tuple[list[int], list[float]]:
+    """-> (token ids, weight per token): pieces tokenized one by one, then EOS."""
     hidden = text.replace("\\)", _RIGHT).replace("\\(", _LEFT)
     ids: list[int] = []
     weights: list[float] = []
@@ -106,9 +99,7 @@ def tokenize_weighted(tokenizer, text: str, min_length: int = 0) -> tuple[list[i
             weights += [weight] * len(piece_ids)
     ids.append(tokenizer.eos_id())
     weights.append(1.0)
-    count = len(ids)
-    padding = max(0, min_length - count)
-    return ids + [tokenizer.pad_id()] * padding, weights + [1.0] * padding, count
+    return ids, weights
 
 
 def encode_weighted(encoder, ids: list[int], weights: list[float]) -> torch.Tensor:
@@ -130,22 +121,12 @@ def encode_weighted(encoder, ids: list[int], weights: list[float]) -> torch.Tens
 
 
 # -- the node's work ------------------------------------------------------------------------------------------------
-def build(encoder, text: str, family_name: str, guidance: float, clip=None) -> tuple[list, str]:
-    """-> (CONDITIONING: the T5 states and no extras, a one-line summary for the UI); guidance and clip unused."""
-    if family_name not in FAMILIES:
-        raise ValueError(f"family: unknown family {family_name!r}; choose one of {list(FAMILIES)}")
-    if not isinstance(text, str):
-        raise ValueError(f"text: expected a string, got {type(text).__name__}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise ValueError(f"guidance: must be a finite number, got {guidance!r}")
-    family = FAMILIES[family_name]
-    ids, weights, count = tokenize_weighted(encoder.tokenizer, text, family.min_length)
-    t5 = encode_weighted(encoder, ids, weights)  # [1, L, D]
-    if not bool(torch.isfinite(t5).all()):  # never hand the sampler NaN or inf conditioning
-        raise ValueError("the T5 output is not finite (NaN or inf): try bf16 or fp32, or check the model file")
-    cond = [[t5, {}]]
-    summary = f"{count} tokens" + (f", padded to {len(ids)}" if len(ids) > count else "")
-    if count > family.trained_length:
-        summary += f" ⚠ longer than the {family.trained_length} {family_name} was trained with (nothing is cut)"
+def build(encoder, text: str) -> tuple[list, str]:
+    """-> (CONDITIONING: the plain T5 states [1, L, D] and no extras, a one-line summary for the UI)."""
+    ids, weights = tokenize_weighted(encoder.tokenizer, text)
+    cond = [[encode_weighted(encoder, ids, weights), {}]]
+    summary = f"{len(ids)} tokens"
+    if len(ids) > TRAINED_LENGTH:
+        summary += f" ⚠ longer than the {TRAINED_LENGTH} plain T5 was trained with (nothing is cut)"
         log.warning("t5core: %s", summary)
     return cond, summary

@@ -249,7 +249,7 @@ def load_encoder(
     nn.Module is its `.model` (t5core.runtime.Encoder).
 
     dtype: float32 / bfloat16 / float16. attn_impl: "sdpa" (default) or "flex". Compiled on an H200 the two are
-    within 2% (BENCHMARKS.md; flex up to 6% faster for one long prompt in earlier runs); on CUDA flex always
+    within 2% (BENCHMARKS.md; flex 4.5% faster at 1x512 in an earlier run); on CUDA flex always
     compiles its kernel with Triton, SDPA uncompiled needs no Triton.
     fuse_norms: fold norm scales into the projections while loading.
     fp16_scales (float16 only; t5core.fp16_scales): "auto" (scales baked into the checkpoint, else calibrated

@@ -427,8 +427,8 @@ def test_prompt_weights_interpolate_against_the_empty_prompt(comfy):
 
 
 def test_sd3_through_comfyuis_encoder(comfy, hf_model):
-    """ComfyUI's SD3ClipModel pads the CLIP states to T5-XXL's 4096 (tools/check_against_comfyui.py checks that with
-    CLIP-L/G); the 64-wide toy T5 runs without them: T5 tokens padded to 77, zero pooled vector."""
+    """The wiring of the SD3 path (the fakes model SD3ClipModel's T5-only layout: T5 tokens padded to 77, a zero
+    pooled vector); ComfyUI's real layout with CLIP-L/G is compared by tools/check_against_comfyui.py."""
     (cond,), ui = encode(comfy, load(comfy), "a castle", family="SD3")
     tokens, extras = cond[0]
     assert list(extras) == ["pooled_output"] and ui["text"][0].endswith(": 77 T5 tokens")

@@ -182,7 +182,8 @@ for family in families:
         try:
             ref_clip = comfy.sd.load_clip(paths, clip_type=ctype, model_options=small)
         except (OSError, ValueError) as e:  # e.g. a checkout without a tokenizer file (files of 4 MB and more)
-            print(f"SKIP {family}{label}: ComfyUI's own encoder cannot be built here: {type(e).__name__}: {e}")
+            print(f"FAIL {family}{label}: ComfyUI's own encoder cannot be built here: {type(e).__name__}: {e}")
+            results.append(False)  # a family not compared is not a pass
             continue
         mine_clip = our_clip(family, parts)
         t5 = getattr(mine_clip.cond_stage_model, "umt5xxl" if family == "wan" else "t5xxl")
