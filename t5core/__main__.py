@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 from . import fp16_scales
-from .t5_common import parse_dtype
+from .t5_common import MAX_TOKENS, parse_dtype
 
 
-MAX_TOKENS = 8192  # --max-length / --pad-to: far beyond T5's 512, small enough to allocate
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .fp16_scales import CONFIG_KEY as FP16_SCALES_KEY, Scales
+from .fp8 import FP8_DTYPES
 from .t5_common import CONFIG_LIMITS, GELUApprox, T5Config, T5FFNType, config_error_text
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -25,7 +26,6 @@ DIFFUSERS_T5_SUBFOLDERS = ("text_encoder_2", "text_encoder_3", "text_encoder")
 # Each marker locates the encoder inside any prefix; group 1 is the prefix to strip.
 HF_MARKER = re.compile(r"^(.*?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")
 NATIVE_MARKER = re.compile(r"^(.*?)layers\.0\.attn\.qkv_proj\.weight$")
-FP8_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
 
 
 def _fp8_finite(t: torch.Tensor) -> torch.Tensor:

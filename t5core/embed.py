@@ -38,10 +38,10 @@ import torch.distributed as dist
 from torch import BoolTensor, LongTensor, Tensor
 
 from .runtime import Encoder, length_bucket
-from .t5_common import dtype_name, parse_dtype
+from .save import write_atomic
+from .t5_common import MAX_TOKENS, dtype_name, parse_dtype
 
 MANIFEST_NAME = "manifest.json"
-MAX_LENGTH_LIMIT = 8192
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 IN_FLIGHT = 3  # batches between the encoder and the shard file: reused host buffers
 
@@ -64,8 +64,8 @@ class EmbedSettings:
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        need(is_int(self.max_length) and 1 <= self.max_length <= MAX_LENGTH_LIMIT, "max_length",
-             f"an integer from 1 to {MAX_LENGTH_LIMIT}")
+        need(is_int(self.max_length) and 1 <= self.max_length <= MAX_TOKENS, "max_length",
+             f"an integer from 1 to {MAX_TOKENS}")
         need(is_int(self.tokens_per_batch) and self.tokens_per_batch >= 1, "tokens_per_batch", "an integer >= 1")
         need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1), "batch_size",
              "an integer >= 1")
@@ -123,8 +123,8 @@ def plan_batches(lengths: list[int], tokens_per_batch: int, batch_size: Optional
 def tokenize(tokenizer, captions: list[tuple[int, str]], max_length: int) -> list[list[int]]:
     """(line, caption) pairs -> EOS-terminated token ids of at most max_length (a longer caption keeps its first
     max_length - 1 tokens and EOS, and a PromptTruncatedWarning names its line). One batch call of the tokenizer
-    (limit MAX_LENGTH_LIMIT + 1, the longest max_length there is), then each row cut to max_length."""
-    ids, mask = tokenizer([text for _, text in captions], max_length=MAX_LENGTH_LIMIT + 1)
+    (limit MAX_TOKENS + 1, the longest max_length there is), then each row cut to max_length."""
+    ids, mask = tokenizer([text for _, text in captions], max_length=MAX_TOKENS + 1)
     rows = []
     for (line, _), row, n in zip(captions, ids.tolist(), mask.sum(1).tolist()):
         rows.append(tokenizer.truncate(row[:n - 1], max_length, f"line {line + 1}:"))  # row[n - 1] is EOS
@@ -188,9 +188,8 @@ def _claim(out_dir: Path, manifest: dict, rank: int) -> None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        tmp = path.with_name(MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        text = json.dumps(manifest, indent=1)
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # -- writing --------------------------------------------------------------------------------------------------------

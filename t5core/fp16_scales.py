@@ -155,8 +155,7 @@ def resolve(spec: Spec, config, weights_path=None, stored: Optional[Scales] = No
             raise ValueError("fp16 scales 'calibrate' needs the model and a tokenizer: pass it to load_encoder")
         if spec != "auto":
             return resolve(parse(spec), config, weights_path, stored)
-        found = (load_sidecar(weights_path, n) if weights_path is not None else None) or stored or preset(config)
-        return None if found is None else Scales.of(found.attn, found.ffn, n)
+        return (load_sidecar(weights_path, n) if weights_path is not None else None) or stored or preset(config)
     if not isinstance(spec, (list, tuple)):
         raise ValueError(f"fp16_scales: expected 'auto', 'calibrate', None, Scales, text, a list of FFN-out scales "
                          f"or an (attn, ffn) pair, got {spec!r}")

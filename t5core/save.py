@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import hf_config_dict, hf_key_of
+from .checkpoint import WEIGHT_SUFFIXES, hf_config_dict, hf_key_of
 from .fp16_scales import Scales
 from .fp8 import Fp8Linear, per_tensor_scale, quantize_tensor
 from .tokenizer import TOKENIZER_JSON_NAME
@@ -25,7 +25,7 @@ TMP_PREFIX = ".t5core-partial-"  # no weight suffix: the loader never picks a le
 # Files that make a folder "a model": refusing to write over them without overwrite=True.
 MODEL_FILES = ("config.json", "enc.tensors", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json", ".metadata", "spiece.model", "tokenizer.json", "fp16_scales.json")
-MODEL_SUFFIXES = (".safetensors", ".sft", ".tensors", ".bin", ".pt", ".pth", ".distcp")
+MODEL_SUFFIXES = (*WEIGHT_SUFFIXES, ".distcp")
 
 
 def _fsync_path(path: Path) -> None:

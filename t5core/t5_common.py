@@ -7,6 +7,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_serializer, field_validator, model_validator
 from torch import FloatTensor, LongTensor, Tensor, nn
 
+MAX_TOKENS = 8192  # the longest max_length / pad_to taken: far beyond T5's 512, small enough to allocate
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
