@@ -6,36 +6,50 @@ get it (per row, while streaming). For each variant: milliseconds per encode (CU
 median; warm-up first; variants interleaved over rounds, each round starting one variant later), the memory the load
 added (torch.cuda.memory_allocated), and the relative error on the same random ids against t5core in float32 with
 TF32 off (loaded once, run eagerly, then freed). "fp8 compute + wo" also multiplies ff_out in fp8, the choice
-t5core.fp8 does not make by default, to show what it would cost and gain. A markdown table and the issue's targets
-come last.
+t5core.fp8 does not make, to show what it would cost and gain ("fp8 compute wo not o": ff_out in fp8, o_proj not).
+--profile adds CUDA kernel time by kind. A markdown table and the issue's targets come last.
 
     python benchmarks/fp8_gpu.py                               # H200: about 5 minutes
     python benchmarks/fp8_gpu.py --size tiny --device cpu      # that it runs (eager, no timing claims)
 """
 import argparse
+import dataclasses
 import gc
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import t5core
 from t5core import T5Config, T5EncoderStack
-from t5core.fp8 import Fp8Linear, fp8_matmul_support
+from t5core.fp8 import FAST, Fp8Linear, fp8_matmul_support
 from t5core.save import save_encoder
 
-VARIANTS = {  # name: (weight_dtype, ff_out in fp8 too, compile mode)
-    "bf16": ("bfloat16", False, None),
-    "fp8 storage": ("fp8_e4m3fn", False, None),
-    "fp8 compute": ("fp8_e4m3fn_fast", False, None),
-    "fp8 compute + wo": ("fp8_e4m3fn_fast", True, None),
-    # not run by default (minutes of autotuning): Triton GEMMs may fuse the fp8 -> bf16 dequantization into
-    # their prologue instead of writing a bf16 copy of each weight
-    "fp8 storage autotuned": ("fp8_e4m3fn", False, "max-autotune-no-cudagraphs"),
+PROJECTIONS = ("qkv_proj", "o_proj", "ff_in", "ff_out")
+DEFAULT_FP8_MM = ("qkv_proj", "o_proj", "ff_in")  # what t5core.fp8 multiplies in fp8 (ff_out keeps bf16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    weight_dtype: str
+    fp8_mm: tuple = ()  # projections multiplied in fp8 (fp8_e4m3fn_fast only); () = t5core's choice
+    mode: Optional[str] = None  # torch.compile mode
+
+
+VARIANTS = {
+    "bf16": Variant("bfloat16"),
+    "fp8 storage": Variant("fp8_e4m3fn"),
+    "fp8 compute": Variant(FAST),
+    "fp8 compute + wo": Variant(FAST, PROJECTIONS),
+    "fp8 compute wo not o": Variant(FAST, ("qkv_proj", "ff_in", "ff_out")),
+    # minutes of autotuning: Triton GEMMs may fuse the fp8 -> bf16 dequantization into their prologue instead of
+    # writing a bf16 copy of each weight
+    "fp8 storage autotuned": Variant("fp8_e4m3fn", mode="max-autotune-no-cudagraphs"),
 }
 DEFAULT_VARIANTS = ["bf16", "fp8 storage", "fp8 compute", "fp8 compute + wo"]
 TINY = dict(vocab_size=512, hidden_dim=64, num_layers=3, n_head=4, head_dim=16, ff_dim=96)
@@ -59,6 +73,39 @@ def random_t5(config: T5Config, device) -> T5EncoderStack:
         layer.ffn.ff_in.weight.normal_(0, D ** -0.5)
         layer.ffn.ff_out.weight.normal_(0, F ** -0.5)
     return model
+
+
+def set_fp8_mm(model, v: Variant) -> None:
+    """Which projections multiply in fp8 (a benchmark-only override of t5core's choice)."""
+    if v.weight_dtype != FAST:
+        return
+    for layer in model.layers:
+        for proj in PROJECTIONS:
+            m = getattr(layer.attn, proj, None) or getattr(layer.ffn, proj)
+            m.compute = proj in (v.fp8_mm or DEFAULT_FP8_MM)
+            m._update_fp8_mm()
+
+
+def kernel_profile(enc, x, top: int = 8) -> str:
+    """CUDA kernel time of one encode, by kind (GEMM, attention, other) and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    enc.encode(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        enc.encode(x)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    kind = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for e in kernels:
+        n = e.key.lower()
+        k = ("gemm" if any(w in n for w in ("gemm", "nvjet", "sm90_xmma", "cutlass")) and "triton" not in n
+             else "attention" if any(w in n for w in ("flash", "attention", "flex", "fmha")) else "other")
+        kind[k] += e.self_device_time_total / 1e3
+    lines = [" ".join(f"{k} {v:.2f} ms" for k, v in kind.items())]
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        lines.append(f"    {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<4d} {e.key[:110]}")
+    return "\n".join(lines)
 
 
 def timer(device):
@@ -95,6 +142,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="of: " + ", ".join(VARIANTS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=0.75, help="timed per variant, shape and round")
+    p.add_argument("--profile", action="store_true", help="CUDA kernel time by kind at the first shape")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -127,16 +175,13 @@ def main() -> None:
 
     encoders, resident, errors = {}, {}, {}
     for name in variants:
-        weight_dtype, wo_fp8, mode = VARIANTS[name]
+        v = VARIANTS[name]
         before = allocated(device)
-        enc = t5core.load_encoder(folder, "bfloat16", device, weight_dtype=weight_dtype)
+        enc = t5core.load_encoder(folder, "bfloat16", device, weight_dtype=v.weight_dtype)
         resident[name] = allocated(device) - before
-        if wo_fp8:  # the choice t5core does not make: wo's input quantized too
-            for layer in enc.model.layers:
-                layer.ffn.ff_out.compute = True
-                layer.ffn.ff_out._update_fp8_mm()
+        set_fp8_mm(enc.model, v)
         if cuda:  # regional compile + a CUDA graph per shape
-            enc.compile_layers(**({"mode": mode} if mode else {}))
+            enc.compile_layers(**({"mode": v.mode} if v.mode else {}))
         for s, x in ids.items():
             for _ in range(3):
                 out = enc.encode(x)
@@ -159,6 +204,9 @@ def main() -> None:
                 while time.perf_counter() < end:
                     times[name, s].append(ms(lambda: enc.encode(x)))
     med = {k: statistics.median(v) for k, v in times.items()}
+    if args.profile and cuda:
+        for name in variants:
+            print(f"profile {name} {shapes[0]}: {kernel_profile(encoders[name], ids[shapes[0]])}", flush=True)
     print(f"[{time.time() - t0:.0f}s] timed: {args.rounds} rounds x {args.seconds} s", flush=True)
 
     cols = " | ".join(f"{b}x{l} ms" for b, l in shapes)
