@@ -11,16 +11,49 @@ norms and relative-attention tables in F32, as llama.cpp writes them. Then, on -
 Reported per type: memory_allocated after the compressed load (GB, the model alone) and its peak while encoding,
 median ms at 1 x 512 (CUDA events on CUDA; compiled = regional compile + CUDA graphs, as load_encoder(compile=True)),
 and relative error of compressed and bf16 vs the reference. Targets (issue 18, XXL on an H200): Q8_0 <= 5.6 GB,
-Q5_K <= 4.0 GB, compressed within 1.5x of bf16's ms, Q8_0 error <= bf16 error. Markdown table last.
+Q5_K <= 4.0 GB, compressed within 1.5x of bf16's ms, Q8_0 error <= bf16 error, and compressed at least 3x faster
+than ComfyUI-GGUF's own forward on the same file. Markdown tables last.
+
+With --comfyui DIR --comfyui-gguf DIR (a ComfyUI checkout and city96's ComfyUI-GGUF source), the same file is also
+loaded and run by ComfyUI-GGUF, in this process, as a ComfyUI user runs it: ComfyUI's modules set up as
+`python main.py` sets them up (no server; --cpu for a CPU device), ComfyUI-GGUF loaded by ComfyUI's own custom-node
+loader (nodes.load_custom_node), the file found through folder_paths by its CLIPLoaderGGUF node (`load_clip`, type
+sd3: ComfyUI's T5XXLModel without attention mask, the T5 that Flux's DualCLIPLoader builds too; GGMLOps as custom
+operations, GGUFModelPatcher), put on the device by ComfyUI's model_management (load_models_gpu, fully loaded), all
+under torch.inference_mode as ComfyUI's executor runs nodes. Timed, interleaved with ours (median, CUDA events,
+two warm-up calls each):
+  ComfyUI-GGUF encode   clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True), what CLIPTextEncode
+                        runs after tokenizing: the model-management check, ComfyUI's T5 (float32 activations, each
+                        weight dequantized on the fly, as ComfyUI-GGUF does), the copy to ComfyUI's intermediate
+                        device (the CPU) included; tokens = the same 1 x L ids, each of weight 1.0;
+  its forward           its T5 forward alone (SDClipModel.forward on those tokens), output left on the device.
+Also its error vs the float32 reference and the memory it holds on the device after loading (memory_allocated).
+ComfyUI's T5 needs XXL's width and 24 layers to be detected, so --comfyui takes --size xxl or xxl-thin (XXL's
+width and depth, few heads and a narrow FFN, told to ComfyUI through its t5xxl_model_config option: the CPU check).
+`av` and `torchvision`, which ComfyUI imports for video and image models only, are replaced by empty placeholder
+modules when not installed (logged).
 
   python benchmarks/gguf_gpu.py                                   # XXL on CUDA, Q8_0 and Q5_K, compiled
+  python benchmarks/gguf_gpu.py --comfyui .comfy/ComfyUI --comfyui-gguf .comfy/ComfyUI-GGUF   # + ComfyUI-GGUF
   python benchmarks/gguf_gpu.py --size tiny --device cpu --eager  # a check that it runs, on the CPU
+  python benchmarks/gguf_gpu.py --size xxl-thin --device cpu --eager --tokens 32 --reps 3 \
+      --comfyui .comfy/ComfyUI --comfyui-gguf .comfy/ComfyUI-GGUF   # the CPU check of the ComfyUI-GGUF path
 """
 import argparse
+import asyncio
+import gc
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import shlex
 import statistics
 import sys
 import tempfile
 import time
+import types
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +69,7 @@ from t5core.weight_load import build_empty  # noqa: E402
 
 SIZES = {  # vocab, d_model, layers, heads, d_kv, d_ff
     "xxl": (32128, 4096, 24, 64, 64, 10240),
+    "xxl-thin": (512, 4096, 24, 2, 128, 256),  # what ComfyUI detects as T5-XXL (width, depth), small elsewhere
     "tiny": (512, 256, 2, 4, 64, 512),
 }
 
@@ -119,24 +153,122 @@ def expanded(model, dtype: torch.dtype):
     return plain
 
 
-def timed(encoder: Encoder, ids: torch.Tensor, reps: int) -> float:
-    """Median ms of encoder.encode(ids) after two warm-up calls (compiling, capturing)."""
-    for _ in range(2):
-        encoder.encode(ids)
-    times = []
+def timed(calls: dict[str, Callable[[], object]], reps: int, cuda: bool) -> dict[str, float]:
+    """Median ms of each call, interleaved (one of each per round, so drift and clocks hit all alike), after two
+    warm-up calls each (compiling, capturing CUDA graphs, ComfyUI's first load)."""
+    for call in calls.values():
+        for _ in range(2):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(reps):
-        if ids.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            encoder.encode(ids)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            encoder.encode(ids)
-            times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
+        for name, call in calls.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                call()
+                times[name].append(1000 * (time.perf_counter() - t))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# ComfyUI-GGUF, run by ComfyUI in this process
+# --------------------------------------------------------------------------------------------------
+class _Placeholders(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Empty modules for `names` and their submodules; any attribute is an empty class (what `from av.container
+    import InputContainer` at ComfyUI's module level needs)."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] in self.names:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__getattr__ = lambda name: (_ for _ in ()).throw(AttributeError(name)) if name.startswith("__") \
+            else type(name, (), {})
+        return module
+
+    def exec_module(self, module) -> None:
+        module.__path__ = []
+
+
+def import_comfyui(comfyui: Path, gguf_nodes: Path, cpu: bool, extra_args: str) -> types.SimpleNamespace:
+    """ComfyUI's modules, set up as `python main.py [--cpu] EXTRA` sets them up (its argument parser), and
+    ComfyUI-GGUF loaded by ComfyUI's custom-node loader. -> namespace of mm (comfy.model_management), sd
+    (comfy.sd), folder_paths, CLIPLoaderGGUF (the node class as ComfyUI registered it)."""
+    for path in (comfyui / "comfy" / "sd.py", gguf_nodes / "nodes.py"):
+        if not path.is_file():
+            raise SystemExit(f"--comfyui / --comfyui-gguf: {path} not found")
+    missing = {name for name in ("av", "torchvision") if importlib.util.find_spec(name) is None}
+    if missing:
+        print(f"ComfyUI: {', '.join(sorted(missing))} not installed: empty placeholder modules stand in (ComfyUI "
+              f"imports them for video and image models, never for T5)", flush=True)
+        sys.meta_path.append(_Placeholders(missing))
+    sys.path.insert(0, str(comfyui.resolve()))  # first: ComfyUI's nodes.py, not this repository's nodes/ package
+    argv, sys.argv = sys.argv, ["main.py", *(["--cpu"] if cpu else []), *shlex.split(extra_args)]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # (parses sys.argv as main.py would)
+    finally:
+        sys.argv = argv
+    logging.basicConfig(level=logging.WARNING)
+    import comfy.model_management
+    import comfy.sd
+    import folder_paths
+
+    import nodes  # ComfyUI's nodes.py
+
+    if not asyncio.run(nodes.load_custom_node(str(gguf_nodes.resolve()))) \
+            or "CLIPLoaderGGUF" not in nodes.NODE_CLASS_MAPPINGS:
+        raise SystemExit(f"ComfyUI could not load {gguf_nodes} as a custom node (its log above says why)")
+    return types.SimpleNamespace(mm=comfy.model_management, sd=comfy.sd, folder_paths=folder_paths,
+                                 CLIPLoaderGGUF=nodes.NODE_CLASS_MAPPINGS["CLIPLoaderGGUF"])
+
+
+def comfy_gguf_clip(comfy: types.SimpleNamespace, path: Path, size: str):
+    """The CLIP ComfyUI-GGUF's CLIPLoaderGGUF node returns for `path` (type sd3), loaded fully onto ComfyUI's text
+    encoder device by its model_management. For sizes other than xxl, ComfyUI is told the T5's heads, head width,
+    FFN width and vocabulary through the t5xxl_model_config model option (which the node does not set: added on
+    the way into comfy.sd.load_text_encoder_state_dicts, the function it calls)."""
+    comfy.folder_paths.add_model_folder_path("text_encoders", str(path.parent.resolve()), is_default=True)
+    load_state_dicts = comfy.sd.load_text_encoder_state_dicts
+    if size != "xxl":
+        vocab, _, _, heads, dkv, ff = SIZES[size]
+        config = {"num_heads": heads, "d_kv": dkv, "d_ff": ff, "vocab_size": vocab}
+
+        def with_config(*args, model_options=None, **kwargs):
+            return load_state_dicts(*args, model_options={**(model_options or {}), "t5xxl_model_config": config},
+                                    **kwargs)
+
+        comfy.sd.load_text_encoder_state_dicts = with_config
+    try:
+        (clip,) = comfy.CLIPLoaderGGUF().load_clip(path.name, type="sd3")
+    finally:
+        comfy.sd.load_text_encoder_state_dicts = load_state_dicts
+    comfy.mm.load_models_gpu([clip.patcher], force_full_load=True)
+    return clip
+
+
+def comfy_encode(clip, tokens):
+    with torch.inference_mode():
+        return clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+
+
+def comfy_forward(t5, ids: list[list[int]]):
+    """What encode_token_weights runs of the T5 for unweighted tokens: SDClipModel.forward on the ids."""
+    with torch.inference_mode():
+        return t5(ids)
 
 
 def main() -> None:
@@ -146,18 +278,27 @@ def main() -> None:
     p.add_argument("--types", default="Q8_0,Q5_K", help="comma-separated: Q8_0, Q5_K (default %(default)s)")
     p.add_argument("--eager", action="store_true", help="time uncompiled (the CPU check)")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=512, help="prompt length (default %(default)s)")
     p.add_argument("--dir", default=None, help="where the GGUF files go (default: a temporary folder)")
+    p.add_argument("--comfyui", type=Path, default=None, help="a ComfyUI checkout: also time ComfyUI-GGUF")
+    p.add_argument("--comfyui-gguf", type=Path, default=None, help="city96's ComfyUI-GGUF source folder")
+    p.add_argument("--comfyui-args", default="", help="more ComfyUI command-line options, e.g. '--fp32-text-enc'")
     args = p.parse_args()
+    if (args.comfyui is None) != (args.comfyui_gguf is None):
+        p.error("--comfyui and --comfyui-gguf go together")
+    if args.comfyui is not None and args.size not in ("xxl", "xxl-thin"):
+        p.error("ComfyUI detects T5-XXL by its width and depth: --comfyui needs --size xxl or xxl-thin")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    comfy = import_comfyui(args.comfyui, args.comfyui_gguf, not cuda, args.comfyui_args) if args.comfyui else None
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     folder = Path(args.dir or tempfile.mkdtemp(prefix="gguf_gpu_"))
     vocab = SIZES[args.size][0]
-    ids = torch.randint(3, vocab, (1, 512), generator=torch.Generator().manual_seed(1)).to(device)
+    ids = torch.randint(3, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(1)).to(device)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if cuda else 'CPU'}, size {args.size}, "
-          f"{'eager' if args.eager else 'compiled'}", flush=True)
-    rows = []
+          f"1x{args.tokens}, {'eager' if args.eager else 'compiled'}", flush=True)
+    rows, comfy_rows = [], []
     for qtype in args.types.split(","):
         t0 = time.perf_counter()
         path = folder / f"t5-{args.size}-{qtype}.gguf"
@@ -187,17 +328,58 @@ def main() -> None:
         out = compressed.encode(ids)
         peak_gb = (torch.cuda.max_memory_allocated(device) - before) / 1e9 if cuda else float("nan")
         err_c, err_b = relative_error(out, want), relative_error(bf16.encode(ids), want)
-        ms_c, ms_b = timed(compressed, ids, args.reps), timed(bf16, ids, args.reps)
+        calls = {"compressed": partial(compressed.encode, ids), "bf16": partial(bf16.encode, ids)}
+        clip = None
+        if comfy is not None:
+            with torch.inference_mode():  # as ComfyUI's executor runs every node
+                before = torch.cuda.memory_allocated(device) if cuda else 0
+                t0 = time.perf_counter()
+                clip = comfy_gguf_clip(comfy, path, args.size)
+                c_load_s = time.perf_counter() - t0
+                c_gb = (torch.cuda.memory_allocated(device) - before) / 1e9 if cuda else float("nan")
+                loaded, size = clip.patcher.loaded_size() / 1e9, clip.patcher.model_size() / 1e9
+                t5 = clip.cond_stage_model.t5xxl
+                tokens = {"l": [], "g": [], "t5xxl": [[(int(t), 1.0) for t in ids[0].tolist()]]}
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
+                cond = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)["cond"]
+                c_peak = (torch.cuda.max_memory_allocated(device) - before) / 1e9 if cuda else float("nan")
+                err_g = relative_error(cond.to(want.device), want)
+            calls.update({"ComfyUI-GGUF encode": partial(comfy_encode, clip, tokens),
+                          "its forward": partial(comfy_forward, t5, [[t for t, _ in tokens["t5xxl"][0]]])})
+            print(f"{qtype}: ComfyUI-GGUF loaded in {c_load_s:.1f} s, {c_gb:.2f} GB on the device (its patcher: "
+                  f"{loaded:.2f} of {size:.2f} GB loaded), encode peak +{c_peak:.2f} GB, error {err_g:.2e}; cond "
+                  f"{tuple(cond.shape)} {cond.dtype} on {cond.device}", flush=True)
+        ms = timed(calls, args.reps, cuda)
+        ms_c, ms_b = ms["compressed"], ms["bf16"]
         rows.append((qtype, file_gb, model_gb, peak_gb, load_s, ms_c, ms_b, err_c, err_b))
         print(f"{qtype}: model {model_gb:.2f} GB, encode peak +{peak_gb:.2f} GB, {ms_c:.2f} ms vs bf16 {ms_b:.2f} ms, "
               f"error {err_c:.2e} vs bf16 {err_b:.2e}", flush=True)
+        if clip is not None:
+            ms_g, ms_f = ms["ComfyUI-GGUF encode"], ms["its forward"]
+            comfy_rows.append((qtype, c_gb, c_peak, c_load_s, ms_c, ms_g, ms_f, err_c, err_g))
+            print(f"{qtype}: ComfyUI-GGUF encode {ms_g:.2f} ms, its forward {ms_f:.2f} ms: ours {ms_g / ms_c:.2f}x "
+                  f"/ {ms_f / ms_c:.2f}x faster", flush=True)
+            comfy.mm.unload_all_models()
+            del clip, t5, cond, calls
+            gc.collect()
+            comfy.mm.soft_empty_cache()
         del compressed, bf16, out, want
         path.unlink()
-    print("\n| type | file tensors GB | model GB after load | encode peak GB over model | load s "
-          "| ms 1x512 compressed | ms 1x512 bf16 | ratio | rel. error compressed | rel. error bf16 |")
+    print(f"\n| type | file tensors GB | model GB after load | encode peak GB over model | load s "
+          f"| ms 1x{args.tokens} compressed | ms 1x{args.tokens} bf16 | ratio | rel. error compressed | rel. error bf16 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for q, f, m, pk, ls, mc, mb, ec, eb in rows:
         print(f"| {q} | {f:.2f} | {m:.2f} | {pk:.2f} | {ls:.1f} | {mc:.2f} | {mb:.2f} | {mc / mb:.2f}x | {ec:.2e} | {eb:.2e} |")
+    if comfy_rows:
+        print(f"\n| type | ComfyUI-GGUF GB on device | its encode peak GB | its load s | ms 1x{args.tokens} ours compressed "
+              f"| ms ComfyUI-GGUF encode | ms its forward | ours faster (encode / forward) | rel. error ours "
+              f"| rel. error ComfyUI-GGUF |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for q, g, pk, ls, mc, mg, mf, ec, eg in comfy_rows:
+            print(f"| {q} | {g:.2f} | {pk:.2f} | {ls:.1f} | {mc:.2f} | {mg:.2f} | {mf:.2f} | {mg / mc:.2f}x / "
+                  f"{mf / mc:.2f}x | {ec:.2e} | {eg:.2e} |")
 
 
 if __name__ == "__main__":
