@@ -58,13 +58,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import t5core  # noqa: E402
-from t5core.gguf import PackedEmbedding, PackedLinear, open_gguf  # noqa: E402
+from t5core.gguf import (  # noqa: E402
+    QTYPES,
+    PackedEmbedding,
+    PackedLinear,
+    _bits,
+    _k_scales,
+    open_gguf,
+)
 from t5core.precision import relative_error  # noqa: E402
 from t5core.runtime import Encoder  # noqa: E402
+from t5core.t5_common import f32_out_linear  # noqa: E402
 from t5core.weight_load import build_empty  # noqa: E402
 
 SIZES = {  # vocab, d_model, layers, heads, d_kv, d_ff
@@ -151,6 +161,88 @@ def expanded(model, dtype: torch.dtype):
     for name, p in model.named_parameters():
         params[name].copy_(p)
     return plain
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants of the compressed path (--variants), to time beside it
+# --------------------------------------------------------------------------------------------------
+class PlanarLinear(nn.Module):
+    """A PackedLinear whose Q8_0 or Q5_K blocks are split once, at load, into contiguous planes of one field each,
+    so the dequantization reads aligned, unit-stride arrays instead of 34- / 176-byte records:
+      Q8_0  d fp16 [N, K/32, 1] and codes int8 [N, K/32, 32] (the same 34 bytes per 32 weights);
+      Q5_K  d, dmin fp16 [N, K/256, 2], the 6-bit scales and mins unpacked to bytes [N, K/256, 8] each, qh
+            [N, K/256, 32], qs [N, K/256, 128] (180 bytes per 256 weights instead of 176: +2%).
+    The same products as t5core.gguf's dequantization, so the same weights, bit for bit (checked when built)."""
+
+    def __init__(self, lin: PackedLinear) -> None:
+        super().__init__()
+        q, (N, K) = lin.packed.qtype, lin.packed.shape
+        _, block, size = QTYPES[q]
+        b = lin.packed.blocks.view(N, K // block, size)
+        self.qtype, self.shape, self.f32_out = q, (N, K), lin.f32_out
+        self.register_buffer("scale", lin.scale.clone(), persistent=False)
+        if q == 8:
+            self.register_buffer("d", b[..., 0:2].contiguous().view(torch.float16))
+            self.register_buffer("qs", b[..., 2:].contiguous().view(torch.int8))
+        else:
+            sc, mn = _k_scales(b[..., 4:16])
+            self.register_buffer("d", b[..., 0:4].contiguous().view(torch.float16))
+            self.register_buffer("sc", sc.contiguous())
+            self.register_buffer("mn", mn.contiguous())
+            self.register_buffer("qh", b[..., 16:48].contiguous())
+            self.register_buffer("qs", b[..., 48:176].contiguous())
+
+    def weight(self) -> torch.Tensor:
+        """float32 [N, K]."""
+        if self.qtype == 8:
+            return (self.qs * self.d.float()).view(self.shape)
+        N, NB = self.d.shape[:2]
+        d = (self.d[..., 0:1].float() * self.sc).unsqueeze(-1)  # [N, NB, 8, 1]
+        dm = (self.d[..., 1:2].float() * self.mn).unsqueeze(-1)
+        ql = _bits(self.qs.view(N, NB, 4, 32), 4).reshape(N, NB, 8, 32)
+        qh = _bits(self.qh, 1)  # [N, NB, 8, 32]
+        return torch.addcmul(-dm, d, ql | (qh << 4)).view(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight() * self.scale).to(x.dtype)
+        return f32_out_linear(x, w) if self.f32_out else F.linear(x, w)
+
+
+@torch.no_grad()
+def make_planar(model: nn.Module) -> int:
+    """Replace every single-type Q8_0 / Q5_K PackedLinear of `model` by a PlanarLinear (checked to dequantize to the
+    same float32 weight); -> how many were replaced."""
+    names = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.packed.qtype in (8, 13)]
+    for name in names:
+        old = model.get_submodule(name)
+        new = PlanarLinear(old)
+        if not torch.equal(new.weight(), old.packed(torch.float32)):
+            raise AssertionError(f"PlanarLinear {name}: not the same weights as the blocks")
+        model.set_submodule(name, new)
+    return len(names)
+
+
+VARIANTS = {  # name -> (planar layout, torch.compile mode of the layers)
+    "planar": (True, None),
+    "autotune": (False, "max-autotune-no-cudagraphs"),
+    "planar-autotune": (True, "max-autotune-no-cudagraphs"),
+}
+
+
+def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
+    """The compressed encoder as load_encoder gives it, changed as `variant` says: planar = PlanarLinear layers;
+    autotune = each layer compiled with mode max-autotune-no-cudagraphs (inductor's Triton GEMM templates, into
+    whose prologue it may fuse the dequantization: torch._inductor.config.prologue_fusion, on by default), our CUDA
+    graphs around it as usual."""
+    planar, mode = VARIANTS[variant]
+    enc = t5core.load_encoder(path, dtype="bfloat16", device=device, compile=False)
+    if planar:
+        make_planar(enc.model)
+    if not eager and device.type == "cuda":
+        enc.compile_layers(**({"mode": mode} if mode else {}))
+    elif not eager:
+        enc.compile()
+    return enc
 
 
 def timed(calls: dict[str, Callable[[], object]], reps: int, cuda: bool) -> dict[str, float]:
@@ -280,6 +372,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--tokens", type=int, default=512, help="prompt length (default %(default)s)")
     p.add_argument("--dir", default=None, help="where the GGUF files go (default: a temporary folder)")
+    p.add_argument("--variants", default="", help=f"comma-separated, timed beside the compressed path: "
+                   f"{', '.join(VARIANTS)} (default none)")
     p.add_argument("--comfyui", type=Path, default=None, help="a ComfyUI checkout: also time ComfyUI-GGUF")
     p.add_argument("--comfyui-gguf", type=Path, default=None, help="city96's ComfyUI-GGUF source folder")
     p.add_argument("--comfyui-args", default="", help="more ComfyUI command-line options, e.g. '--fp32-text-enc'")
@@ -288,6 +382,10 @@ def main() -> None:
         p.error("--comfyui and --comfyui-gguf go together")
     if args.comfyui is not None and args.size not in ("xxl", "xxl-thin"):
         p.error("ComfyUI detects T5-XXL by its width and depth: --comfyui needs --size xxl or xxl-thin")
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown {v!r}; known: {', '.join(VARIANTS)}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     comfy = import_comfyui(args.comfyui, args.comfyui_gguf, not cuda, args.comfyui_args) if args.comfyui else None
@@ -298,7 +396,7 @@ def main() -> None:
     ids = torch.randint(3, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(1)).to(device)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if cuda else 'CPU'}, size {args.size}, "
           f"1x{args.tokens}, {'eager' if args.eager else 'compiled'}", flush=True)
-    rows, comfy_rows = [], []
+    rows, comfy_rows, variant_rows = [], [], []
     for qtype in args.types.split(","):
         t0 = time.perf_counter()
         path = folder / f"t5-{args.size}-{qtype}.gguf"
@@ -329,6 +427,19 @@ def main() -> None:
         peak_gb = (torch.cuda.max_memory_allocated(device) - before) / 1e9 if cuda else float("nan")
         err_c, err_b = relative_error(out, want), relative_error(bf16.encode(ids), want)
         calls = {"compressed": partial(compressed.encode, ids), "bf16": partial(bf16.encode, ids)}
+        variant_info = {}
+        for v in variants:
+            before = torch.cuda.memory_allocated(device) if cuda else 0
+            t0 = time.perf_counter()
+            enc = load_variant(path, v, device, args.eager)
+            v_gb = ((torch.cuda.memory_allocated(device) - before) if cuda else
+                    sum(t.numel() * t.element_size() for t in [*enc.model.parameters(), *enc.model.buffers()])) / 1e9
+            t1 = time.perf_counter()
+            err_v = relative_error(enc.encode(ids), want)  # the first call compiles
+            variant_info[v] = (v_gb, err_v)
+            print(f"{qtype}: variant {v}: loaded in {t1 - t0:.1f} s, {v_gb:.2f} GB, first call (compiling) "
+                  f"{time.perf_counter() - t1:.1f} s, error {err_v:.2e}", flush=True)
+            calls[v] = partial(enc.encode, ids)
         clip = None
         if comfy is not None:
             with torch.inference_mode():  # as ComfyUI's executor runs every node
@@ -356,22 +467,35 @@ def main() -> None:
         rows.append((qtype, file_gb, model_gb, peak_gb, load_s, ms_c, ms_b, err_c, err_b))
         print(f"{qtype}: model {model_gb:.2f} GB, encode peak +{peak_gb:.2f} GB, {ms_c:.2f} ms vs bf16 {ms_b:.2f} ms, "
               f"error {err_c:.2e} vs bf16 {err_b:.2e}", flush=True)
+        for v, (v_gb, err_v) in variant_info.items():
+            variant_rows.append((qtype, v, v_gb, ms[v], ms_c, ms_b, err_v))
+            print(f"{qtype}: variant {v}: {ms[v]:.2f} ms ({ms[v] / ms_b:.2f}x bf16, {ms[v] / ms_c:.2f}x compressed)",
+                  flush=True)
         if clip is not None:
             ms_g, ms_f = ms["ComfyUI-GGUF encode"], ms["its forward"]
             comfy_rows.append((qtype, c_gb, c_peak, c_load_s, ms_c, ms_g, ms_f, err_c, err_g))
             print(f"{qtype}: ComfyUI-GGUF encode {ms_g:.2f} ms, its forward {ms_f:.2f} ms: ours {ms_g / ms_c:.2f}x "
                   f"/ {ms_f / ms_c:.2f}x faster", flush=True)
             comfy.mm.unload_all_models()
-            del clip, t5, cond, calls
-            gc.collect()
+            del clip, t5, cond
+        del compressed, bf16, out, want, calls
+        enc = None
+        gc.collect()
+        if comfy is not None:
             comfy.mm.soft_empty_cache()
-        del compressed, bf16, out, want
+        elif cuda:
+            torch.cuda.empty_cache()
         path.unlink()
     print(f"\n| type | file tensors GB | model GB after load | encode peak GB over model | load s "
           f"| ms 1x{args.tokens} compressed | ms 1x{args.tokens} bf16 | ratio | rel. error compressed | rel. error bf16 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for q, f, m, pk, ls, mc, mb, ec, eb in rows:
         print(f"| {q} | {f:.2f} | {m:.2f} | {pk:.2f} | {ls:.1f} | {mc:.2f} | {mb:.2f} | {mc / mb:.2f}x | {ec:.2e} | {eb:.2e} |")
+    if variant_rows:
+        print(f"\n| type | variant | model GB | ms 1x{args.tokens} | vs bf16 | vs compressed | rel. error |")
+        print("|---|---|---|---|---|---|---|")
+        for q, v, g, mv, mc, mb, ev in variant_rows:
+            print(f"| {q} | {v} | {g:.2f} | {mv:.2f} | {mv / mb:.2f}x | {mv / mc:.2f}x | {ev:.2e} |")
     if comfy_rows:
         print(f"\n| type | ComfyUI-GGUF GB on device | its encode peak GB | its load s | ms 1x{args.tokens} ours compressed "
               f"| ms ComfyUI-GGUF encode | ms its forward | ours faster (encode / forward) | rel. error ours "
