@@ -245,6 +245,26 @@ def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
     return enc
 
 
+def dequant_only(model: nn.Module, eager: bool) -> Callable[[], object]:
+    """A call that does only what the layers do before their matmuls: every projection weight of `model`
+    dequantized, times its residual scale, rounded to bfloat16 (compiled per layer, as the layers are; no CUDA
+    graph): the dequantization's share of an encode."""
+    def weights(*modules):
+        return tuple(((m.weight() if isinstance(m, PlanarLinear) else m.packed(torch.float32)) * m.scale)
+                     .to(torch.bfloat16) for m in modules)
+
+    fn = weights if eager else torch.compile(weights, dynamic=False)
+    groups = [[m for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.ffn.ff_in, layer.ffn.ff_out)
+               if isinstance(m, (PackedLinear, PlanarLinear))] for layer in model.layers]
+
+    def call():
+        with torch.inference_mode():
+            for group in groups:
+                fn(*group)
+
+    return call
+
+
 def timed(calls: dict[str, Callable[[], object]], reps: int, cuda: bool) -> dict[str, float]:
     """Median ms of each call, interleaved (one of each per round, so drift and clocks hit all alike), after two
     warm-up calls each (compiling, capturing CUDA graphs, ComfyUI's first load)."""
@@ -374,6 +394,8 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="where the GGUF files go (default: a temporary folder)")
     p.add_argument("--variants", default="", help=f"comma-separated, timed beside the compressed path: "
                    f"{', '.join(VARIANTS)} (default none)")
+    p.add_argument("--dequant", action="store_true", help="also time the dequantization alone (all layers' "
+                   "weights to bf16, no matmul) of the compressed path and of each variant")
     p.add_argument("--comfyui", type=Path, default=None, help="a ComfyUI checkout: also time ComfyUI-GGUF")
     p.add_argument("--comfyui-gguf", type=Path, default=None, help="city96's ComfyUI-GGUF source folder")
     p.add_argument("--comfyui-args", default="", help="more ComfyUI command-line options, e.g. '--fp32-text-enc'")
@@ -428,6 +450,8 @@ def main() -> None:
         err_c, err_b = relative_error(out, want), relative_error(bf16.encode(ids), want)
         calls = {"compressed": partial(compressed.encode, ids), "bf16": partial(bf16.encode, ids)}
         variant_info = {}
+        if args.dequant:
+            calls["compressed dequant"] = dequant_only(compressed.model, args.eager)
         for v in variants:
             before = torch.cuda.memory_allocated(device) if cuda else 0
             t0 = time.perf_counter()
@@ -440,6 +464,8 @@ def main() -> None:
             print(f"{qtype}: variant {v}: loaded in {t1 - t0:.1f} s, {v_gb:.2f} GB, first call (compiling) "
                   f"{time.perf_counter() - t1:.1f} s, error {err_v:.2e}", flush=True)
             calls[v] = partial(enc.encode, ids)
+            if args.dequant:
+                calls[v + " dequant"] = dequant_only(enc.model, args.eager)
         clip = None
         if comfy is not None:
             with torch.inference_mode():  # as ComfyUI's executor runs every node
@@ -464,11 +490,16 @@ def main() -> None:
                   f"{tuple(cond.shape)} {cond.dtype} on {cond.device}", flush=True)
         ms = timed(calls, args.reps, cuda)
         ms_c, ms_b = ms["compressed"], ms["bf16"]
+        if args.dequant:
+            print(f"{qtype}: dequantization alone: " + ", ".join(f"{k.removesuffix(' dequant')} {v:.2f} ms"
+                                                                 for k, v in ms.items() if k.endswith(" dequant")),
+                  flush=True)
         rows.append((qtype, file_gb, model_gb, peak_gb, load_s, ms_c, ms_b, err_c, err_b))
         print(f"{qtype}: model {model_gb:.2f} GB, encode peak +{peak_gb:.2f} GB, {ms_c:.2f} ms vs bf16 {ms_b:.2f} ms, "
               f"error {err_c:.2e} vs bf16 {err_b:.2e}", flush=True)
         for v, (v_gb, err_v) in variant_info.items():
-            variant_rows.append((qtype, v, v_gb, ms[v], ms_c, ms_b, err_v))
+            dq = f"{ms[v + ' dequant']:.2f} / {ms['compressed dequant']:.2f}" if args.dequant else "-"
+            variant_rows.append((qtype, v, v_gb, ms[v], ms_c, ms_b, err_v, dq))
             print(f"{qtype}: variant {v}: {ms[v]:.2f} ms ({ms[v] / ms_b:.2f}x bf16, {ms[v] / ms_c:.2f}x compressed)",
                   flush=True)
         if clip is not None:
@@ -492,10 +523,11 @@ def main() -> None:
     for q, f, m, pk, ls, mc, mb, ec, eb in rows:
         print(f"| {q} | {f:.2f} | {m:.2f} | {pk:.2f} | {ls:.1f} | {mc:.2f} | {mb:.2f} | {mc / mb:.2f}x | {ec:.2e} | {eb:.2e} |")
     if variant_rows:
-        print(f"\n| type | variant | model GB | ms 1x{args.tokens} | vs bf16 | vs compressed | rel. error |")
-        print("|---|---|---|---|---|---|---|")
-        for q, v, g, mv, mc, mb, ev in variant_rows:
-            print(f"| {q} | {v} | {g:.2f} | {mv:.2f} | {mv / mb:.2f}x | {mv / mc:.2f}x | {ev:.2e} |")
+        print(f"\n| type | variant | model GB | ms 1x{args.tokens} | vs bf16 | vs compressed | rel. error "
+              f"| dequant alone ms (variant / compressed) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for q, v, g, mv, mc, mb, ev, dq in variant_rows:
+            print(f"| {q} | {v} | {g:.2f} | {mv:.2f} | {mv / mb:.2f}x | {mv / mc:.2f}x | {ev:.2e} | {dq} |")
     if comfy_rows:
         print(f"\n| type | ComfyUI-GGUF GB on device | its encode peak GB | its load s | ms 1x{args.tokens} ours compressed "
               f"| ms ComfyUI-GGUF encode | ms its forward | ours faster (encode / forward) | rel. error ours "
