@@ -222,10 +222,21 @@ def make_planar(model: nn.Module) -> int:
     return len(names)
 
 
-VARIANTS = {  # name -> (planar layout, torch.compile mode of the layers)
-    "planar": (True, None),
-    "autotune": (False, "max-autotune-no-cudagraphs"),
-    "planar-autotune": (True, "max-autotune-no-cudagraphs"),
+def plain_mm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A PackedLinear / PlanarLinear forward whose float32 outputs come from a plain x.dtype matmul cast up (one
+    rounding more than the product's out_dtype=float32 matmul): inductor's Triton GEMM templates, and so its
+    prologue fusion, may not take an out_dtype matmul."""
+    w = module.weight() if isinstance(module, PlanarLinear) else module.packed(torch.float32)
+    y = F.linear(x, (w * module.scale).to(x.dtype))
+    return y.float() if module.f32_out else y
+
+
+VARIANTS = {  # name -> (planar layout, torch.compile mode of the layers, plain matmuls)
+    "planar": (True, None, False),
+    "autotune": (False, "max-autotune-no-cudagraphs", False),
+    "planar-autotune": (True, "max-autotune-no-cudagraphs", False),
+    "autotune-plain-mm": (False, "max-autotune-no-cudagraphs", True),
+    "planar-autotune-plain-mm": (True, "max-autotune-no-cudagraphs", True),
 }
 
 
@@ -233,11 +244,15 @@ def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
     """The compressed encoder as load_encoder gives it, changed as `variant` says: planar = PlanarLinear layers;
     autotune = each layer compiled with mode max-autotune-no-cudagraphs (inductor's Triton GEMM templates, into
     whose prologue it may fuse the dequantization: torch._inductor.config.prologue_fusion, on by default), our CUDA
-    graphs around it as usual."""
-    planar, mode = VARIANTS[variant]
+    graphs around it as usual; plain-mm = plain_mm_forward (numerics: one more rounding of the float32 outputs)."""
+    planar, mode, plain_mm = VARIANTS[variant]
     enc = t5core.load_encoder(path, dtype="bfloat16", device=device, compile=False)
     if planar:
         make_planar(enc.model)
+    if plain_mm:
+        for m in enc.model.modules():
+            if isinstance(m, (PackedLinear, PlanarLinear)):
+                m.forward = partial(plain_mm_forward, m)
     if not eager and device.type == "cuda":
         enc.compile_layers(**({"mode": mode} if mode else {}))
     elif not eager:
