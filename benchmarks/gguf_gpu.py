@@ -11,31 +11,75 @@ norms and relative-attention tables in F32, as llama.cpp writes them. Then, on -
 Reported per type: memory_allocated after the compressed load (GB, the model alone) and its peak while encoding,
 median ms at 1 x 512 (CUDA events on CUDA; compiled = regional compile + CUDA graphs, as load_encoder(compile=True)),
 and relative error of compressed and bf16 vs the reference. Targets (issue 18, XXL on an H200): Q8_0 <= 5.6 GB,
-Q5_K <= 4.0 GB, compressed within 1.5x of bf16's ms, Q8_0 error <= bf16 error. Markdown table last.
+Q5_K <= 4.0 GB, compressed within 1.5x of bf16's ms, Q8_0 error <= bf16 error, and compressed at least 3x faster
+than ComfyUI-GGUF's own forward on the same file. Markdown tables last.
+
+With --comfyui DIR --comfyui-gguf DIR (a ComfyUI checkout and city96's ComfyUI-GGUF source), the same file is also
+loaded and run by ComfyUI-GGUF, in this process, as a ComfyUI user runs it: ComfyUI's modules set up as
+`python main.py` sets them up (no server; --cpu for a CPU device), ComfyUI-GGUF loaded by ComfyUI's own custom-node
+loader (nodes.load_custom_node), the file found through folder_paths by its CLIPLoaderGGUF node (`load_clip`, type
+sd3: ComfyUI's T5XXLModel without attention mask, the T5 that Flux's DualCLIPLoader builds too; GGMLOps as custom
+operations, GGUFModelPatcher), put on the device by ComfyUI's model_management (load_models_gpu, fully loaded), all
+under torch.inference_mode as ComfyUI's executor runs nodes. Timed, interleaved with ours (median, CUDA events,
+two warm-up calls each):
+  ComfyUI-GGUF encode   clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True), what CLIPTextEncode
+                        runs after tokenizing: the model-management check, ComfyUI's T5 (float32 activations, each
+                        weight dequantized on the fly, as ComfyUI-GGUF does), the copy to ComfyUI's intermediate
+                        device (the CPU) included; tokens = the same 1 x L ids, each of weight 1.0;
+  its forward           its T5 forward alone (SDClipModel.forward on those tokens), output left on the device.
+Also its error vs the float32 reference and the memory it holds on the device after loading (memory_allocated).
+ComfyUI's T5 needs XXL's width and 24 layers to be detected, so --comfyui takes --size xxl or xxl-thin (XXL's
+width and depth, few heads and a narrow FFN, told to ComfyUI through its t5xxl_model_config option: the CPU check).
+`av` and `torchvision`, which ComfyUI imports for video and image models only, are replaced by empty placeholder
+modules when not installed (logged).
 
   python benchmarks/gguf_gpu.py                                   # XXL on CUDA, Q8_0 and Q5_K, compiled
+  python benchmarks/gguf_gpu.py --comfyui .comfy/ComfyUI --comfyui-gguf .comfy/ComfyUI-GGUF   # + ComfyUI-GGUF
   python benchmarks/gguf_gpu.py --size tiny --device cpu --eager  # a check that it runs, on the CPU
+  python benchmarks/gguf_gpu.py --size xxl-thin --device cpu --eager --tokens 32 --reps 3 \
+      --comfyui .comfy/ComfyUI --comfyui-gguf .comfy/ComfyUI-GGUF   # the CPU check of the ComfyUI-GGUF path
 """
 import argparse
+import asyncio
+import gc
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import shlex
 import statistics
 import sys
 import tempfile
 import time
+import types
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import t5core  # noqa: E402
-from t5core.gguf import PackedEmbedding, PackedLinear, open_gguf  # noqa: E402
+from t5core.gguf import (  # noqa: E402
+    QTYPES,
+    PackedEmbedding,
+    PackedLinear,
+    _bits,
+    _k_scales,
+    open_gguf,
+)
 from t5core.precision import relative_error  # noqa: E402
 from t5core.runtime import Encoder  # noqa: E402
+from t5core.t5_common import f32_out_linear  # noqa: E402
 from t5core.weight_load import build_empty  # noqa: E402
 
 SIZES = {  # vocab, d_model, layers, heads, d_kv, d_ff
     "xxl": (32128, 4096, 24, 64, 64, 10240),
+    "xxl-thin": (512, 4096, 24, 2, 128, 256),  # what ComfyUI detects as T5-XXL (width, depth), small elsewhere
     "tiny": (512, 256, 2, 4, 64, 512),
 }
 
@@ -119,24 +163,239 @@ def expanded(model, dtype: torch.dtype):
     return plain
 
 
-def timed(encoder: Encoder, ids: torch.Tensor, reps: int) -> float:
-    """Median ms of encoder.encode(ids) after two warm-up calls (compiling, capturing)."""
-    for _ in range(2):
-        encoder.encode(ids)
-    times = []
-    for _ in range(reps):
-        if ids.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            encoder.encode(ids)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+# --------------------------------------------------------------------------------------------------
+# Variants of the compressed path (--variants), to time beside it
+# --------------------------------------------------------------------------------------------------
+class PlanarLinear(nn.Module):
+    """A PackedLinear whose Q8_0 or Q5_K blocks are split once, at load, into contiguous planes of one field each,
+    so the dequantization reads aligned, unit-stride arrays instead of 34- / 176-byte records:
+      Q8_0  d fp16 [N, K/32, 1] and codes int8 [N, K/32, 32] (the same 34 bytes per 32 weights);
+      Q5_K  d, dmin fp16 [N, K/256, 2], the 6-bit scales and mins unpacked to bytes [N, K/256, 8] each, qh
+            [N, K/256, 32], qs [N, K/256, 128] (180 bytes per 256 weights instead of 176: +2%).
+    The same products as t5core.gguf's dequantization, so the same weights, bit for bit (checked when built)."""
+
+    def __init__(self, lin: PackedLinear) -> None:
+        super().__init__()
+        q, (N, K) = lin.packed.qtype, lin.packed.shape
+        _, block, size = QTYPES[q]
+        b = lin.packed.blocks.view(N, K // block, size)
+        self.qtype, self.shape, self.f32_out = q, (N, K), lin.f32_out
+        self.register_buffer("scale", lin.scale.clone(), persistent=False)
+        if q == 8:
+            self.register_buffer("d", b[..., 0:2].contiguous().view(torch.float16))
+            self.register_buffer("qs", b[..., 2:].contiguous().view(torch.int8))
         else:
-            t = time.perf_counter()
-            encoder.encode(ids)
-            times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
+            sc, mn = _k_scales(b[..., 4:16])
+            self.register_buffer("d", b[..., 0:4].contiguous().view(torch.float16))
+            self.register_buffer("sc", sc.contiguous())
+            self.register_buffer("mn", mn.contiguous())
+            self.register_buffer("qh", b[..., 16:48].contiguous())
+            self.register_buffer("qs", b[..., 48:176].contiguous())
+
+    def weight(self) -> torch.Tensor:
+        """float32 [N, K]."""
+        if self.qtype == 8:
+            return (self.qs * self.d.float()).view(self.shape)
+        N, NB = self.d.shape[:2]
+        d = (self.d[..., 0:1].float() * self.sc).unsqueeze(-1)  # [N, NB, 8, 1]
+        dm = (self.d[..., 1:2].float() * self.mn).unsqueeze(-1)
+        ql = _bits(self.qs.view(N, NB, 4, 32), 4).reshape(N, NB, 8, 32)
+        qh = _bits(self.qh, 1)  # [N, NB, 8, 32]
+        return torch.addcmul(-dm, d, ql | (qh << 4)).view(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight() * self.scale).to(x.dtype)
+        return f32_out_linear(x, w) if self.f32_out else F.linear(x, w)
+
+
+@torch.no_grad()
+def make_planar(model: nn.Module) -> int:
+    """Replace every single-type Q8_0 / Q5_K PackedLinear of `model` by a PlanarLinear (checked to dequantize to the
+    same float32 weight); -> how many were replaced."""
+    names = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.packed.qtype in (8, 13)]
+    for name in names:
+        old = model.get_submodule(name)
+        new = PlanarLinear(old)
+        if not torch.equal(new.weight(), old.packed(torch.float32)):
+            raise AssertionError(f"PlanarLinear {name}: not the same weights as the blocks")
+        model.set_submodule(name, new)
+    return len(names)
+
+
+def plain_mm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A PackedLinear / PlanarLinear forward whose float32 outputs come from a plain x.dtype matmul cast up (one
+    rounding more than the product's out_dtype=float32 matmul): inductor's Triton GEMM templates, and so its
+    prologue fusion, may not take an out_dtype matmul."""
+    w = module.weight() if isinstance(module, PlanarLinear) else module.packed(torch.float32)
+    y = F.linear(x, (w * module.scale).to(x.dtype))
+    return y.float() if module.f32_out else y
+
+
+VARIANTS = {  # name -> (planar layout, torch.compile mode of the layers, plain matmuls)
+    "planar": (True, None, False),
+    "autotune": (False, "max-autotune-no-cudagraphs", False),
+    "planar-autotune": (True, "max-autotune-no-cudagraphs", False),
+    "autotune-plain-mm": (False, "max-autotune-no-cudagraphs", True),
+    "planar-autotune-plain-mm": (True, "max-autotune-no-cudagraphs", True),
+}
+
+
+def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
+    """The compressed encoder as load_encoder gives it, changed as `variant` says: planar = PlanarLinear layers;
+    autotune = each layer compiled with mode max-autotune-no-cudagraphs (inductor's Triton GEMM templates, into
+    whose prologue it may fuse the dequantization: torch._inductor.config.prologue_fusion, on by default), our CUDA
+    graphs around it as usual; plain-mm = plain_mm_forward (numerics: one more rounding of the float32 outputs)."""
+    planar, mode, plain_mm = VARIANTS[variant]
+    enc = t5core.load_encoder(path, dtype="bfloat16", device=device, compile=False)
+    if planar:
+        make_planar(enc.model)
+    if plain_mm:
+        for m in enc.model.modules():
+            if isinstance(m, (PackedLinear, PlanarLinear)):
+                m.forward = partial(plain_mm_forward, m)
+    if not eager and device.type == "cuda":
+        enc.compile_layers(**({"mode": mode} if mode else {}))
+    elif not eager:
+        enc.compile()
+    return enc
+
+
+def dequant_only(model: nn.Module, eager: bool) -> Callable[[], object]:
+    """A call that does only what the layers do before their matmuls: every projection weight of `model`
+    dequantized, times its residual scale, rounded to bfloat16 (compiled per layer, as the layers are; no CUDA
+    graph): the dequantization's share of an encode."""
+    def weights(*modules):
+        return tuple(((m.weight() if isinstance(m, PlanarLinear) else m.packed(torch.float32)) * m.scale)
+                     .to(torch.bfloat16) for m in modules)
+
+    fn = weights if eager else torch.compile(weights, dynamic=False)
+    groups = [[m for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.ffn.ff_in, layer.ffn.ff_out)
+               if isinstance(m, (PackedLinear, PlanarLinear))] for layer in model.layers]
+
+    def call():
+        with torch.inference_mode():
+            for group in groups:
+                fn(*group)
+
+    return call
+
+
+def timed(calls: dict[str, Callable[[], object]], reps: int, cuda: bool) -> dict[str, float]:
+    """Median ms of each call, interleaved (one of each per round, so drift and clocks hit all alike), after two
+    warm-up calls each (compiling, capturing CUDA graphs, ComfyUI's first load)."""
+    for call in calls.values():
+        for _ in range(2):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                call()
+                times[name].append(1000 * (time.perf_counter() - t))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# ComfyUI-GGUF, run by ComfyUI in this process
+# --------------------------------------------------------------------------------------------------
+class _Placeholders(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Empty modules for `names` and their submodules; any attribute is an empty class (what `from av.container
+    import InputContainer` at ComfyUI's module level needs)."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] in self.names:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__getattr__ = lambda name: (_ for _ in ()).throw(AttributeError(name)) if name.startswith("__") \
+            else type(name, (), {})
+        return module
+
+    def exec_module(self, module) -> None:
+        module.__path__ = []
+
+
+def import_comfyui(comfyui: Path, gguf_nodes: Path, cpu: bool, extra_args: str) -> types.SimpleNamespace:
+    """ComfyUI's modules, set up as `python main.py [--cpu] EXTRA` sets them up (its argument parser), and
+    ComfyUI-GGUF loaded by ComfyUI's custom-node loader. -> namespace of mm (comfy.model_management), sd
+    (comfy.sd), folder_paths, CLIPLoaderGGUF (the node class as ComfyUI registered it)."""
+    for path in (comfyui / "comfy" / "sd.py", gguf_nodes / "nodes.py"):
+        if not path.is_file():
+            raise SystemExit(f"--comfyui / --comfyui-gguf: {path} not found")
+    missing = {name for name in ("av", "torchvision") if importlib.util.find_spec(name) is None}
+    if missing:
+        print(f"ComfyUI: {', '.join(sorted(missing))} not installed: empty placeholder modules stand in (ComfyUI "
+              f"imports them for video and image models, never for T5)", flush=True)
+        sys.meta_path.append(_Placeholders(missing))
+    sys.path.insert(0, str(comfyui.resolve()))  # first: ComfyUI's nodes.py, not this repository's nodes/ package
+    argv, sys.argv = sys.argv, ["main.py", *(["--cpu"] if cpu else []), *shlex.split(extra_args)]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # (parses sys.argv as main.py would)
+    finally:
+        sys.argv = argv
+    logging.basicConfig(level=logging.WARNING)
+    import comfy.model_management
+    import comfy.sd
+    import folder_paths
+
+    import nodes  # ComfyUI's nodes.py
+
+    if not asyncio.run(nodes.load_custom_node(str(gguf_nodes.resolve()))) \
+            or "CLIPLoaderGGUF" not in nodes.NODE_CLASS_MAPPINGS:
+        raise SystemExit(f"ComfyUI could not load {gguf_nodes} as a custom node (its log above says why)")
+    return types.SimpleNamespace(mm=comfy.model_management, sd=comfy.sd, folder_paths=folder_paths,
+                                 CLIPLoaderGGUF=nodes.NODE_CLASS_MAPPINGS["CLIPLoaderGGUF"])
+
+
+def comfy_gguf_clip(comfy: types.SimpleNamespace, path: Path, size: str):
+    """The CLIP ComfyUI-GGUF's CLIPLoaderGGUF node returns for `path` (type sd3), loaded fully onto ComfyUI's text
+    encoder device by its model_management. For sizes other than xxl, ComfyUI is told the T5's heads, head width,
+    FFN width and vocabulary through the t5xxl_model_config model option (which the node does not set: added on
+    the way into comfy.sd.load_text_encoder_state_dicts, the function it calls)."""
+    comfy.folder_paths.add_model_folder_path("text_encoders", str(path.parent.resolve()), is_default=True)
+    load_state_dicts = comfy.sd.load_text_encoder_state_dicts
+    if size != "xxl":
+        vocab, _, _, heads, dkv, ff = SIZES[size]
+        config = {"num_heads": heads, "d_kv": dkv, "d_ff": ff, "vocab_size": vocab}
+
+        def with_config(*args, model_options=None, **kwargs):
+            return load_state_dicts(*args, model_options={**(model_options or {}), "t5xxl_model_config": config},
+                                    **kwargs)
+
+        comfy.sd.load_text_encoder_state_dicts = with_config
+    try:
+        (clip,) = comfy.CLIPLoaderGGUF().load_clip(path.name, type="sd3")
+    finally:
+        comfy.sd.load_text_encoder_state_dicts = load_state_dicts
+    comfy.mm.load_models_gpu([clip.patcher], force_full_load=True)
+    return clip
+
+
+def comfy_encode(clip, tokens):
+    with torch.inference_mode():
+        return clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+
+
+def comfy_forward(t5, ids: list[list[int]]):
+    """What encode_token_weights runs of the T5 for unweighted tokens: SDClipModel.forward on the ids."""
+    with torch.inference_mode():
+        return t5(ids)
 
 
 def main() -> None:
@@ -146,18 +405,35 @@ def main() -> None:
     p.add_argument("--types", default="Q8_0,Q5_K", help="comma-separated: Q8_0, Q5_K (default %(default)s)")
     p.add_argument("--eager", action="store_true", help="time uncompiled (the CPU check)")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=512, help="prompt length (default %(default)s)")
     p.add_argument("--dir", default=None, help="where the GGUF files go (default: a temporary folder)")
+    p.add_argument("--variants", default="", help=f"comma-separated, timed beside the compressed path: "
+                   f"{', '.join(VARIANTS)} (default none)")
+    p.add_argument("--dequant", action="store_true", help="also time the dequantization alone (all layers' "
+                   "weights to bf16, no matmul) of the compressed path and of each variant")
+    p.add_argument("--comfyui", type=Path, default=None, help="a ComfyUI checkout: also time ComfyUI-GGUF")
+    p.add_argument("--comfyui-gguf", type=Path, default=None, help="city96's ComfyUI-GGUF source folder")
+    p.add_argument("--comfyui-args", default="", help="more ComfyUI command-line options, e.g. '--fp32-text-enc'")
     args = p.parse_args()
+    if (args.comfyui is None) != (args.comfyui_gguf is None):
+        p.error("--comfyui and --comfyui-gguf go together")
+    if args.comfyui is not None and args.size not in ("xxl", "xxl-thin"):
+        p.error("ComfyUI detects T5-XXL by its width and depth: --comfyui needs --size xxl or xxl-thin")
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown {v!r}; known: {', '.join(VARIANTS)}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    comfy = import_comfyui(args.comfyui, args.comfyui_gguf, not cuda, args.comfyui_args) if args.comfyui else None
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     folder = Path(args.dir or tempfile.mkdtemp(prefix="gguf_gpu_"))
     vocab = SIZES[args.size][0]
-    ids = torch.randint(3, vocab, (1, 512), generator=torch.Generator().manual_seed(1)).to(device)
+    ids = torch.randint(3, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(1)).to(device)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if cuda else 'CPU'}, size {args.size}, "
-          f"{'eager' if args.eager else 'compiled'}", flush=True)
-    rows = []
+          f"1x{args.tokens}, {'eager' if args.eager else 'compiled'}", flush=True)
+    rows, comfy_rows, variant_rows = [], [], []
     for qtype in args.types.split(","):
         t0 = time.perf_counter()
         path = folder / f"t5-{args.size}-{qtype}.gguf"
@@ -187,17 +463,94 @@ def main() -> None:
         out = compressed.encode(ids)
         peak_gb = (torch.cuda.max_memory_allocated(device) - before) / 1e9 if cuda else float("nan")
         err_c, err_b = relative_error(out, want), relative_error(bf16.encode(ids), want)
-        ms_c, ms_b = timed(compressed, ids, args.reps), timed(bf16, ids, args.reps)
+        calls = {"compressed": partial(compressed.encode, ids), "bf16": partial(bf16.encode, ids)}
+        variant_info = {}
+        if args.dequant:
+            calls["compressed dequant"] = dequant_only(compressed.model, args.eager)
+        for v in variants:
+            before = torch.cuda.memory_allocated(device) if cuda else 0
+            t0 = time.perf_counter()
+            enc = load_variant(path, v, device, args.eager)
+            v_gb = ((torch.cuda.memory_allocated(device) - before) if cuda else
+                    sum(t.numel() * t.element_size() for t in [*enc.model.parameters(), *enc.model.buffers()])) / 1e9
+            t1 = time.perf_counter()
+            err_v = relative_error(enc.encode(ids), want)  # the first call compiles
+            variant_info[v] = (v_gb, err_v)
+            print(f"{qtype}: variant {v}: loaded in {t1 - t0:.1f} s, {v_gb:.2f} GB, first call (compiling) "
+                  f"{time.perf_counter() - t1:.1f} s, error {err_v:.2e}", flush=True)
+            calls[v] = partial(enc.encode, ids)
+            if args.dequant:
+                calls[v + " dequant"] = dequant_only(enc.model, args.eager)
+        clip = None
+        if comfy is not None:
+            with torch.inference_mode():  # as ComfyUI's executor runs every node
+                before = torch.cuda.memory_allocated(device) if cuda else 0
+                t0 = time.perf_counter()
+                clip = comfy_gguf_clip(comfy, path, args.size)
+                c_load_s = time.perf_counter() - t0
+                c_gb = (torch.cuda.memory_allocated(device) - before) / 1e9 if cuda else float("nan")
+                loaded, size = clip.patcher.loaded_size() / 1e9, clip.patcher.model_size() / 1e9
+                t5 = clip.cond_stage_model.t5xxl
+                tokens = {"l": [], "g": [], "t5xxl": [[(int(t), 1.0) for t in ids[0].tolist()]]}
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
+                cond = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)["cond"]
+                c_peak = (torch.cuda.max_memory_allocated(device) - before) / 1e9 if cuda else float("nan")
+                err_g = relative_error(cond.to(want.device), want)
+            calls.update({"ComfyUI-GGUF encode": partial(comfy_encode, clip, tokens),
+                          "its forward": partial(comfy_forward, t5, [[t for t, _ in tokens["t5xxl"][0]]])})
+            print(f"{qtype}: ComfyUI-GGUF loaded in {c_load_s:.1f} s, {c_gb:.2f} GB on the device (its patcher: "
+                  f"{loaded:.2f} of {size:.2f} GB loaded), encode peak +{c_peak:.2f} GB, error {err_g:.2e}; cond "
+                  f"{tuple(cond.shape)} {cond.dtype} on {cond.device}", flush=True)
+        ms = timed(calls, args.reps, cuda)
+        ms_c, ms_b = ms["compressed"], ms["bf16"]
+        if args.dequant:
+            print(f"{qtype}: dequantization alone: " + ", ".join(f"{k.removesuffix(' dequant')} {v:.2f} ms"
+                                                                 for k, v in ms.items() if k.endswith(" dequant")),
+                  flush=True)
         rows.append((qtype, file_gb, model_gb, peak_gb, load_s, ms_c, ms_b, err_c, err_b))
         print(f"{qtype}: model {model_gb:.2f} GB, encode peak +{peak_gb:.2f} GB, {ms_c:.2f} ms vs bf16 {ms_b:.2f} ms, "
               f"error {err_c:.2e} vs bf16 {err_b:.2e}", flush=True)
-        del compressed, bf16, out, want
+        for v, (v_gb, err_v) in variant_info.items():
+            dq = f"{ms[v + ' dequant']:.2f} / {ms['compressed dequant']:.2f}" if args.dequant else "-"
+            variant_rows.append((qtype, v, v_gb, ms[v], ms_c, ms_b, err_v, dq))
+            print(f"{qtype}: variant {v}: {ms[v]:.2f} ms ({ms[v] / ms_b:.2f}x bf16, {ms[v] / ms_c:.2f}x compressed)",
+                  flush=True)
+        if clip is not None:
+            ms_g, ms_f = ms["ComfyUI-GGUF encode"], ms["its forward"]
+            comfy_rows.append((qtype, c_gb, c_peak, c_load_s, ms_c, ms_g, ms_f, err_c, err_g))
+            print(f"{qtype}: ComfyUI-GGUF encode {ms_g:.2f} ms, its forward {ms_f:.2f} ms: ours {ms_g / ms_c:.2f}x "
+                  f"/ {ms_f / ms_c:.2f}x faster", flush=True)
+            comfy.mm.unload_all_models()
+            del clip, t5, cond
+        del compressed, bf16, out, want, calls
+        enc = None
+        gc.collect()
+        if comfy is not None:
+            comfy.mm.soft_empty_cache()
+        elif cuda:
+            torch.cuda.empty_cache()
         path.unlink()
-    print("\n| type | file tensors GB | model GB after load | encode peak GB over model | load s "
-          "| ms 1x512 compressed | ms 1x512 bf16 | ratio | rel. error compressed | rel. error bf16 |")
+    print(f"\n| type | file tensors GB | model GB after load | encode peak GB over model | load s "
+          f"| ms 1x{args.tokens} compressed | ms 1x{args.tokens} bf16 | ratio | rel. error compressed | rel. error bf16 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for q, f, m, pk, ls, mc, mb, ec, eb in rows:
         print(f"| {q} | {f:.2f} | {m:.2f} | {pk:.2f} | {ls:.1f} | {mc:.2f} | {mb:.2f} | {mc / mb:.2f}x | {ec:.2e} | {eb:.2e} |")
+    if variant_rows:
+        print(f"\n| type | variant | model GB | ms 1x{args.tokens} | vs bf16 | vs compressed | rel. error "
+              f"| dequant alone ms (variant / compressed) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for q, v, g, mv, mc, mb, ev, dq in variant_rows:
+            print(f"| {q} | {v} | {g:.2f} | {mv:.2f} | {mv / mb:.2f}x | {mv / mc:.2f}x | {ev:.2e} | {dq} |")
+    if comfy_rows:
+        print(f"\n| type | ComfyUI-GGUF GB on device | its encode peak GB | its load s | ms 1x{args.tokens} ours compressed "
+              f"| ms ComfyUI-GGUF encode | ms its forward | ours faster (encode / forward) | rel. error ours "
+              f"| rel. error ComfyUI-GGUF |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for q, g, pk, ls, mc, mg, mf, ec, eg in comfy_rows:
+            print(f"| {q} | {g:.2f} | {pk:.2f} | {ls:.1f} | {mc:.2f} | {mg:.2f} | {mf:.2f} | {mg / mc:.2f}x / "
+                  f"{mf / mc:.2f}x | {ec:.2e} | {eg:.2e} |")
 
 
 if __name__ == "__main__":
