@@ -46,7 +46,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -184,13 +183,13 @@ def clip_l_entries(device, seed: int) -> list:
     return [(k, tuple(v.shape), torch.float16, (lambda v=v: v)) for k, v in sd.items() if v.is_floating_point()]
 
 
-def make_models(folder: Path, tiny: bool, device: str, seed: int = 0) -> dict:
-    """Write the three files unless a file with the same recipe is there; -> {file: seconds spent}."""
+def make_models(folder: Path, tiny: bool, device: str, families: list, seed: int = 0) -> dict:
+    """Write the files the families need unless a file with the same recipe is there; -> {file: seconds spent}."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = TINY if tiny else XXL
-    spiece = padded_spiece(32000 if tiny else UMT5_PIECES)
+    spiece = padded_spiece(32000 if tiny or "wan" not in families else UMT5_PIECES)
     umt5_vocab = T5_VOCAB if tiny else UMT5_VOCAB
     recipes = {
         "t5": (lambda: t5_entries(cfg, T5_VOCAB, False, device, seed), {"cfg": cfg, "vocab": T5_VOCAB}),
@@ -199,8 +198,11 @@ def make_models(folder: Path, tiny: bool, device: str, seed: int = 0) -> dict:
             {"cfg": cfg, "vocab": umt5_vocab, "pieces": len(spiece)}),
         "clip_l": (lambda: clip_l_entries(device, seed + 2), {"clip": "L"}),
     }
+    needed = {"flux": ("t5", "clip_l"), "wan": ("umt5",)}
     spent = {}
     for key, (entries, recipe) in recipes.items():
+        if not any(key in needed[f] for f in families):
+            continue
         path, tag = folder / FILES[key], json.dumps({**recipe, "seed": seed}, sort_keys=True)
         marker = path.with_name(path.name + ".recipe")
         if path.exists() and marker.exists() and marker.read_text() == tag:
@@ -262,8 +264,10 @@ def make_base(work: Path, models: Path) -> Path:
     te = base / "models" / "text_encoders"
     te.mkdir(parents=True, exist_ok=True)
     for f in FILES.values():
-        if not (te / f).exists():
-            (te / f).symlink_to((models / f).resolve())
+        link = te / f
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to((models / f).resolve())
     (base / "output").mkdir(exist_ok=True)
     (work / "frontend").mkdir(exist_ok=True)
     (work / "frontend" / "index.html").write_text("<!doctype html><title>ComfyUI (t5core check)</title>\n")
@@ -486,13 +490,14 @@ def table(result: dict) -> str:
     for family in FAMILIES:
         comfy, ours = result["blocks"].get(f"{family}/comfy"), result["blocks"].get(f"{family}/t5core_fp16")
         if comfy and ours and ours["exec_ms"] and comfy["exec_ms"]:
-            rows.append(f"\n{family}: t5core fp16 is {comfy['exec_ms']['median'] / ours['exec_ms']['median']:.1f}x "
-                        f"faster per encode than ComfyUI's loader (median execution time)")
+            ratio = comfy["exec_ms"]["median"] / max(ours["exec_ms"]["median"], 1e-9)
+            rows.append(f"\n{family}: median time per encode, ComfyUI's loader / t5core fp16 = {ratio:.1f}x")
     if "lowvram" in result:
-        lv = result["lowvram"]
-        rows.append(f"\n{lv['flags']}: {lv.get('block', {}).get('exec_ms')} ms per encode, first "
-                    f"{lv.get('block', {}).get('first_ms')} ms, peak {lv.get('block', {}).get('peak_GiB')} GiB; "
-                    f"vs normal mode: {lv.get('vs_normal')}")
+        lv, block = result["lowvram"], result["lowvram"].get("block", {})
+        rows.append(f"\nlow-VRAM phase (server flags: {lv['flags'] or 'none, --cpu'}; {lv['variant']}): first encode "
+                    f"incl. load {block.get('first_ms')} ms, then {block.get('exec_ms')} ms, peak "
+                    f"{block.get('peak_GiB')} GiB; vs the normal-mode conditioning: {lv.get('vs_normal')}"
+                    + (f"; error: {lv['error']}" if "error" in lv else ""))
     return "\n".join(rows)
 
 
@@ -516,7 +521,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="where the JSON and the server log go")
     ap.add_argument("--wheels", default=str(ROOT / ".comfy" / "wheels"), help="wheels for what ComfyUI lacks")
     ap.add_argument("--models", default=None, help="model folder (default /tmp/t5core_gpucheck_models[_tiny])")
-    ap.add_argument("--work", default=None, help="work folder (default: a new temporary one)")
+    ap.add_argument("--work", default=None, help="work folder, kept between runs: the low-VRAM phase compares with "
+                    "the conditioning a normal run saved there (default /tmp/t5core_gpucheck_work[_tiny])")
     ap.add_argument("--tiny", action="store_true", help="small models (CPU test)")
     ap.add_argument("--cpu", action="store_true", help="ComfyUI --cpu, models generated on the CPU")
     ap.add_argument("--prompts", type=int, default=20, help="timed prompt changes per variant")
@@ -531,7 +537,7 @@ def main() -> None:
     ap.add_argument("--lowvram-prompts", type=int, default=5, help="prompts in the low-VRAM phase, the first saved")
     ap.add_argument("--lowvram-variant", choices=VARIANTS, default="t5core_fp16")
     ap.add_argument("--lowvram-compile", action="store_true", help="compile in the low-VRAM phase too")
-    ap.add_argument("--lowvram-timeout", type=float, default=240.0, help="seconds per prompt in the low-VRAM phase")
+    ap.add_argument("--lowvram-timeout", type=float, default=150.0, help="seconds per prompt in the low-VRAM phase")
     ap.add_argument("--block-budget", type=float, default=120.0, help="seconds of timed prompts per variant at most")
     ap.add_argument("--prompt-timeout", type=float, default=300.0)
     ap.add_argument("--start-timeout", type=float, default=300.0)
@@ -542,7 +548,8 @@ def main() -> None:
         args.compile = False  # CPU inductor needs a C++ toolchain; the CPU run checks the path, not the speed
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work or tempfile.mkdtemp(prefix="t5core_gpucheck_"))
+    work = Path(args.work or f"/tmp/t5core_gpucheck_work{'_tiny' if args.tiny else ''}")
+    work.mkdir(parents=True, exist_ok=True)
     models = Path(args.models or f"/tmp/t5core_gpucheck_models{'_tiny' if args.tiny else ''}")
     families = [f for f in args.families.split(",") if f]
     variants = [v for v in args.variants.split(",") if v]
@@ -556,7 +563,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if not args.skip_models:
-        result["models_written_s"] = make_models(models, args.tiny, "cpu" if args.cpu else "cuda")
+        result["models_written_s"] = make_models(models, args.tiny, "cpu" if args.cpu else "cuda", families)
     phase("models", t0)
 
     base = make_base(work, models)
