@@ -233,13 +233,16 @@ def server_pythonpath(work: Path, wheels: str) -> str:
     """PYTHONPATH for the server: wheels installed with --target (only packages this Python lacks, so its own win),
     then stand-ins for av / torchvision where they do not import, then the caller's PYTHONPATH."""
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if wheels and Path(wheels).is_dir():
-        site = work / "site"
-        whls = sorted(str(w) for w in Path(wheels).glob("*.whl"))
-        if whls and not site.exists():
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                            "--disable-pip-version-check", "--target", str(site), *whls], check=True)
-        paths.append(str(site))
+    whls = sorted(str(w) for w in Path(wheels).glob("*.whl")) if wheels and Path(wheels).is_dir() else []
+    site = work / "site"
+    if whls and not site.exists():
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                              "--disable-pip-version-check", "--target", str(site), *whls], check=False)
+        if pip.returncode != 0:  # no pip: pure-Python wheels import from the zip files themselves
+            shutil.rmtree(site, ignore_errors=True)
+            log("server: pip failed; the wheels go on PYTHONPATH as they are (pure Python only)")
+    if whls:
+        paths.extend([str(site)] if site.exists() else whls)
     stubs = work / "stubs"
     for module, files in STUB_MODULES.items():
         probe = subprocess.run([sys.executable, "-c", f"import {module}; import {files[-1].replace('/', '.')}"],
