@@ -21,7 +21,8 @@ What it does, in phases (each printed with its time; --skip-* flags leave phases
      flux) -> CLIPTextEncodeFlux / CLIPLoader(umt5, wan) -> CLIPTextEncode; t5core_fp16 / t5core_bf16 = Load T5
      Encoder (fast) on the same file (weight_dtype fp16 with its preset scales / bf16, compiled on the GPU) -> T5
      Encoder to CLIP (fast) (flux: with ComfyUI's CLIPLoader clip_l) -> the same encode node. Blocks, not
-     interleaved, so that each variant's peak VRAM is its own. Time per encode: the prompt's execution_start ->
+     interleaved, so that each variant's peak VRAM is its own (--interleave N adds N rounds alternating between
+     the variants, all loaded, for times alone). Time per encode: the prompt's execution_start ->
      execution_success timestamps in /history (ms), and the client's wall clock from POST to the history entry.
   4. precision (a subprocess with ComfyUI imported): float32 reference = ComfyUI's own CLIP for the family built
      from the same file with model_options dtype float32, TF32 off, on the GPU; the saved prompt through ComfyUI's
@@ -428,6 +429,21 @@ def run_block(server: Server, family: str, variant: str, texts: list, args, tag:
     return out
 
 
+def run_interleaved(server: Server, family: str, variants: list, rounds: int, args) -> dict:
+    """All the family's variants loaded at once (no /free), prompts alternating between them round by round, so
+    that a drift in the machine's speed hits every variant alike. Times only: the peaks mix the variants."""
+    texts = prompts(rounds + 1, seed=2)
+    for v in variants:  # loaded (and compiled) again after the blocks' /free: not timed
+        server.run(graph(family, v, texts[0], "", args.compile), args.prompt_timeout)
+    times = {v: [] for v in variants}
+    for text in texts[1:]:
+        for v in variants:
+            times[v].append(server.run(graph(family, v, text, "", args.compile), args.prompt_timeout)["exec_ms"])
+    out = {v: summary(t) for v, t in times.items()}
+    log(f"{family} interleaved: " + ", ".join(f"{v} {out[v].get('median')} ms" for v in variants))
+    return out
+
+
 # -- 4. precision (runs in a subprocess with ComfyUI imported) ------------------------------------------------------
 def metrics(a, b) -> dict:
     import torch
@@ -495,6 +511,10 @@ def table(result: dict) -> str:
         if comfy and ours and ours["exec_ms"] and comfy["exec_ms"]:
             ratio = comfy["exec_ms"]["median"] / max(ours["exec_ms"]["median"], 1e-9)
             rows.append(f"\n{family}: median time per encode, ComfyUI's loader / t5core fp16 = {ratio:.1f}x")
+    for family, times in result.get("interleaved", {}).items():
+        rows.append(f"\n{family}, interleaved (all variants loaded, prompts alternating): "
+                    + ", ".join(f"{v} median {t.get('median')} ms (p10 {t.get('p10')}, p90 {t.get('p90')})"
+                                for v, t in times.items()))
     if "lowvram" in result:
         lv, block = result["lowvram"], result["lowvram"].get("block", {})
         rows.append(f"\nlow-VRAM phase (server flags: {lv['flags'] or 'none, --cpu'}; {lv['variant']}): first encode "
@@ -529,6 +549,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small models (CPU test)")
     ap.add_argument("--cpu", action="store_true", help="ComfyUI --cpu, models generated on the CPU")
     ap.add_argument("--prompts", type=int, default=20, help="timed prompt changes per variant")
+    ap.add_argument("--interleave", type=int, default=0, help="after each family's blocks, this many rounds of "
+                    "prompts alternating between its variants, all loaded (times only)")
     ap.add_argument("--families", default="flux,wan")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="t5core without torch.compile")
@@ -582,7 +604,9 @@ def main() -> None:
     try:
         if not args.skip_bench:
             t0 = time.perf_counter()
-            server = Server(args, base, env, [], log_file)
+            # interleaving needs every variant's loader outputs kept: ComfyUI's default cache keeps only the last
+            # prompt's, so alternating graphs would load again each time
+            server = Server(args, base, env, ["--cache-lru", "64"] if args.interleave else [], log_file)
             phase("server_start", t0)
             try:
                 for family in families:
@@ -590,6 +614,11 @@ def main() -> None:
                         t0 = time.perf_counter()
                         result["blocks"][f"{family}/{variant}"] = run_block(server, family, variant, texts, args)
                         phase(f"{family}/{variant}", t0)
+                    if args.interleave:
+                        t0 = time.perf_counter()
+                        result.setdefault("interleaved", {})[family] = run_interleaved(server, family, variants,
+                                                                                       args.interleave, args)
+                        phase(f"{family}/interleaved", t0)
             finally:
                 server.stop()
         if not args.skip_precision and not args.skip_bench:
