@@ -10,11 +10,11 @@ What it does, in phases (each printed with its time; --skip-* flags leave phases
      streamed to disk tensor by tensor; kept in --models for the next run (same sizes and seed: not rewritten).
      --tiny: T5-XXL's key names and widths (ComfyUI recognises XXL by 24 layers of 4096) with 2 heads and a 32-wide
      FFN; ComfyUI's loaders get the small config through tools/comfyui_sink (T5CORE_BENCH_TE_CONFIG).
-  2. server: `python3 main.py` of --comfy with a temporary --base-directory: custom_nodes/ holds this repository and
+  2. server: `python3 main.py` of --comfy with --base-directory in --work: custom_nodes/ holds this repository and
      tools/comfyui_sink (T5CoreBenchSink: synchronizes CUDA, reports and resets the peak of
      torch.cuda.max_memory_allocated, saves the conditioning when named); --front-end-root is a one-page folder (no
-     frontend package needed). Missing start-up modules: wheels from --wheels (tools/comfy_bundle.sh) are installed
-     into a --target folder; `av` (and torchvision, where it does not import) get stand-in packages.
+     frontend package needed), --disable-api-nodes. Missing start-up modules: wheels from --wheels (default
+     .comfy/wheels, from tools/comfy_bundle.sh) installed with pip --target (without pip: the zip files); `av` (and torchvision, where it does not import) get stand-in packages.
   3. per family (flux, wan) and variant, over the HTTP API (POST /prompt, GET /history): POST /free (unload, clear
      the cache), then the precision prompt (its conditioning saved; reported as "first encode incl. load") and
      --prompts different prompts (~100-250 T5 tokens). Variants: comfy = ComfyUI's DualCLIPLoader(clip_l, t5xxl,
@@ -29,11 +29,18 @@ What it does, in phases (each printed with its time; --skip-* flags leave phases
      tokenizer and encode path; relative error ||a-b||/||b|| and |diff| quantiles of each variant's saved output.
   5. --lowvram-mode novram | lowvram (default novram): the server restarted with --novram, or --lowvram
      --reserve-vram R; the t5core_fp16 flux graph on --lowvram-prompts prompts (the precision prompt first, compared
-     with the normal-mode conditioning); time and peak VRAM. Whatever ComfyUI does with the weights is reported.
+     with the normal-mode conditioning); time and peak VRAM; not compiled unless --lowvram-compile; each prompt
+     stops after --lowvram-timeout. ComfyUI's own lines on what it loaded where go into the JSON (with today's
+     nodes, as for ComfyUI's own T5, --novram / --lowvram put the text encoder on the CPU).
 Writes --out/comfyui_gpu_check.json and --out/comfyui_server.log (both servers' logs) and prints a markdown table.
 
-On the GPU machine (repository root; .comfy/ built here by tools/comfy_bundle.sh and carried):
-    python3 tools/comfyui_gpu_check.py --comfy .comfy/ComfyUI --wheels .comfy/wheels --out $OUT
+On the GPU machine (repository root; .comfy/ built here by tools/comfy_bundle.sh and carried), everything at once:
+    python3 tools/comfyui_gpu_check.py --comfy .comfy/ComfyUI --out $OUT
+or in three calls that each stay well inside a 10-minute limit (the model files in /tmp/t5core_gpucheck_models and
+the saved conditioning in /tmp/t5core_gpucheck_work are reused while the machine stays up):
+    python3 tools/comfyui_gpu_check.py --comfy .comfy/ComfyUI --out $OUT --families flux --lowvram-mode none
+    python3 tools/comfyui_gpu_check.py --comfy .comfy/ComfyUI --out $OUT --families wan --lowvram-mode none
+    python3 tools/comfyui_gpu_check.py --comfy .comfy/ComfyUI --out $OUT --families flux --skip-bench
 CPU test (2 cores, a few minutes):
     PYTHONPATH=/tmp/comfy_site /work/main/.venv/bin/python tools/comfyui_gpu_check.py --comfy /tmp/comfyui \
         --tiny --cpu --prompts 4 --out /tmp/gpucheck_out
