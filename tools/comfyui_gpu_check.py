@@ -18,8 +18,8 @@ What it does, in phases (each printed with its time; --skip-* flags leave phases
   3. per family (flux, wan) and variant, over the HTTP API (POST /prompt, GET /history): POST /free (unload, clear
      the cache), then the precision prompt (its conditioning saved; reported as "first encode incl. load") and
      --prompts different prompts (~100-250 T5 tokens). Variants: comfy = ComfyUI's DualCLIPLoader(clip_l, t5xxl,
-     flux) -> CLIPTextEncodeFlux / CLIPLoader(umt5, wan) -> CLIPTextEncode; t5core_fp16 / t5core_bf16 = Load T5
-     Encoder (fast) on the same file (weight_dtype fp16 with its preset scales / bf16, compiled on the GPU) -> T5
+     flux) -> CLIPTextEncodeFlux / CLIPLoader(umt5, wan) -> CLIPTextEncode; t5core_fp16 / _bf16 / _fp32 = Load T5
+     Encoder (fast) on the same file (weight_dtype fp16 with its preset scales / bf16 / fp32, compiled on the GPU) -> T5
      Encoder to CLIP (fast) (flux: with ComfyUI's CLIPLoader clip_l) -> the same encode node. Blocks, not
      interleaved, so that each variant's peak VRAM is its own (--interleave N adds N rounds alternating between
      the variants, all loaded, for times alone). Time per encode: the prompt's execution_start ->
@@ -27,8 +27,9 @@ What it does, in phases (each printed with its time; --skip-* flags leave phases
   4. precision (a subprocess with ComfyUI imported): float32 reference = ComfyUI's own CLIP for the family built
      from the same file with model_options dtype float32, TF32 off, on the GPU; the saved prompt through ComfyUI's
      tokenizer and encode path; relative error ||a-b||/||b|| and |diff| quantiles of each variant's saved output.
-  5. --lowvram-mode novram | lowvram (default novram): the server restarted with --novram, or --lowvram
-     --reserve-vram R; the t5core_fp16 flux graph on --lowvram-prompts prompts (the precision prompt first, compared
+  5. --lowvram-mode reserve | novram | lowvram (default reserve): the server restarted with --reserve-vram R (a GPU
+     short of room: ComfyUI loads the text encoder partially onto the GPU, streaming the rest; R = 133 GB leaves an
+     H200 about 6 GB, less than T5-XXL's 9.5), --novram, or --lowvram --reserve-vram R; the t5core_fp16 flux graph on --lowvram-prompts prompts (the precision prompt first, compared
      with the normal-mode conditioning); time and peak VRAM; not compiled unless --lowvram-compile; each prompt
      stops after --lowvram-timeout. ComfyUI's own lines on what it loaded where go into the JSON (with today's
      nodes, as for ComfyUI's own T5, --novram / --lowvram put the text encoder on the CPU).
@@ -67,7 +68,7 @@ TINY = {"d_model": 4096, "num_heads": 2, "d_kv": 16, "d_ff": 32, "num_layers": 2
 T5_VOCAB, UMT5_VOCAB, UMT5_PIECES = 32128, 256384, 256300
 FILES = {"t5": "t5xxl_fp16.safetensors", "umt5": "umt5_xxl_fp16.safetensors", "clip_l": "clip_l.safetensors"}
 FAMILIES = ("flux", "wan")
-VARIANTS = ("comfy", "t5core_fp16", "t5core_bf16")
+VARIANTS = ("comfy", "t5core_fp16", "t5core_bf16", "t5core_fp32")
 WORDS = ("a red fox sitting in snowy birch forest at dawn soft golden light shallow depth of field photograph old "
          "lighthouse on rocky cliff stormy sea waves crashing cinematic wide shot woman reading book cozy cafe rain "
          "window neon reflections night city street market stalls lanterns steam rising from bowls of noodles "
@@ -564,8 +565,8 @@ def main() -> None:
     ap.add_argument("--skip-models", action="store_true", help="use --models as it is")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-precision", action="store_true")
-    ap.add_argument("--lowvram-mode", choices=("novram", "lowvram", "none"), default="novram")
-    ap.add_argument("--reserve-vram", type=float, default=130.0, help="GB, with --lowvram-mode lowvram")
+    ap.add_argument("--lowvram-mode", choices=("reserve", "novram", "lowvram", "none"), default="reserve")
+    ap.add_argument("--reserve-vram", type=float, default=133.0, help="GB, with --lowvram-mode reserve / lowvram")
     ap.add_argument("--lowvram-prompts", type=int, default=5, help="prompts in the low-VRAM phase, the first saved")
     ap.add_argument("--lowvram-variant", choices=VARIANTS, default="t5core_fp16")
     ap.add_argument("--lowvram-compile", action="store_true", help="compile in the low-VRAM phase too")
@@ -640,8 +641,8 @@ def main() -> None:
             phase("precision", t0)
         if args.lowvram_mode != "none":
             t0 = time.perf_counter()
-            flags = ["--novram"] if args.lowvram_mode == "novram" else ["--lowvram", "--reserve-vram",
-                                                                       str(args.reserve_vram)]
+            flags = {"reserve": ["--reserve-vram", str(args.reserve_vram)], "novram": ["--novram"],
+                     "lowvram": ["--lowvram", "--reserve-vram", str(args.reserve_vram)]}[args.lowvram_mode]
             if args.cpu:  # ComfyUI refuses the VRAM flags with --cpu: the CPU test restarts and compares only
                 flags = []
             log_file.flush()
