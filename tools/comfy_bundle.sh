@@ -4,7 +4,8 @@
 # device's Python lacks. The device has torch, transformers, safetensors, aiohttp, yarl, einops, pyyaml, pillow,
 # scipy, psutil, tqdm, numpy, sentencepiece and tokenizers, and no network.
 #
-#   tools/comfy_bundle.sh                     # .comfy/ComfyUI + .comfy/wheels (cp312, the device's Python)
+#   tools/comfy_bundle.sh      # .comfy/ComfyUI + .comfy/ComfyUI-GGUF + .comfy/wheels (cp312, the device's Python)
+# (the snapshots from the `fetch` tool: github:Comfy-Org/ComfyUI and github:city96/ComfyUI-GGUF)
 #
 # Not bundled: comfyui-frontend-package (large; tools/comfyui_gpu_check.py passes --front-end-root with a
 # one-page folder), workflow templates and embedded docs (optional at start); comfy_api_nodes/ (the check passes
@@ -36,6 +37,13 @@ if [ ! -d .comfy/ComfyUI ]; then
   git --git-dir="$GIT_DIR" archive --format=tar "$(git --git-dir="$GIT_DIR" write-tree)" | tar -x -C .comfy/ComfyUI
   rm -f "$index"; unset GIT_INDEX_FILE
   git --git-dir="$GIT_DIR" rev-parse HEAD > .comfy/ComfyUI/.commit
+fi
+# city96's ComfyUI-GGUF (benchmarks/gguf_gpu.py --comfyui-gguf: its own forward on the same GGUF file)
+GGUF_GIT_DIR=${GGUF_GIT_DIR:-$(find /work/.mirror/city96+ComfyUI-GGUF -maxdepth 2 -name HEAD -printf '%h\n' | head -1)}
+if [ ! -d .comfy/ComfyUI-GGUF ] && [ -n "$GGUF_GIT_DIR" ]; then
+  mkdir -p .comfy/ComfyUI-GGUF
+  git --git-dir="$GGUF_GIT_DIR" archive HEAD | tar -x -C .comfy/ComfyUI-GGUF
+  git --git-dir="$GGUF_GIT_DIR" rev-parse HEAD > .comfy/ComfyUI-GGUF/.commit
 fi
 mkdir -p "$WHEELS"
 for p in $PACKAGES; do
