@@ -8,11 +8,19 @@ Not part of the test run (ComfyUI is not on PyPI). Usage, with a ComfyUI checkou
 (COMFYUI_EXTRA_SITE may name a folder of extra packages ComfyUI needs.) The weights are tiny but shaped so that
 ComfyUI's detect_te_model recognises them: 24 layers, T5-XXL's 4096 width (1024 for Cosmos' T5 v1.0) with 2 heads
 and a 32-wide FFN; ComfyUI is told the small sizes through its <model>_model_config option. The UMT5 file embeds a
-small sentencepiece model trained here, as ComfyUI's UMT5 files embed theirs."""
+small sentencepiece model trained here, as ComfyUI's UMT5 files embed theirs. HiDream also gets a Llama: Llama 3.1's
+key names, 128256-token vocabulary and 128-wide heads (ComfyUI's Llama2Config fixes head_dim), 4 layers of width 64
+(llama_model_config); its CLIP input is ComfyUI's own QuadrupleCLIPLoader CLIP (clip_l, clip_g, t5xxl, llama: ComfyUI
+loads three files as SD3 whatever the type, so clip_l + clip_g + llama alone cannot be a HiDream CLIP) or its
+CLIPLoader(llama, hidream) CLIP, compared with QuadrupleCLIPLoader / DualCLIPLoader(t5xxl, llama, hidream), through
+CLIPTextEncode and CLIPTextEncodeHiDream."""
 import asyncio
+import atexit
+import gc
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import types
@@ -36,7 +44,7 @@ logging.basicConfig(level=logging.WARNING)
 import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaModel  # noqa: E402
 from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel  # noqa: E402
 
 import comfy.model_management as mm  # noqa: E402
@@ -45,18 +53,21 @@ import folder_paths  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 
 tmp = Path(tempfile.mkdtemp())
+atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # about 5 GB of weights
 te = tmp / "text_encoders"
 te.mkdir()
 folder_paths.folder_names_and_paths["text_encoders"] = ([str(te)], folder_paths.supported_pt_extensions)
 SMALL = {"num_layers": 24, "num_heads": 2, "d_kv": 16, "d_ff": 32}
 UMT5_VOCAB = 256  # at least the pieces of the sentencepiece model below (about 160), at most twice as many
+LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2,
+         "num_key_value_heads": 1}  # ComfyUI's llama_model_config; head_dim is ComfyUI's fixed 128
 
 
 def randomize(model, seed):
     torch.manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "layer_norm" in n:
+            if "layer_norm" in n or n.endswith("norm.weight"):  # T5's layer_norm, Llama's RMSNorms
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif "shared" in n or "embed" in n or "relative" in n:
                 p.normal_(0, 1)
@@ -81,6 +92,14 @@ def clip_file(name, hidden, layers, heads):
     save_file({k: v.clone().contiguous() for k, v in CLIPTextModelWithProjection(cfg).state_dict().items()}, te / name)
 
 
+def llama_file(name):
+    """A Llama as ComfyUI's loaders detect it (model.layers.0.post_attention_layernorm.weight: LLAMA3_8; no k_proj
+    bias: not a Qwen), with Llama 3.1's vocabulary (HiDream's pad id 128009 must exist) and head width."""
+    cfg = LlamaConfig(vocab_size=128256, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, **LLAMA)
+    sd = randomize(LlamaModel(cfg).eval(), seed=len(name))
+    save_file({f"model.{k}": v for k, v in sd.items()}, te / name)
+
+
 def umt5_spiece() -> bytes:
     """A small unigram sentencepiece model with UMT5's special ids (pad 0, eos 1, unk 2)."""
     words = ("a red fox in the snow detailed photo of cat dog running through forest at night with moon light over "
@@ -101,6 +120,7 @@ t5_file("umt5.safetensors", "umt5", 4096, vocab_size=UMT5_VOCAB,
         extra={"spiece_model": torch.frombuffer(bytearray(spiece), dtype=torch.uint8)})  # ComfyUI: T5_XXL, WAN
 clip_file("clip_l.safetensors", 768, 12, 12)
 clip_file("clip_g.safetensors", 1280, 32, 20)
+llama_file("llama.safetensors")
 print("files written to", te)
 
 # our package, loaded the way ComfyUI loads a custom node
@@ -119,7 +139,8 @@ for n in ours.values():
 families = ours["T5CoreEncoderToCLIP"].GET_NODE_INFO_V1()["input"]["required"]["family"][1]["options"]
 print("families offered:", families)
 
-small = {"t5xxl_model_config": SMALL, "umt5xxl_model_config": {**SMALL, "vocab_size": UMT5_VOCAB}, "dtype": torch.float32}
+small = {"t5xxl_model_config": SMALL, "umt5xxl_model_config": {**SMALL, "vocab_size": UMT5_VOCAB},
+         "llama_model_config": LLAMA, "dtype": torch.float32}
 FILES = {"cosmos": "t5_v10.safetensors", "wan": "umt5.safetensors"}
 P = lambda *f: [str(te / x) for x in f]  # noqa: E731
 TEXTS = ["a (red:1.3) fox in the snow, ((detailed))", "", "a photo of a cat " * 70]
@@ -136,10 +157,23 @@ def our_encoder(file):
 
 def our_clip(family, clip=None):
     enc = our_encoder(FILES.get(family, "t5_v11.safetensors"))
-    return ours["T5CoreEncoderToCLIP"].execute(t5_encoder=enc, family=family, **({"clip": clip} if clip else {})).args[0]
+    clip_arg = {"clip": clip} if clip else {}
+    return ours["T5CoreEncoderToCLIP"].execute(t5_encoder=enc, family=family, **clip_arg).args[0]
 
 
-def text_encode(clip, text, family):
+def llama_text(text):
+    """The text with Llama 3 special tokens around it, which a checkout without llama_tokenizer/tokenizer.json still
+    tokenizes (each to its own id, unlike words): the Llama's input then differs from text to text."""
+    return f"<|start_header_id|>user<|end_header_id|> {text} <|reserved_special_token_{len(text) % 200}|><|eot_id|>"
+
+
+def text_encode(clip, text, family, node=None):
+    if node == "CLIPTextEncodeHiDream":  # one text per encoder: each field reaches its own
+        from comfy_extras.nodes_hidream import CLIPTextEncodeHiDream
+
+        other = TEXTS[(TEXTS.index(text) + 1) % len(TEXTS)]
+        return CLIPTextEncodeHiDream.execute(clip, clip_l=text, clip_g=other, t5xxl=text,
+                                             llama=llama_text(other)).args[0]
     if family == "flux":
         from comfy_extras.nodes_flux import CLIPTextEncodeFlux
 
@@ -162,14 +196,27 @@ def compare(tag, mine, ref):
             errs.append(float("inf"))
     ok = sorted(da) == sorted(db) and max(errs) <= 1e-5
     worst = max(worst, max(errs))
-    print(f"{'OK  ' if ok else 'FAIL'} {tag:34s} cond {tuple(a.shape)} keys {sorted(db)} max |diff| {max(errs):.2e}")
+    llama = f" llama3 {tuple(db['conditioning_llama3'].shape)}" if "conditioning_llama3" in db else ""
+    print(f"{'OK  ' if ok else 'FAIL'} {tag:34s} cond {tuple(a.shape)}{llama} keys {sorted(db)} "
+          f"max |diff| {max(errs):.2e}")
     return ok
 
 
 results = []
 clip_l = comfy.sd.load_clip(P("clip_l.safetensors"), clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options=small)
-clip_lg = comfy.sd.load_clip(P("clip_l.safetensors", "clip_g.safetensors"), clip_type=comfy.sd.CLIPType.SD3,
-                             model_options=small)
+# CLIP inputs of several GB are loaded when their case comes (a function) and freed after it
+clip_lg = lambda: comfy.sd.load_clip(P("clip_l.safetensors", "clip_g.safetensors"),  # noqa: E731
+                                     clip_type=comfy.sd.CLIPType.SD3, model_options=small)
+quad = P("clip_l.safetensors", "clip_g.safetensors", "t5_v11.safetensors", "llama.safetensors")
+clip_lgtl = lambda: comfy.sd.load_clip(quad, model_options=small)  # noqa: E731  (QuadrupleCLIPLoader: no type)
+llama = comfy.sd.load_clip(P("llama.safetensors"), clip_type=comfy.sd.CLIPType.HIDREAM, model_options=small)
+for what, text in [("text 0", TEXTS[0]), ("CLIPTextEncodeHiDream's llama for text 0", llama_text(TEXTS[1])),
+                   ("CLIPTextEncodeHiDream's llama for text 1", llama_text(TEXTS[2]))]:
+    tok = llama.tokenize(text)["llama"][0]
+    print(f"ComfyUI's Llama tokens for {what}: {len(tok)}, first {[t for t, w in tok[:7]]}")
+if not (Path(comfy.sd.__file__).parent / "text_encoders/llama_tokenizer/tokenizer.json").exists():
+    print("  (this checkout lacks llama_tokenizer/tokenizer.json, a file of 9 MB: transformers builds a tokenizer of "
+          "the special tokens alone, so words reach the Llama as nothing and only the special tokens differ)")
 for family in families:
     ctype = getattr(comfy.sd.CLIPType, family.upper())
     file = FILES.get(family, "t5_v11.safetensors")
@@ -178,6 +225,9 @@ for family in families:
         cases = {"+clip_l": (P("clip_l.safetensors", file), clip_l)}
     elif family == "sd3":
         cases["+clip_l+clip_g"] = (P("clip_l.safetensors", "clip_g.safetensors", file), clip_lg)
+    elif family == "hidream":  # ComfyUI's own: QuadrupleCLIPLoader / DualCLIPLoader(t5xxl, llama, hidream)
+        cases["+clip_l+clip_g+llama"] = (quad, clip_lgtl)
+        cases["+llama"] = (P(file, "llama.safetensors"), llama)
     for label, (paths, parts) in cases.items():
         try:
             ref_clip = comfy.sd.load_clip(paths, clip_type=ctype, model_options=small)
@@ -185,6 +235,10 @@ for family in families:
             print(f"FAIL {family}{label}: ComfyUI's own encoder cannot be built here: {type(e).__name__}: {e}")
             results.append(False)  # a family not compared is not a pass
             continue
+        parts = parts() if callable(parts) else parts
+        if family == "hidream" and parts:
+            print(f"{family}{label}: the CLIP input holds",
+                  [n for n in ("clip_l", "clip_g", "t5xxl", "llama") if getattr(parts.cond_stage_model, n)])
         mine_clip = our_clip(family, parts)
         t5 = getattr(mine_clip.cond_stage_model, "umt5xxl" if family == "wan" else "t5xxl")
         own = [n for n, p in t5.named_parameters() if not p.is_meta and n != "logit_scale"]  # SDClipModel's scalar
@@ -192,7 +246,13 @@ for family in families:
         for i, text in enumerate(TEXTS):
             results.append(compare(f"{family}{label} text {i}", text_encode(mine_clip, text, family),
                                    text_encode(ref_clip, text, family)))
-        del ref_clip
+            if family == "hidream":
+                results.append(compare(f"{family}{label} HiDream node text {i}",
+                                       text_encode(mine_clip, text, family, "CLIPTextEncodeHiDream"),
+                                       text_encode(ref_clip, text, family, "CLIPTextEncodeHiDream")))
+        del ref_clip, mine_clip, parts
+        mm.unload_all_models()  # ComfyUI's list of loaded models holds the CLIPs encoded so far
+        gc.collect()
 
 # Encode Prompt now runs the same ComfyUI code: Flux with guidance 3.5, and a Flux CLIP clone (CLIPSetLastLayer)
 ref_clip = comfy.sd.load_clip(P("clip_l.safetensors", "t5_v11.safetensors"), clip_type=comfy.sd.CLIPType.FLUX,
