@@ -25,7 +25,7 @@ STREAMED = (nn.Linear, nn.Embedding, RMSNorm, Fp8Linear, PackedLinear, PackedEmb
 def make_streamable(model: nn.Module) -> None:
     """Give each module of `model` that holds tensors ComfyUI's cast-weights contract, in place."""
     for module in model.modules():
-        if isinstance(module, STREAMED) and not hasattr(module, "comfy_cast_weights"):
+        if isinstance(module, STREAMED):
             module.__class__ = streamed_class(type(module))
 
 

@@ -180,8 +180,8 @@ class Encoder:
                          num_layers: Optional[int] = None) -> FloatTensor:
         """x: token ids [B, L], or input embeddings [B, L, D] when is_embeds."""
         with torch.cuda.device(x.device):  # streams and capture on the model's GPU, not the current one
-            # Weights moved piecemeal (e.g. by an offloading manager) invalidate captured addresses: recapture.
-            # (Buffers move with their module's parameters and are otherwise updated in place.)
+            # Weights or buffers moved piecemeal (e.g. by an offloading manager) invalidate captured addresses:
+            # recapture. (Buffers are otherwise updated in place.)
             ptrs = self._weight_ptrs()
             if ptrs != self._graph_ptrs:
                 self._drop_graphs()
