@@ -10,9 +10,11 @@ ComfyUI's detect_te_model recognises them: 24 layers, T5-XXL's 4096 width (1024 
 and a 32-wide FFN; ComfyUI is told the small sizes through its <model>_model_config option. The UMT5 file embeds a
 small sentencepiece model trained here, as ComfyUI's UMT5 files embed theirs."""
 import asyncio
+import atexit
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import types
@@ -46,6 +48,7 @@ import folder_paths  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 
 tmp = Path(tempfile.mkdtemp())
+atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # about 2 GB of model files
 te = tmp / "text_encoders"
 te.mkdir()
 folder_paths.folder_names_and_paths["text_encoders"] = ([str(te)], folder_paths.supported_pt_extensions)
