@@ -1,7 +1,8 @@
 """Check the nodes against REAL ComfyUI code (CPU, --cpu): for every T5 / UMT5 family the ComfyUI checkout has, the
 CONDITIONING of ComfyUI's own text-encode nodes with the CLIP from "T5 Encoder to CLIP (fast)" equals that with
 ComfyUI's own text encoder (its CLIP loaders picking the family from the type argument) on the same random weights,
-within 1e-5 in float32; also the Encode Prompt node, the memory manager, and the error cases.
+within 1e-5 in float32; also the Encode Prompt node, the memory manager, partial loading by ComfyUI's ModelPatcher
+(fp32, fp8, GGUF, fused norms, float16: the conditioning equals the whole model's within 1e-6), and the error cases.
 
 Not part of the test run (ComfyUI is not on PyPI). Usage, with a ComfyUI checkout and its requirements installed:
     COMFYUI_DIR=/path/to/ComfyUI python tools/check_against_comfyui.py
