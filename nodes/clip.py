@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from t5core.gguf import PackedEmbedding
 from t5core.t5_common import T5FFNType, check_token_ids
 
 log = logging.getLogger("t5core.nodes")
@@ -96,20 +97,23 @@ def check_family(encoder, family: str) -> None:
 
 # -- ComfyUI's T5 call contract, served by t5core -------------------------------------------------------------------
 class Embedding(torch.nn.Module):
-    """t5core's token embedding (vocab_embed, not a copy) called the way ComfyUI calls its T5's: ids -> [B, L, D],
-    out_dtype=float32. Not registered anywhere: its weight belongs to the T5Encoder's model."""
+    """t5core's token embedding (vocab_embed, not a copy) called the way ComfyUI calls its T5's: ids -> [B, L, D] on
+    the device the encoder runs on (its table may be left on the offload device, and streams), out_dtype=float32.
+    Not registered anywhere: its weight belongs to the T5Encoder's model."""
 
-    def __init__(self, embed: torch.nn.Embedding):
+    def __init__(self, runtime):
         super().__init__()
-        object.__setattr__(self, "embed", embed)  # a plain reference: no second owner of the weight
+        object.__setattr__(self, "runtime", runtime)  # a plain reference: no second owner of the weight
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.embed.weight
+        """ComfyUI reads only its device (where it makes the ids): the table's, or its GGUF blocks' (PackedEmbedding)."""
+        embed = self.runtime.model.vocab_embed
+        return embed.packed.blocks if isinstance(embed, PackedEmbedding) else embed.weight
 
     def forward(self, input_ids: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        check_token_ids(input_ids.cpu(), self.embed.num_embeddings)  # a clear error, not a CUDA device assert
-        out = self.embed(input_ids.to(self.weight.device))
+        check_token_ids(input_ids.cpu(), self.runtime.config.vocab_size)  # a clear error, not a CUDA device assert
+        out = self.runtime.model.vocab_embed(input_ids.to(self.runtime.device))
         return out if out_dtype is None else out.to(out_dtype)
 
 
@@ -124,7 +128,7 @@ class T5Transformer(torch.nn.Module):
         self.dtype = encoder.plan.dtype
 
     def get_input_embeddings(self) -> Embedding:
-        return Embedding(self.encoder.runtime().model.vocab_embed)
+        return Embedding(self.encoder.runtime())
 
     def forward(self, input_ids, attention_mask=None, embeds=None, num_tokens=None, intermediate_output=None,
                 final_layer_norm_intermediate=True, dtype=None, embeds_info=(), **kwargs):
@@ -148,8 +152,8 @@ class T5Transformer(torch.nn.Module):
 # -- the CLIP -------------------------------------------------------------------------------------------------------
 @functools.cache
 def clip_class():
-    """comfy.sd.CLIP whose load_model also loads the CLIP input's weights (the parts the family took from it), whole:
-    t5core's plain nn.Linear layers cannot stream weights the way ComfyUI's cast layers do."""
+    """comfy.sd.CLIP whose load_model also loads the CLIP input's weights (the parts the family took from it), as
+    comfy.sd.CLIP.load_model loads its own: whole, or partially where the GPU is short of room."""
     import comfy.model_management as mm
     import comfy.sd
 
@@ -162,7 +166,7 @@ def clip_class():
             return n
 
         def load_model(self):
-            mm.load_models_gpu([self.patcher, *self.part_patchers], force_full_load=True)
+            mm.load_models_gpu([self.patcher, *self.part_patchers])
             return self.patcher
 
     return T5CoreCLIP

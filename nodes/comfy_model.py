@@ -25,6 +25,8 @@ from t5core.fp16_scales import Scales
 from t5core.fp8 import FAST, fp8_matmul_support, resolve_weight_dtype
 from t5core.t5_common import parse_dtype
 
+from .lowvram import make_streamable
+
 log = logging.getLogger("t5core.nodes")
 
 # folder_paths entries listing the text-encoder folders' files of suffixes ComfyUI does not list there itself
@@ -158,26 +160,28 @@ class T5Encoder:
                                             fp16_scales=plan.fp16_scales, weight_dtype=plan.weight_dtype or "auto")
             if plan.compile:  # regional: valid on whichever device ComfyUI moves the weights to (graphs on CUDA)
                 runtime.compile_layers()
-            model = runtime.model  # (weights kept as GGUF blocks are buffers)
-            size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-            self._patcher = ModelPatcher(runtime.model, load_device=load_device, offload_device=offload_device,
-                                         size=size)
+            make_streamable(runtime.model)  # ComfyUI may load it partially (nodes/lowvram.py)
+            # size: ComfyUI's own count (module_size: the state dict, GGUF blocks included), which its partial
+            # loads compare with the sizes of the modules they load
+            self._patcher = ModelPatcher(runtime.model, load_device=load_device, offload_device=offload_device)
             self._runtime = runtime
         return self._patcher
 
     def runtime(self):
-        """The t5core.Encoder around the patcher's model, wherever ComfyUI's memory manager has put it."""
-        self.patcher()
+        """The t5core.Encoder around the patcher's model, told where ComfyUI's memory manager has put the weights:
+        partially loaded (model_lowvram: the modules left on the offload device copy their weights over per call),
+        it runs eagerly on the load device; loaded whole, or not at all, where the weights are."""
+        patcher = self.patcher()
+        self._runtime.stream_weights(patcher.load_device if patcher.model.model_lowvram else None)
         return self._runtime
 
     def on_device(self):
-        """The t5core.Encoder whose model ComfyUI's memory manager has moved to the load device."""
+        """The t5core.Encoder after ComfyUI's memory manager has loaded the weights for the load device: all of
+        them, or as many as fit (the others stream)."""
         import comfy.model_management as mm
 
-        patcher = self.patcher()
-        # Whole model: its plain nn.Linear layers cannot stream weights the way ComfyUI's cast layers do.
-        mm.load_models_gpu([patcher], force_full_load=True)
-        return self._runtime
+        mm.load_models_gpu([self.patcher()])
+        return self.runtime()
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] -> float32 [B, L, D] on ComfyUI's intermediate device; no mask, as ComfyUI's T5."""

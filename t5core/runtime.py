@@ -5,6 +5,7 @@
     emb = enc.encode(input_ids, attention_mask)   # [B, L] (+ [B, L]) -> [B, L, D] float32
     emb = enc.encode(None, attention_mask, embeds=x)   # input embeddings [B, L, D] instead of token ids
 """
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -49,7 +50,8 @@ class Encoder:
         self._regional = False  # compile_layers() ran: the layers hold compiled code
         self._graphs: dict[tuple, tuple] = {}  # (B, L, padded) -> (graph, static (ids, mask), static output)
         self._graph_pool, self._graph_ptrs = None, None
-        self._param_slots: Optional[list[tuple[dict, str]]] = None  # (owner's _parameters, name), see _weight_ptrs
+        self._param_slots: Optional[list[tuple[dict, str]]] = None  # (owner's _parameters/_buffers, name): _weight_ptrs
+        self.stream_to: Optional[torch.device] = None  # see stream_weights
 
     @property
     def config(self):
@@ -57,7 +59,19 @@ class Encoder:
 
     @property
     def device(self) -> torch.device:
-        return self.model.unit_scale.device  # (a buffer every model has: its embedding may be GGUF blocks)
+        """Where encode() runs: the weights' device (that of a buffer every model has: its embedding may be GGUF
+        blocks), or the device they are streamed to."""
+        return self.model.unit_scale.device if self.stream_to is None else self.stream_to
+
+    def stream_weights(self, device: Optional[torch.device]) -> None:
+        """device: not all weights are on it, and the layers that hold the others copy them to it for each call (an
+        offloading manager's partial load, such as ComfyUI's --lowvram): encode() then runs there eagerly, at the
+        prompt's own length, without compiled code or CUDA graphs (which would capture weights about to move), and
+        the graphs captured so far are dropped, freeing their memory. None: all weights are on the model's device
+        again; the fast path recaptures graphs for their addresses."""
+        if device is not None:
+            self._drop_graphs()
+        self.stream_to = device
 
     # -- compiling -----------------------------------------------------------------------------------
     def compile(self) -> "Encoder":
@@ -94,15 +108,20 @@ class Encoder:
 
     @property
     def compiled(self) -> bool:
-        return self._frozen is not None or self._regional
+        """Runs compiled code now: compiled, and no weight is being streamed (stream_weights)."""
+        return (self._frozen is not None or self._regional) and self.stream_to is None
 
     def reset(self) -> None:
         """Forget CUDA graphs and the CPU's frozen compilation (which holds the old weights; the model runs
         eagerly until compiled again): call after changing weights in place."""
-        self._graphs.clear()
-        self._graph_pool = None  # the pool dies with its graphs: capturing into its stale handle fails
+        self._drop_graphs()
         self._param_slots = None
         self._frozen = None
+
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._graph_pool = None  # the pool dies with its graphs: capturing into its stale handle fails
+        self._graph_ptrs = None
 
     # -- encoding ------------------------------------------------------------------------------------
     def encode(self, input_ids: Optional[LongTensor], attention_mask: Optional[BoolTensor] = None,
@@ -117,7 +136,9 @@ class Encoder:
         elif input_ids is not None or embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_dim:
             raise ValueError(f"embeds: expected [batch, length, {self.config.hidden_dim}] input embeddings and no "
                              f"input_ids, got shape {tuple(embeds.shape)}")
-        with torch.no_grad() if self.sharded else torch.inference_mode():
+        # while streaming, layers compiled by compile_layers() run as written (their weights are copied in per call)
+        eager = torch.compiler.set_stance("force_eager") if self.stream_to is not None else contextlib.nullcontext()
+        with torch.no_grad() if self.sharded else torch.inference_mode(), eager:
             return self._encode(input_ids, attention_mask, embeds, num_layers)
 
     def _encode(self, input_ids: Optional[LongTensor], attention_mask: Optional[BoolTensor],
@@ -139,8 +160,8 @@ class Encoder:
         if self.compiled and self.device.type == "cuda":
             out = self._graphed_forward(run_x, run_mask, embeds is not None, num_layers)
         else:
-            out = (self._frozen or self.model)(**self._inputs(run_x, embeds is not None), input_mask=run_mask,
-                                               num_layers=num_layers)
+            forward = self._frozen if self.compiled and self._frozen is not None else self.model
+            out = forward(**self._inputs(run_x, embeds is not None), input_mask=run_mask, num_layers=num_layers)
         out = out[:, :L].contiguous() if bucket > L else out
         if self.config.dtype == torch.float16:
             finite_rows = torch.isfinite(out).all(-1)  # [B, L]; pad rows do not count
@@ -159,12 +180,11 @@ class Encoder:
                          num_layers: Optional[int] = None) -> FloatTensor:
         """x: token ids [B, L], or input embeddings [B, L, D] when is_embeds."""
         with torch.cuda.device(x.device):  # streams and capture on the model's GPU, not the current one
-            # Weights moved piecemeal (e.g. by an offloading manager) invalidate captured addresses: recapture.
-            # (Buffers move with their module's parameters and are otherwise updated in place.)
+            # Weights or buffers moved piecemeal (e.g. by an offloading manager) invalidate captured addresses:
+            # recapture. (Buffers are otherwise updated in place.)
             ptrs = self._weight_ptrs()
             if ptrs != self._graph_ptrs:
-                self._graphs.clear()
-                self._graph_pool = None
+                self._drop_graphs()
                 self._graph_ptrs = ptrs
             key = (*x.shape, mask is not None, is_embeds, num_layers)
             if key not in self._graphs:
@@ -193,15 +213,14 @@ class Encoder:
         return graph, (x, mask), out
 
     def _weight_ptrs(self) -> tuple[int, ...]:
-        """Every weight's address (parameters, and the blocks of weights kept as GGUF blocks, which are buffers),
-        read through its owner's dict: walking parameters() on every call cost 0.2 ms of host time at XXL on the
-        H200's host, 2% of a 1x512 encode. A weight moved (.data) or replaced (setattr, as ComfyUI's patcher does)
-        still shows; a replaced submodule needs reset()."""
+        """Every parameter's and buffer's address (weights kept as GGUF blocks are buffers; so are norm eps and
+        residual scales, which an offloading manager moves with their modules), read through its owner's dict:
+        walking parameters() on every call cost 0.2 ms of host time at XXL on the H200's host, 2% of a 1x512
+        encode. A tensor moved (.data) or replaced (setattr, as ComfyUI's patcher does) still shows; a replaced
+        submodule needs reset()."""
         if self._param_slots is None:
-            from .gguf import PackedWeight
-
-            self._param_slots = [(m._parameters, name) for m in self.model.modules() for name in m._parameters]
-            self._param_slots += [(m._buffers, "blocks") for m in self.model.modules() if isinstance(m, PackedWeight)]
+            self._param_slots = [(d, name) for m in self.model.modules() for d in (m._parameters, m._buffers)
+                                 for name in d]
         return tuple(-1 if d[name] is None else d[name].data_ptr() for d, name in self._param_slots)
 
 

@@ -261,9 +261,11 @@ class T5EncoderStack(nn.Module):
         queries. embeds [B, L, D] replace vocab_embed(input_ids) (pass input_ids=None): token embeddings with
         others spliced in, as ComfyUI's textual inversions. num_layers runs only the first layers, then the final
         norm (ComfyUI's "hidden layer" output)."""
-        L = (input_ids if embeds is None else embeds).shape[1]
+        inputs = input_ids if embeds is None else embeds
+        L = inputs.shape[1]
         flex = self.config.attn_impl == T5AttnImpl.Flex
-        rows = offset_rows(self.offset_bias(), L)  # [n, H, 2L-1]: a few KB
+        # [n, H, 2L-1]: a few KB, made where the inputs are (an offloading manager may have left the tables elsewhere)
+        rows = offset_rows(self.offset_bias().to(inputs.device), L)
         if flex and input_mask is not None and block_mask is None:
             block_mask = make_self_attn_block_mask(input_mask)
         # SDPA with one table for all layers: the dense bias once per call. Per-layer tables (UMT5) become dense in

@@ -1,6 +1,7 @@
 """Small stand-ins for the ComfyUI modules the nodes touch, with ComfyUI's signatures (read from its source):
 folder_paths, comfy (its package folder holds the bundled T5 tokenizer), comfy.model_management,
-comfy.model_patcher, comfy.sd (CLIP, with toy CLIP-L / CLIP-G encoders) and, optionally, comfy_api.latest.
+comfy.model_patcher (with its partial loading), comfy.ops (the cast-weights mixin), comfy.sd (CLIP, with toy CLIP-L /
+CLIP-G encoders) and, optionally, comfy_api.latest.
 
 install(root, ...) puts them into sys.modules; the caller removes them again (see the fixtures in the tests).
 """
@@ -82,6 +83,9 @@ def make_model_management() -> types.ModuleType:
     mm.vram_state = VRAMState.NORMAL_VRAM
     mm.current_loaded_models = []
     mm.load_calls = []  # test hook: (models, force_full_load) of every load_models_gpu call
+    # test hook: the bytes of weights load_models_gpu lets a model put on the load device, as it computes them from
+    # free memory under --lowvram or on a full GPU (0.1 under --novram); None: the model fits
+    mm.weight_budget = None
 
     class InterruptProcessingException(Exception):
         pass
@@ -110,7 +114,16 @@ def make_model_management() -> types.ModuleType:
         for patcher in models:
             if patcher not in mm.current_loaded_models:
                 mm.current_loaded_models.insert(0, patcher)
-            patcher.patch_model(patcher.load_device, lowvram_model_memory=0 if force_full_load else 1e32)
+            budget = 0 if force_full_load or mm.weight_budget is None else mm.weight_budget
+            patcher.partially_load(patcher.load_device, budget or 1e32)  # LoadedModel.model_load
+
+    def cast_to(weight, dtype=None, device=None, non_blocking=False, copy=False, stream=None):
+        if (device is None or weight.device == device) and not copy and (dtype is None or weight.dtype == dtype):
+            return weight
+        return weight.to(device=device, dtype=dtype, copy=True)
+
+    def device_supports_non_blocking(device):
+        return True
 
     def load_model_gpu(model):
         return load_models_gpu([model])
@@ -119,13 +132,28 @@ def make_model_management() -> types.ModuleType:
         pass
 
     for f in (get_torch_device, text_encoder_device, text_encoder_offload_device, intermediate_device,
-              should_use_bf16, load_models_gpu, load_model_gpu, soft_empty_cache):
+              should_use_bf16, load_models_gpu, load_model_gpu, soft_empty_cache, cast_to,
+              device_supports_non_blocking):
         setattr(mm, f.__name__, f)
     return mm
 
 
-# -- comfy.model_patcher --------------------------------------------------------------------------------------------
+# -- comfy.model_patcher, comfy.ops ---------------------------------------------------------------------------------
+class CastWeightBiasOp:  # comfy.ops.CastWeightBiasOp: what ComfyUI's layers that can stream their weights carry
+    comfy_cast_weights = False
+    weight_function = []
+    bias_function = []
+
+
+def module_size(module) -> int:  # comfy.model_management.module_size
+    return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
+
+
 class ModelPatcher:
+    """comfy.model_patcher.ModelPatcher's loading without weight patches: load() puts the largest modules first
+    onto the device while they fit in lowvram_model_memory; a module that can stream (comfy_cast_weights) and does
+    not fit stays behind with comfy_cast_weights set, and the model is then model_lowvram."""
+
     def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
         self.size = size
         self.model = model
@@ -136,11 +164,17 @@ class ModelPatcher:
         self.weight_inplace_update = weight_inplace_update
         self.parent = None
         self.model_size()
+        for name, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0), ("model_lowvram", False)):
+            if not hasattr(model, name):
+                setattr(model, name, value)
 
     def model_size(self):
         if self.size <= 0:
-            self.size = sum(t.nelement() * t.element_size() for t in self.model.state_dict().values())
+            self.size = module_size(self.model)
         return self.size
+
+    def loaded_size(self):
+        return self.model.model_loaded_weight_memory
 
     def clone(self):
         n = ModelPatcher(self.model, self.load_device, self.offload_device, self.size, self.weight_inplace_update)
@@ -151,20 +185,66 @@ class ModelPatcher:
         return getattr(other, "model", None) is self.model
 
     def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
-        self.load(device_to, lowvram_model_memory, force_patch_weights, full_load=lowvram_model_memory == 0)
+        if load_weights:
+            self.load(device_to, lowvram_model_memory, force_patch_weights, full_load=lowvram_model_memory == 0)
         return self.model
 
+    def _load_list(self):
+        """(size, name, module) of the modules holding parameters, none in a submodule, or able to stream."""
+        out = []
+        for name, m in self.model.named_modules():
+            own = [n for n, _ in m.named_parameters(recurse=False)]
+            if any(n not in own for n, _ in m.named_parameters()):
+                continue  # a container: its leaves are listed
+            if hasattr(m, "comfy_cast_weights") or own:
+                out.append((module_size(m), name, m))
+        return out
+
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
-        self.model.to(device_to)
+        loaded, streamed = 0, 0
+        for size, _, m in sorted(self._load_list(), key=lambda x: x[:2], reverse=True):
+            if not full_load and hasattr(m, "comfy_cast_weights") and loaded + size >= lowvram_model_memory:
+                streamed += 1
+                if not hasattr(m, "prev_comfy_cast_weights"):
+                    m.prev_comfy_cast_weights, m.comfy_cast_weights = m.comfy_cast_weights, True
+                continue
+            wipe_lowvram_weight(m)
+            if full_load or loaded + size < lowvram_model_memory:
+                loaded += size
+                m.to(device_to)
+        self.model.model_lowvram = streamed > 0
+        if not streamed and full_load:
+            self.model.to(device_to)
+            loaded = self.model_size()
         self.model.device = device_to
+        self.model.model_loaded_weight_memory = loaded
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        if not self.model.model_lowvram and self.model.model_loaded_weight_memory > 0:
+            return 0
+        current = self.model.model_loaded_weight_memory
+        full_load = current + extra_memory > self.model_size()
+        self.load(device_to, current + extra_memory, force_patch_weights, full_load=full_load)
+        return self.model.model_loaded_weight_memory - current
 
     def detach(self, unpatch_all=True):
-        self.model.to(self.offload_device)
-        self.model.device = self.offload_device
+        if unpatch_all:  # unpatch_model(offload_device)
+            for m in self.model.modules():
+                wipe_lowvram_weight(m)
+            self.model.model_lowvram = False
+            self.model.to(self.offload_device)
+            self.model.device = self.offload_device
+            self.model.model_loaded_weight_memory = 0
         return self.model
 
     def current_loaded_device(self):
         return self.model.device
+
+
+def wipe_lowvram_weight(m):
+    if hasattr(m, "prev_comfy_cast_weights"):
+        m.comfy_cast_weights = m.prev_comfy_cast_weights
+        del m.prev_comfy_cast_weights
 
 
 # -- comfy.sd: CLIP with toy CLIP encoders ---------------------------------------------------------------------------
@@ -663,16 +743,19 @@ def install(root: Path, tokenizer_dir: Path, with_v3: bool = False) -> dict[str,
     mm = make_model_management()
     patcher_mod = types.ModuleType("comfy.model_patcher")
     patcher_mod.ModelPatcher = ModelPatcher
+    ops = types.ModuleType("comfy.ops")
+    ops.CastWeightBiasOp = CastWeightBiasOp
+    mm.module_size = module_size
     sd = types.ModuleType("comfy.sd")
     sd.CLIP, sd.CLIPType = CLIP, CLIPType
     smb = types.ModuleType("comfy.supported_models_base")
     smb.ClipTarget = ClipTarget
     text_encoders = types.ModuleType("comfy.text_encoders")
     text_encoders.__path__ = []
-    comfy.model_management, comfy.model_patcher, comfy.sd = mm, patcher_mod, sd
+    comfy.model_management, comfy.model_patcher, comfy.ops, comfy.sd = mm, patcher_mod, ops, sd
     comfy.supported_models_base, comfy.text_encoders = smb, text_encoders
     modules = {"folder_paths": make_folder_paths(root / "models"), "comfy": comfy, "comfy.model_management": mm,
-               "comfy.model_patcher": patcher_mod, "comfy.sd": sd, "comfy.supported_models_base": smb,
+               "comfy.model_patcher": patcher_mod, "comfy.ops": ops, "comfy.sd": sd, "comfy.supported_models_base": smb,
                "comfy.text_encoders": text_encoders, **make_text_encoders()}
     if with_v3:
         api = types.ModuleType("comfy_api")

@@ -151,6 +151,11 @@ def encode(comfy, encoder, text, family="plain T5", guidance=3.5, clip=None):
                **({"clip": clip} if clip is not None else {}))
 
 
+def state_dict_bytes(model) -> int:
+    """ComfyUI's size of a model (comfy.model_management.module_size)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def hf_encode(hf_model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return hf_model(input_ids=torch.tensor([ids])).last_hidden_state  # no mask, as ComfyUI
@@ -291,13 +296,13 @@ def test_flux_chain_float32_matches_transformers(comfy, hf_model):
     assert extras["pooled_output"].shape == (1, 768) and torch.equal(extras["pooled_output"], expected_pooled)
     assert not clip_l.return_projected_pooled  # CLIPLoader clip_l: unprojected, its options restored afterwards
 
-    # ComfyUI's memory manager loaded the encoder's ModelPatcher, whole, onto the text-encoder device
+    # ComfyUI's memory manager loaded the encoder's ModelPatcher (whole, or partially when short of room: its
+    # CLIP.load_model's call) onto the text-encoder device
     patcher = fused.patcher()
-    assert any(models == [patcher, clip.patcher] and full for models, full in comfy.mm.load_calls)
+    assert any(models == [patcher, clip.patcher] and not full for models, full in comfy.mm.load_calls)
     assert patcher.load_device == comfy.mm.text_encoder_device()
     assert patcher.offload_device == comfy.mm.text_encoder_offload_device()
-    model = patcher.model
-    assert patcher.size == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert patcher.size == state_dict_bytes(patcher.model) and not patcher.model.model_lowvram
     assert clip.patcher in [m for models, _ in comfy.mm.load_calls for m in models]
 
 
@@ -342,9 +347,8 @@ def test_fp8_weight_dtypes(comfy, hf_model):
         assert rel_err(cond[0][0], reference) < 0.08, (name, weight_dtype)
         if stored != torch.float32:
             assert f"weights {weight_dtype if weight_dtype.startswith('fp8') else 'fp8_e4m3fn'}" in ui["text"][0]
-            model = encoder.patcher().model  # the patcher counts 1 byte per fp8 weight (the embedding dominates here)
-            size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-            assert encoder.patcher().size == size < full_size
+            # the patcher counts 1 byte per fp8 weight (the embedding dominates here)
+            assert encoder.patcher().size == state_dict_bytes(encoder.patcher().model) < full_size
     (broken,), _ = run(comfy, LOAD, model_name="fp8/bad_scale.safetensors", **LOAD_DEFAULTS)
     with pytest.raises(ValueError, match=r"^T5 Encode Prompt \(fast\): .*bad_scale.*block\.2\.layer\.1\.DenseReluDense\.wo"):
         encode(comfy, broken, text)
@@ -360,8 +364,8 @@ def test_gguf_file_is_listed_and_loads_compressed(comfy, hf_model):
     text = "a quantized file"
     (cond,), _ = encode(comfy, encoder, text)
     model = encoder.patcher().model
-    assert is_packed(model)  # the patcher counts the blocks (buffers) in its size
-    assert encoder.patcher().size == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert is_packed(model)  # the patcher counts the blocks (buffers of the state dict) in its size
+    assert encoder.patcher().size == state_dict_bytes(model)
     path = comfy.folder_paths.get_full_path("text_encoders", GGUF_NAME)
     want = t5core.load_encoder(path).encode(torch.tensor([t5_ids(text)]))
     assert rel_err(cond[0][0], want[0]) <= 1e-6
@@ -507,6 +511,39 @@ def test_repeated_encodes_reuse_the_loaded_weights(comfy, monkeypatch):
     assert len(calls) == 1  # one read of the weights for every encode with this encoder
     assert torch.equal(first[0][0], second[0][0]) and not torch.equal(first[0][0], other[0][0])
     assert sum(1 for models, _ in comfy.mm.load_calls if models == [encoder.patcher()]) == 3
+
+
+@pytest.mark.parametrize("name", ["t5_tiny.safetensors", "fp8/t5_tiny_fp8_scaled.safetensors", GGUF_NAME])
+def test_partial_load_streams_the_rest_and_matches_the_whole_model(comfy, name):
+    """Short of room (--lowvram, --novram, a full GPU), ComfyUI's patcher loads the largest modules that fit and
+    leaves the others streaming (comfy_cast_weights): fp8 and GGUF weights too. The conditioning is the whole
+    model's; loaded whole again, nothing streams and the runtime's fast path is back."""
+    if name == GGUF_NAME:
+        pytest.importorskip("gguf")
+    encoder = load(comfy, name, weight_dtype="auto")
+    if name == "t5_tiny.safetensors":
+        encoder = run(comfy, FUSE, t5_encoder=encoder)[0][0]  # norm scales fused into the projections
+    text = "a partially loaded encoder"
+    whole = encode(comfy, encoder, text, family="Flux")[0][0][0][0]
+    patcher = encoder.patcher()
+    model = patcher.model
+
+    def streamed():
+        return [n for n, m in model.named_modules() if getattr(m, "comfy_cast_weights", False)]
+
+    assert not model.model_lowvram and not streamed() and encoder.runtime().stream_to is None
+    for budget in (patcher.size // 3, 0.1):  # the embedding does not fit; nothing fits (--novram)
+        patcher.detach()
+        comfy.mm.weight_budget = budget
+        cond = encode(comfy, encoder, text, family="Flux")[0][0][0][0]
+        assert model.model_lowvram and "vocab_embed" in streamed() and patcher.loaded_size() < budget
+        assert budget > 1 or len(streamed()) > 4 * encoder.config.num_layers  # every projection of every layer
+        assert encoder.runtime().stream_to == patcher.load_device
+        assert (cond - whole).abs().max() <= 1e-6
+    comfy.mm.weight_budget = None
+    cond = encode(comfy, encoder, text, family="Flux")[0][0][0][0]
+    assert not model.model_lowvram and not streamed() and patcher.loaded_size() == patcher.size
+    assert encoder.runtime().stream_to is None and torch.equal(cond, whole)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Check the nodes against REAL ComfyUI code (CPU, --cpu): for every T5 / UMT5 family the ComfyUI checkout has, the
 CONDITIONING of ComfyUI's own text-encode nodes with the CLIP from "T5 Encoder to CLIP (fast)" equals that with
 ComfyUI's own text encoder (its CLIP loaders picking the family from the type argument) on the same random weights,
-within 1e-5 in float32; also the Encode Prompt node, the memory manager, and the error cases.
+within 1e-5 in float32; also the Encode Prompt node, the memory manager, partial loading by ComfyUI's ModelPatcher
+(fp32, fp8, GGUF, fused norms, float16: the conditioning equals the whole model's within 1e-6), and the error cases.
 
 Not part of the test run (ComfyUI is not on PyPI). Usage, with a ComfyUI checkout and its requirements installed:
     COMFYUI_DIR=/path/to/ComfyUI python tools/check_against_comfyui.py
@@ -28,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ["COMFYUI_DIR"])
+sys.path.insert(1, str(REPO))  # this checkout's t5core, not an installed one (after ComfyUI: its `nodes` stays first)
 if os.environ.get("COMFYUI_EXTRA_SITE"):
     sys.path.append(os.environ["COMFYUI_EXTRA_SITE"])
 import transformers.models.clip  # noqa: E402,F401  (before the torchvision stub)
@@ -53,7 +55,7 @@ import folder_paths  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 
 tmp = Path(tempfile.mkdtemp())
-atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # about 5 GB of weights
+atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # about 5 GB of model files
 te = tmp / "text_encoders"
 te.mkdir()
 folder_paths.folder_names_and_paths["text_encoders"] = ([str(te)], folder_paths.supported_pt_extensions)
@@ -80,8 +82,10 @@ def t5_file(name, kind, d_model, vocab_size=32128, extra=None):
     cfg_cls, model_cls = (UMT5Config, UMT5EncoderModel) if kind == "umt5" else (T5Config, T5EncoderModel)
     ffn = "relu" if kind == "t5-v1_0" else "gated-gelu"
     cfg = cfg_cls(vocab_size=vocab_size, d_model=d_model, feed_forward_proj=ffn, dropout_rate=0.0, **SMALL)
-    sd = randomize(model_cls(cfg).eval(), seed=len(name))
+    model = model_cls(cfg).eval()
+    sd = randomize(model, seed=len(name))
     save_file({**sd, **(extra or {})}, te / name)
+    return model
 
 
 def clip_file(name, hidden, layers, heads):
@@ -113,7 +117,12 @@ def umt5_spiece() -> bytes:
     return (tmp / "spm.model").read_bytes()
 
 
-t5_file("t5_v11.safetensors", "t5-v1_1", 4096)  # ComfyUI: T5_XXL
+t5_v11 = t5_file("t5_v11.safetensors", "t5-v1_1", 4096)  # ComfyUI: T5_XXL
+sys.path.insert(0, str(REPO / "tests"))
+from gguf import GGMLQuantizationType  # noqa: E402
+from test_gguf import one_type, write_gguf  # noqa: E402
+
+write_gguf(te / "t5_v11-Q8_0.gguf", t5_v11, one_type(GGMLQuantizationType.Q8_0))  # t5core keeps the Q8_0 blocks
 t5_file("t5_v10.safetensors", "t5-v1_0", 1024)  # ComfyUI: T5_XXL_OLD (Cosmos)
 spiece = umt5_spiece()
 t5_file("umt5.safetensors", "umt5", 4096, vocab_size=UMT5_VOCAB,
@@ -129,6 +138,7 @@ spec = importlib.util.spec_from_file_location(name, str(REPO / "__init__.py"))
 pkg = importlib.util.module_from_spec(spec)
 sys.modules[name] = pkg
 spec.loader.exec_module(pkg)
+print("t5core from", sys.modules["t5core"].__file__)
 print("V1 mappings:", getattr(pkg, "NODE_CLASS_MAPPINGS", None) is not None, "V3:", hasattr(pkg, "comfy_entrypoint"))
 ext = asyncio.run(pkg.comfy_entrypoint())
 ours = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
@@ -278,6 +288,58 @@ print("after unload_all_models: loaded", [type(m.model.model).__name__ for m in 
 text_encode(c, "again", "flux")
 print("after encoding again: loaded", [type(m.model.model).__name__ for m in mm.current_loaded_models])
 
+# partial loading, by ComfyUI's own ModelPatcher: load with a budget smaller than the model (what load_models_gpu
+# computes under --lowvram / --novram or on a full GPU; on the CPU it always loads whole, so the budget is passed here),
+# partially unload, load the rest. Modules left behind get comfy_cast_weights and stream their weights; ComfyUI's
+# flux conditioning (its encode_token_weights, which does not load) must equal the whole model's within 1e-6.
+def flux_conditioning(clip, text):
+    return clip.cond_stage_model.encode_token_weights(clip.tokenize(text))[0]
+
+
+def streamed_modules(model):
+    return sum(1 for m in model.modules() if getattr(m, "comfy_cast_weights", False))
+
+
+def partial_load_check(tag, encoder):
+    clip = ours["T5CoreEncoderToCLIP"].execute(t5_encoder=encoder, family="flux", clip=clip_l).args[0]
+    patcher, runtime = encoder.patcher(), encoder.runtime()
+    mm.load_models_gpu([patcher])  # whole
+    whole = flux_conditioning(clip, TEXTS[0])
+    size, cpu = patcher.model_size(), torch.device("cpu")
+    ok = patcher.model.model_lowvram is False and streamed_modules(patcher.model) == 0
+    steps = [("partially_unload 60%", lambda: patcher.partially_unload(cpu, int(0.6 * size))),
+             ("detach, load 30%", lambda: (patcher.detach(), patcher.load(cpu, lowvram_model_memory=int(0.3 * size)))),
+             ("detach, load 0.1 B (--novram)", lambda: (patcher.detach(), patcher.load(cpu, lowvram_model_memory=0.1))),
+             ("partially_load the rest", lambda: patcher.partially_load(cpu, extra_memory=1e32))]
+    worst_step = 0.0
+    for what, step in steps:
+        step()
+        lowvram = patcher.model.model_lowvram
+        streamed = streamed_modules(patcher.model)
+        cond = flux_conditioning(clip, TEXTS[0])
+        diff = (cond.double() - whole.double()).abs().max().item()
+        worst_step = max(worst_step, diff)
+        eager = runtime.stream_to is not None
+        ok &= diff <= 1e-6 and (lowvram == (streamed > 0) == eager) and (lowvram != (what == steps[-1][0]))
+        print(f"  {tag:22s} {what:30s} lowvram {lowvram!s:5s} streamed modules {streamed:3d} loaded "
+              f"{patcher.loaded_size() / 2**20:7.1f} of {size / 2**20:7.1f} MiB, eager {eager!s:5s} "
+              f"max |diff| {diff:.1e}")
+    mm.unload_all_models()
+    ok &= patcher.loaded_size() == 0 and streamed_modules(patcher.model) == 0
+    print(f"{'OK  ' if ok else 'FAIL'} partial loading {tag}: max |diff| {worst_step:.1e}")
+    return ok
+
+
+plain = our_encoder("t5_v11.safetensors")
+fp8 = ours["T5CoreLoadEncoder"].execute(model_name="t5_v11.safetensors", weight_dtype="fp8_e4m3fn",
+                                        attention="auto", compile=False, device="default").args[0]
+gguf_q8 = ours["T5CoreLoadEncoder"].execute(model_name="t5_v11-Q8_0.gguf", weight_dtype="fp32", attention="auto",
+                                            compile=False, device="default").args[0]
+fused = ours["T5CoreFuseNorms"].execute(t5_encoder=plain).args[0]
+half = ours["T5CoreFP16Scale"].execute(t5_encoder=fused, mode="custom", custom_scales="1,1,1,1,1,1,1/2" + ",1" * 17)
+for tag, encoder in [("fp32", plain), ("fp8 weights", fp8), ("GGUF Q8_0 blocks", gguf_q8), ("fused norms", fused), ("fp16, scales", half.args[0])]:
+    results.append(partial_load_check(tag, encoder))
+
 # bad input: each error names both sides
 clip_g = comfy.sd.load_clip(P("clip_g.safetensors"), clip_type=comfy.sd.CLIPType.SD3, model_options=small)
 for what, call in [("wan with a T5 v1.1 file", lambda: ours["T5CoreEncoderToCLIP"].execute(
@@ -292,5 +354,5 @@ for what, call in [("wan with a T5 v1.1 file", lambda: ours["T5CoreEncoderToCLIP
     except ValueError as e:
         print(f"error ({what}): {e}")
 
-print(f"{sum(results)}/{len(results)} comparisons within 1e-5 (largest difference {worst:.2e})")
+print(f"{sum(results)}/{len(results)} checks passed (largest conditioning difference {worst:.2e})")
 sys.exit(0 if all(results) else 1)
