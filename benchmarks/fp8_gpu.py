@@ -6,7 +6,8 @@ get it (per row, while streaming). For each variant: milliseconds per encode (CU
 median; warm-up first; variants interleaved over rounds, each round starting one variant later), the memory the load
 added (torch.cuda.memory_allocated), and the relative error on the same random ids against t5core in float32 with
 TF32 off (loaded once, run eagerly, then freed). "fp8 compute + wo" also multiplies ff_out in fp8, the choice
-t5core.fp8 does not make, to show what it would cost and gain ("fp8 compute wo not o": ff_out in fp8, o_proj not).
+t5core.fp8 does not make, to show what it would cost and gain ("fp8 compute wo not o": ff_out in fp8, o_proj not;
+"fp8 compute wo hi/lo": ff_out's activation split in two fp8 parts, hilo_matmul).
 --profile adds CUDA kernel time by kind. A markdown table and the issue's targets come last.
 
     python benchmarks/fp8_gpu.py                               # H200: about 5 minutes
@@ -14,6 +15,7 @@ t5core.fp8 does not make, to show what it would cost and gain ("fp8 compute wo n
 """
 import argparse
 import dataclasses
+import functools
 import gc
 import statistics
 import sys
@@ -27,7 +29,7 @@ import torch
 
 import t5core
 from t5core import T5Config, T5EncoderStack
-from t5core.fp8 import FAST, Fp8Linear, fp8_matmul_support
+from t5core.fp8 import FAST, Fp8Linear, fp8_matmul_support, quantize_tokens
 from t5core.save import save_encoder
 
 PROJECTIONS = ("qkv_proj", "o_proj", "ff_in", "ff_out")
@@ -38,6 +40,7 @@ DEFAULT_FP8_MM = ("qkv_proj", "o_proj", "ff_in")  # what t5core.fp8 multiplies i
 class Variant:
     weight_dtype: str
     fp8_mm: tuple = ()  # projections multiplied in fp8 (fp8_e4m3fn_fast only); () = t5core's choice
+    hilo: tuple = ()  # of those, the projections whose activations are split in two fp8 parts (hilo_forward)
     options: Optional[dict] = None  # torch.compile options
 
 
@@ -52,6 +55,7 @@ VARIANTS = {
     "fp8 compute": Variant(FAST),
     "fp8 compute + wo": Variant(FAST, PROJECTIONS),
     "fp8 compute wo not o": Variant(FAST, ("qkv_proj", "ff_in", "ff_out")),
+    "fp8 compute wo hi/lo": Variant(FAST, PROJECTIONS, hilo=("ff_out",)),
     "bf16 triton gemms": Variant("bfloat16", options=TRITON_GEMMS),
     "fp8 storage triton gemms": Variant("fp8_e4m3fn", options=TRITON_GEMMS),
 }
@@ -80,7 +84,7 @@ def random_t5(config: T5Config, device) -> T5EncoderStack:
 
 
 def set_fp8_mm(model, v: Variant) -> None:
-    """Which projections multiply in fp8 (a benchmark-only override of t5core's choice)."""
+    """Which projections multiply in fp8, and how (a benchmark-only override of t5core's choice)."""
     if v.weight_dtype != FAST:
         return
     for layer in model.layers:
@@ -88,6 +92,22 @@ def set_fp8_mm(model, v: Variant) -> None:
             m = getattr(layer.attn, proj, None) or getattr(layer.ffn, proj)
             m.compute = proj in (v.fp8_mm or DEFAULT_FP8_MM)
             m._update_fp8_mm()
+            if proj in v.hilo:
+                m.fp8_matmul = functools.partial(hilo_matmul, m)
+
+
+def hilo_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+    """Fp8Linear.fp8_matmul with the activation kept to about bf16's precision: x [.., K] ~ hi + lo, each e4m3 per
+    token (lo: what rounding x to hi lost), multiplied by one torch._scaled_mm of 2M rows, the halves summed in
+    float32. On random weights this keeps `wo`'s fp8 activations from adding error (benchmarks/fp8_activation_error.py);
+    whether two fp8 GEMM halves beat dequantize + bf16 GEMM is what the variant times."""
+    x2 = x.reshape(-1, m.in_features)
+    hi, s_hi = quantize_tokens(x2)
+    lo, s_lo = quantize_tokens(x2.float() - hi.float() * s_hi)
+    out = torch._scaled_mm(torch.cat([hi, lo]), m.weight.t(), scale_a=torch.cat([s_hi, s_lo]),
+                           scale_b=m.scale[None, :], out_dtype=m.mm_out_dtype, use_fast_accum=True)
+    out = out[:len(x2)].float() + out[len(x2):].float()  # [M, N]
+    return out.to(torch.float32 if m.f32_out else x.dtype).view(*x.shape[:-1], m.out_features)
 
 
 def kernel_profile(enc, x, top: int = 8) -> str:

@@ -8,10 +8,10 @@ weight_dtype names follow ComfyUI's loaders:
 - "fp8_e4m3fn_fast": the same storage, and on CUDA GPUs with compute capability >= 8.9 the activations are
   quantized per token (e4m3, scale = row amax / 448) and multiplied in fp8 by torch._scaled_mm with row-wise
   scales and Hopper's fast accumulation (on the H200 4% faster at 1x512 and 7% at 8x512, with the same error to
-  four digits: benchmarks/2026-12-04_h200_fp8_variants.log). ff_out (T5's `wo`) keeps the dequantizing matmul: its input, the gated activation, has the widest
-  range, and fp8 activations there cost the most precision (the issue measured 1.82e-1 relative error with every
-  projection in fp8 against 1.52e-1 with `wo` in bf16, and 1.32e-1 for fp8 storage alone). Elsewhere (CPU, older
-  GPUs) it is fp8 storage; Encoder.encode logs that once.
+  four digits: benchmarks/2026-12-04_h200_fp8_variants.log). ff_out (T5's `wo`) keeps the dequantizing matmul:
+  each projection whose input is rounded to e4m3 adds about as much error as its fp8 weights already cost, and
+  with all four the error is 1.39x fp8 storage's on the H200 against 1.28x with three, under the 1.3x t5core allows
+  (benchmarks/fp8_activation_error.py). Elsewhere (CPU, older GPUs) it is fp8 storage; Encoder.encode logs that once.
 
 Row-wise scales make fused projections trivially right: q|k|v and gate|up rows keep their own parts' scales, so an
 fp8 file's bytes and per-tensor scales are used as they are, never re-quantized.
@@ -82,6 +82,14 @@ def dequantize(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (weight.float() * scale[:, None]).to(dtype)
 
 
+def quantize_tokens(x: Tensor) -> tuple[Tensor, FloatTensor]:
+    """x [M, K] -> (e4m3 [M, K], scale [M, 1] float32) with x ~ xq * scale, scale = amax(|row|) / 448: plain torch
+    ops, which inductor fuses into the kernel that produces x."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = amax.clamp(min=torch.finfo(torch.float32).tiny) / E4M3_MAX
+    return to_fp8(x.float() / scale, torch.float8_e4m3fn), scale
+
+
 @functools.cache
 def fp8_matmul_support(device: torch.device) -> tuple[bool, bool]:
     """-> (torch._scaled_mm with row-wise scales runs on `device`, it can write float32). CUDA with compute
@@ -139,13 +147,10 @@ class Fp8Linear(nn.Module):
         return f32_out_linear(x, w) if self.f32_out else nn.functional.linear(x, w)
 
     def fp8_matmul(self, x: Tensor) -> Tensor:
-        """x [.., K] -> [.., N] through torch._scaled_mm: x quantized per token to e4m3 (plain torch ops, which
-        inductor fuses into the kernel that produces x), scale_a [M, 1] and scale_b [1, N] float32. float32 out
-        where f32_out and the device can, else bf16 (cast to the output dtype)."""
-        x2 = x.reshape(-1, x.shape[-1])
-        amax = x2.abs().amax(dim=-1, keepdim=True).float()  # [M, 1]
-        scale_a = amax.clamp(min=torch.finfo(torch.float32).tiny) / E4M3_MAX
-        xq = to_fp8(x2.float() / scale_a, torch.float8_e4m3fn)
+        """x [.., K] -> [.., N] through torch._scaled_mm: x quantized per token (quantize_tokens), scale_a [M, 1]
+        and scale_b [1, N] float32. float32 out where f32_out and the device can, else bf16 (cast to the output
+        dtype)."""
+        xq, scale_a = quantize_tokens(x.reshape(-1, x.shape[-1]))
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.scale[None, :],
                                out_dtype=self.mm_out_dtype, use_fast_accum=True)
         out = out.to(torch.float32 if self.f32_out else x.dtype)

@@ -1,0 +1,77 @@
+"""What fp8 activations cost in precision, per projection and per quantization granularity (issue 17), on the CPU.
+
+Random T5 v1.1 weights (transformers' init, benchmarks/fp8_gpu.random_t5) quantized to e4m3 per row as fp8 storage
+does; the activations entering chosen projections rounded to e4m3 per token, per 1x128 or 1x32 block along K, or
+split in two e4m3 parts (hi + lo, fp8_gpu.hilo_matmul); everything else float32. Relative error of the last hidden
+state against the same model with the unquantized weights, and its ratio to fp8 storage's (issue 17 asks <= 1.3).
+This emulates the GPU's rounding (quantize, dequantize, float32 matmul), not its speed: the GPU run of the same
+choices (benchmarks/fp8_gpu.py, XXL at 1x512) gave 1.28 for "fp8 compute" and 1.39 with `wo` too.
+
+    python benchmarks/fp8_activation_error.py                    # T5 v1.1 XL, 1 x 128 ids: about 2 minutes on 2 cores
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from fp8_gpu import PROJECTIONS, random_t5
+
+from t5core import T5Config
+from t5core.fp8 import dequantize, quantize_rows, to_fp8
+
+QKV_O_IN = dict(qkv_proj="token", o_proj="token", ff_in="token")  # what fp8_e4m3fn_fast multiplies in fp8
+VARIANTS = {
+    "fp8 storage (weights only)": {},
+    "fp8 compute (shipped: wo dequantized)": QKV_O_IN,
+    "+ wo, per token": {**QKV_O_IN, "ff_out": "token"},
+    "+ wo, 1x128 blocks": {**QKV_O_IN, "ff_out": 128},
+    "+ wo, 1x32 blocks": {**QKV_O_IN, "ff_out": 32},
+    "all four, 1x128 blocks": dict.fromkeys(PROJECTIONS, 128),
+    "+ wo, hi/lo": {**QKV_O_IN, "ff_out": "hilo"},
+    "all four, hi/lo": dict.fromkeys(PROJECTIONS, "hilo"),
+}
+
+
+def round_e4m3(x: torch.Tensor, how) -> torch.Tensor:
+    """x [.., K] rounded to e4m3 with a scale per token ("token") or per 1 x `how` block, or x ~ hi + lo ("hilo")."""
+    if how == "hilo":
+        hi = round_e4m3(x, "token")
+        return hi + round_e4m3(x.float() - hi, "token")
+    block = x.shape[-1] if how == "token" else how
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    scale = blocks.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 448
+    return (to_fp8(blocks / scale, torch.float8_e4m3fn).float() * scale).reshape(x.shape)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="xl", help="T5 v1.1 size (default %(default)s)")
+    p.add_argument("--tokens", type=int, default=128)
+    args = p.parse_args()
+    model = random_t5(T5Config.from_name(args.preset, dtype=torch.float32), "cpu")
+    ids = torch.randint(3, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+    how: dict = {}
+    for layer in model.layers:
+        for name in PROJECTIONS:
+            module = getattr(layer.attn, name, None) or getattr(layer.ffn, name)
+            module.register_forward_pre_hook(
+                lambda m, inputs, name=name: (round_e4m3(inputs[0], how[name]),) if name in how else None)
+    with torch.inference_mode():
+        ref = model(ids)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(dequantize(*quantize_rows(m.weight, torch.float8_e4m3fn), torch.float32))
+        print(f"T5 v1.1 {args.preset}, 1 x {args.tokens} ids, torch {torch.__version__}\n")
+        print("| activations rounded to e4m3 | rel. error | / fp8 storage's |\n|---|---|---|")
+        storage = None
+        for name, choice in VARIANTS.items():
+            how.clear()
+            how.update(choice)
+            err = ((model(ids) - ref).norm() / ref.norm()).item()
+            storage = storage or err
+            print(f"| {name} | {err:.3e} | {err / storage:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
