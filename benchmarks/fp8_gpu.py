@@ -40,7 +40,7 @@ DEFAULT_FP8_MM = ("qkv_proj", "o_proj", "ff_in")  # what t5core.fp8 multiplies i
 class Variant:
     weight_dtype: str
     fp8_mm: tuple = ()  # projections multiplied in fp8 (fp8_e4m3fn_fast only); () = t5core's choice
-    hilo: tuple = ()  # of those, the projections whose activations are split in two fp8 parts (hilo_forward)
+    hilo: tuple = ()  # of those, the projections whose activations are split in two fp8 parts (hilo_matmul)
     options: Optional[dict] = None  # torch.compile options
 
 

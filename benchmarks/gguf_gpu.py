@@ -64,6 +64,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import t5core  # noqa: E402
+from fp8_gpu import timer  # noqa: E402  (this folder is on sys.path when the script runs)
 from t5core.gguf import (  # noqa: E402
     QTYPES,
     PackedEmbedding,
@@ -280,26 +281,17 @@ def dequant_only(model: nn.Module, eager: bool) -> Callable[[], object]:
     return call
 
 
-def timed(calls: dict[str, Callable[[], object]], reps: int, cuda: bool) -> dict[str, float]:
+def timed(calls: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
     """Median ms of each call, interleaved (one of each per round, so drift and clocks hit all alike), after two
     warm-up calls each (compiling, capturing CUDA graphs, ComfyUI's first load)."""
     for call in calls.values():
         for _ in range(2):
             call()
+    ms = timer(device)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(reps):
         for name, call in calls.items():
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                call()
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                call()
-                times[name].append(1000 * (time.perf_counter() - t))
+            times[name].append(ms(call))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -503,7 +495,7 @@ def main() -> None:
             print(f"{qtype}: ComfyUI-GGUF loaded in {c_load_s:.1f} s, {c_gb:.2f} GB on the device (its patcher: "
                   f"{loaded:.2f} of {size:.2f} GB loaded), encode peak +{c_peak:.2f} GB, error {err_g:.2e}; cond "
                   f"{tuple(cond.shape)} {cond.dtype} on {cond.device}", flush=True)
-        ms = timed(calls, args.reps, cuda)
+        ms = timed(calls, args.reps, device)
         ms_c, ms_b = ms["compressed"], ms["bf16"]
         if args.dequant:
             print(f"{qtype}: dequantization alone: " + ", ".join(f"{k.removesuffix(' dequant')} {v:.2f} ms"

@@ -103,13 +103,17 @@ class Embedding(torch.nn.Module):
 
     def __init__(self, runtime):
         super().__init__()
-        object.__setattr__(self, "runtime", runtime)  # a plain reference: no second owner of the weight
+        self.runtime = runtime  # t5core.Encoder (not a module)
 
     @property
     def weight(self) -> torch.Tensor:
-        """ComfyUI reads only its device (where it makes the ids): the table's, or its GGUF blocks' (PackedEmbedding)."""
+        """ComfyUI reads only its device, where it makes the ids, textual-inversion vectors and the attention mask
+        it multiplies the output by: the device the encoder runs on. The table (or its GGUF blocks) when it is
+        there; an empty tensor there when a partial load left the table behind to stream."""
         embed = self.runtime.model.vocab_embed
-        return embed.packed.blocks if isinstance(embed, PackedEmbedding) else embed.weight
+        table = embed.packed.blocks if isinstance(embed, PackedEmbedding) else embed.weight
+        device = self.runtime.device
+        return table if table.device == device else torch.empty(0, dtype=table.dtype, device=device)
 
     def forward(self, input_ids: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         check_token_ids(input_ids.cpu(), self.runtime.config.vocab_size)  # a clear error, not a CUDA device assert

@@ -287,7 +287,8 @@ def calibrated_scales(encoder: T5Encoder) -> Scales:
         reference = encoder  # its float32 weights stay loaded for whoever else uses this encoder
     else:  # a temporary float32 copy, dropped (and offloaded) as soon as the scales are known
         reference = encoder.with_plan(dtype=torch.float32, fp16_scales=None, compile=False)
-    scales = calibrate_fp16_scales(reference.on_device().model, encoder.tokenizer)
+    runtime = reference.on_device()  # loaded whole, or partially (the rest streams to runtime.device)
+    scales = calibrate_fp16_scales(runtime.model, encoder.tokenizer, device=runtime.device)
     if reference is not encoder:
         del reference
         mm.soft_empty_cache()

@@ -42,6 +42,8 @@ def streamed_class(cls: type) -> type:
             return super().forward(*args, **kwargs)
 
         def forward_comfy_cast_weights(self, x, *args, **kwargs):
+            if self.weight_function or self.bias_function:  # ComfyUI's LoRA key names never name t5core's tensors
+                raise NotImplementedError(f"t5core: ComfyUI weight patches on {type(self).__name__} are not supported")
             with tensors_on(self, x.device):
                 return super().forward(x, *args, **kwargs)
 
@@ -52,25 +54,18 @@ def streamed_class(cls: type) -> type:
 @contextlib.contextmanager
 def tensors_on(module: nn.Module, device):
     """Inside the block every parameter and buffer of `module` (its submodules' too: a GGUF weight's blocks) is a copy
-    on `device`, made by ComfyUI's cast_to; `weight` and `bias` then pass through the module's weight_function /
-    bias_function, as comfy.ops.cast_bias_weight applies them (ComfyUI's LoRA patches of a weight it streams)."""
+    on `device`, made by ComfyUI's cast_to."""
     import comfy.model_management as mm
 
     non_blocking = mm.device_supports_non_blocking(device)
-    functions = {"weight": module.weight_function, "bias": module.bias_function}
     saved = []  # (dict, name, original tensor)
     try:
         for owner in module.modules():
             for slots in (owner._parameters, owner._buffers):
                 for name, tensor in list(slots.items()):
-                    if tensor is None:
-                        continue
-                    patch = functions.get(name, []) if owner is module else []
-                    copy = mm.cast_to(tensor, device=device, non_blocking=non_blocking, copy=bool(patch))
-                    for f in patch:
-                        copy = f(copy)
-                    saved.append((slots, name, tensor))
-                    slots[name] = copy
+                    if tensor is not None:
+                        saved.append((slots, name, tensor))
+                        slots[name] = mm.cast_to(tensor, device=device, non_blocking=non_blocking)
         yield
     finally:
         for slots, name, tensor in reversed(saved):

@@ -208,6 +208,7 @@ def cmd_embed(args) -> None:
 
     shards = embed_captions(model, tok, captions, args.out, rank, world, settings, on_shard=progress)
     print(f"rank {rank}/{world}: {len(shards)} shards in {args.out} ({len(shards) - len(written)} were already there)")
+    del model  # before the process group it may hold (end_process_group)
     end_process_group()
 
 

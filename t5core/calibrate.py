@@ -29,11 +29,13 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def measure_output_absmax(model, tokenizer, prompts: Optional[Sequence[str]] = None, max_length: int = 512):
-    """-> per layer (attention-out absmax, FFN-out absmax, FFN-hidden absmax), unscaled units."""
+def measure_output_absmax(model, tokenizer, prompts: Optional[Sequence[str]] = None, max_length: int = 512,
+                          device=None):
+    """-> per layer (attention-out absmax, FFN-out absmax, FFN-hidden absmax), unscaled units. device: where the
+    model runs (default: its weights' device; an offloading manager's partial load may leave some elsewhere)."""
     n = model.config.num_layers
     stats = {}
-    device = model.unit_scale.device
+    device = model.unit_scale.device if device is None else device
     for text in prompts or BUILTIN_PROMPTS:  # one at a time: no padding, exact lengths
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # long built-in prompts are meant to be truncated
@@ -62,13 +64,14 @@ def choose_scales(attn_absmax, ffn_absmax, headroom: float = 4.0) -> tuple[list[
     return attn_scales, ffn_scales
 
 
-def calibrate_fp16_scales(model, tokenizer, prompts=None, headroom: float = 4.0, max_length: int = 512) -> Scales:
-    """A T5EncoderStack's scales in total, relative to unscaled weights.
+def calibrate_fp16_scales(model, tokenizer, prompts=None, headroom: float = 4.0, max_length: int = 512,
+                          device=None) -> Scales:
+    """A T5EncoderStack's scales in total, relative to unscaled weights (device: as measure_output_absmax's).
 
     Use them with load_encoder(..., dtype="float16", fp16_scales=scales), or with fp16_scales.scale_residuals_enc
     on an unscaled model before casting it to float16; fp16_scales.save_sidecar keeps them beside the weights."""
     headroom = check_headroom(headroom)
-    attn, ffn, hidden = measure_output_absmax(model, tokenizer, prompts, max_length)
+    attn, ffn, hidden = measure_output_absmax(model, tokenizer, prompts, max_length, device)
     for i, h in enumerate(hidden):
         if h * headroom > FLOAT16_MAX:
             warnings.warn(f"layer {i}: FFN hidden activations reach {h:.0f}, within {headroom}x of the float16 "

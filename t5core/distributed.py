@@ -4,6 +4,7 @@ checkpoint. Embedding a caption file across ranks is t5core.embed (its functions
     python -m t5core convert MODEL enc-dcp --format dcp --dtype bfloat16 --fuse-norms     # once
     torchrun --nproc-per-node 8 -m t5core embed --model enc-dcp --captions captions.txt --out emb/ [--fsdp]
 """
+import gc
 import os
 from typing import Optional
 
@@ -33,8 +34,11 @@ def init_from_env(device: Optional[str] = None) -> tuple[int, int, torch.device]
 
 
 def end_process_group() -> None:
-    """Destroy the process group init_from_env started, if any (torchrun warns about one left open)."""
+    """Destroy the process group init_from_env started, if any (torchrun warns about one left open). Drop the
+    FSDP-sharded encoders first: they hold the group, and a gloo group destroyed at interpreter exit sometimes
+    aborts the process (SIGABRT, "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # the encoders the caller dropped, and the reference cycles inside them
         dist.destroy_process_group()
 
 

@@ -8,10 +8,11 @@ weight_dtype names follow ComfyUI's loaders:
 - "fp8_e4m3fn_fast": the same storage, and on CUDA GPUs with compute capability >= 8.9 the activations are
   quantized per token (e4m3, scale = row amax / 448) and multiplied in fp8 by torch._scaled_mm with row-wise
   scales and Hopper's fast accumulation (on the H200 4% faster at 1x512 and 7% at 8x512, with the same error to
-  four digits: benchmarks/2026-12-04_h200_fp8_variants.log). ff_out (T5's `wo`) keeps the dequantizing matmul:
-  each projection whose input is rounded to e4m3 adds about as much error as its fp8 weights already cost, and
-  with all four the error is 1.39x fp8 storage's on the H200 against 1.28x with three, under the 1.3x t5core allows
-  (benchmarks/fp8_activation_error.py). Elsewhere (CPU, older GPUs) it is fp8 storage; Encoder.encode logs that once.
+  three digits). ff_out (T5's `wo`) keeps the dequantizing matmul: with all four projections' activations in fp8
+  the error is 1.39x fp8 storage's on the H200, with three 1.28x, under the 1.3x t5core allows (both:
+  benchmarks/2026-12-04_h200_fp8_variants.log; each projection whose input is rounded to e4m3 adds about as much
+  error as its fp8 weights cost: benchmarks/fp8_activation_error.py). Elsewhere (CPU, older GPUs) it is fp8
+  storage; Encoder.encode logs that once.
 
 Row-wise scales make fused projections trivially right: q|k|v and gate|up rows keep their own parts' scales, so an
 fp8 file's bytes and per-tensor scales are used as they are, never re-quantized.

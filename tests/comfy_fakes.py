@@ -86,6 +86,7 @@ def make_model_management() -> types.ModuleType:
     # test hook: the bytes of weights load_models_gpu lets a model put on the load device, as it computes them from
     # free memory under --lowvram or on a full GPU (0.1 under --novram); None: the model fits
     mm.weight_budget = None
+    mm.cast_calls = []  # test hook: every tensor cast_to was given (what streamed layers copied for a call)
 
     class InterruptProcessingException(Exception):
         pass
@@ -114,10 +115,11 @@ def make_model_management() -> types.ModuleType:
         for patcher in models:
             if patcher not in mm.current_loaded_models:
                 mm.current_loaded_models.insert(0, patcher)
-            budget = 0 if force_full_load or mm.weight_budget is None else mm.weight_budget
-            patcher.partially_load(patcher.load_device, budget or 1e32)  # LoadedModel.model_load
+            budget = 1e32 if force_full_load or mm.weight_budget is None else mm.weight_budget
+            patcher.partially_load(patcher.load_device, budget)  # LoadedModel.model_load
 
     def cast_to(weight, dtype=None, device=None, non_blocking=False, copy=False, stream=None):
+        mm.cast_calls.append(weight)
         if (device is None or weight.device == device) and not copy and (dtype is None or weight.dtype == dtype):
             return weight
         return weight.to(device=device, dtype=dtype, copy=True)
@@ -183,11 +185,6 @@ class ModelPatcher:
 
     def is_clone(self, other):
         return getattr(other, "model", None) is self.model
-
-    def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
-        if load_weights:
-            self.load(device_to, lowvram_model_memory, force_patch_weights, full_load=lowvram_model_memory == 0)
-        return self.model
 
     def _load_list(self):
         """(size, name, module) of the modules holding parameters, none in a submodule, or able to stream."""
@@ -728,6 +725,20 @@ def make_comfy_api_latest() -> types.ModuleType:
 
 
 # -- install --------------------------------------------------------------------------------------------------------
+def core_modules(comfy_path: list[str]) -> dict[str, types.ModuleType]:
+    """comfy (its package path), comfy.model_management, comfy.model_patcher and comfy.ops, by name."""
+    comfy = types.ModuleType("comfy")  # a namespace package in ComfyUI: no __init__.py, no __file__
+    comfy.__path__ = comfy_path
+    comfy.model_management = make_model_management()
+    comfy.model_management.module_size = module_size
+    comfy.model_patcher = types.ModuleType("comfy.model_patcher")
+    comfy.model_patcher.ModelPatcher = ModelPatcher
+    comfy.ops = types.ModuleType("comfy.ops")
+    comfy.ops.CastWeightBiasOp = CastWeightBiasOp
+    return {"comfy": comfy, "comfy.model_management": comfy.model_management,
+            "comfy.model_patcher": comfy.model_patcher, "comfy.ops": comfy.ops}
+
+
 def install(root: Path, tokenizer_dir: Path, with_v3: bool = False) -> dict[str, types.ModuleType]:
     """Fake ComfyUI rooted at root (root/models/..., root/comfy/text_encoders/t5_tokenizer a copy of tokenizer_dir).
     Returns the modules put into sys.modules, by name."""
@@ -738,25 +749,17 @@ def install(root: Path, tokenizer_dir: Path, with_v3: bool = False) -> dict[str,
     for sub in ("text_encoders", "clip", "embeddings"):
         (root / "models" / sub).mkdir(parents=True, exist_ok=True)
 
-    comfy = types.ModuleType("comfy")  # a namespace package in ComfyUI: no __init__.py, no __file__
-    comfy.__path__ = [str(comfy_dir)]
-    mm = make_model_management()
-    patcher_mod = types.ModuleType("comfy.model_patcher")
-    patcher_mod.ModelPatcher = ModelPatcher
-    ops = types.ModuleType("comfy.ops")
-    ops.CastWeightBiasOp = CastWeightBiasOp
-    mm.module_size = module_size
+    modules = core_modules([str(comfy_dir)])
+    comfy = modules["comfy"]
     sd = types.ModuleType("comfy.sd")
     sd.CLIP, sd.CLIPType = CLIP, CLIPType
     smb = types.ModuleType("comfy.supported_models_base")
     smb.ClipTarget = ClipTarget
     text_encoders = types.ModuleType("comfy.text_encoders")
     text_encoders.__path__ = []
-    comfy.model_management, comfy.model_patcher, comfy.ops, comfy.sd = mm, patcher_mod, ops, sd
-    comfy.supported_models_base, comfy.text_encoders = smb, text_encoders
-    modules = {"folder_paths": make_folder_paths(root / "models"), "comfy": comfy, "comfy.model_management": mm,
-               "comfy.model_patcher": patcher_mod, "comfy.ops": ops, "comfy.sd": sd, "comfy.supported_models_base": smb,
-               "comfy.text_encoders": text_encoders, **make_text_encoders()}
+    comfy.sd, comfy.supported_models_base, comfy.text_encoders = sd, smb, text_encoders
+    modules.update({"folder_paths": make_folder_paths(root / "models"), "comfy.sd": sd,
+                    "comfy.supported_models_base": smb, "comfy.text_encoders": text_encoders, **make_text_encoders()})
     if with_v3:
         api = types.ModuleType("comfy_api")
         api.__path__ = []

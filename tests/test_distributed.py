@@ -70,8 +70,8 @@ def test_fsdp_shards_and_parity(dcp_folder, tmp_path):
     hf, _, root = dcp_folder
     script = tmp_path / "worker.py"
     script.write_text(f'''
-import torch, torch.distributed as dist
-from t5core.distributed import init_from_env, load_fsdp
+import torch
+from t5core.distributed import end_process_group, init_from_env, load_fsdp
 from t5core.tokenizer import load_tokenizer
 rank, world, device = init_from_env("cpu")
 model = load_fsdp({str(root / "dcp")!r}, dtype="float32", device=device)
@@ -82,7 +82,8 @@ out = model.encode(ids, mask)
 bf16 = load_fsdp({str(root / "dcp")!r}, dtype="bfloat16", device=device).encode(ids, mask)  # mixed-dtype groups
 if rank == 0:
     torch.save({{"out": out, "bf16": bf16, "mask": mask}}, {str(tmp_path / "out.pt")!r})
-dist.destroy_process_group()
+del model, w  # before the process group they hold
+end_process_group()
 ''')
     torchrun(script)
     saved = torch.load(tmp_path / "out.pt", weights_only=True)

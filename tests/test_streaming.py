@@ -1,7 +1,6 @@
 """The runtime while an offloading manager streams some weights (Encoder.stream_weights, what ComfyUI's partial
 loading sets): eager, at the prompt's length, no compiled code, no CUDA graphs; and the addresses its graphs check."""
 import sys
-import types
 
 import pytest
 import torch
@@ -54,12 +53,7 @@ def test_compiled_layers_run_through_comfyuis_cast_classes(monkeypatch):
     compile_layers() compiles through it; one module left streaming -> eager; loaded whole again -> compiled."""
     import comfy_fakes
 
-    comfy = types.ModuleType("comfy")
-    comfy.__path__ = []
-    comfy.ops = types.ModuleType("comfy.ops")
-    comfy.ops.CastWeightBiasOp = comfy_fakes.CastWeightBiasOp
-    comfy.model_management = comfy_fakes.make_model_management()
-    for name, module in (("comfy", comfy), ("comfy.ops", comfy.ops), ("comfy.model_management", comfy.model_management)):
+    for name, module in comfy_fakes.core_modules([]).items():
         monkeypatch.setitem(sys.modules, name, module)
     from nodes.lowvram import make_streamable
 
@@ -78,3 +72,15 @@ def test_compiled_layers_run_through_comfyuis_cast_classes(monkeypatch):
     qkv.comfy_cast_weights = False
     enc.stream_weights(None)
     assert (enc.encode(ids) - want).abs().max() <= 1e-5
+
+
+def test_comfyuis_embedding_reports_where_the_encoder_runs():
+    """ComfyUI makes the ids, textual-inversion vectors and the attention mask it multiplies the output by on
+    get_input_embeddings().weight.device: where the encoder runs, also when a partial load left the table behind."""
+    from nodes.clip import Embedding
+
+    enc = tiny_encoder()
+    embedding = Embedding(enc)
+    assert embedding.weight is enc.model.vocab_embed.weight
+    enc.stream_weights(torch.device("meta"))  # the layers run there, the table stays on the CPU and streams
+    assert embedding.weight.device == torch.device("meta") and embedding.weight.numel() == 0

@@ -36,6 +36,7 @@ def main() -> None:
         whole = load_encoder(args.dcp_folder, args.dtype, device, format="dcp").encode(ids, mask)  # a folder we trust
         m = mask.to(out.device)
         print(f"FSDP ({world} ranks) vs whole model: relative error {relative_error(out[m], whole[m]):.2e}")
+    del sharded, w  # before the process group they hold (end_process_group)
     end_process_group()
 
 
