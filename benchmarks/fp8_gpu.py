@@ -7,7 +7,8 @@ median; warm-up first; variants interleaved over rounds, each round starting one
 added (torch.cuda.memory_allocated), and the relative error on the same random ids against t5core in float32 with
 TF32 off (loaded once, run eagerly, then freed). "fp8 compute + wo" also multiplies ff_out in fp8, the choice
 t5core.fp8 does not make, to show what it would cost and gain ("fp8 compute wo not o": ff_out in fp8, o_proj not;
-"fp8 compute wo hi/lo": ff_out's activation split in two fp8 parts, hilo_matmul).
+"fp8 compute wo hi/lo": ff_out's activation split in two fp8 parts, hilo_matmul; "fp8 all hi/lo": every
+projection's, fp8 storage's precision from fp8 GEMMs instead of dequantized weights).
 --profile adds CUDA kernel time by kind. A markdown table and the issue's targets come last.
 
     python benchmarks/fp8_gpu.py                               # H200: about 5 minutes
@@ -56,6 +57,7 @@ VARIANTS = {
     "fp8 compute + wo": Variant(FAST, PROJECTIONS),
     "fp8 compute wo not o": Variant(FAST, ("qkv_proj", "ff_in", "ff_out")),
     "fp8 compute wo hi/lo": Variant(FAST, PROJECTIONS, hilo=("ff_out",)),
+    "fp8 all hi/lo": Variant(FAST, PROJECTIONS, hilo=PROJECTIONS),
     "bf16 triton gemms": Variant("bfloat16", options=TRITON_GEMMS),
     "fp8 storage triton gemms": Variant("fp8_e4m3fn", options=TRITON_GEMMS),
 }
