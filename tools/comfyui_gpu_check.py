@@ -296,6 +296,7 @@ class Server:
         log_file.write(f"\n===== {' '.join(cmd)}\n")
         log_file.flush()
         self.url = f"http://127.0.0.1:{args.port}"
+        self.nonce = 0  # makes each peak-reset prompt new to ComfyUI's cache
         self.proc = subprocess.Popen(cmd, cwd=args.comfy, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + args.start_timeout
         while time.time() < deadline:
@@ -352,7 +353,7 @@ class Server:
         -> bytes still allocated."""
         self.post("/free", {"unload_models": True, "free_memory": True})
         time.sleep(2.0)
-        self.nonce = getattr(self, "nonce", 0) + 1
+        self.nonce += 1
         reset = {"sink": {"class_type": "T5CoreBenchResetPeak", "inputs": {"nonce": str(self.nonce)}}}
         return self.run(reset, 60)["allocated"]
 
