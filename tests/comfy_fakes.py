@@ -284,15 +284,12 @@ class ToyClipTokenizer:
         return [[(t, 1.0) for t in words + [0] * (77 - len(words))]]
 
 
-class ToyContainer(torch.nn.Module):
-    """A cond_stage_model holding some of clip_l / clip_g / t5xxl, like SD1ClipModel, FluxClipModel, SD3ClipModel."""
-
-    def __init__(self, parts: dict):
-        super().__init__()
-        self.clip_l, self.clip_g, self.t5xxl = parts.get("l"), parts.get("g"), parts.get("t5xxl")
+class ClipOptionsToParts:
+    """set/reset_clip_options passed on to the encoders named in PARTS that are present (as ComfyUI's containers do)."""
+    PARTS = ("clip_l", "clip_g")
 
     def _parts(self):
-        return [p for p in (self.clip_l, self.clip_g) if p is not None]
+        return [p for p in (getattr(self, name) for name in self.PARTS) if p is not None]
 
     def set_clip_options(self, options):
         for p in self._parts():
@@ -301,6 +298,14 @@ class ToyContainer(torch.nn.Module):
     def reset_clip_options(self):
         for p in self._parts():
             p.reset_clip_options()
+
+
+class ToyContainer(ClipOptionsToParts, torch.nn.Module):
+    """A cond_stage_model holding some of clip_l / clip_g / t5xxl, like SD1ClipModel, FluxClipModel, SD3ClipModel."""
+
+    def __init__(self, parts: dict):
+        super().__init__()
+        self.clip_l, self.clip_g, self.t5xxl = parts.get("l"), parts.get("g"), parts.get("t5xxl")
 
 
 class ToyTokenizerSet:
@@ -520,24 +525,15 @@ def make_text_encoders() -> dict[str, types.ModuleType]:
         def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
             return {"l": ToyClipTokenizer().tokenize_with_weights(text), **self.t5.tokenize_with_weights(text)}
 
-    class SD3ClipModel(torch.nn.Module):
+    class SD3ClipModel(ClipOptionsToParts, torch.nn.Module):
+        PARTS = ("clip_l", "clip_g", "t5xxl")
+
         def __init__(self, clip_l=True, clip_g=True, t5=True, device="cpu", dtype=None, model_options={}):
             super().__init__()
             self.clip_l = ToyClipEncoder(768, 1, return_projected_pooled=False, device=device) if clip_l else None
             self.clip_g = ToyClipEncoder(1280, 2, device=device) if clip_g else None
             self.t5xxl = T5XXL(device, dtype, model_options) if t5 else None
             self.dtypes = {dtype}
-
-        def _parts(self):
-            return [p for p in (self.clip_l, self.clip_g, self.t5xxl) if p is not None]
-
-        def set_clip_options(self, options):
-            for p in self._parts():
-                p.set_clip_options(options)
-
-        def reset_clip_options(self):
-            for p in self._parts():
-                p.reset_clip_options()
 
         def encode_token_weights(self, token_weight_pairs):
             lg_out = None
