@@ -8,7 +8,7 @@ moved away from the empty prompt's: z = (z - z_empty) * w + z_empty. T5 runs wit
 padding (plain T5 has no minimum length). Unlike ComfyUI, "embedding:name" is plain text (there are no
 T5 textual inversions to load).
 
-Shapes: L tokens (after padding), D the T5 width (4096 for XXL).
+Shapes: L the prompt's tokens plus EOS (the empty prompt's row is padded to L), D the T5 width (4096 for XXL).
 """
 import logging
 import math

@@ -29,14 +29,12 @@ NATIVE_MARKER = re.compile(r"^(.*?)layers\.0\.attn\.qkv_proj\.weight$")
 
 
 def _fp8_finite(t: torch.Tensor) -> torch.Tensor:
-    """isfinite().all() for float8, which torch does not implement: e4m3fn's NaN is S.1111.111 (it has no inf),
-    e5m2's inf and NaN have the exponent 11111; the fnuz types' NaN is 1.0000.000."""
+    """isfinite().all() for float8 (FP8_DTYPES), which torch does not implement: e4m3fn's NaN is S.1111.111 (it has
+    no inf), e5m2's inf and NaN have the exponent 11111."""
     bits = t.view(torch.uint8)
     if t.dtype == torch.float8_e4m3fn:
         return ((bits & 0x7F) != 0x7F).all()
-    if t.dtype == torch.float8_e5m2:
-        return ((bits & 0x7C) != 0x7C).all()
-    return (bits != 0x80).all()
+    return ((bits & 0x7C) != 0x7C).all()
 
 
 class CheckpointError(ValueError):
@@ -132,6 +130,9 @@ class SafetensorsSource:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][2]
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[key][1]
+
     def get(self, key: str) -> torch.Tensor:
         _, dtype, shape, _, nbytes = self.entries[key]
         buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -179,6 +180,9 @@ class TensorizerSource:
         entry = getattr(self.deser, "_metadata", {}).get((key,))  # header only; tensorizer has no public shape query
         return tuple(entry.shape) if entry is not None else tuple(self.get(key).shape)
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self.get(key).dtype  # read: tensorizer has no public dtype query either
+
     def get(self, key: str) -> torch.Tensor:
         if self.order[key] <= self.position:
             self._open()
@@ -192,20 +196,11 @@ class TensorizerSource:
         return t
 
 
-class TorchFileSource:
-    """pytorch_model.bin and friends: tensors only, memory-mapped. weights_only=True unpickles with torch's
-    restricted unpickler (tensors, dicts, lists and plain values; no imports, no calls), so no code in the file runs."""
+class TensorDictSource:
+    """Tensors already in memory (a state dict) as a checkpoint source."""
 
-    def __init__(self, files: list[Path]) -> None:
-        self.tensors = {}
-        for f in files:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise CheckpointError(f"{f}: not a loadable tensor-only torch file ({e})") from e
-            if not isinstance(sd, dict):
-                raise CheckpointError(f"{f}: expected a state dict of tensors, got {type(sd).__name__}")
-            self.tensors.update({k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)})
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -213,8 +208,26 @@ class TorchFileSource:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].shape)
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].dtype
+
     def get(self, key: str) -> torch.Tensor:
         return self.tensors[key]
+
+
+def torch_file_source(files: list[Path]) -> TensorDictSource:
+    """pytorch_model.bin and friends: tensors only, memory-mapped. weights_only=True unpickles with torch's
+    restricted unpickler (tensors, dicts, lists and plain values; no imports, no calls), so no code in the file runs."""
+    tensors = {}
+    for f in files:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{f}: not a loadable tensor-only torch file ({e})") from e
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{f}: expected a state dict of tensors, got {type(sd).__name__}")
+        tensors.update({k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)})
+    return TensorDictSource(tensors)
 
 
 class DcpSource:
@@ -241,6 +254,9 @@ class DcpSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[key][1]
 
     def get(self, key: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
@@ -495,10 +511,8 @@ class Checkpoint:
         return scale.reshape(rows).contiguous()
 
     def stored_dtype(self, key: str) -> torch.dtype:
-        """The dtype `key` is stored in (read from the header where the source has one)."""
-        if isinstance(self.source, SafetensorsSource):
-            return self.source.entries[self.keys[key]][1]
-        return self.source.get(self.keys[key]).dtype
+        """The dtype `key` is stored in (from the header where the source has one)."""
+        return self.source.dtype(self.keys[key])
 
     def projection_dtype(self) -> torch.dtype:
         """The dtype the projection weights are stored in (the first attention output projection's)."""
@@ -720,7 +734,7 @@ def open_checkpoint(path, subfolder: Optional[str] = None, format: Optional[str]
     elif suffix in (".safetensors", ".sft"):
         source, fmt = SafetensorsSource(files), "safetensors"
     else:
-        source, fmt = TorchFileSource(files), "torch"
+        source, fmt = torch_file_source(files), "torch"
     where = files[0] if len(files) == 1 and fmt != "dcp" else folder
     all_keys = source.keys()
 

@@ -340,7 +340,6 @@ _BLOCK_NAMES = {  # llama.cpp encoder tensor (gguf.constants MODEL_TENSOR.ENC_*)
     "ffn_down": "layer.1.DenseReluDense.wo", "ffn_norm": "layer.1.layer_norm",
 }
 _ENC_BLOCK = re.compile(r"^enc\.blk\.(\d+)\.([a-z_0-9]+)\.weight$")
-_REQUIRED_PER_BLOCK = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_norm", "ffn_up", "ffn_down", "ffn_norm")
 
 
 def hf_name(gguf_name: str, gated: bool = True) -> Optional[str]:
@@ -632,6 +631,9 @@ class GGUFSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return torch.float32  # what get() dequantizes to; the blocks' own type is qtype()
 
     def qtype(self, key: str) -> int:
         return self.entries[key].qtype

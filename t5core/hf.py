@@ -16,7 +16,8 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers import T5Config as HFT5Config
 from transformers.modeling_outputs import BaseModelOutput
 
-from .checkpoint import Checkpoint, CheckpointError, config_from_hf, hf_config_dict, native_target, open_checkpoint
+from .checkpoint import (Checkpoint, CheckpointError, TensorDictSource, config_from_hf, hf_config_dict, native_target,
+                         open_checkpoint)
 from .t5_common import DTYPES, T5AttnImpl, T5Config, parse_dtype
 from .runtime import Encoder
 from .t5_encoder import T5EncoderStack
@@ -275,26 +276,10 @@ def _device_from(device, device_map) -> torch.device:
     return torch.device(device_map)
 
 
-class _TensorDictSource:
-    """A state dict seen as a checkpoint source (keys / shape / get), for streaming from a module in memory."""
-
-    def __init__(self, tensors: dict[str, Tensor]) -> None:
-        self.tensors = tensors
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.tensors[key].shape)
-
-    def get(self, key: str) -> Tensor:
-        return self.tensors[key]
-
-
 def _module_checkpoint(hf_model: PreTrainedModel) -> Checkpoint:
     tensors = {k: v.detach() for k, v in hf_model.state_dict().items()}
     return Checkpoint(path=Path(f"<{type(hf_model).__name__} in memory>"), format="memory",
-                      source=_TensorDictSource(tensors), keys={k: k for k in tensors},
+                      source=TensorDictSource(tensors), keys={k: k for k in tensors},
                       config=config_from_hf(hf_model.config.to_dict()))
 
 

@@ -78,7 +78,7 @@ class Encoder:
         """CUDA: regional compilation (compile_layers) and a CUDA graph per shape in encode(). CPU: the whole
         forward compiled with frozen weights, which inductor repacks for MKL's packed GEMM (10-20% faster than
         torch's CPU matmul at these shapes); weights must not change afterwards (or call reset()). Weights kept as
-        GGUF blocks are not frozen: freezing would fold their dequantization into constant float weights."""
+        GGUF blocks or fp8 are not frozen: freezing would fold their dequantization into constant float weights."""
         if self.device.type == "cuda":
             return self.compile_layers()
         from .gguf import is_packed

@@ -157,8 +157,10 @@ class T5Config(BaseModel):
     @field_validator("weight_dtype")
     @classmethod
     def _check_weight_dtype(cls, val: Optional[str]) -> Optional[str]:
-        if val not in (None, "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast"):
-            raise ValueError(f"weight_dtype {val!r}: None, fp8_e4m3fn, fp8_e5m2 or fp8_e4m3fn_fast")
+        from .fp8 import WEIGHT_DTYPES  # (fp8 imports this module)
+
+        if val is not None and val not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype {val!r}: None, {', '.join(WEIGHT_DTYPES)}")
         return val
 
     @model_validator(mode="after")

@@ -257,7 +257,7 @@ def load_encoder(
     (measure now on varied prompts), None, Scales, text ('1,1,1/2,...' or 'ATTN;FFN'), a list of FFN-out scales,
     or an (attn_out_scales, ffn_out_scales) pair.
     compile: torch.compile for fixed-shape speed (CUDA: one layer compiled and reused, CUDA graphs; CPU: frozen
-    weights, except for weights kept as GGUF blocks).
+    weights, except for weights kept as GGUF blocks or fp8).
     format: None detects the format; "dcp" reads a torch.distributed.checkpoint folder, whose metadata is a pickle:
     only for folders you trust (see open_checkpoint).
     weight_dtype (None or "auto" by default): a GGUF file's quantized weights stay as their blocks, dequantized in

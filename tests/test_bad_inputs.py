@@ -590,9 +590,10 @@ _REQUIRED = {"encode": ["--model", "M", "--out", "O", "p"], "embed": ["--model",
 
 
 @pytest.mark.parametrize("argv,message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
-def test_bad_cli_argument(tmp_path, capsys, argv, message):
+def test_bad_cli_argument(tmp_path, capsys, monkeypatch, argv, message):
     import re
 
+    monkeypatch.chdir(tmp_path)  # the relative paths M, O, C: nothing may be written there
     line = cli_error(capsys, [*argv, *_REQUIRED[argv[0]]])
     assert re.match(rf"t5core: error: {message}", line), line
     assert not list(tmp_path.iterdir())
@@ -734,8 +735,6 @@ def loaded(comfy, **options):
     ("a (cat:1e38) dog", r"weighting overflows float32"),
 ])
 def test_prompt_weights_never_give_non_finite_conditioning(comfy, text, message):
-    from nodes.nodes import NodeError  # noqa: F401  (the class the fakes' package raises has the same name)
-
     encoder = loaded(comfy)
     with pytest.raises(ValueError, match=rf"^T5 Encode Prompt \(fast\): prompt weights: {message}"):
         node(comfy, "T5CoreEncodePrompt", t5_encoder=encoder, text=text, family="plain T5", guidance=3.5)

@@ -229,8 +229,6 @@ def test_fp8_layers_trace_as_one_graph(folders):
         eager = layer(x, torch.zeros_like(x), model.unit_scale, bias)
         traced = torch.compile(layer, fullgraph=True, backend="eager")(x, torch.zeros_like(x), model.unit_scale, bias)
         assert all(torch.equal(a, b) for a, b in zip(eager, traced))
-        for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.ffn.ff_in):
-            m.fp8_mm = True
         fp8_mm = torch.compile(lambda v: layer.attn.qkv_proj.fp8_matmul(v), fullgraph=True, backend="aot_eager")
         assert rel_err(fp8_mm(x.to(torch.bfloat16)), layer.attn.qkv_proj.fp8_matmul(x.to(torch.bfloat16))) <= 1e-6
     assert not layer.ffn.ff_out.compute  # wo keeps the dequantizing matmul (t5core.fp8)
