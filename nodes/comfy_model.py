@@ -22,7 +22,7 @@ from t5core import fp16_scales
 from t5core.calibrate import calibrate_fp16_scales
 from t5core.checkpoint import SAFETENSORS_SUFFIXES
 from t5core.fp16_scales import Scales
-from t5core.fp8 import FAST, fp8_matmul_support, resolve_weight_dtype
+from t5core.fp8 import FAST, fp8_matmul_support, log_compute_fallback, resolve_weight_dtype
 from t5core.t5_common import parse_dtype
 
 from .lowvram import make_streamable
@@ -240,8 +240,7 @@ def load(name: str, weight_dtype: str, attention: str, compile: bool, device: st
     stored = torch.float32 if ckpt.format == "gguf" else ckpt.projection_dtype()
     fp8 = resolve_weight_dtype(weight_dtype if fp8_choice else "auto", dtype, stored, ckpt.path)
     if fp8 == FAST and not fp8_matmul_support(encoder.devices()[0])[0]:
-        log.warning("t5core: %s on %s: fp8 matmuls need a CUDA GPU with compute capability >= 8.9; the weights stay "
-                    "fp8 and are dequantized before each matmul", FAST, encoder.devices()[0])
+        log_compute_fallback(encoder.devices()[0])  # at load; once per device (encode would say it otherwise)
     scales = encoder.preset_scales() if dtype == torch.float16 and not encoder.baked_scales else None
     return encoder.with_plan(dtype=dtype, fp16_scales=scales, weight_dtype=fp8)
 

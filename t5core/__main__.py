@@ -32,7 +32,7 @@ def _int_in(lo: int, hi: int):
 
 
 def _dtype_arg(text: str) -> str:
-    """A dtype name parse_dtype knows, kept as written (commands compare the text)."""
+    """A dtype name parse_dtype knows, kept as written (it is printed as given)."""
     try:
         parse_dtype(text)
     except ValueError as e:
@@ -104,8 +104,8 @@ def _tokenizer_for(args, ckpt_path):
     from .tokenizer import BUNDLED_SPIECE, find_tokenizer, load_tokenizer
 
     path = args.tokenizer or find_tokenizer(Path(ckpt_path) / (args.subfolder or ""))
-    if path is None and Path(ckpt_path).suffix == ".gguf":  # the one in its tokenizer.ggml.* fields, if any
-        path = open_checkpoint(ckpt_path).tokenizer_bytes
+    if path is None and Path(ckpt_path).suffix in (".gguf", ".safetensors", ".sft"):
+        path = open_checkpoint(ckpt_path).tokenizer_bytes  # GGUF's tokenizer.ggml.* fields, ComfyUI's spiece_model
     if path is None:
         print(f"no tokenizer beside {ckpt_path}; using the bundled T5 tokenizer", file=sys.stderr)
         path = BUNDLED_SPIECE
@@ -126,14 +126,14 @@ def cmd_encode(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    import torch
+
     from .checkpoint import open_checkpoint
     from .fp8 import FP8_DTYPES
-    from .save import save_encoder
+    from .save import check_target, save_encoder
     from .tokenizer import load_tokenizer
 
-    from .save import check_target
-
-    if args.fp16_scales not in ("auto", None) and args.dtype not in ("float16", "fp16"):
+    if args.fp16_scales not in ("auto", None) and parse_dtype(args.dtype) != torch.float16:
         raise ValueError("--fp16-scales: needs --dtype float16")
     check_target(args.out_dir, args.overwrite)  # before the model is read: refuse early, lose nothing
     if args.format == "dcp":  # under torchrun every rank writes a shard file

@@ -81,6 +81,25 @@ def test_comfyui_single_file(hf, batch, tmp_path, prefix, embed_tokens):
     assert_parity(f, hf, batch)
 
 
+def test_cli_uses_the_tokenizer_a_comfyui_file_embeds(hf, tmp_path):
+    """ComfyUI's UMT5 files carry their sentencepiece model as a `spiece_model` tensor: with no tokenizer beside the
+    file, encode tokenizes with it (not with the bundled T5 one)."""
+    import sentencepiece as spm
+    from safetensors.torch import load_file
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"a red fox number {i} runs through the snowy forest at night" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "spm"), vocab_size=40,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   model_type="unigram", minloglevel=2)
+    proto = (tmp_path / "spm.model").read_bytes()
+    f = tmp_path / "umt5_like.safetensors"
+    save_file({**comfy_state_dict(hf), "spiece_model": torch.frombuffer(bytearray(proto), dtype=torch.uint8)}, str(f))
+    cli(["encode", "--model", str(f), "--out", str(tmp_path / "e.safetensors"), "a red fox"])
+    ids = load_file(str(tmp_path / "e.safetensors"))["input_ids"][0].tolist()
+    assert ids == spm.SentencePieceProcessor(model_proto=proto).encode("a red fox") + [1]
+
+
 def test_comfyui_fp16_file_loads_as_fp32(hf, batch, tmp_path):
     f = tmp_path / "t5.sft"
     save_file(comfy_state_dict(hf, dtype=torch.float16), str(f))
