@@ -215,14 +215,15 @@ class ZeroPooledCLIPL(torch.nn.Module):
 
 def wan_tokenizer_data(encoder) -> dict:
     """ComfyUI's WAN tokenizer reads the UMT5 sentencepiece model from tokenizer_data["spiece_model"] (as the
-    `spiece_model` tensor ComfyUI's UMT5 files embed): from the file, else from a spiece.model beside it."""
+    `spiece_model` tensor ComfyUI's UMT5 files embed): a spiece.model beside the file, else the file's own, the
+    order in which the Load node picks its tokenizer (comfy_model.resolve_tokenizer)."""
     import t5core
 
     ckpt = t5core.open_checkpoint(encoder.plan.path)
-    if ckpt.tokenizer_bytes:
-        data = ckpt.tokenizer_bytes
-    elif ckpt.tokenizer is not None and ckpt.tokenizer.suffix == ".model":
+    if ckpt.tokenizer is not None and ckpt.tokenizer.suffix == ".model":
         data = ckpt.tokenizer.read_bytes()
+    elif ckpt.tokenizer_bytes:
+        data = ckpt.tokenizer_bytes
     else:
         raise ValueError(f"ComfyUI's WAN tokenizer needs the UMT5 sentencepiece model: {encoder.plan.path} embeds no "
                          f"`spiece_model` and has no spiece.model beside it (Comfy-Org's umt5_xxl files embed it)")
