@@ -122,12 +122,11 @@ def plan_batches(lengths: list[int], tokens_per_batch: int, batch_size: Optional
 
 def tokenize(tokenizer, captions: list[tuple[int, str]], max_length: int) -> list[list[int]]:
     """(line, caption) pairs -> EOS-terminated token ids of at most max_length (a longer caption keeps its first
-    max_length - 1 tokens and EOS, and a PromptTruncatedWarning names its line). One batch call of the tokenizer
-    (limit MAX_TOKENS + 1, the longest max_length there is), then each row cut to max_length."""
-    ids, mask = tokenizer([text for _, text in captions], max_length=MAX_TOKENS + 1)
+    max_length - 1 tokens and EOS, and a PromptTruncatedWarning names its line). One batch call of the tokenizer,
+    lists throughout (no [captions, longest] tensor)."""
     rows = []
-    for (line, _), row, n in zip(captions, ids.tolist(), mask.sum(1).tolist()):
-        rows.append(tokenizer.truncate(row[:n - 1], max_length, f"line {line + 1}:"))  # row[n - 1] is EOS
+    for (line, _), ids in zip(captions, tokenizer.encode_batch([text for _, text in captions])):
+        rows.append(tokenizer.truncate(ids, max_length, f"line {line + 1}:"))
     return rows
 
 

@@ -123,11 +123,14 @@ class T5Tokenizer:
             raise ValueError(f"max_length must be >= 1 (room for EOS), got {max_length}")
         if bad := [type(t).__name__ for t in texts if not isinstance(t, str)]:
             raise TypeError(f"expected str prompts, got {bad[0]}")
-        encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         rows = []
-        for index, encoding in enumerate(encodings):  # a loop, not a comprehension: stacklevel counts frames
-            rows.append(self.truncate(encoding.ids, max_length, f"prompt {index} has"))
+        for index, ids in enumerate(self.encode_batch(texts)):  # a loop, not a comprehension: stacklevel counts frames
+            rows.append(self.truncate(ids, max_length, f"prompt {index} has"))
         return self.pad_rows(rows, pad_to)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, without EOS and uncut (one call into tokenizers, which uses its threads)."""
+        return [e.ids for e in self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
     def truncate(self, ids: list[int], max_length: int, what: str, stacklevel: int = 2) -> list[int]:
         """Token ids without EOS -> at most max_length ids ending in EOS: the first max_length-1 plus EOS, as HF
