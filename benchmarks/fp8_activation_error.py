@@ -2,7 +2,9 @@
 
 Random T5 v1.1 weights (transformers' init, benchmarks/fp8_gpu.random_t5) quantized to e4m3 per row as fp8 storage
 does; the activations entering chosen projections rounded to e4m3 per token, per 1x128 or 1x32 block along K, or
-split in two e4m3 parts (hi + lo, fp8_gpu.hilo_matmul); everything else float32. Relative error of the last hidden
+split in two e4m3 parts (hi + lo, fp8_gpu.hilo_matmul), or multiplied as int8 (W8A8: the activations per token and
+the fp8 weights re-rounded per output channel to int8, what an int8 GEMM such as torch._int_mm takes); everything
+else float32. Relative error of the last hidden
 state against the same model with the unquantized weights, and its ratio to fp8 storage's (issue 17 asks <= 1.3).
 This emulates the GPU's rounding (quantize, dequantize, float32 matmul), not its speed: the GPU run of the same
 choices (benchmarks/fp8_gpu.py, XXL at 1x512) gave 1.28 for "fp8 compute" and 1.39 with `wo` too.
@@ -30,12 +32,27 @@ VARIANTS = {
     "all four, 1x128 blocks": dict.fromkeys(PROJECTIONS, 128),
     "+ wo, hi/lo": {**QKV_O_IN, "ff_out": "hilo"},
     "all four, hi/lo": dict.fromkeys(PROJECTIONS, "hilo"),
+    "+ wo in int8 (W8A8)": {**QKV_O_IN, "ff_out": "int8"},
+    "qkv, o in fp8; ff_in, wo in int8": {"qkv_proj": "token", "o_proj": "token", "ff_in": "int8", "ff_out": "int8"},
+    "qkv, o, wo in fp8; ff_in in int8": {"qkv_proj": "token", "o_proj": "token", "ff_in": "int8", "ff_out": "token"},
+    "all four in int8 (W8A8)": dict.fromkeys(PROJECTIONS, "int8"),
+    **{f"{name} alone, per token": {name: "token"} for name in PROJECTIONS},
+    **{f"all but {name}, per token": {p: "token" for p in PROJECTIONS if p != name} for name in PROJECTIONS},
 }
+
+
+def round_int8(x: torch.Tensor) -> torch.Tensor:
+    """x [.., K] rounded to int8 with a scale per row (amax / 127), as int8 GEMMs take activations per token and
+    weights per output channel; float32."""
+    scale = x.float().abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return (x.float() / scale).round().clamp(-127, 127) * scale
 
 
 def round_e4m3(x: torch.Tensor, how) -> torch.Tensor:
     """x [.., K] rounded to e4m3 with a scale per token ("token", as fp8_e4m3fn_fast) or per 1 x `how` block, or
-    x ~ hi + lo ("hilo"); float32."""
+    x ~ hi + lo ("hilo"), or to int8 per token ("int8": the activation of an int8 GEMM); float32."""
+    if how == "int8":
+        return round_int8(x)
     if how == "hilo":
         hi = round_e4m3(x, "token")
         return hi + round_e4m3(x.float() - hi, "token")
@@ -60,6 +77,9 @@ def main() -> None:
             module = getattr(layer.attn, name, None) or getattr(layer.ffn, name)
             module.register_forward_pre_hook(
                 lambda m, inputs, name=name: (round_e4m3(inputs[0], how[name]),) if name in how else None)
+            # int8 GEMMs need int8 weights too: the fp8 weights re-rounded to int8 per output channel
+            module.register_forward_hook(lambda m, inputs, out, name=name: torch.nn.functional.linear(
+                inputs[0], round_int8(m.weight)).to(out.dtype) if how.get(name) == "int8" else None)
     with torch.inference_mode():
         ref = model(ids)
         for m in model.modules():

@@ -5,10 +5,13 @@ Hugging Face folder and loaded through t5core.load_encoder with each weight_dtyp
 get it (per row, while streaming). For each variant: milliseconds per encode (CUDA events, synchronised every call,
 median; warm-up first; variants interleaved over rounds, each round starting one variant later), the memory the load
 added (torch.cuda.memory_allocated), and the relative error on the same random ids against t5core in float32 with
-TF32 off (loaded once, run eagerly, then freed). "fp8 compute + wo" also multiplies ff_out in fp8, the choice
-t5core.fp8 does not make, to show what it would cost and gain ("fp8 compute wo not o": ff_out in fp8, o_proj not;
-"fp8 compute wo hi/lo": ff_out's activation split in two fp8 parts, hilo_matmul; "fp8 all hi/lo": every
-projection's, fp8 storage's precision from fp8 GEMMs instead of dequantized weights).
+TF32 off (loaded once, run eagerly, then freed). Variants beyond bf16 / storage / compute change which projections
+multiply in fp8 and how (`wo` = ff_out), choices t5core.fp8 does not make, to show what they would cost and gain:
+"fp8 compute + wo" all four in fp8; "fp8 compute wo not o" ff_out in fp8, o_proj not; "... hi/lo": the named
+projections' activations split in two fp8 parts (hilo_matmul), ff_out's, ff_in's (whose fp8 activations cost the
+most precision: benchmarks/fp8_activation_error.py) or all four (fp8 storage's precision from fp8 GEMMs);
+"fp8 compute ff_in int8" / "int8 all": ff_in's or every projection's fp8 weights re-rounded to int8 and multiplied
+by torch._int_mm against int8 activations (int8_matmul).
 --profile adds CUDA kernel time by kind. A markdown table and the issue's targets come last.
 
     python benchmarks/fp8_gpu.py                               # H200: about 5 minutes
@@ -30,7 +33,7 @@ import torch
 
 import t5core
 from t5core import T5Config, T5EncoderStack
-from t5core.fp8 import FAST, Fp8Linear, fp8_matmul_support, quantize_tokens
+from t5core.fp8 import FAST, Fp8Linear, dequantize, fp8_matmul_support, quantize_tokens
 from t5core.save import save_encoder
 
 PROJECTIONS = ("qkv_proj", "o_proj", "ff_in", "ff_out")
@@ -42,6 +45,7 @@ class Variant:
     weight_dtype: str
     fp8_mm: tuple = ()  # projections multiplied in fp8 (fp8_e4m3fn_fast only); () = t5core's choice
     hilo: tuple = ()  # of those, the projections whose activations are split in two fp8 parts (hilo_matmul)
+    int8: tuple = ()  # of those, the projections multiplied as int8 instead (int8_matmul)
     options: Optional[dict] = None  # torch.compile options
 
 
@@ -57,7 +61,10 @@ VARIANTS = {
     "fp8 compute + wo": Variant(FAST, PROJECTIONS),
     "fp8 compute wo not o": Variant(FAST, ("qkv_proj", "ff_in", "ff_out")),
     "fp8 compute wo hi/lo": Variant(FAST, PROJECTIONS, hilo=("ff_out",)),
+    "fp8 compute ff_in hi/lo": Variant(FAST, PROJECTIONS, hilo=("ff_in",)),
     "fp8 all hi/lo": Variant(FAST, PROJECTIONS, hilo=PROJECTIONS),
+    "fp8 compute ff_in int8": Variant(FAST, PROJECTIONS, int8=("ff_in",)),
+    "int8 all": Variant(FAST, PROJECTIONS, int8=PROJECTIONS),
     "bf16 triton gemms": Variant("bfloat16", options=TRITON_GEMMS),
     "fp8 storage triton gemms": Variant("fp8_e4m3fn", options=TRITON_GEMMS),
 }
@@ -96,6 +103,12 @@ def set_fp8_mm(model, v: Variant) -> None:
             m._update_fp8_mm()
             if proj in v.hilo:
                 m.fp8_matmul = functools.partial(hilo_matmul, m)
+            if proj in v.int8:  # the fp8 weights re-rounded to int8 rows in place: the same bytes
+                w = dequantize(m.weight, m.scale, torch.float32)
+                s8 = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+                m.weight.data = (w / s8[:, None]).round().clamp(-127, 127).to(torch.int8)
+                m.scale.data = s8
+                m.fp8_matmul = functools.partial(int8_matmul, m)
 
 
 def hilo_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +122,19 @@ def hilo_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
     out = torch._scaled_mm(torch.cat([hi, lo]), m.weight.t(), scale_a=torch.cat([s_hi, s_lo]),
                            scale_b=m.scale[None, :], out_dtype=m.mm_out_dtype, use_fast_accum=True)
     out = out[:len(x2)].float() + out[len(x2):].float()  # [M, N]
+    return out.to(torch.float32 if m.f32_out else x.dtype).view(*x.shape[:-1], m.out_features)
+
+
+def int8_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+    """Fp8Linear.fp8_matmul as an int8 GEMM: x [.., K] rounded to int8 per token (scale amax / 127), m.weight the
+    fp8 weights re-rounded to int8 per output row (set_fp8_mm), torch._int_mm accumulating in int32, both scales
+    applied in float32. On random weights int8 activations cost less precision than e4m3 where they are not
+    heavy-tailed (ff_in's normed input; benchmarks/fp8_activation_error.py); real T5 activations may have outlier
+    channels, which an int8 scale per token does not survive and e4m3 does."""
+    x2 = x.reshape(-1, m.in_features)
+    sx = x2.abs().amax(dim=-1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).tiny) / 127  # [M, 1]
+    xq = (x2.float() / sx).round().clamp(-127, 127).to(torch.int8)
+    out = torch._int_mm(xq, m.weight.t()).float() * sx * m.scale[None, :]  # [M, N]
     return out.to(torch.float32 if m.f32_out else x.dtype).view(*x.shape[:-1], m.out_features)
 
 

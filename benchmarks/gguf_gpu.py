@@ -30,8 +30,8 @@ two warm-up calls each):
 Also its error vs the float32 reference and the memory it holds on the device after loading (memory_allocated).
 ComfyUI's T5 needs XXL's width and 24 layers to be detected, so --comfyui takes --size xxl or xxl-thin (XXL's
 width and depth, few heads and a narrow FFN, told to ComfyUI through its t5xxl_model_config option: the CPU check).
-`av` and `torchvision`, which ComfyUI imports for video and image models only, are replaced by empty placeholder
-modules when not installed (logged).
+`av` and `torchvision`, which ComfyUI imports for video and image models only, are replaced by stand-in packages
+when they do not import (tools/comfy_standins.py; logged).
 
   python benchmarks/gguf_gpu.py                                   # XXL on CUDA, Q8_0 and Q5_K, compiled
   python benchmarks/gguf_gpu.py --comfyui .comfy/ComfyUI --comfyui-gguf .comfy/ComfyUI-GGUF   # + ComfyUI-GGUF
@@ -42,9 +42,6 @@ modules when not installed (logged).
 import argparse
 import asyncio
 import gc
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import logging
 import shlex
 import statistics
@@ -62,8 +59,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))
 
 import t5core  # noqa: E402
+from comfy_standins import write_standins  # noqa: E402  (tools/)
 from fp8_gpu import timer  # noqa: E402  (this folder is on sys.path when the script runs)
 from t5core.gguf import (  # noqa: E402
     QTYPES,
@@ -298,28 +297,6 @@ def timed(calls: dict[str, Callable[[], object]], reps: int, device: torch.devic
 # --------------------------------------------------------------------------------------------------
 # ComfyUI-GGUF, run by ComfyUI in this process
 # --------------------------------------------------------------------------------------------------
-class _Placeholders(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Empty modules for `names` and their submodules; any attribute is an empty class (what `from av.container
-    import InputContainer` at ComfyUI's module level needs)."""
-
-    def __init__(self, names: set[str]) -> None:
-        self.names = names
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname.split(".")[0] in self.names:
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__getattr__ = lambda name: (_ for _ in ()).throw(AttributeError(name)) if name.startswith("__") \
-            else type(name, (), {})
-        return module
-
-    def exec_module(self, module) -> None:
-        module.__path__ = []
-
-
 def import_comfyui(comfyui: Path, gguf_nodes: Path, cpu: bool, extra_args: str) -> types.SimpleNamespace:
     """ComfyUI's modules, set up as `python main.py [--cpu] EXTRA` sets them up (its argument parser), and
     ComfyUI-GGUF loaded by ComfyUI's custom-node loader. -> namespace of mm (comfy.model_management), sd
@@ -327,11 +304,11 @@ def import_comfyui(comfyui: Path, gguf_nodes: Path, cpu: bool, extra_args: str) 
     for path in (comfyui / "comfy" / "sd.py", gguf_nodes / "nodes.py"):
         if not path.is_file():
             raise SystemExit(f"--comfyui / --comfyui-gguf: {path} not found")
-    missing = {name for name in ("av", "torchvision") if importlib.util.find_spec(name) is None}
-    if missing:
-        print(f"ComfyUI: {', '.join(sorted(missing))} not installed: empty placeholder modules stand in (ComfyUI "
-              f"imports them for video and image models, never for T5)", flush=True)
-        sys.meta_path.append(_Placeholders(missing))
+    stubs = Path(tempfile.mkdtemp(prefix="comfy_standins_"))
+    if written := write_standins(stubs, sys.path):
+        print(f"ComfyUI: no importable {' or '.join(written)} here: stand-in packages (ComfyUI imports them for "
+              f"video and image models, never for T5)", flush=True)
+        sys.path.insert(0, str(stubs))
     sys.path.insert(0, str(comfyui.resolve()))  # first: ComfyUI's nodes.py, not this repository's nodes/ package
     argv, sys.argv = sys.argv, ["main.py", *(["--cpu"] if cpu else []), *shlex.split(extra_args)]
     try:

@@ -217,9 +217,7 @@ def wan_tokenizer_data(encoder) -> dict:
     """ComfyUI's WAN tokenizer reads the UMT5 sentencepiece model from tokenizer_data["spiece_model"] (as the
     `spiece_model` tensor ComfyUI's UMT5 files embed): a spiece.model beside the file, else the file's own, the
     order in which the Load node picks its tokenizer (comfy_model.resolve_tokenizer)."""
-    import t5core
-
-    ckpt = t5core.open_checkpoint(encoder.plan.path)
+    ckpt = encoder.ckpt
     if ckpt.tokenizer is not None and ckpt.tokenizer.suffix == ".model":
         data = ckpt.tokenizer.read_bytes()
     elif ckpt.tokenizer_bytes:

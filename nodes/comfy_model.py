@@ -112,11 +112,10 @@ class LoadPlan:
 class T5Encoder:
     """What the T5_ENCODER sockets carry. See the module docstring for the ownership of the weights."""
 
-    def __init__(self, plan: LoadPlan, config, tokenizer, tokenizer_source: str,
-                 stored_scales: Optional[Scales] = None) -> None:
+    def __init__(self, plan: LoadPlan, ckpt, tokenizer, tokenizer_source: str) -> None:
         self.plan = plan
-        self.config = config  # t5core.T5Config of the file (architecture, and any scales baked into it)
-        self.stored_scales = stored_scales  # float16 scales recorded in the file's config.json
+        self.ckpt = ckpt  # t5core.Checkpoint of plan.path, opened once (headers): the weights are read from it
+        self.config = ckpt.config  # t5core.T5Config of the file (architecture, and any scales baked into it)
         self.tokenizer = tokenizer
         self.tokenizer_source = tokenizer_source
         self._patcher = None
@@ -124,8 +123,7 @@ class T5Encoder:
 
     def with_plan(self, **changes) -> "T5Encoder":
         """A new encoder with a changed plan; it shares the tokenizer, never the weights."""
-        return T5Encoder(dataclasses.replace(self.plan, **changes), self.config, self.tokenizer, self.tokenizer_source,
-                         self.stored_scales)
+        return T5Encoder(dataclasses.replace(self.plan, **changes), self.ckpt, self.tokenizer, self.tokenizer_source)
 
     @property
     def baked_scales(self) -> bool:
@@ -134,7 +132,7 @@ class T5Encoder:
     def preset_scales(self) -> Optional[Scales]:
         """What a float16 load picks by itself: calibrated scales beside the file, else those in its config.json,
         else the preset for its size, else none."""
-        return fp16_scales.resolve("auto", self.config, self.plan.path, self.stored_scales)
+        return fp16_scales.resolve("auto", self.config, self.plan.path, self.ckpt.fp16_scales)
 
     def devices(self) -> tuple[torch.device, torch.device]:
         """(load device, offload device), as ComfyUI picks them for text encoders (CPU under --lowvram/--cpu)."""
@@ -155,9 +153,9 @@ class T5Encoder:
 
             load_device, offload_device = self.devices()
             plan = self.plan
-            runtime = t5core.load_encoder(plan.path, dtype=plan.dtype, device=offload_device,
-                                            attn_impl=self.attention(), fuse_norms=plan.fuse_norms,
-                                            fp16_scales=plan.fp16_scales, weight_dtype=plan.weight_dtype or "auto")
+            runtime = t5core.load_encoder(self.ckpt, dtype=plan.dtype, device=offload_device,
+                                          attn_impl=self.attention(), fuse_norms=plan.fuse_norms,
+                                          fp16_scales=plan.fp16_scales, weight_dtype=plan.weight_dtype or "auto")
             if plan.compile:  # regional: valid on whichever device ComfyUI moves the weights to (graphs on CUDA)
                 runtime.compile_layers()
             make_streamable(runtime.model)  # ComfyUI may load it partially (nodes/lowvram.py)
@@ -229,7 +227,7 @@ def load(name: str, weight_dtype: str, attention: str, compile: bool, device: st
     tokenizer, source = resolve_tokenizer(ckpt)
     plan = LoadPlan(path=str(path), dtype=torch.float32, attention=None if attention == "auto" else attention,
                     compile=compile, cpu=device == "cpu")
-    encoder = T5Encoder(plan, ckpt.config, tokenizer, source, ckpt.fp16_scales)
+    encoder = T5Encoder(plan, ckpt, tokenizer, source)
     fp8_choice = weight_dtype.startswith("fp8")
     if weight_dtype == "auto" or fp8_choice:  # compute in bf16 where the GPU supports it
         dtype = torch.bfloat16 if _bf16_ok(encoder.devices()[0]) else torch.float32

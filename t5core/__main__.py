@@ -89,27 +89,32 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32", format_
                         "a pickle that can run code: only for folders you trust")
 
 
-def _load(args, model_path, compile: bool = False, expand: bool = False):
+def _open(args, model_path):
+    """The checkpoint a command reads, opened once (headers only)."""
+    from .checkpoint import open_checkpoint
+
+    return open_checkpoint(model_path, subfolder=args.subfolder, format=args.input_format)
+
+
+def _load(args, ckpt, compile: bool = False, expand: bool = False):
     """expand (convert): weights in --dtype, GGUF and fp8 files expanded, unless --weight-dtype says otherwise."""
     import t5core
 
-    return t5core.load_encoder(model_path, dtype=args.dtype, device=args.device, attn_impl=args.attn,
+    return t5core.load_encoder(ckpt, dtype=args.dtype, device=args.device, attn_impl=args.attn,
                                fuse_norms=args.fuse_norms, fp16_scales=args.fp16_scales, compile=compile,
-                               subfolder=args.subfolder, format=args.input_format,
                                weight_dtype=(args.weight_dtype or args.dtype) if expand else args.weight_dtype)
 
 
-def _tokenizer_for(args, ckpt_path):
-    from .checkpoint import open_checkpoint
+def _tokenizer_for(args, ckpt=None, folder=None):
+    """--tokenizer, else the one beside the weights (of ckpt, or in folder), else the one the file embeds (GGUF's
+    tokenizer.ggml.* fields, ComfyUI's spiece_model), else the bundled T5 tokenizer."""
     from .tokenizer import BUNDLED_SPIECE, find_tokenizer, load_tokenizer
 
-    path = args.tokenizer or find_tokenizer(Path(ckpt_path) / (args.subfolder or ""))
-    if path is None and Path(ckpt_path).suffix in (".gguf", ".safetensors", ".sft"):
-        path = open_checkpoint(ckpt_path).tokenizer_bytes  # GGUF's tokenizer.ggml.* fields, ComfyUI's spiece_model
-    if path is None:
-        print(f"no tokenizer beside {ckpt_path}; using the bundled T5 tokenizer", file=sys.stderr)
-        path = BUNDLED_SPIECE
-    return load_tokenizer(path)
+    found = (ckpt.tokenizer or ckpt.tokenizer_bytes) if ckpt is not None else find_tokenizer(folder)
+    if args.tokenizer is None and found is None:
+        print(f"no tokenizer beside {ckpt.path if ckpt is not None else folder}; using the bundled T5 tokenizer",
+              file=sys.stderr)
+    return load_tokenizer(args.tokenizer or found or BUNDLED_SPIECE)
 
 
 def cmd_encode(args) -> None:
@@ -117,9 +122,10 @@ def cmd_encode(args) -> None:
 
     if not Path(args.out).resolve().parent.is_dir():
         raise ValueError(f"--out: the folder of {args.out} does not exist")
-    tok = _tokenizer_for(args, args.model)
+    ckpt = _open(args, args.model)
+    tok = _tokenizer_for(args, ckpt)
     ids, mask = tok(args.prompts, max_length=args.max_length, pad_to=args.pad_to)
-    model = _load(args, args.model)
+    model = _load(args, ckpt)
     emb = model.encode(ids, mask).float().cpu()
     save_file({"embeddings": emb.contiguous(), "input_ids": ids, "attention_mask": mask.to(ids.dtype)}, args.out)
     print(f"wrote {args.out}: embeddings {list(emb.shape)} float32, {int(mask.sum())} real tokens")
@@ -128,7 +134,6 @@ def cmd_encode(args) -> None:
 def cmd_convert(args) -> None:
     import torch
 
-    from .checkpoint import open_checkpoint
     from .fp8 import FP8_DTYPES
     from .save import check_target, save_encoder
     from .tokenizer import load_tokenizer
@@ -140,7 +145,7 @@ def cmd_convert(args) -> None:
         from .distributed import end_process_group, init_from_env
 
         init_from_env("cpu" if args.device == "cpu" else None)
-    ckpt = open_checkpoint(args.src, subfolder=args.subfolder, format=args.input_format)
+    ckpt = _open(args, args.src)
     # fp8: ComfyUI's scaled fp8 file. An fp8 source keeps its bytes; others are read in --dtype and quantized once,
     # one scale per tensor, as they are written.
     fp8 = args.weight_dtype is not None and args.weight_dtype.startswith("fp8")
@@ -152,7 +157,7 @@ def cmd_convert(args) -> None:
     if fp8:
         args.weight_dtype = "auto" if ckpt.projection_dtype() in FP8_DTYPES else args.dtype
     tok_src = args.tokenizer or ckpt.tokenizer or ckpt.tokenizer_bytes
-    model = _load(args, args.src, expand=True)
+    model = _load(args, ckpt, expand=True)
     out = save_encoder(model.model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None,
                        overwrite=args.overwrite, fp8=fp8)
     c = model.config
@@ -166,10 +171,11 @@ def cmd_convert(args) -> None:
 def cmd_calibrate(args) -> None:
     from .calibrate import calibrate_fp16_scales
 
-    tok = _tokenizer_for(args, args.model)
+    ckpt = _open(args, args.model)
+    tok = _tokenizer_for(args, ckpt)
     prompts = Path(args.prompts).read_text().splitlines() if args.prompts else None
     args.dtype, args.fp16_scales = "float32", None
-    model = _load(args, args.model)
+    model = _load(args, ckpt)
     scales = calibrate_fp16_scales(model.model, tok, [p for p in prompts or [] if p.strip()] or None, args.headroom)
     where = fp16_scales.save_sidecar(model.source_path, scales, args.headroom)
     print(f"attention-out scales: {list(scales.attn)}\nFFN-out scales:       {list(scales.ffn)}\n"
@@ -194,12 +200,14 @@ def cmd_embed(args) -> None:
     captions = read_captions(args.captions)
     if not captions:
         raise ValueError(f"--captions: {args.captions} has no captions (only blank lines)")
-    tok = _tokenizer_for(args, args.model)
     if args.fsdp:
+        tok = _tokenizer_for(args, folder=args.model)
         model = load_fsdp(args.model, args.dtype, device)
     else:
+        ckpt = _open(args, args.model)
+        tok = _tokenizer_for(args, ckpt)
         args.device = str(device)
-        model = _load(args, args.model, compile=args.compile)
+        model = _load(args, ckpt, compile=args.compile)
     written = []
 
     def progress(path):

@@ -769,30 +769,10 @@ def open_checkpoint(path, subfolder: Optional[str] = None, format: Optional[str]
         emb_bytes = bytes(source.get("spiece_model").numpy().tobytes())
     saved = (cfg_json or {}).get(FP16_SCALES_KEY)
     if saved is not None:
-        what = f"key {FP16_SCALES_KEY!r}"
         try:
-            saved = Scales.of(*_scale_pair(saved, "attn", "ffn", cfg_where, what, config.num_layers), config.num_layers)
+            saved = Scales.from_json(saved, ("attn", "ffn"), config.num_layers)
         except ValueError as e:
-            raise CheckpointError(f"{cfg_where}: {what}: {e}") from e
+            raise CheckpointError(f"{cfg_where}: key {FP16_SCALES_KEY!r}: {e}") from e
     return Checkpoint(path=where, format=fmt, source=source, keys=keys, config=config, native=native,
                       tokenizer=find_tokenizer(folder), tokenizer_bytes=emb_bytes, fp16_scales=saved)
-
-
-def _scale_pair(data, attn_key: str, ffn_key: str, where, what: str, num_layers: Optional[int] = None):
-    """{attn_key: [..], ffn_key: [..]} -> (attn, ffn) lists of positive finite numbers, or a CheckpointError."""
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{where}: {what} must be an object with {attn_key!r} and {ffn_key!r} lists")
-    out = []
-    for key in (attn_key, ffn_key):
-        v = data.get(key)
-        if v is None and key == attn_key:
-            out.append(None)
-            continue
-        if (not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-                or not all(math.isfinite(x) and x > 0 for x in v)):
-            raise CheckpointError(f"{where}: {what}: {key!r} must be a list of positive finite numbers, got {v!r:.80}")
-        if num_layers is not None and len(v) != num_layers:
-            raise CheckpointError(f"{where}: {what}: {key!r} has {len(v)} scales for {num_layers} layers")
-        out.append(v)
-    return tuple(out)
 

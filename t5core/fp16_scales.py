@@ -52,15 +52,31 @@ class Scales:
     ffn: tuple[float, ...]
 
     @classmethod
-    def of(cls, attn: Optional[Sequence], ffn: Optional[Sequence], num_layers: int) -> "Scales":
-        """Checked scales for num_layers layers; None stands for all 1."""
+    def of(cls, attn: Optional[Sequence], ffn: Optional[Sequence], num_layers: int,
+           names: tuple[str, str] = ("enc_attn_out_scales", "enc_ffn_out_scales")) -> "Scales":
+        """Checked scales for num_layers layers; None stands for all 1. names: what errors call the two lists."""
         parts = []
-        for values, what in ((attn, "enc_attn_out_scales"), (ffn, "enc_ffn_out_scales")):
+        for values, what in zip((attn, ffn), names):
             values = [1.0] * num_layers if values is None else list(values)
             if len(values) != num_layers:
                 raise ValueError(f"{what}: {len(values)} scales given for {num_layers} encoder layers")
             parts.append(_check(values, what))
         return cls(*parts)
+
+    @classmethod
+    def from_json(cls, data, names: tuple[str, str], num_layers: int) -> "Scales":
+        """{attn name: [..] (optional: all 1), ffn name: [..]}, as a JSON file holds them -> checked Scales, or a
+        ValueError saying which list is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"must be an object with {names[0]!r} and {names[1]!r} lists")
+        lists = [data.get(name) for name in names]
+        for name, values in zip(names, lists):
+            if values is None and name == names[0]:
+                continue
+            if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in values):
+                raise ValueError(f"{name!r} must be a list of numbers, got {values!r:.80}")
+        return cls.of(*lists, num_layers, names)
 
     @classmethod
     def from_config(cls, config) -> "Scales":
@@ -216,13 +232,13 @@ def save_sidecar(weights_path, scales: Scales, headroom: float) -> Path:
 
 def load_sidecar(weights_path, num_layers: int) -> Optional[Scales]:
     """The calibrated scales saved beside the weights, or None; a corrupt file is a CheckpointError naming it."""
-    from .checkpoint import CheckpointError, _read_json, _scale_pair
+    from .checkpoint import CheckpointError, _read_json
 
     path = sidecar_path(weights_path)
     if not path.exists():
         return None
-    pair = _scale_pair(_read_json(path), "enc_attn_out_scales", "enc_ffn_out_scales", path, "calibrated scales")
+    data = _read_json(path)
     try:
-        return Scales.of(*pair, num_layers)
+        return Scales.from_json(data, ("enc_attn_out_scales", "enc_ffn_out_scales"), num_layers)
     except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        raise CheckpointError(f"{path}: calibrated scales: {e}") from e

@@ -10,9 +10,9 @@ weight_dtype names follow ComfyUI's loaders:
   scales and Hopper's fast accumulation (on the H200 4% faster at 1x512 and 7% at 8x512, with the same error to
   three digits). ff_out (T5's `wo`) keeps the dequantizing matmul: with all four projections' activations in fp8
   the error is 1.39x fp8 storage's on the H200, with three 1.28x, under the 1.3x t5core allows (both:
-  benchmarks/2026-12-04_h200_fp8_variants.log; each projection whose input is rounded to e4m3 adds about as much
-  error as its fp8 weights cost: benchmarks/fp8_activation_error.py). Elsewhere (CPU, older GPUs) it is fp8
-  storage; Encoder.encode logs that once.
+  benchmarks/2026-12-04_h200_fp8_variants.log). By projection, ff_in's fp8 input costs the most precision and
+  `wo`'s the next (benchmarks/fp8_activation_error.py); ff_in stays in fp8 because it is the largest GEMM.
+  Elsewhere (CPU, older GPUs) it is fp8 storage; Encoder.encode logs that once.
 
 Row-wise scales make fused projections trivially right: q|k|v and gate|up rows keep their own parts' scales, so an
 fp8 file's bytes and per-tensor scales are used as they are, never re-quantized.

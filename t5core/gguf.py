@@ -257,9 +257,6 @@ class PackedWeight(nn.Module):
         return torch.cat([dequantize(flat[start:start + n], q, (rows, *self.shape[1:]), dtype)
                           for q, _, rows, start, n in self.segments])
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self(x.dtype))
-
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows `ids` only, dequantized (an embedding lookup that never expands the whole table)."""
         if len(self.segments) != 1:
@@ -354,22 +351,6 @@ def hf_name(gguf_name: str, gated: bool = True) -> Optional[str]:
         return None
     suffix = _BLOCK_NAMES[m[2]] if (gated or m[2] != "ffn_up") else "layer.1.DenseReluDense.wi"
     return f"encoder.block.{m[1]}.{suffix}.weight"
-
-
-def gguf_name_of(hf_key: str) -> str:
-    """Inverse of hf_name (writing GGUF files, tests)."""
-    if hf_key in ("shared.weight", "encoder.embed_tokens.weight"):
-        return "token_embd.weight"
-    if hf_key == "encoder.final_layer_norm.weight":
-        return "enc.output_norm.weight"
-    m = re.match(r"^encoder\.block\.(\d+)\.(.+)\.weight$", hf_key)
-    if m:
-        if m[2] == "layer.1.DenseReluDense.wi":
-            return f"enc.blk.{m[1]}.ffn_up.weight"
-        for g, suffix in _BLOCK_NAMES.items():
-            if suffix == m[2]:
-                return f"enc.blk.{m[1]}.{g}.weight"
-    raise KeyError(hf_key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -665,13 +646,6 @@ class GGUFSource:
         t = self.entries[key]
         return dequantize(self.raw(key), t.qtype, t.shape, torch.float32)
 
-    def types(self) -> dict[str, int]:
-        """Tensor count per type name, e.g. {'F32': 50, 'Q4_K': 120, 'Q6_K': 49}."""
-        counts: dict[str, int] = {}
-        for t in self.entries.values():
-            counts[t.type_name] = counts.get(t.type_name, 0) + 1
-        return counts
-
 
 def config_from_gguf(source: GGUFSource) -> T5Config:
     """T5Config from the tensors' shapes, checked against the `{arch}.*` metadata where present; every tensor's
@@ -739,28 +713,6 @@ def config_from_gguf(source: GGUFSource) -> T5Config:
             raise CheckpointError(f"{path}: tensor {gname!r} has shape {t.shape}, expected {shape} (d_model {d_model}, "
                                   f"{heads} heads of {inner // heads}, ff {ff})")
     return config
-
-
-def packed_native_weights(source: GGUFSource, config: T5Config, device="cpu") -> dict[str, PackedWeight]:
-    """T5EncoderStack parameter name -> a PackedWeight of exactly the rows loading would give it: q, k, v packed
-    into one 'layers.N.attn.qkv_proj.weight' (gate, up into 'ffn.ff_in.weight') by row concatenation, mixed types
-    kept as segments. Nothing is dequantized; norms and biases come as (F32) PackedWeights too."""
-    from .checkpoint import native_target
-
-    groups: dict[str, dict[int, tuple[int, PackedWeight]]] = {}
-    for key in source.keys():
-        target = native_target(key, config)
-        if target is None:
-            continue
-        name, part, parts = target
-        groups.setdefault(name, {})[part] = (parts, source.packed(key, device))
-    out = {}
-    for name, parts in groups.items():
-        n = next(iter(parts.values()))[0]
-        if sorted(parts) != list(range(n)):
-            raise CheckpointError(f"{source.path}: {name} needs {n} tensors, found parts {sorted(parts)}")
-        out[name] = PackedWeight.cat([parts[i][1] for i in range(n)]) if n > 1 else parts[0][1]
-    return out
 
 
 def open_gguf(path) -> tuple[GGUFSource, T5Config, Optional[dict]]:

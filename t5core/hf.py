@@ -138,8 +138,8 @@ class FastT5EncoderModel(PreTrainedModel):
                 f"first (huggingface_hub.snapshot_download) and pass its folder")
         ckpt = open_checkpoint(path, subfolder=subfolder)  # headers only; errors name the file and problem
         dtype = _requested_dtype(torch_dtype, dtype) or _stored_dtype(ckpt)
-        encoder = load_encoder(path, dtype=dtype, device=_device_from(device, device_map), attn_impl=attn_impl,
-                               fuse_norms=fuse_norms, fp16_scales=fp16_scales, compile=compile, subfolder=subfolder,
+        encoder = load_encoder(ckpt, dtype=dtype, device=_device_from(device, device_map), attn_impl=attn_impl,
+                               fuse_norms=fuse_norms, fp16_scales=fp16_scales, compile=compile,
                                weight_dtype=weight_dtype)
         return cls._wrap(encoder, name_or_path=str(path / subfolder if subfolder else path))
 

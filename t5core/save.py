@@ -227,7 +227,7 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
         config = model.config.model_dump_json(indent=2)
         write_atomic(out / "config.json", lambda tmp: tmp.write_text(config))
     if tokenizer is not None:
-        write_atomic(out / TOKENIZER_JSON_NAME, lambda tmp: _save_tokenizer(tokenizer, tmp))
+        write_atomic(out / TOKENIZER_JSON_NAME, lambda tmp: tmp.write_text(tokenizer.to_json(), encoding="utf-8"))
         written.add(TOKENIZER_JSON_NAME)
     if overwrite:
         _remove_stale(out, written)
@@ -242,12 +242,3 @@ def _check_expanded(model: T5EncoderStack) -> None:
         raise ValueError("this encoder keeps GGUF weights compressed: load it with weight_dtype (e.g. 'bf16', the same "
                          "as dtype) to expand them before saving")
 
-
-def _save_tokenizer(tokenizer, tmp: Path) -> None:
-    """tokenizer.save(folder) writes folder/tokenizer.json: write it in a scratch folder, then move it to tmp."""
-    scratch = tmp.with_name(tmp.name + ".d")
-    scratch.mkdir(exist_ok=True)
-    try:
-        shutil.move(str(tokenizer.save(scratch)), str(tmp))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

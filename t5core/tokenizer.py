@@ -155,12 +155,16 @@ class T5Tokenizer:
         input_ids[mask] = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
         return input_ids, mask
 
+    def to_json(self) -> str:
+        """The full pipeline as tokenizer.json text, which load_tokenizer, transformers' T5TokenizerFast, diffusers
+        and ComfyUI read back."""
+        return self._tokenizer.to_str(pretty=True)
+
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write folder/tokenizer.json: the full pipeline, which load_tokenizer, transformers' T5TokenizerFast,
-        diffusers and ComfyUI read back."""
+        """Write folder/tokenizer.json (to_json)."""
         out = Path(folder) / TOKENIZER_JSON_NAME
         out.parent.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.save(str(out))
+        out.write_text(self.to_json(), encoding="utf-8")
         return out
 
     def __repr__(self) -> str:

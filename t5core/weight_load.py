@@ -246,7 +246,8 @@ def load_encoder(
     weight_dtype=None,
 ) -> Encoder:
     """Load a T5 encoder from any supported checkpoint, ready to `.encode(input_ids, attention_mask)`; the
-    nn.Module is its `.model` (t5core.runtime.Encoder).
+    nn.Module is its `.model` (t5core.runtime.Encoder). path: a file or folder, or a Checkpoint that
+    open_checkpoint returned (its subfolder and format already chosen).
 
     dtype: float32 / bfloat16 / float16. attn_impl: "sdpa" (default) or "flex". Compiled on an H200 the two are
     within 2% (BENCHMARKS.md; flex 4.5% faster at 1x512 in an earlier run); on CUDA flex always
@@ -272,7 +273,9 @@ def load_encoder(
     if not auto and str(weight_dtype) not in WEIGHT_DTYPES and parse_dtype(weight_dtype) != dtype:
         raise ValueError(f"weight_dtype={weight_dtype!r} expands the weights to the model's dtype, which is {dtype}: "
                          f"pass dtype={weight_dtype!r} too")
-    ckpt = open_checkpoint(path, subfolder=subfolder, format=format)
+    if isinstance(path, Checkpoint) and (subfolder or format):
+        raise ValueError(f"{path.path}: subfolder and format are open_checkpoint's arguments; this checkpoint is open")
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, subfolder=subfolder, format=format)
     packed = ckpt.format == "gguf" and auto
     if packed and fuse_norms:
         raise ValueError(f"{ckpt.path}: fuse_norms=True cannot fold norm scales into GGUF blocks kept compressed (that "
@@ -284,13 +287,13 @@ def load_encoder(
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
     scaled = dtype == torch.float16 and fp16_scales is not None and not baked
     if scaled and fp16_scales == "calibrate" and wdtype is not None:  # measure in float32, then load fp8 with them
-        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder, format).model
+        model = load_encoder(ckpt, "float32", device, attn_impl, fuse_norms, None).model
         found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
         del model
-        return load_encoder(path, dtype, device, attn_impl, fuse_norms, found, compile, subfolder, format, weight_dtype)
+        return load_encoder(ckpt, dtype, device, attn_impl, fuse_norms, found, compile, weight_dtype=weight_dtype)
     if scaled and fp16_scales == "calibrate":
-        model = load_encoder(path, "float32", device, attn_impl, fuse_norms, None, False, subfolder, format,
-                             None if packed else "float32").model
+        model = load_encoder(ckpt, "float32", device, attn_impl, fuse_norms, None,
+                             weight_dtype=None if packed else "float32").model
         found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
         scale_residuals_enc(model, found.attn, found.ffn)
         model.set_weight_dtype(torch.float16)

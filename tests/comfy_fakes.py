@@ -68,19 +68,8 @@ def make_folder_paths(models_dir: Path) -> types.ModuleType:
 
 
 # -- comfy.model_management -----------------------------------------------------------------------------------------
-class VRAMState(Enum):
-    DISABLED = 0
-    NO_VRAM = 1
-    LOW_VRAM = 2
-    NORMAL_VRAM = 3
-    HIGH_VRAM = 4
-    SHARED = 5
-
-
 def make_model_management() -> types.ModuleType:
     mm = types.ModuleType("comfy.model_management")
-    mm.VRAMState = VRAMState
-    mm.vram_state = VRAMState.NORMAL_VRAM
     mm.current_loaded_models = []
     mm.load_calls = []  # test hook: (models, force_full_load) of every load_models_gpu call
     # test hook: the bytes of weights load_models_gpu lets a model put on the load device, as it computes them from
@@ -88,17 +77,11 @@ def make_model_management() -> types.ModuleType:
     mm.weight_budget = None
     mm.cast_calls = []  # test hook: every tensor cast_to was given (what streamed layers copied for a call)
 
-    class InterruptProcessingException(Exception):
-        pass
-
-    mm.InterruptProcessingException = InterruptProcessingException
-    mm.OOM_EXCEPTION = torch.cuda.OutOfMemoryError
-
     def get_torch_device():
         return CPU  # this machine has no GPU: ComfyUI then runs everything on the CPU
 
     def text_encoder_device():
-        return get_torch_device() if mm.vram_state in (VRAMState.HIGH_VRAM, VRAMState.NORMAL_VRAM) else CPU
+        return get_torch_device()
 
     def text_encoder_offload_device():
         return CPU
@@ -416,7 +399,7 @@ class SDClipModel(torch.nn.Module):
     the empty prompt (end then pad tokens)."""
 
     def __init__(self, device="cpu", dtype=None, special_tokens={"end": 1, "pad": 0}, enable_attention_masks=False,
-                 zero_out_masked=False, return_attention_masks=False, model_options={}):
+                 zero_out_masked=False, model_options={}):
         super().__init__()
         config = {"num_layers": 24, "vocab_size": 32128, "d_model": 4096,
                   **model_options.get(f"{model_options.get('model_name', '')}_model_config", {})}
@@ -424,7 +407,6 @@ class SDClipModel(torch.nn.Module):
         self.num_layers = self.transformer.num_layers
         self.special_tokens = special_tokens
         self.enable_attention_masks, self.zero_out_masked = enable_attention_masks, zero_out_masked
-        self.return_attention_masks = return_attention_masks
         self.layer, self.layer_idx = "last", None
         self.options_default = (self.layer, self.layer_idx)
 
@@ -451,7 +433,7 @@ class SDClipModel(torch.nn.Module):
         z = (outputs[0] if self.layer == "last" else outputs[1]).float()
         if self.zero_out_masked:
             z *= mask.unsqueeze(-1).float()
-        return (z, None, {"attention_mask": mask}) if self.return_attention_masks else (z, None)
+        return z, None
 
     def encode_token_weights(self, token_weight_pairs):
         to_encode = [[t for t, _ in x] for x in token_weight_pairs]
@@ -468,10 +450,7 @@ class SDClipModel(torch.nn.Module):
                 if w != 1.0:
                     z[0][j] = (z[0][j] - out[-1][j]) * w + out[-1][j]
             output.append(z)
-        r = (torch.cat(output, dim=-2), None)
-        if len(o) > 2:
-            r += ({"attention_mask": o[2]["attention_mask"][:len(output)].flatten().unsqueeze(0)},)
-        return r
+        return torch.cat(output, dim=-2), None
 
 
 def make_t5_tokenizer(min_length: int, key: str = "t5xxl"):
@@ -495,8 +474,7 @@ def make_t5_tokenizer(min_length: int, key: str = "t5xxl"):
 def make_text_encoders() -> dict[str, types.ModuleType]:
     flux, sd3 = types.ModuleType("comfy.text_encoders.flux"), types.ModuleType("comfy.text_encoders.sd3_clip")
     T5XXL = lambda device, dtype, model_options, attention_mask=False: SDClipModel(  # noqa: E731
-        device, dtype, enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
-        model_options={**model_options, "model_name": "t5xxl"})
+        device, dtype, enable_attention_masks=attention_mask, model_options={**model_options, "model_name": "t5xxl"})
 
     class FluxClipModel(torch.nn.Module):
         def __init__(self, device="cpu", dtype=None, model_options={}):

@@ -669,8 +669,8 @@ def sidecar(folder: Path) -> Path:
 @pytest.mark.parametrize("content,message", [
     ("{not json", r"fp16_scales\.json: unreadable JSON"),
     ('{"enc_ffn_out_scales": "half"}', r"fp16_scales\.json: calibrated scales: 'enc_ffn_out_scales' must be a list"),
-    ('{"enc_ffn_out_scales": [1, 0]}', r"fp16_scales\.json: calibrated scales: 'enc_ffn_out_scales' must be a list of positive"),
-    ("[1, 2]", r"fp16_scales\.json: calibrated scales must be an object"),
+    ('{"enc_ffn_out_scales": [1, 0]}', r"fp16_scales\.json: calibrated scales: enc_ffn_out_scales: layer 1 scale 0 is not"),
+    ("[1, 2]", r"fp16_scales\.json: calibrated scales: must be an object"),
 ])
 def test_corrupt_sidecar_is_named_and_float32_never_reads_it(folder, content, message):
     sidecar(folder).write_text(content)
@@ -685,11 +685,16 @@ def test_sidecar_with_wrong_layer_count(folder):
         t5core.load_encoder(folder, dtype="float16")
 
 
-def test_scales_in_config_json_checked(folder):
+@pytest.mark.parametrize("scales,message", [
+    ({"attn": [1, 1], "ffn": [1, "x"]}, r"'ffn' must be a list of numbers"),
+    ({"attn": [1, 1], "ffn": [1, 3]}, r"ffn: layer 1 scale 3 is not a power of two"),
+    ({"ffn": [1, 1, 1]}, r"ffn: 3 scales given for 2 encoder layers"),
+])
+def test_scales_in_config_json_checked(folder, scales, message):
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["t5core_fp16_scales"] = {"attn": [1, 1], "ffn": [1, "x"]}
+    cfg["t5core_fp16_scales"] = scales
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"config\.json: key 't5core_fp16_scales': 'ffn' must be a list of positive"):
+    with pytest.raises(CheckpointError, match=r"config\.json: key 't5core_fp16_scales': " + message):
         open_checkpoint(folder)
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import T5TokenizerFast
 
 import comfy_fakes
+from t5core.tokenizer import BUNDLED_SPIECE
 from tiny_models import TOKENIZER_DIR, make_hf_encoder, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,12 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def comfy_root(tmp_path_factory, hf_model):
+def hf_umt5():
+    return make_hf_encoder("umt5", d_model=64, num_heads=4, d_kv=16, d_ff=96, num_layers=2)  # T5's vocabulary size
+
+
+@pytest.fixture(scope="module")
+def comfy_root(tmp_path_factory, hf_model, hf_umt5):
     """A fake ComfyUI folder: models/text_encoders with the tiny T5 (plain, with a tokenizer beside it, and
     tensorized), a CLIP file, and files the loader must not list."""
     import t5core
@@ -60,8 +66,10 @@ def comfy_root(tmp_path_factory, hf_model):
     bad = scaled_fp8(weights)
     bad[PREFIX + "encoder.block.2.layer.1.DenseReluDense.wo.scale_weight"] = torch.tensor(float("nan"))
     save_file(bad, te / "fp8" / "bad_scale.safetensors")
-    umt5 = make_hf_encoder("umt5", d_model=64, num_heads=4, d_kv=16, d_ff=96, num_layers=2)  # T5's vocabulary size
-    save_file({k: v.clone().contiguous() for k, v in umt5.state_dict().items()}, te / "umt5_tiny.safetensors")
+    # as Comfy-Org's umt5_xxl files: the sentencepiece model embedded as a uint8 `spiece_model` tensor
+    spiece = torch.frombuffer(bytearray(BUNDLED_SPIECE.read_bytes()), dtype=torch.uint8)
+    save_file({**{k: v.clone().contiguous() for k, v in hf_umt5.state_dict().items()}, "spiece_model": spiece},
+              te / "umt5_tiny.safetensors")
     (te / "notes.txt").write_text("not a model")
     torch.save({"x": torch.zeros(1)}, te / "old.bin")
     if HAVE_GGUF:  # in the legacy models/clip folder, which text_encoders also lists
@@ -464,6 +472,28 @@ def test_encoder_to_clip_is_a_comfyui_clip(comfy, hf_model):
     (chroma,), _ = run(comfy, TO_CLIP, t5_encoder=encoder, family="chroma")
     z = chroma.encode_from_tokens(chroma.tokenize("a cat"))
     assert rel_err(z, hf_encode(hf_model, t5_ids("a cat"))) <= 1e-5
+
+
+def test_wan_through_comfyuis_encoder(comfy, hf_umt5):
+    """WAN 2.1 / 2.2: ComfyUI's UMT5 encoder (its tokenizer from the sentencepiece model the file embeds, 512
+    tokens, attention mask up to the end token, everything after it zeroed) around t5core's UMT5 equals
+    transformers' UMT5 on the same weights; Encode Prompt's WAN family takes the same path."""
+    import sentencepiece
+
+    encoder = load(comfy, "umt5_tiny.safetensors")
+    (clip,), ui = run(comfy, TO_CLIP, t5_encoder=encoder, family="wan")
+    text = "a red fox running through fresh snow"
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    ids = sentencepiece.SentencePieceProcessor(model_file=str(BUNDLED_SPIECE), add_eos=True).encode(text)
+    n = len(ids)
+    mask = torch.tensor([[1] * n + [0] * (512 - n)])
+    with torch.no_grad():
+        want = hf_umt5(input_ids=torch.tensor([ids + [0] * (512 - n)]), attention_mask=mask).last_hidden_state
+    tokens = cond[0][0]
+    assert tokens.shape == (1, 512, 64) and rel_err(tokens[:, :n], want[:, :n]) <= 1e-5
+    assert not tokens[:, n:].any()  # zeroed after the end token
+    (prompt_cond,), _ = encode(comfy, encoder, text, family="WAN")
+    assert torch.equal(prompt_cond[0][0], tokens)
 
 
 def test_encoder_to_clip_refuses_what_the_family_cannot_use(comfy):

@@ -1,6 +1,7 @@
 """GGUF T5 / UMT5 encoder files: dequantization bit-identical to gguf.quants for every supported type, packed
 weights that fuse row-wise, GGUFSource reading whole files written with gguf.GGUFWriter, transformers parity of
 the loaded encoder, and clear errors for bad files."""
+import re
 import sys
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 import t5core  # noqa: E402
 from t5core.checkpoint import CheckpointError  # noqa: E402
-from t5core.gguf import (QTYPES, PackedLinear, PackedWeight, dequantize, gguf_name_of, is_packed,  # noqa: E402
-                         open_gguf, packed_native_weights, tokenizer_fields)
+from t5core.gguf import (QTYPES, PackedEmbedding, PackedLinear, PackedWeight, dequantize, is_packed,  # noqa: E402
+                         open_gguf, tokenizer_fields)
 from t5core.t5_common import T5FFNType  # noqa: E402
 from tiny_models import make_hf_encoder, rel_err  # noqa: E402
 
@@ -24,6 +25,25 @@ QUANTIZABLE = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}  # 
 # byte offsets of the fp16 scale fields (d, and dmin / m) inside one block
 SCALE_FIELDS = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q2_K: [80, 82],
                 T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+
+
+# Hugging Face T5 key -> llama.cpp's encoder tensor, named by the gguf package (gguf.TENSOR_NAMES)
+M = gguf.MODEL_TENSOR
+GGUF_OF_HF = {"layer.0.SelfAttention.q": M.ENC_ATTN_Q, "layer.0.SelfAttention.k": M.ENC_ATTN_K,
+              "layer.0.SelfAttention.v": M.ENC_ATTN_V, "layer.0.SelfAttention.o": M.ENC_ATTN_OUT,
+              "layer.0.layer_norm": M.ENC_ATTN_NORM, "layer.0.SelfAttention.relative_attention_bias": M.ENC_ATTN_REL_B,
+              "layer.1.DenseReluDense.wi_0": M.ENC_FFN_GATE, "layer.1.DenseReluDense.wi_1": M.ENC_FFN_UP,
+              "layer.1.DenseReluDense.wi": M.ENC_FFN_UP, "layer.1.DenseReluDense.wo": M.ENC_FFN_DOWN,
+              "layer.1.layer_norm": M.ENC_FFN_NORM}
+
+
+def gguf_name_of(hf_key: str) -> str:
+    if hf_key in ("shared.weight", "encoder.embed_tokens.weight"):
+        return gguf.TENSOR_NAMES[M.TOKEN_EMBD] + ".weight"
+    if hf_key == "encoder.final_layer_norm.weight":
+        return gguf.TENSOR_NAMES[M.ENC_OUTPUT_NORM] + ".weight"
+    block, rest = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)\.weight", hf_key).groups()
+    return gguf.TENSOR_NAMES[GGUF_OF_HF[rest]].format(bid=block) + ".weight"
 
 
 def ref_dequant(data: np.ndarray, qtype) -> np.ndarray:
@@ -155,7 +175,7 @@ def test_packed_weight_concat_is_the_fused_weight():
     holder.to(torch.bfloat16)
     assert fused.blocks.dtype == torch.uint8
     x = torch.randn(3, cols)
-    torch.testing.assert_close(fused.linear(x), x @ torch.from_numpy(np.concatenate([q[1], k[1], v[1]])).T)
+    torch.testing.assert_close(x @ fused().T, x @ torch.from_numpy(np.concatenate([q[1], k[1], v[1]])).T)
     ids = torch.tensor([[5, 0], [191, 64]])
     assert torch.equal(fused.embedding(ids), fused()[ids])
 
@@ -305,7 +325,7 @@ def test_gguf_file_loads_with_transformers_parity(models, batch, tmp_path, kind,
     assert config.pos_emb_per_layer == (kind == "umt5")
     assert config.ffn_type == (T5FFNType.ReLU if kind == "t5-v1_0" else T5FFNType.GEGLU)
     if label == "mixed":
-        assert len(source.types()) == len(ALL_TYPES)
+        assert {t.type_name for t in source.entries.values()} == {t.name for t in ALL_TYPES}
         assert tok["tokens"] == TOKENS and tok["token_types"][:4] == [3, 3, 2, 1] and tok["model"] == "t5"
         assert tok["scores"][7] == pytest.approx(-1.0) and tok["eos_token_id"] == 1 and tok["add_space_prefix"] is True
         assert tok["precompiled_charsmap"] == bytes(range(256)) * 3 and tokenizer_fields(path) == tok
@@ -323,13 +343,14 @@ def test_gguf_file_loads_with_transformers_parity(models, batch, tmp_path, kind,
     # weight_dtype expands them at load, through the plain streaming path: the same output
     model = t5core.load_encoder(path, weight_dtype="fp32")
     assert not is_packed(model.model) and torch.equal(model.encode(ids, mask), out)
-    if label == "mixed":  # the packed, fused weights (q|k|v, gate|up by row concatenation) are the loaded ones
-        packed = packed_native_weights(source, config)
+    if label == "mixed":  # the packed, fused weights (q|k|v, gate|up by row concatenation) are the expanded ones
         params = dict(model.model.named_parameters())
-        assert set(packed) == set(params)
+        packed = {name: m.packed for name, m in compressed.model.named_modules()
+                  if isinstance(m, (PackedLinear, PackedEmbedding))}
+        assert sum(isinstance(m, PackedLinear) for m in compressed.model.modules()) == 4 * config.num_layers
         for name, w in packed.items():
-            assert np.array_equal(bits(w()), bits(params[name].detach())), name
-        assert packed["layers.0.attn.qkv_proj.weight"].qtype is None  # q, k, v of different types: segments
+            assert np.array_equal(bits(w()), bits(params[name + ".weight"].detach())), name
+        assert packed["layers.0.attn.qkv_proj"].qtype is None  # q, k, v of different types: segments
 
 
 def test_full_t5_file_and_packed_reads(models, tmp_path):
@@ -442,7 +463,7 @@ def test_convert_gguf_to_safetensors_for_transformers(models, batch, mixed_file,
     assert rel_err(out[mask], t5core.load_encoder(path).encode(ids, mask)[mask]) <= 1e-6
 
 
-def test_tokenizer_from_gguf_fields(models, tmp_path):
+def test_tokenizer_from_gguf_fields(models, tmp_path, capsys):
     """No tokenizer beside the file: the one in its tokenizer.ggml.* fields (as llama.cpp writes T5's) gives the
     ids of the spiece.model the fields were written from."""
     from t5core.calibrate import BUILTIN_PROMPTS
@@ -457,13 +478,15 @@ def test_tokenizer_from_gguf_fields(models, tmp_path):
     for text in prompts:
         assert torch.equal(ours([text], max_length=1024)[0], theirs([text], max_length=1024)[0]), text
     assert ours.vocab_size == theirs.vocab_size
-    # the CLI's encode, embed and calibrate use it
-    from types import SimpleNamespace
+    # the CLI's encode (as embed and calibrate) uses it
+    from safetensors.torch import load_file
 
-    from t5core.__main__ import _tokenizer_for
+    from t5core.__main__ import main
 
-    cli = _tokenizer_for(SimpleNamespace(tokenizer=None, subfolder=None), path)
-    assert torch.equal(cli(["a café"])[0], theirs(["a café"])[0])
+    text = "the, a. of and to in"  # ids inside the tiny model's 512-token vocabulary
+    main(["encode", "--model", str(path), "--out", str(tmp_path / "emb.safetensors"), text])
+    assert torch.equal(load_file(tmp_path / "emb.safetensors")["input_ids"], theirs([text])[0])
+    assert "bundled" not in capsys.readouterr().err  # the fields' tokenizer, not the fallback
     # a tokenizer file beside the weights wins
     (tmp_path / "spiece.model").write_bytes(BUNDLED_SPIECE.read_bytes())
     ckpt = t5core.open_checkpoint(path)

@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,12 +31,13 @@ sys.path.insert(0, os.environ["COMFYUI_DIR"])
 sys.path.insert(1, str(REPO))  # this checkout's t5core, not an installed one (after ComfyUI: its `nodes` stays first)
 if os.environ.get("COMFYUI_EXTRA_SITE"):
     sys.path.append(os.environ["COMFYUI_EXTRA_SITE"])
-import transformers.models.clip  # noqa: E402,F401  (before the torchvision stub)
+import transformers.models.clip  # noqa: E402,F401  (before the stand-ins: transformers looks for torchvision)
 import transformers.models.t5  # noqa: E402,F401
+from comfy_standins import write_standins  # noqa: E402  (tools/, this script's folder)
 
-tv = types.ModuleType("torchvision")
-tv.transforms = types.ModuleType("torchvision.transforms")
-sys.modules["torchvision"], sys.modules["torchvision.transforms"] = tv, tv.transforms
+STANDINS = Path(tempfile.mkdtemp(prefix="comfy_standins_"))
+if write_standins(STANDINS, sys.path):
+    sys.path.insert(0, str(STANDINS))
 sys.argv = ["main.py", "--cpu"] + sys.argv[1:]
 import comfy.options  # noqa: E402
 

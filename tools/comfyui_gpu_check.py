@@ -63,6 +63,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SINK = ROOT / "tools" / "comfyui_sink"
 sys.path.insert(0, str(ROOT))  # t5core (the bundled spiece.model)
+from comfy_standins import write_standins  # noqa: E402  (tools/, this script's folder)
 XXL = {"d_model": 4096, "num_heads": 64, "d_kv": 64, "d_ff": 10240, "num_layers": 24}
 TINY = {"d_model": 4096, "num_heads": 2, "d_kv": 16, "d_ff": 32, "num_layers": 24}
 T5_VOCAB, UMT5_VOCAB, UMT5_PIECES = 32128, 256384, 256300
@@ -228,16 +229,6 @@ def make_models(folder: Path, tiny: bool, device: str, families: list, seed: int
 
 
 # -- 2. the server --------------------------------------------------------------------------------------------------
-STUB = '''# stand-in written by tools/comfyui_gpu_check.py: ComfyUI imports this at start-up; nothing the check runs uses it
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return type(name, (), {})
-'''
-STUB_MODULES = {"av": ("av", "av/container", "av/subtitles", "av/subtitles/stream"),
-                "torchvision": ("torchvision", "torchvision/transforms")}
-
-
 def server_pythonpath(work: Path, wheels: str) -> str:
     """PYTHONPATH for the server: wheels installed with --target (only packages this Python lacks, so its own win),
     then stand-ins for av / torchvision where they do not import, then the caller's PYTHONPATH."""
@@ -253,15 +244,8 @@ def server_pythonpath(work: Path, wheels: str) -> str:
     if whls:
         paths.extend([str(site)] if site.exists() else whls)
     stubs = work / "stubs"
-    for module, files in STUB_MODULES.items():
-        probe = subprocess.run([sys.executable, "-c", f"import {module}; import {files[-1].replace('/', '.')}"],
-                               capture_output=True, check=False, env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)))
-        if probe.returncode != 0:
-            log(f"server: {module} does not import here: a stand-in package (no node this check runs uses it)")
-            for f in files:
-                (stubs / f).mkdir(parents=True, exist_ok=True)
-                (stubs / f / "__init__.py").write_text(STUB)
-    if stubs.exists():
+    if written := write_standins(stubs, paths):
+        log(f"server: no importable {' or '.join(written)} here: stand-in packages (no node this check runs uses them)")
         paths.insert(0, str(stubs))
     return os.pathsep.join(paths)
 
