@@ -127,6 +127,20 @@ def test_hidden_metadata_does_not_take_over_an_hf_folder(hf, folder, tmp_path):
     assert not marker.exists()
 
 
+def test_an_open_checkpoint_is_loaded_as_opened(folder, tmp_path):
+    """load_encoder(open_checkpoint(...)) reads what was opened (the same encoder as from the path); format and
+    subfolder are open_checkpoint's choices, so format="dcp" beside it cannot turn the load into a pickle read."""
+    marker = tmp_path / "PWNED"
+    write_malicious_dcp(folder, marker)
+    ckpt = open_checkpoint(folder)
+    for kwargs in ({"format": "dcp"}, {"subfolder": "text_encoder_2"}):
+        with pytest.raises(ValueError, match=r"subfolder and format are open_checkpoint's arguments"):
+            t5core.load_encoder(ckpt, **kwargs)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    assert torch.equal(t5core.load_encoder(ckpt).encode(ids), t5core.load_encoder(folder).encode(ids))
+    assert not marker.exists()
+
+
 def test_metadata_only_folder_asks_for_the_format(tmp_path):
     marker = tmp_path / "PWNED"
     write_malicious_dcp(tmp_path / "dcp", marker)
