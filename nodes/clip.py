@@ -5,7 +5,8 @@ the way comfy.sd.load_text_encoder_state_dicts builds it, on the meta device (no
 own tokenizer. Then:
   * the `transformer` of each of its T5 SDClipModels becomes a T5Transformer: ComfyUI's T5 call contract (ids or
     input embeddings, attention mask, hidden-layer index) served by the T5Encoder's t5core model;
-  * its CLIP-L / CLIP-G / Llama parts become those of the CLIP input (from ComfyUI's CLIP loaders);
+  * its CLIP-L / CLIP-G / Llama parts (the family's options: layer, pooling) run on the CLIP input's weights (from
+    ComfyUI's CLIP loaders), and weight patches for them go to the CLIP input's patcher;
   * its patcher is the T5Encoder's ModelPatcher, so ComfyUI's memory manager loads and offloads the T5 weights;
     the CLIP input's patcher is loaded beside it when the CLIP encodes.
 Everything else (tokenizing, prompt weights, embeddings, padding, masks, zero-out, the family's conditioning) is
@@ -121,6 +122,18 @@ class Embedding(torch.nn.Module):
         return out if out_dtype is None else out.to(out_dtype)
 
 
+def comfy_t5_names(module: "T5Transformer", state_dict: dict, prefix: str, local_metadata) -> None:
+    """The names of ComfyUI's T5 projection weights, as empty meta tensors, in the state dict: ComfyUI's LoRA
+    loaders map a LoRA's T5 keys onto the names a CLIP's state dict has, so a LoRA for the T5 reaches the CLIP's
+    add_patches (an error there: t5core's T5 takes no weight patches) instead of being dropped with a log line."""
+    gated = module.encoder.config.ffn_type == T5FFNType.GEGLU
+    for i in range(module.num_layers):
+        block = f"{prefix}encoder.block.{i}.layer."
+        for name in [f"0.SelfAttention.{p}" for p in "qkvo"] + [f"1.DenseReluDense.{p}" for p in
+                                                               (("wi_0", "wi_1") if gated else ("wi",)) + ("wo",)]:
+            state_dict[f"{block}{name}.weight"] = torch.empty(0, device="meta")
+
+
 class T5Transformer(torch.nn.Module):
     """Stands where ComfyUI's comfy.text_encoders.t5.T5 stands (SDClipModel.transformer) and returns what it returns:
     (last hidden state [B, L, D], hidden state of layer intermediate_output or None), float32."""
@@ -130,6 +143,7 @@ class T5Transformer(torch.nn.Module):
         self.encoder = encoder  # nodes.comfy_model.T5Encoder (not a module: its weights live in its patcher)
         self.num_layers = encoder.config.num_layers
         self.dtype = encoder.plan.dtype
+        self.register_state_dict_post_hook(comfy_t5_names)
 
     def get_input_embeddings(self) -> Embedding:
         return Embedding(self.encoder.runtime())
@@ -154,24 +168,49 @@ class T5Transformer(torch.nn.Module):
 
 
 # -- the CLIP -------------------------------------------------------------------------------------------------------
+def patch_key_name(key) -> str:
+    """A ModelPatcher patch key: the weight's name, or (name, offset[, function])."""
+    return key if isinstance(key, str) else key[0]
+
+
 @functools.cache
 def clip_class():
-    """comfy.sd.CLIP whose load_model also loads the CLIP input's weights (the parts the family took from it), as
-    comfy.sd.CLIP.load_model loads its own: whole, or partially where the GPU is short of room."""
+    """comfy.sd.CLIP whose non-T5 parts are the CLIP input's: its load_model also loads their weights (whole, or
+    partially where the GPU is short of room), and weight patches for them (LoRA loaders, CLIP merges) go to the
+    input's patcher, cloned with the CLIP. t5core's T5 takes no weight patches: those, and using this CLIP as a merge
+    source or saving it, are errors rather than silently ignored."""
     import comfy.model_management as mm
     import comfy.sd
 
     class T5CoreCLIP(comfy.sd.CLIP):
-        part_patchers = ()
+        part_patchers = ()  # the CLIP input's patcher (its cond_stage_model holds the parts, under the same names)
+        part_names = ()  # the parts taken from it: "clip_l", "clip_g", "llama"
 
         def clone(self):
             n = super().clone()
-            n.__class__, n.part_patchers = type(self), self.part_patchers
+            n.__class__, n.part_names = type(self), self.part_names
+            n.part_patchers = tuple(p.clone() for p in self.part_patchers)  # patches on a clone stay on the clone
             return n
 
         def load_model(self):
             mm.load_models_gpu([self.patcher, *self.part_patchers])
             return self.patcher
+
+        def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+            t5 = [k for k in patches if patch_key_name(k).split(".")[0] not in self.part_names]
+            if t5:
+                raise ValueError(f"T5 Encoder to CLIP (fast): this CLIP's T5 is t5core's and takes no weight patches "
+                                 f"(a CLIP merge, or a LoRA for the T5): {patch_key_name(t5[0])!r}; its "
+                                 f"{' / '.join(self.part_names) or 'other parts'} do")
+            return [k for p in self.part_patchers for k in p.add_patches(patches, strength_patch, strength_model)]
+
+        def get_key_patches(self):
+            raise ValueError("T5 Encoder to CLIP (fast): this CLIP cannot be merged into another: its T5 is t5core's "
+                             "(fused, maybe fp8 or GGUF), not ComfyUI's weights; merge the CLIPs ComfyUI loads")
+
+        def get_sd(self):
+            raise ValueError("T5 Encoder to CLIP (fast): this CLIP cannot be saved: its T5 is t5core's; save the "
+                             "CLIP input, and keep the T5 file you loaded")
 
     return T5CoreCLIP
 
@@ -251,14 +290,14 @@ def make_clip(encoder, family: str, clip=None):
     t5 = getattr(model, fam.t5)
     t5.transformer, t5.num_layers = T5Transformer(encoder), encoder.config.num_layers
     for name in fam.parts:
-        if name in parts:
-            setattr(model, name, parts[name])
+        if name in parts:  # the family's own part (its layer, pooling and norm options) on the input's weights
+            getattr(model, name).transformer = parts[name].transformer
         elif family == "flux":
             model.clip_l = ZeroPooledCLIPL()
             log.warning("t5core: Flux without a CLIP-L: the pooled vector is zeros (connect a CLIP-L)")
     patcher = encoder.patcher()
     patcher.is_clip, patcher.hook_mode = True, out.patcher.hook_mode
-    out.patcher, out.part_patchers = patcher, (clip.patcher,) if parts else ()
+    out.patcher, out.part_patchers, out.part_names = patcher, (clip.patcher,) if parts else (), tuple(parts)
     return out
 
 

@@ -150,6 +150,7 @@ class T5Encoder:
         """The ModelPatcher holding the weights, loaded from the file on first use (onto the offload device)."""
         if self._patcher is None:
             from comfy.model_patcher import ModelPatcher
+            from comfy.patcher_extension import CallbacksMP
 
             load_device, offload_device = self.devices()
             plan = self.plan
@@ -162,6 +163,9 @@ class T5Encoder:
             # size: ComfyUI's own count (module_size: the state dict, GGUF blocks included), which its partial
             # loads compare with the sizes of the modules they load
             self._patcher = ModelPatcher(runtime.model, load_device=load_device, offload_device=offload_device)
+            # unloaded (to make room for a diffusion model): the CUDA graphs' memory goes with the weights
+            self._patcher.add_callback(CallbacksMP.ON_DETACH, lambda patcher, unpatch_all: runtime.drop_graphs())
+            self._patcher.add_callback(CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES, refuse_weight_hooks)
             self._runtime = runtime
         return self._patcher
 
@@ -205,6 +209,16 @@ class T5Encoder:
             parts.append("on CPU")
         parts.append(f"tokenizer: {self.tokenizer_source}")
         return " · ".join(parts)
+
+
+def refuse_weight_hooks(patcher, hooks, target_dict, model_options, registered) -> None:
+    """ComfyUI's weight hooks (CreateHookLora, SetClipHooks) patch a CLIP's patcher by ComfyUI's weight names, which
+    t5core's model does not have: an error, not a LoRA silently left out."""
+    import comfy.hooks
+
+    if hooks.get_type(comfy.hooks.EnumHookType.Weight):
+        raise ValueError("T5 Encoder to CLIP (fast): weight hooks (a hook LoRA on the CLIP) are not supported by "
+                         "t5core's T5; apply the LoRA with a LoRA loader node (CLIP-L / CLIP-G parts only)")
 
 
 # -- what the nodes do ----------------------------------------------------------------------------------------------

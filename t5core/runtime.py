@@ -70,7 +70,7 @@ class Encoder:
         the graphs captured so far are dropped, freeing their memory. None: all weights are on the model's device
         again; the fast path recaptures graphs for their addresses."""
         if device is not None:
-            self._drop_graphs()
+            self.drop_graphs()
         self.stream_to = device
 
     # -- compiling -----------------------------------------------------------------------------------
@@ -114,11 +114,13 @@ class Encoder:
     def reset(self) -> None:
         """Forget CUDA graphs and the CPU's frozen compilation (which holds the old weights; the model runs
         eagerly until compiled again): call after changing weights in place."""
-        self._drop_graphs()
+        self.drop_graphs()
         self._param_slots = None
         self._frozen = None
 
-    def _drop_graphs(self) -> None:
+    def drop_graphs(self) -> None:
+        """Free the CUDA graphs and their memory pool (an offloading manager that moves the weights away calls
+        this); the next compiled encode captures again."""
         self._graphs.clear()
         self._graph_pool = None  # the pool dies with its graphs: capturing into its stale handle fails
         self._graph_ptrs = None
@@ -184,7 +186,7 @@ class Encoder:
             # recapture. (Buffers are otherwise updated in place.)
             ptrs = self._weight_ptrs()
             if ptrs != self._graph_ptrs:
-                self._drop_graphs()
+                self.drop_graphs()
                 self._graph_ptrs = ptrs
             key = (*x.shape, mask is not None, is_embeds, num_layers)
             if key not in self._graphs:

@@ -1,6 +1,6 @@
 """Small stand-ins for the ComfyUI modules the nodes touch, with ComfyUI's signatures (read from its source):
 folder_paths, comfy (its package folder holds the bundled T5 tokenizer), comfy.model_management,
-comfy.model_patcher (with its partial loading), comfy.ops (the cast-weights mixin), comfy.sd (CLIP, with toy CLIP-L /
+comfy.model_patcher (with its partial loading), comfy.patcher_extension, comfy.ops (the cast-weights mixin), comfy.sd (CLIP, with toy CLIP-L /
 CLIP-G encoders) and, optionally, comfy_api.latest.
 
 install(root, ...) puts them into sys.modules; the caller removes them again (see the fixtures in the tests).
@@ -123,7 +123,12 @@ def make_model_management() -> types.ModuleType:
     return mm
 
 
-# -- comfy.model_patcher, comfy.ops ---------------------------------------------------------------------------------
+# -- comfy.model_patcher, comfy.patcher_extension, comfy.ops -------------------------------------------------------
+class CallbacksMP:  # comfy.patcher_extension.CallbacksMP, the members the nodes use
+    ON_DETACH = "on_detach_after"
+    ON_REGISTER_ALL_HOOK_PATCHES = "on_register_all_hook_patches"
+
+
 class CastWeightBiasOp:  # comfy.ops.CastWeightBiasOp: what ComfyUI's layers that can stream their weights carry
     comfy_cast_weights = False
     weight_function = []
@@ -135,7 +140,7 @@ def module_size(module) -> int:  # comfy.model_management.module_size
 
 
 class ModelPatcher:
-    """comfy.model_patcher.ModelPatcher's loading without weight patches: load() puts the largest modules first
+    """comfy.model_patcher.ModelPatcher's loading (weight patches recorded, not applied): load() puts the largest modules first
     onto the device while they fit in lowvram_model_memory; a module that can stream (comfy_cast_weights) and does
     not fit stays behind with comfy_cast_weights set, and the model is then model_lowvram."""
 
@@ -148,6 +153,7 @@ class ModelPatcher:
         self.offload_device = offload_device
         self.weight_inplace_update = weight_inplace_update
         self.parent = None
+        self.patches, self.callbacks = {}, {}
         self.model_size()
         for name, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0), ("model_lowvram", False)):
             if not hasattr(model, name):
@@ -164,7 +170,25 @@ class ModelPatcher:
     def clone(self):
         n = ModelPatcher(self.model, self.load_device, self.offload_device, self.size, self.weight_inplace_update)
         n.parent = self
+        n.patches = {k: list(v) for k, v in self.patches.items()}
+        n.callbacks = {k: list(v) for k, v in self.callbacks.items()}
         return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        """Records the patches for weights the model has (by name, or (name, offset, ...)) -> their keys; not
+        applied here (tools/check_against_comfyui.py runs ComfyUI's)."""
+        names = self.model.state_dict().keys()
+        added = [k for k in patches if (k if isinstance(k, str) else k[0]) in names]
+        for k in added:
+            self.patches.setdefault(k if isinstance(k, str) else k[0], []).append((strength_patch, patches[k],
+                                                                                     strength_model))
+        return added
+
+    def get_key_patches(self):
+        return {k: [(1.0, v)] for k, v in self.model.state_dict().items()}
+
+    def add_callback(self, call_type, callback):
+        self.callbacks.setdefault(call_type, []).append(callback)
 
     def is_clone(self, other):
         return getattr(other, "model", None) is self.model
@@ -215,6 +239,8 @@ class ModelPatcher:
             self.model.to(self.offload_device)
             self.model.device = self.offload_device
             self.model.model_loaded_weight_memory = 0
+        for callback in self.callbacks.get(CallbacksMP.ON_DETACH, []):
+            callback(self, unpatch_all)
         return self.model
 
     def current_loaded_device(self):
@@ -228,17 +254,26 @@ def wipe_lowvram_weight(m):
 
 
 # -- comfy.sd: CLIP with toy CLIP encoders ---------------------------------------------------------------------------
+class ToyTextModel(torch.nn.Module):
+    """The weights of a toy CLIP encoder (where ComfyUI's SDClipModel keeps its CLIPTextModel: `transformer`)."""
+
+    def __init__(self, width: int, seed: int, device=None):
+        super().__init__()
+        if str(device) == "meta":  # as ComfyUI builds a model it loads weights into later: nothing allocated
+            table, proj = torch.empty(49408, width, device="meta"), torch.empty(width, width, device="meta")
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            table, proj = torch.randn(49408, width, generator=gen), torch.randn(width, width, generator=gen) / width**0.5
+        self.table, self.proj = torch.nn.Parameter(table, requires_grad=False), torch.nn.Parameter(proj, requires_grad=False)
+
+
 class ToyClipEncoder(torch.nn.Module):
-    """Shaped like ComfyUI's SDClipModel: set/reset_clip_options and encode_token_weights -> (z [1, 77k, C], pooled)."""
+    """Shaped like ComfyUI's SDClipModel: the options a family gives it (here, whether the pooled vector is projected)
+    around `transformer` (the weights); set/reset_clip_options and encode_token_weights -> (z [1, 77k, C], pooled)."""
 
     def __init__(self, width: int, seed: int, return_projected_pooled: bool = True, device=None):
         super().__init__()
-        if str(device) == "meta":  # as ComfyUI builds a model it loads weights into later: nothing allocated
-            self.table, self.proj = torch.empty(49408, width, device="meta"), torch.empty(width, width, device="meta")
-        else:
-            gen = torch.Generator().manual_seed(seed)
-            self.table = torch.randn(49408, width, generator=gen)
-            self.proj = torch.randn(width, width, generator=gen) / width**0.5
+        self.transformer = ToyTextModel(width, seed, device)
         self.options_default = (return_projected_pooled, None)
         self.return_projected_pooled, self.layer_idx = self.options_default
 
@@ -252,10 +287,10 @@ class ToyClipEncoder(torch.nn.Module):
     def encode_token_weights(self, token_weight_pairs):
         ids = torch.tensor([[t for t, _ in section] for section in token_weight_pairs])  # [sections, 77]
         weights = torch.tensor([[w for _, w in section] for section in token_weight_pairs])
-        z = self.table[ids] * weights[..., None]  # [sections, 77, C]
+        z = self.transformer.table[ids] * weights[..., None]  # [sections, 77, C]
         pooled = z[:1, (ids[0] == 49407).nonzero()[0, 0]]  # first section's end token, [1, C]
         if self.return_projected_pooled:
-            pooled = pooled @ self.proj
+            pooled = pooled @ self.transformer.proj
         return z.reshape(1, -1, z.shape[-1]), pooled
 
 
@@ -330,6 +365,15 @@ class CLIP:
 
     def clip_layer(self, layer_idx):
         self.layer_idx = layer_idx
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(patches, strength_patch, strength_model)
+
+    def get_key_patches(self):
+        return self.patcher.get_key_patches()
+
+    def get_sd(self):
+        return self.cond_stage_model.state_dict()
 
     def tokenize(self, text, return_word_ids=False, **kwargs):
         return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
@@ -700,17 +744,21 @@ def make_comfy_api_latest() -> types.ModuleType:
 
 # -- install --------------------------------------------------------------------------------------------------------
 def core_modules(comfy_path: list[str]) -> dict[str, types.ModuleType]:
-    """comfy (its package path), comfy.model_management, comfy.model_patcher and comfy.ops, by name."""
+    """comfy (its package path), comfy.model_management, comfy.model_patcher, comfy.patcher_extension and comfy.ops,
+    by name."""
     comfy = types.ModuleType("comfy")  # a namespace package in ComfyUI: no __init__.py, no __file__
     comfy.__path__ = comfy_path
     comfy.model_management = make_model_management()
     comfy.model_management.module_size = module_size
     comfy.model_patcher = types.ModuleType("comfy.model_patcher")
     comfy.model_patcher.ModelPatcher = ModelPatcher
+    comfy.patcher_extension = types.ModuleType("comfy.patcher_extension")
+    comfy.patcher_extension.CallbacksMP = CallbacksMP
     comfy.ops = types.ModuleType("comfy.ops")
     comfy.ops.CastWeightBiasOp = CastWeightBiasOp
     return {"comfy": comfy, "comfy.model_management": comfy.model_management,
-            "comfy.model_patcher": comfy.model_patcher, "comfy.ops": comfy.ops}
+            "comfy.model_patcher": comfy.model_patcher, "comfy.patcher_extension": comfy.patcher_extension,
+            "comfy.ops": comfy.ops}
 
 
 def install(root: Path, tokenizer_dir: Path, with_v3: bool = False) -> dict[str, types.ModuleType]:

@@ -451,7 +451,7 @@ def test_encoder_to_clip_is_a_comfyui_clip(comfy, hf_model):
     assert ui["text"][0].startswith("flux: ComfyUI's flux text encoder")
     assert clip.patcher is encoder.patcher() and clip.part_patchers == (clip_l.patcher,)
     model = clip.cond_stage_model
-    assert model.clip_l is clip_l.cond_stage_model.clip_l
+    assert model.clip_l.transformer is clip_l.cond_stage_model.clip_l.transformer  # the input's weights
     assert all(p.is_meta for p in model.t5xxl.parameters())  # nothing of ComfyUI's own T5 was allocated
     embed = model.t5xxl.transformer.get_input_embeddings()
     assert embed.weight is encoder.runtime().model.vocab_embed.weight  # textual inversions meet t5core's table
@@ -466,7 +466,8 @@ def test_encoder_to_clip_is_a_comfyui_clip(comfy, hf_model):
         states = hf_model(input_ids=torch.tensor([t5_ids("a cat", pad_to=256)]), output_hidden_states=True)
     expected = hf_model.encoder.final_layer_norm(states.hidden_states[2])
     assert type(clone) is type(clip) and rel_err(hidden, expected) <= 1e-5
-    assert comfy.mm.load_calls[-1][0][1:] == [clip_l.patcher]
+    assert comfy.mm.load_calls[-1][0][1:] == list(clone.part_patchers)  # a clone of the input's patcher
+    assert clone.part_patchers[0].model is clip_l.patcher.model
 
     # chroma: T5 only, no padding, no CLIP input needed
     (chroma,), _ = run(comfy, TO_CLIP, t5_encoder=encoder, family="chroma")
@@ -494,6 +495,41 @@ def test_wan_through_comfyuis_encoder(comfy, hf_umt5):
     assert not tokens[:, n:].any()  # zeroed after the end token
     (prompt_cond,), _ = encode(comfy, encoder, text, family="WAN")
     assert torch.equal(prompt_cond[0][0], tokens)
+
+
+def test_the_family_sets_its_parts_options_and_lora_patches_reach_them(comfy, hf_model):
+    """The CLIP-L runs with the family's options on the input's weights: a DualCLIPLoader-style input projects its
+    pooled vector, Flux's CLIP-L does not. Weight patches for it (a LoRA loader's, on a clone) go to a clone of the
+    input's patcher; patches for the T5, merging from this CLIP and saving it are errors naming why; unloading the
+    encoder frees its CUDA graphs."""
+    projecting = comfy_fakes.toy_clip(("l", "g"))  # DualCLIPLoader sd3 / sdxl: CLIP-L pooled projected
+    assert projecting.cond_stage_model.clip_l.return_projected_pooled
+    encoder = load(comfy)
+    (clip,), _ = run(comfy, TO_CLIP, t5_encoder=encoder, family="flux", clip=projecting)
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
+    weights = projecting.cond_stage_model.clip_l.transformer
+    end = ([49406] + [hash(w) % 49000 + 1 for w in "a photo of a cat".split()] + [49407])[-1]
+    assert torch.equal(cond[0][1]["pooled_output"], weights.table[end][None])  # unprojected, as Flux's own CLIP-L
+
+    key = "clip_l.transformer.proj"
+    lora = clip.clone()
+    assert lora.add_patches({key: ("diff", torch.zeros(768, 768))}, 0.5) == [key]
+    assert list(lora.part_patchers[0].patches) == [key] and not projecting.patcher.patches  # the clone's only
+    assert lora.part_patchers[0].model is projecting.patcher.model and lora.patcher.model is clip.patcher.model
+    t5_key = "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"
+    with pytest.raises(ValueError, match=r"this CLIP's T5 is t5core's and takes no weight patches \(a CLIP merge, "
+                                         r"or a LoRA for the T5\): 't5xxl\.transformer.*'; its clip_l do"):
+        lora.add_patches({t5_key: ("diff", torch.zeros(1))})
+    with pytest.raises(ValueError, match=r"cannot be merged into another"):
+        clip.get_key_patches()
+    with pytest.raises(ValueError, match=r"cannot be saved"):
+        clip.get_sd()
+
+    dropped = []
+    runtime = encoder.runtime()
+    runtime.drop_graphs = lambda: dropped.append(True)
+    encoder.patcher().detach()
+    assert dropped == [True]
 
 
 def test_encoder_to_clip_refuses_what_the_family_cannot_use(comfy):

@@ -217,6 +217,8 @@ clip_l = comfy.sd.load_clip(P("clip_l.safetensors"), clip_type=comfy.sd.CLIPType
 # CLIP inputs of several GB are loaded when their case comes (a function) and freed after it
 clip_lg = lambda: comfy.sd.load_clip(P("clip_l.safetensors", "clip_g.safetensors"),  # noqa: E731
                                      clip_type=comfy.sd.CLIPType.SD3, model_options=small)
+clip_lg_sdxl = lambda: comfy.sd.load_clip(P("clip_l.safetensors", "clip_g.safetensors"),  # noqa: E731
+                                          clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options=small)
 quad = P("clip_l.safetensors", "clip_g.safetensors", "t5_v11.safetensors", "llama.safetensors")
 clip_lgtl = lambda: comfy.sd.load_clip(quad, model_options=small)  # noqa: E731  (QuadrupleCLIPLoader: no type)
 llama = comfy.sd.load_clip(P("llama.safetensors"), clip_type=comfy.sd.CLIPType.HIDREAM, model_options=small)
@@ -231,10 +233,13 @@ for family in families:
     ctype = getattr(comfy.sd.CLIPType, family.upper())
     file = FILES.get(family, "t5_v11.safetensors")
     cases = {"": (P(file), None)}  # ComfyUI's own: CLIPLoader(file, type) / Dual / TripleCLIPLoader
+    # CLIP inputs from any loader type: the family's own options (layer, pooling) run on their weights
     if family == "flux":
-        cases = {"+clip_l": (P("clip_l.safetensors", file), clip_l)}
+        cases = {"+clip_l": (P("clip_l.safetensors", file), clip_l),
+                 "+clip_l of an sdxl DualCLIPLoader": (P("clip_l.safetensors", file), clip_lg_sdxl)}
     elif family == "sd3":
         cases["+clip_l+clip_g"] = (P("clip_l.safetensors", "clip_g.safetensors", file), clip_lg)
+        cases["+clip_l of a CLIPLoader"] = (P("clip_l.safetensors", file), clip_l)
     elif family == "hidream":  # ComfyUI's own: QuadrupleCLIPLoader / DualCLIPLoader(t5xxl, llama, hidream)
         cases["+clip_l+clip_g+llama"] = (quad, clip_lgtl)
         cases["+llama"] = (P(file, "llama.safetensors"), llama)
@@ -339,6 +344,58 @@ fused = ours["T5CoreFuseNorms"].execute(t5_encoder=plain).args[0]
 half = ours["T5CoreFP16Scale"].execute(t5_encoder=fused, mode="custom", custom_scales="1,1,1,1,1,1,1/2" + ",1" * 17)
 for tag, encoder in [("fp32", plain), ("fp8 weights", fp8), ("GGUF Q8_0 blocks", gguf_q8), ("fused norms", fused), ("fp16, scales", half.args[0])]:
     results.append(partial_load_check(tag, encoder))
+
+# LoRA loaders: a LoRA for CLIP-L changes ours as it changes ComfyUI's own encoder (its patches go to the CLIP
+# input's patcher, cloned); one with T5 weights, weight hooks, merging from ours and saving ours are errors
+torch.manual_seed(0)
+lora_l = {f"lora_te1_text_model_encoder_layers_{i}_self_attn_q_proj.lora_{ud}.weight": torch.randn(*shape) * 0.5
+          for i in range(12) for ud, shape in (("up", (768, 4)), ("down", (4, 768)))}
+lora_t5 = {f"lora_te2_encoder_block_{i}_layer_0_SelfAttention_q.lora_{ud}.weight": torch.randn(*shape) * 0.05
+           for i in range(24) for ud, shape in (("up", (SMALL["num_heads"] * SMALL["d_kv"], 4)), ("down", (4, 4096)))}
+mine_l = comfy.sd.load_lora_for_models(None, our_clip("flux", clip_l), lora_l, 0, 1.0)[1]
+ref_l = comfy.sd.load_lora_for_models(None, ref_clip, lora_l, 0, 1.0)[1]
+results.append(compare("flux + CLIP-L LoRA", text_encode(mine_l, TEXTS[0], "flux"), text_encode(ref_l, TEXTS[0], "flux")))
+lora_moved = (text_encode(ref_l, TEXTS[0], "flux")[0][1]["pooled_output"]
+              - text_encode(ref_clip, TEXTS[0], "flux")[0][1]["pooled_output"]).abs().max().item()
+print(f"  (the LoRA moves ComfyUI's pooled output by {lora_moved:.2f})")
+results.append(lora_moved > 0.1)
+del mine_l, ref_l
+mm.unload_all_models()
+
+
+def clip_save(clip):
+    from comfy_extras.nodes_model_merging import CLIPSave
+
+    return CLIPSave().save(clip, "clip/t5core_check")
+
+
+def clip_hooks(clip):
+    from comfy_extras.nodes_hooks import SetClipHooks
+
+    return SetClipHooks().apply_hooks(clip, False, True, comfy.hooks.create_hook_lora(lora_l, 1.0, 1.0))
+
+
+def clip_merge(clip1, clip2):
+    from comfy_extras.nodes_model_merging import CLIPMergeSimple
+
+    return CLIPMergeSimple().merge(clip1, clip2, 0.5)
+
+
+import comfy.hooks  # noqa: E402
+
+folder_paths.set_output_directory(tempfile.mkdtemp(prefix="t5core_check_out_"))
+for what, call in [("a LoRA with T5 weights", lambda: comfy.sd.load_lora_for_models(
+                        None, our_clip("flux", clip_l), {**lora_l, **lora_t5}, 0, 1.0)),
+                   ("a hook LoRA (SetClipHooks)", lambda: clip_hooks(our_clip("flux", clip_l))),
+                   ("CLIPSave", lambda: clip_save(our_clip("flux", clip_l))),
+                   ("CLIPMergeSimple from ours", lambda: clip_merge(ref_clip, our_clip("flux", clip_l))),
+                   ("CLIPMergeSimple into ours", lambda: clip_merge(our_clip("flux", clip_l), ref_clip))]:
+    try:
+        call()
+        print("FAIL no error for", what)
+        results.append(False)
+    except ValueError as e:
+        print(f"error ({what}): {e}")
 
 # bad input: each error names both sides
 clip_g = comfy.sd.load_clip(P("clip_g.safetensors"), clip_type=comfy.sd.CLIPType.SD3, model_options=small)
