@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError
-from .t5_common import GELUApprox, T5Config, T5FFNType
+from .t5_common import GELUApprox, T5Config, T5FFNType, config_error_text
 from .t5_encoder import T5EncoderStack, f32_out_linear
 
 QK_K = 256
@@ -377,78 +377,131 @@ def _import_gguf(path):
     return gguf
 
 
-def _field(reader, key: str):
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
+def _contents(field, path: Path):
+    """A metadata field's value; a string that is not UTF-8 is a CheckpointError naming the key."""
+    try:
+        return field.contents()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: metadata {field.name} is not valid UTF-8 ({e})") from e
 
 
-_GGUF_VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# metadata value type -> (name, the fewest bytes one value takes: its size, or a string's / an array's length fields)
+_GGUF_VALUE_TYPES = {0: ("u8", 1), 1: ("i8", 1), 2: ("u16", 2), 3: ("i16", 2), 4: ("u32", 4), 5: ("i32", 4),
+                     6: ("f32", 4), 7: ("bool", 1), 8: ("string", 8), 9: ("array", 12), 10: ("u64", 8),
+                     11: ("i64", 8), 12: ("f64", 8)}
+_MAX_NAME = 65535  # bytes of a key or tensor name (GGUF's limit for keys)
+# Array elements in all metadata together: GGUFReader keeps each as its own numpy view (about 700 bytes, 9 us),
+# so this bounds its memory and time. A UMT5 tokenizer (256384 tokens, scores, types, charsmap) takes about 1M.
+_MAX_VALUES = 1 << 21
 
 
-def _diagnose(path: Path) -> Optional[str]:
-    """Why GGUFReader could not read `path`, naming the tensor where there is one: a header walk of our own (the
-    reader's own errors, such as 'cannot reshape array of size 131', do not say)."""
+class _HeaderWalk:
+    """A GGUF header read by us before GGUFReader reads it: every length and count is checked against the bytes
+    left in the file (count x the fewest bytes one element takes) before it is read, skipped or looped over, so a
+    crafted header can neither allocate nor loop beyond the file's size. Problems raise ValueError."""
+
+    def __init__(self, fh, size: int) -> None:
+        self.fh, self.size, self.pos, self.values = fh, size, 0, 0
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise ValueError(f"{what}: {n} bytes needed from byte {self.pos}, but the file has {self.size}: "
+                             f"truncated in its header, or corrupt")
+
+    def take(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        self.pos += n
+        return self.fh.read(n)
+
+    def skip(self, n: int, what: str) -> None:
+        self.need(n, what)
+        self.pos += n
+        self.fh.seek(self.pos)
+
+    def u32(self, what: str) -> int:
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack("<Q", self.take(8, what))[0]
+
+    def name(self, what: str) -> str:
+        n = self.u64(what)
+        if n > _MAX_NAME:
+            raise ValueError(f"{what} is {n} bytes long (at most {_MAX_NAME})")
+        return self.take(n, what).decode("utf-8", "replace")
+
+    def value_type(self, what: str) -> int:
+        t = self.u32(what)
+        if t not in _GGUF_VALUE_TYPES:
+            raise ValueError(f"{what} has unknown value type {t}")
+        return t
+
+    def skip_value(self, t: int, what: str) -> None:
+        if t == 8:
+            n = self.u64(what)
+            self.skip(n, f"{what} (a string of {n} bytes)")
+        elif t == 9:
+            item, n = self.value_type(what), self.u64(what)
+            if item == 9:
+                raise ValueError(f"{what} is an array of arrays, which t5core does not read")
+            kind, least = _GGUF_VALUE_TYPES[item]
+            self.need(n * least, f"{what} (an array of {n} {kind})")
+            self.values += n
+            if self.values > _MAX_VALUES:
+                raise ValueError(f"{what}: an array of {n} {kind} brings the metadata past {_MAX_VALUES} values, "
+                                 f"more than any T5 tokenizer needs")
+            if item == 8:
+                for _ in range(n):
+                    self.skip_value(item, what)
+            else:
+                self.skip(n * least, what)
+        else:
+            self.skip(_GGUF_VALUE_TYPES[t][1], what)
+
+
+def _header_problem(path: Path, gguf) -> Optional[str]:
+    """What is wrong with `path`'s header, naming the key or tensor, or None: a bounded walk of the metadata and
+    the tensor-info table (_HeaderWalk), then each tensor's type, blocks and extent. It runs before GGUFReader, which
+    trusts the counts it reads (a file of 65 bytes declaring an array of 2^62 values keeps it looping until
+    memory runs out) and whose own errors ('cannot reshape array of size 131') do not say where."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        def take(n):
-            b = fh.read(n)
-            if len(b) != n:
-                raise EOFError
-            return b
-
-        def u32():
-            return struct.unpack("<I", take(4))[0]
-
-        def u64():
-            return struct.unpack("<Q", take(8))[0]
-
-        def skip_value(t):
-            if t == 8:
-                fh.seek(u64(), 1)
-            elif t == 9:
-                it, n = u32(), u64()
-                if it in _GGUF_VALUE_BYTES:
-                    fh.seek(n * _GGUF_VALUE_BYTES[it], 1)
-                else:
-                    for _ in range(n):
-                        skip_value(it)
-            elif t in _GGUF_VALUE_BYTES:
-                fh.seek(_GGUF_VALUE_BYTES[t], 1)
-            else:
-                raise ValueError(f"unknown metadata value type {t}")
-
+        h = _HeaderWalk(fh, size)
         try:
-            if take(4) != b"GGUF":
+            if h.take(min(size, 4), "the magic") != b"GGUF":
                 return "not a GGUF file (no GGUF magic)"
-            version = u32()
+            version = h.u32("the version")
             if version not in (2, 3):
                 return f"GGUF version {version} (big-endian or unsupported); t5core reads little-endian versions 2 and 3"
-            n_tensors, n_kv = u64(), u64()
-            alignment = 32
-            for _ in range(n_kv):
-                key = take(u64()).decode("utf-8", "replace")
-                t = u32()
+            n_tensors, n_kv = h.u64("the tensor count"), h.u64("the metadata count")
+            h.need(n_kv * 13, f"the metadata count {n_kv} (13 bytes or more an entry)")
+            alignment, key = 32, None
+            for i in range(n_kv):
+                key = h.name(f"the name of metadata entry {i}" + (f" (after {key!r})" if key else ""))
+                what = f"metadata key {key!r}"
+                t = h.value_type(what)
                 if key == "general.alignment" and t == 4:
-                    alignment = u32()
+                    alignment = h.u32(what)
+                    if alignment == 0 or alignment & (alignment - 1):
+                        return f"general.alignment is {alignment}, not a power of two"
                 else:
-                    skip_value(t)
+                    h.skip_value(t, what)
+            h.need(n_tensors * 24, f"the tensor count {n_tensors} (24 bytes or more a tensor's info)")
             infos = []
-            for _ in range(n_tensors):
-                name = take(u64()).decode("utf-8", "replace")
-                dims = [u64() for _ in range(u32())]
-                infos.append((name, dims, u32(), u64()))
-            start = fh.tell()
-        except EOFError:
-            return f"truncated in its header ({size} bytes); re-download it"
+            for i in range(n_tensors):
+                name = h.name(f"the name of tensor {i}")
+                what = f"tensor {name!r}"
+                n_dims = h.u32(what)
+                h.need(n_dims * 8 + 12, f"{what} ({n_dims} dimensions)")
+                dims = [h.u64(what) for _ in range(n_dims)]
+                infos.append((name, dims, h.u32(what), h.u64(what)))
         except ValueError as e:
-            return f"corrupt header ({e})"
-    start += (-start) % alignment
+            return str(e)
+    start = h.pos + (-h.pos) % alignment
     for name, dims, t, off in infos:
         from_gguf = type_name(t)
         if t not in QTYPES:
             try:
-                import gguf
-
                 gguf.GGMLQuantizationType(t)
             except ValueError:
                 return f"tensor {name!r} has {from_gguf}, which is not a GGML type"
@@ -464,57 +517,99 @@ def _diagnose(path: Path) -> Optional[str]:
     return None
 
 
+def _reader(path: Path):
+    """gguf.GGUFReader of `path`, once _header_problem finds nothing wrong; every problem a CheckpointError."""
+    gguf = _import_gguf(path)
+    why = _header_problem(path, gguf) if path.is_file() else "no such file"
+    if why:
+        raise CheckpointError(f"{path}: not a readable GGUF file: {why}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # what the walk leaves to it (a duplicate key or tensor name)
+        raise CheckpointError(f"{path}: not a readable GGUF file: {e}") from e
+
+
 def _read_header(path: Path):
     """-> (metadata fields reader, {gguf name: GGUFTensor}, architecture) with every problem a CheckpointError."""
-    gguf = _import_gguf(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:
-        why = _diagnose(path) if path.is_file() else "no such file"
-        raise CheckpointError(f"{path}: not a readable GGUF file: {why or e}") from e
-    if reader.byte_order != "I":
-        raise CheckpointError(f"{path}: a GGUF file of the other byte order; t5core reads little-endian files")
-    arch = _field(reader, "general.architecture")
+    reader = _reader(path)
+    arch = reader.fields.get("general.architecture")
     tensors = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         tensors[t.name] = GGUFTensor(t.name, int(t.tensor_type), shape, int(t.data_offset), int(t.n_bytes))
-    return reader, tensors, arch
+    return reader, tensors, None if arch is None else _contents(arch, path)
 
 
-def tokenizer_fields(path_or_reader) -> Optional[dict]:
+_INT_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})  # metadata value types of integers
+# tokenizer.ggml.* scalars and the Python type each must have
+_TOKENIZER_SCALARS = {"model": str, "pre": str, "add_space_prefix": bool, "remove_extra_whitespaces": bool,
+                      "add_bos_token": bool, "add_eos_token": bool, "bos_token_id": int, "eos_token_id": int,
+                      "unknown_token_id": int, "padding_token_id": int}
+_KIND_NAMES = {str: "a string", bool: "a bool", int: "an integer"}
+
+
+def tokenizer_fields(path, reader=None) -> Optional[dict]:
     """The tokenizer a GGUF file carries in `tokenizer.ggml.*`, or None: {"model": "t5" (SentencePiece unigram)
     or "llama" (BPE) ..., "tokens": [str], "scores": [float], "token_types": [int] (1 normal, 2 unknown,
     3 control, 4 user-defined, 5 unused, 6 byte), "add_space_prefix", "remove_extra_whitespaces",
     "precompiled_charsmap" (bytes), "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"}
-    (keys present in the file only; tokens decode as UTF-8, undecodable bytes as surrogate escapes)."""
-    if isinstance(path_or_reader, (str, Path)):
-        path = Path(path_or_reader)
-        reader = _import_gguf(path).GGUFReader(path)
-    else:
-        reader = path_or_reader
-    f = reader.fields
-    if "tokenizer.ggml.tokens" not in f:
-        return None
-    out = {}
-    tok = f["tokenizer.ggml.tokens"]
-    out["tokens"] = [bytes(tok.parts[i]).decode("utf-8", "surrogateescape") for i in tok.data]
+    (keys present in the file only; tokens decode as UTF-8, undecodable bytes as surrogate escapes). reader: the
+    file's GGUFReader, when one is open. Every field is checked (its value type; scores and types, one per token;
+    finite scores; types 1-6; ids that name a token): a CheckpointError names the file and the key."""
     import numpy as np
 
-    def array(key):
-        field = f[key]
-        return np.concatenate([field.parts[i] for i in field.data]) if field.data else np.zeros(0)
+    path = Path(path)
+    f = (_reader(path) if reader is None else reader).fields
+    if "tokenizer.ggml.tokens" not in f:
+        return None
 
-    if "tokenizer.ggml.scores" in f:
-        out["scores"] = array("tokenizer.ggml.scores").astype(np.float32).tolist()
-    if "tokenizer.ggml.token_type" in f:
-        out["token_types"] = array("tokenizer.ggml.token_type").astype(np.int64).tolist()
-    if "tokenizer.ggml.precompiled_charsmap" in f:
-        out["precompiled_charsmap"] = array("tokenizer.ggml.precompiled_charsmap").astype(np.uint8).tobytes()
-    for key in ("model", "pre", "add_space_prefix", "remove_extra_whitespaces", "add_bos_token", "add_eos_token",
-                "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
-        if f"tokenizer.ggml.{key}" in f:
-            out[key] = f[f"tokenizer.ggml.{key}"].contents()
+    def fail(key, why):
+        raise CheckpointError(f"{path}: tokenizer.ggml.{key} {why}")
+
+    def array(key, kinds, what):
+        field = f.get(f"tokenizer.ggml.{key}")
+        if field is not None and (field.types[0] != 9 or not kinds.issuperset(field.types[1:])):
+            kind = " of ".join(_GGUF_VALUE_TYPES[int(t)][0] for t in field.types)
+            fail(key, f"has value type {kind}; expected an array of {what}")
+        return field
+
+    def per_token(key, kinds, what, dtype):
+        field = array(key, kinds, what)
+        if field is None:
+            return None
+        values = np.concatenate([field.parts[i] for i in field.data]).astype(dtype) if field.data else np.zeros(0, dtype)
+        if len(values) != len(tokens):
+            fail(key, f"has {len(values)} entries but tokenizer.ggml.tokens has {len(tokens)}")
+        return values
+
+    tok = array("tokens", {8}, "strings")
+    tokens = [bytes(tok.parts[i]).decode("utf-8", "surrogateescape") for i in tok.data]
+    out = {"tokens": tokens}
+    scores = per_token("scores", _INT_TYPES | {6, 12}, "numbers", np.float32)
+    if scores is not None:
+        if not np.isfinite(scores).all():
+            i = int(np.flatnonzero(~np.isfinite(scores))[0])
+            fail("scores", f"has {scores[i]} for token {i}; scores must be finite float32 numbers")
+        out["scores"] = scores.tolist()
+    types = per_token("token_type", _INT_TYPES, "integers", np.int64)
+    if types is not None:
+        if not ((types >= 1) & (types <= 6)).all():
+            i = int(np.flatnonzero((types < 1) | (types > 6))[0])
+            fail("token_type", f"has {types[i]} for token {i}; token types are 1 to 6")
+        out["token_types"] = types.tolist()
+    charsmap = array("precompiled_charsmap", {0, 1}, "bytes")
+    if charsmap is not None:
+        out["precompiled_charsmap"] = b"".join(bytes(charsmap.parts[i]) for i in charsmap.data)
+    for key, kind in _TOKENIZER_SCALARS.items():
+        field = f.get(f"tokenizer.ggml.{key}")
+        if field is None:
+            continue
+        value = _contents(field, path)
+        if type(value) is not kind:
+            fail(key, f"is {value!r:.60}; expected {_KIND_NAMES[kind]}")
+        if kind is int and not 0 <= value < len(tokens):
+            fail(key, f"is {value}, not a token id (tokenizer.ggml.tokens has {len(tokens)})")
+        out[key] = value
     return out
 
 
@@ -535,14 +630,14 @@ def spiece_model_bytes(fields: dict) -> Optional[bytes]:
     while n and types[n - 1] == sp_pb.ModelProto.SentencePiece.UNUSED:
         n -= 1
     proto = sp_pb.ModelProto()
-    for piece, score, kind in zip(tokens[:n], scores, types):
+    for piece, score, kind in zip(tokens[:n], scores[:n], types[:n], strict=True):
         proto.pieces.add(piece=piece.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), score=score,
                          type=kind)
     spec = proto.trainer_spec
     spec.model_type = sp_pb.TrainerSpec.UNIGRAM
-    spec.unk_id = int(fields.get("unknown_token_id", 2))
-    spec.eos_id = int(fields.get("eos_token_id", 1))
-    spec.pad_id = int(fields.get("padding_token_id", 0))
+    spec.unk_id = fields.get("unknown_token_id", 2)
+    spec.eos_id = fields.get("eos_token_id", 1)
+    spec.pad_id = fields.get("padding_token_id", 0)
     spec.bos_id = -1
     norm = proto.normalizer_spec
     norm.name = "nmt_nfkc"
@@ -580,9 +675,9 @@ class GGUFSource:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has type {type_name(t.qtype)}, which t5core "
                                       f"cannot dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
             self.entries[key] = t
-        self.metadata = {k: v.contents() for k, v in reader.fields.items()
+        self.metadata = {k: _contents(v, self.path) for k, v in reader.fields.items()
                          if not k.startswith(("tokenizer.", "GGUF.")) and len(v.data) <= 64}
-        self.tokenizer = tokenizer_fields(reader)
+        self.tokenizer = tokenizer_fields(self.path, reader)
         self._check_layout(tensors)
         del reader  # releases its memory map
 
@@ -661,16 +756,22 @@ def config_from_gguf(source: GGUFSource) -> T5Config:
             raise CheckpointError(f"{path}: tensor {gname!r} is missing; a truncated or incomplete T5 encoder GGUF")
         return e[key]
 
+    def matrix(gname: str) -> tuple[int, int]:
+        shape = need(gname).shape
+        if len(shape) != 2 or 0 in shape:
+            raise CheckpointError(f"{path}: tensor {gname!r} has shape {shape}, not a non-empty matrix")
+        return shape
+
     gated = any(k.endswith("DenseReluDense.wi_0.weight") for k in e)
     blocks = sorted({int(m[1]) for t in e.values() if (m := _ENC_BLOCK.match(t.name))})
     n_layers = len(blocks)
     if blocks != list(range(n_layers)):
         missing = sorted(set(range(max(blocks) + 1)) - set(blocks))
         raise CheckpointError(f"{path}: encoder blocks {missing} have no tensors (found blocks {blocks[0]}..{blocks[-1]})")
-    vocab, d_model = need("token_embd.weight").shape
-    inner = need("enc.blk.0.attn_q.weight").shape[0]
-    buckets, heads = need("enc.blk.0.attn_rel_b.weight").shape
-    ff = need("enc.blk.0.ffn_up.weight").shape[0]
+    vocab, d_model = matrix("token_embd.weight")
+    inner = matrix("enc.blk.0.attn_q.weight")[0]
+    buckets, heads = matrix("enc.blk.0.attn_rel_b.weight")
+    ff = matrix("enc.blk.0.ffn_up.weight")[0]
     umt5 = hf_name("enc.blk.1.attn_rel_b.weight") in e
     meta = source.metadata
 
@@ -687,15 +788,22 @@ def config_from_gguf(source: GGUFSource) -> T5Config:
     if inner % heads:
         raise CheckpointError(f"{path}: enc.blk.0.attn_q.weight has {inner} rows, not a multiple of {heads} heads")
     meta_check(Keys.Attention.KEY_LENGTH, inner // heads, "attn_q rows / heads")
-    eps = meta.get(Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch),
-                   meta.get(Keys.Attention.LAYERNORM_EPS.format(arch=arch), 1e-6))
-    config = T5Config(
-        vocab_size=vocab, hidden_dim=d_model, num_layers=n_layers, n_head=heads, kv_heads=heads,
-        head_dim=inner // heads, ff_dim=ff, eps=float(eps),
-        ffn_type=T5FFNType.GEGLU if gated else T5FFNType.ReLU, gelu_approx=GELUApprox.Tanh,
-        relative_attention_num_buckets=buckets, pos_emb_per_layer=umt5,
-        pad_token_id=int((source.tokenizer or {}).get("padding_token_id", 0)),
-    )
+    eps_keys = [k.format(arch=arch) for k in (Keys.Attention.LAYERNORM_RMS_EPS, Keys.Attention.LAYERNORM_EPS)]
+    eps_key = next((k for k in eps_keys if k in meta), None)
+    eps = meta[eps_key] if eps_key else 1e-6
+    if type(eps) not in (int, float) or not (math.isfinite(eps) and 0 < eps < 1):
+        raise CheckpointError(f"{path}: metadata {eps_key} is {eps!r:.60}; it must be a finite number in (0, 1)")
+    try:
+        config = T5Config(
+            vocab_size=vocab, hidden_dim=d_model, num_layers=n_layers, n_head=heads, kv_heads=heads,
+            head_dim=inner // heads, ff_dim=ff, eps=eps,
+            ffn_type=T5FFNType.GEGLU if gated else T5FFNType.ReLU, gelu_approx=GELUApprox.Tanh,
+            relative_attention_num_buckets=buckets, pos_emb_per_layer=umt5,
+            pad_token_id=(source.tokenizer or {}).get("padding_token_id", 0),
+        )
+    except ValueError as e:  # pydantic's ValidationError included: a size out of range, the pad id past the vocab
+        raise CheckpointError(f"{path}: the architecture from its tensor shapes and metadata is invalid: "
+                              f"{config_error_text(e)}") from e
     expected = {"token_embd.weight": (vocab, d_model), "enc.output_norm.weight": (d_model,)}
     for i in range(n_layers):
         b = f"enc.blk.{i}."

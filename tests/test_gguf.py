@@ -590,3 +590,115 @@ def test_imports_without_gguf_package(good_file, monkeypatch):
     assert fresh.dequantize(torch.zeros(2, 34, dtype=torch.uint8), "Q8_0", (2, 32)).abs().sum() == 0
     with pytest.raises(CheckpointError, match=r"t5\.gguf: reading GGUF files needs the gguf package: pip install 't5core\[gguf\]'"):
         fresh.open_gguf(good_file)
+
+
+def raw_gguf(path: Path, body: bytes, n_kv: int, n_tensors: int) -> Path:
+    """A GGUF v3 file from raw bytes: the counts, then `body` (metadata and tensor infos as written)."""
+    path.write_bytes(b"GGUF" + u32(3) + u64(n_tensors) + u64(n_kv) + body)
+    return path
+
+
+def u32(n: int) -> bytes:
+    return n.to_bytes(4, "little")
+
+
+def u64(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+KEY_K = u64(1) + b"k"  # the metadata key 'k'
+CRAFTED_HEADERS = [  # (label, body, n_kv, n_tensors, what the error says)
+    ("array of 2^62 u64", KEY_K + u32(9) + u32(10) + u64(1 << 62) + b"x" * 16, 1, 0,
+     r"metadata key 'k' \(an array of 4611686018427387904 u64\): 36893488147419103232 bytes needed from byte 49, "
+     r"but the file has 65: truncated in its header, or corrupt"),
+    ("array past the value limit", KEY_K + u32(9) + u32(0) + u64((1 << 21) + 1) + bytes((1 << 21) + 1), 1, 0,
+     r"metadata key 'k': an array of 2097153 u8 brings the metadata past 2097152 values"),
+    ("array of arrays", KEY_K + u32(9) + u32(9) + u64(1) + b"x" * 16, 1, 0, r"metadata key 'k' is an array of arrays"),
+    ("key length 2^62", u64(1 << 62) + b"x" * 16, 1, 0,
+     r"the name of metadata entry 0 is 4611686018427387904 bytes long \(at most 65535\)"),
+    ("key past the end", u64(1000) + b"x" * 16, 1, 0, r"the name of metadata entry 0: 1000 bytes needed"),
+    ("string length 2^63+1", KEY_K + u32(8) + u64((1 << 63) + 1), 1, 0,
+     r"metadata key 'k' \(a string of 9223372036854775809 bytes\): 9223372036854775809 bytes needed"),
+    ("2^60 metadata entries", b"x" * 16, 1 << 60, 0, r"the metadata count 1152921504606846976 \(13 bytes or more"),
+    ("2^60 tensors", b"x" * 16, 0, 1 << 60, r"the tensor count 1152921504606846976 \(24 bytes or more"),
+    ("2^32-1 dimensions", u64(1) + b"t" + u32((1 << 32) - 1) + b"x" * 16, 0, 1,
+     r"tensor 't' \(4294967295 dimensions\): 34359738372 bytes needed"),
+]
+
+
+@pytest.mark.parametrize("label,body,n_kv,n_tensors,match", CRAFTED_HEADERS, ids=[c[0] for c in CRAFTED_HEADERS])
+def test_crafted_header_counts(tmp_path, monkeypatch, label, body, n_kv, n_tensors, match):
+    """Every length and count in the header is checked against the bytes left before GGUFReader, which trusts them
+    (an array of 2^62 values in a file of 65 bytes keeps it looping until memory runs out), ever sees the file."""
+    def reader_reached(path):
+        raise AssertionError("GGUFReader opened a file whose header is unchecked")
+
+    monkeypatch.setattr(gguf, "GGUFReader", reader_reached)
+    path = raw_gguf(tmp_path / "crafted.gguf", body, n_kv, n_tensors)
+    with pytest.raises(CheckpointError, match=r"crafted\.gguf: not a readable GGUF file: " + match):
+        open_gguf(path)
+
+
+def tokenizer_with(key: str, value, vtype, sub_type=None):
+    """fake_tokenizer with tokenizer.ggml.{key} replaced."""
+    def add(writer):
+        fake_tokenizer(writer)
+        writer.add_key_value(f"tokenizer.ggml.{key}", value, vtype, sub_type)
+    return add
+
+
+V = gguf.GGUFValueType
+BAD_TOKENIZERS = [
+    ("types short", tokenizer_with("token_type", [1] * (VOCAB - 10), V.ARRAY, V.INT32),
+     r"tokenizer\.ggml\.token_type has 502 entries but tokenizer\.ggml\.tokens has 512"),
+    ("scores short", tokenizer_with("scores", [0.0] * 10, V.ARRAY, V.FLOAT32),
+     r"tokenizer\.ggml\.scores has 10 entries but tokenizer\.ggml\.tokens has 512"),
+    ("nan score", tokenizer_with("scores", [0.0] * 7 + [float("nan")] * (VOCAB - 7), V.ARRAY, V.FLOAT32),
+     r"tokenizer\.ggml\.scores has nan for token 7; scores must be finite"),
+    ("type 0", tokenizer_with("token_type", [3, 3, 2] + [0] * (VOCAB - 3), V.ARRAY, V.INT32),
+     r"tokenizer\.ggml\.token_type has 0 for token 3; token types are 1 to 6"),
+    ("tokens as numbers", tokenizer_with("tokens", list(range(VOCAB)), V.ARRAY, V.INT32),
+     r"tokenizer\.ggml\.tokens has value type array of i32; expected an array of strings"),
+    ("unk id a string", tokenizer_with("unknown_token_id", "x", V.STRING),
+     r"tokenizer\.ggml\.unknown_token_id is 'x'; expected an integer"),
+    ("pad id past the tokens", tokenizer_with("padding_token_id", 10**9, V.UINT32),
+     r"tokenizer\.ggml\.padding_token_id is 1000000000, not a token id \(tokenizer\.ggml\.tokens has 512\)"),
+    ("bool a string", tokenizer_with("add_space_prefix", "false", V.STRING),
+     r"tokenizer\.ggml\.add_space_prefix is 'false'; expected a bool"),
+]
+
+
+@pytest.mark.parametrize("label,tokenizer,match", BAD_TOKENIZERS, ids=[c[0] for c in BAD_TOKENIZERS])
+def test_bad_tokenizer_fields(models, tmp_path, label, tokenizer, match):
+    path = tmp_path / "tok.gguf"
+    write_gguf(path, models["t5-v1_1"], one_type(T.F32), tokenizer=tokenizer)
+    with pytest.raises(CheckpointError, match=r"tok\.gguf: " + match):
+        open_gguf(path)
+
+
+REL_B, EMBD = "enc.blk.0.attn_rel_b.weight", "token_embd.weight"
+BAD_CONFIGS = [  # (label, write_gguf arguments, what the error says)
+    ("rel_b 1-D", dict(drop=(REL_B,), extra={REL_B: np.zeros(128, np.float32)}),
+     r"tensor 'enc\.blk\.0\.attn_rel_b\.weight' has shape \(128,\), not a non-empty matrix"),
+    ("rel_b 3-D", dict(drop=(REL_B,), extra={REL_B: np.zeros((1, 32, 4), np.float32)}),
+     r"tensor 'enc\.blk\.0\.attn_rel_b\.weight' has shape \(1, 32, 4\), not a non-empty matrix"),
+    ("zero heads", dict(drop=(REL_B,), extra={REL_B: np.zeros((32, 0), np.float32)}),
+     r"tensor 'enc\.blk\.0\.attn_rel_b\.weight' has shape \(32, 0\), not a non-empty matrix"),
+    ("token_embd 3-D", dict(drop=(EMBD,), extra={EMBD: np.zeros((1, VOCAB, 256), np.float32)}),
+     r"tensor 'token_embd\.weight' has shape \(1, 512, 256\), not a non-empty matrix"),
+    ("eps -1", dict(meta_override={"layer_norm_rms_eps": -1.0}),
+     r"metadata t5encoder\.attention\.layer_norm_rms_epsilon is -1\.0; it must be a finite number in \(0, 1\)"),
+    ("eps nan", dict(meta_override={"layer_norm_rms_eps": float("nan")}),
+     r"metadata t5encoder\.attention\.layer_norm_rms_epsilon is nan"),
+    ("2 buckets", dict(metadata=False, drop=(REL_B,), extra={REL_B: np.zeros((2, 4), np.float32)}),
+     r"the architecture from its tensor shapes and metadata is invalid: key 'relative_attention_num_buckets': "
+     r"relative_attention_num_buckets is 2, outside \[4, 4096\]"),
+]
+
+
+@pytest.mark.parametrize("label,kwargs,match", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_shapes_and_metadata(models, tmp_path, label, kwargs, match):
+    path = tmp_path / "cfg.gguf"
+    write_gguf(path, models["t5-v1_1"], one_type(T.F32), **kwargs)
+    with pytest.raises(CheckpointError, match=r"cfg\.gguf: " + match):
+        open_gguf(path)
