@@ -11,6 +11,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +43,9 @@ class CheckpointError(ValueError):
 
 
 MAX_SAFETENSORS_HEADER = 100_000_000
+# Other conventions' weight scales (compressed-tensors / vLLM, bitsandbytes): an fp8 or int8 weight beside one of
+# these is refused, not read unscaled.
+_FOREIGN_SCALES = ("weight_scale", "SCB", "input_scale")
 MAX_DIM = 1 << 32  # no T5 dimension comes near; a larger one is a corrupt or hostile header
 INPUT_FORMATS = ("auto", "dcp")
 
@@ -63,13 +67,16 @@ class SafetensorsSource:
     whole file (Checkpoint.iter_tensors reads in chunks). Each read opens its own handle, so reads may run
     concurrently."""
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: list[Path], index: Optional["ShardIndex"] = None) -> None:
         self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        owner: dict[str, Path] = {}
         for f in files:
-            self._read_header(f)
+            _add_shard(f, self._read_header(f), owner, index)
+        if index is not None:
+            index.check_complete(owner)
 
-    def _read_header(self, f: Path) -> None:
-        """Every entry is checked against the file before anything is allocated: dtype, shape and offsets agree,
+    def _read_header(self, f: Path) -> list[str]:
+        """-> the file's keys. Every entry is checked against the file before anything is allocated: dtype, shape and offsets agree,
         tensors lie inside the data section and do not overlap, so no shape asks for more than the file holds."""
         size = f.stat().st_size
         with open(f, "rb") as fh:
@@ -86,7 +93,7 @@ class SafetensorsSource:
         if not isinstance(header, dict):
             raise CheckpointError(f"{f}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         header.pop("__metadata__", None)
-        spans = []
+        spans, entries = [], {}
         for key, info in header.items():
             def bad(problem: str) -> CheckpointError:
                 return CheckpointError(f"{f}: tensor {key!r}: {problem}; the file is corrupt or not a safetensors file")
@@ -117,12 +124,12 @@ class SafetensorsSource:
                 raise bad(f"shape {shape} of {dtype_name} needs {numel * dtype.itemsize} bytes but data_offsets "
                           f"{offsets} hold {end - start}")
             spans.append((start, end, key))
-            self.entries[key] = (f, dtype, tuple(shape), 8 + n + start, end - start)
-        spans.sort()
-        for (_, end_a, key_a), (start_b, end_b, key_b) in zip(spans, spans[1:]):
-            if start_b < end_a and start_b < end_b:
-                raise CheckpointError(f"{f}: tensors {key_a!r} and {key_b!r} overlap in the file (data_offsets); "
-                                      f"the file is corrupt")
+            entries[key] = (f, dtype, tuple(shape), 8 + n + start, end - start)
+        if overlap := _first_overlap(spans):
+            raise CheckpointError(f"{f}: tensors {overlap[0]!r} and {overlap[1]!r} overlap in the file (data_offsets); "
+                                  f"the file is corrupt")
+        self.entries.update(entries)
+        return list(entries)
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -149,6 +156,50 @@ class SafetensorsSource:
             fh.seek(offset + start)
             if fh.readinto(memoryview(out.numpy())) != out.numel():
                 raise CheckpointError(f"{f}: short read for tensor {key!r}; the file is truncated")
+
+
+def _first_overlap(spans: list[tuple[int, int, str]]) -> Optional[tuple[str, str]]:
+    """(start, end, key) byte spans -> the keys of two that overlap, or None. Empty spans are skipped (they hold no
+    bytes); each span is compared with the furthest-reaching one before it, so no span can hide an overlap."""
+    reach, reach_key = 0, None
+    for start, end, key in sorted(s for s in spans if s[0] < s[1]):
+        if start < reach:
+            return reach_key, key
+        if end > reach:
+            reach, reach_key = end, key
+    return None
+
+
+@dataclass
+class ShardIndex:
+    """A sharded checkpoint's index: which shard file holds each tensor (weight_map)."""
+
+    path: Path
+    shard_of: dict[str, Path]  # tensor name -> shard file
+
+    def check_key(self, key: str, f: Path) -> None:
+        if key in self.shard_of and self.shard_of[key] != f:
+            raise CheckpointError(f"{f}: holds tensor {key!r}, which {self.path.name} maps to "
+                                  f"{self.shard_of[key].name}: the index and the shards disagree")
+
+    def check_complete(self, owner: dict[str, Path]) -> None:
+        """Every tensor the index names lies in the shard it names."""
+        for key, f in self.shard_of.items():
+            if key not in owner:
+                raise CheckpointError(f"{f}: has no tensor {key!r}, which {self.path.name} maps to it: the index and "
+                                      f"the shards disagree")
+
+
+def _add_shard(f: Path, keys: list[str], owner: dict[str, Path], index: Optional[ShardIndex]) -> None:
+    """Record which file holds each of `keys`: a tensor in two files, or in a file its index does not map it to,
+    is an error (never last-one-wins)."""
+    for key in keys:
+        if key in owner:
+            raise CheckpointError(f"tensor {key!r} is in two files, {owner[key]} and {f}: which one is meant is "
+                                  f"unclear; remove one")
+        if index is not None:
+            index.check_key(key, f)
+        owner[key] = f
 
 
 class TensorizerSource:
@@ -181,7 +232,17 @@ class TensorizerSource:
         return tuple(entry.shape) if entry is not None else tuple(self.get(key).shape)
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.get(key).dtype  # read: tensorizer has no public dtype query either
+        """From the header: tensorizer records numpy's type string ('<f4', '|i1'), or for types numpy lacks an
+        opaque one followed by the torch name ('<V2\\0torch.bfloat16'). Otherwise read (no public dtype query)."""
+        import numpy
+
+        entry = getattr(self.deser, "_metadata", {}).get((key,))
+        try:
+            torch_name = entry.dtype.partition("\0")[2].removeprefix("torch.")
+            dtype = getattr(torch, torch_name, None) if torch_name else torch.from_numpy(numpy.empty(0, entry.dtype)).dtype
+        except (AttributeError, TypeError):
+            dtype = None
+        return dtype if isinstance(dtype, torch.dtype) else self.get(key).dtype
 
     def get(self, key: str) -> torch.Tensor:
         if self.order[key] <= self.position:
@@ -215,10 +276,34 @@ class TensorDictSource:
         return self.tensors[key]
 
 
-def torch_file_source(files: list[Path]) -> TensorDictSource:
+# Names under which old transformers checkpoints store one tied embedding tensor (one storage) several times.
+_TIED_NAMES = ("shared.weight", "embed_tokens.weight", "lm_head.weight")
+
+
+def _check_dense(f: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Each tensor is backed by bytes of its own: contiguous, inside its storage, overlapping no other tensor (a
+    stride-0 view or many views of one storage would let a tiny file claim a huge model). The one exception: the
+    same tensor under several tied-embedding names."""
+    spans: dict[int, list] = {}
+    for key, t in tensors.items():
+        size = t.numel() * t.element_size()
+        start = t.storage_offset() * t.element_size()
+        if not t.is_contiguous() or t.untyped_storage().nbytes() < start + size:
+            raise CheckpointError(f"{f}: tensor {key!r} {tuple(t.shape)} is not a dense tensor of its own bytes (a "
+                                  f"strided or stride-0 view, or larger than its storage): refused")
+        spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + size, key))
+    for group in spans.values():
+        tied = {span for span in group if span[2].endswith(_TIED_NAMES)}
+        distinct = [span for span in group if span not in tied] + list({s[:2]: s for s in tied}.values())
+        if overlap := _first_overlap(distinct):
+            raise CheckpointError(f"{f}: tensors {overlap[0]!r} and {overlap[1]!r} share bytes (one storage): "
+                                  f"refused")
+
+
+def torch_file_source(files: list[Path], index: Optional[ShardIndex] = None) -> TensorDictSource:
     """pytorch_model.bin and friends: tensors only, memory-mapped. weights_only=True unpickles with torch's
     restricted unpickler (tensors, dicts, lists and plain values; no imports, no calls), so no code in the file runs."""
-    tensors = {}
+    tensors, owner = {}, {}
     for f in files:
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -226,7 +311,12 @@ def torch_file_source(files: list[Path]) -> TensorDictSource:
             raise CheckpointError(f"{f}: not a loadable tensor-only torch file ({e})") from e
         if not isinstance(sd, dict):
             raise CheckpointError(f"{f}: expected a state dict of tensors, got {type(sd).__name__}")
-        tensors.update({k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)})
+        sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        _check_dense(f, sd)
+        _add_shard(f, list(sd), owner, index)
+        tensors.update(sd)
+    if index is not None:
+        index.check_complete(owner)
     return TensorDictSource(tensors)
 
 
@@ -288,6 +378,8 @@ _HF_LAYER_PARTS = {
     "DenseReluDense.wi.weight": ("ffn.ff_in.weight", 0, 1),
     "DenseReluDense.wo.weight": ("ffn.ff_out.weight", 0, 1),
 }
+
+_PROJECTIONS = tuple(k for k in _HF_LAYER_PARTS if "relative_attention_bias" not in k)
 
 
 def native_target(hf_key: str, config: T5Config) -> Optional[tuple[str, int, int]]:
@@ -490,14 +582,35 @@ class Checkpoint:
             t = t.float() * (scale.view(-1, *[1] * (t.dim() - 1)) if t.dim() else scale)
         return self._checked(key, t, pending)
 
+    @cached_property
+    def _source_keys(self) -> frozenset:
+        return frozenset(self.source.keys())
+
+    def fp8_scale_key(self, key: str) -> Optional[str]:
+        """The source key of the float8 tensor `key`'s ComfyUI `scale_weight`; None in a plain (unscaled) fp8 file.
+        In a scaled file (a scale_weight or the scaled_fp8 marker anywhere) a projection without one is a
+        CheckpointError, and so is any weight beside scales of other conventions: never read as unscaled."""
+        name = self.keys[key]
+        stem = name.removesuffix("weight")
+        foreign = [stem + suffix for suffix in _FOREIGN_SCALES if stem + suffix in self._source_keys]
+        if foreign:
+            raise CheckpointError(f"{self.path}: float8 tensor {name!r} comes with {foreign}, a scale convention "
+                                  f"t5core does not read (it reads ComfyUI's 'scale_weight'): refused")
+        if stem + "scale_weight" in self._source_keys:
+            return stem + "scale_weight"
+        if key.endswith(_PROJECTIONS) and any(k.endswith(("scale_weight", "scaled_fp8")) for k in self._source_keys):
+            raise CheckpointError(f"{self.path}: float8 tensor {name!r} has no {stem + 'scale_weight'!r}, but the "
+                                  f"file is scaled fp8: it is incomplete or corrupt")
+        return None
+
     def fp8_scale(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The float32 scale per row [shape[0]] of the float8 tensor `key` of `shape`: its ComfyUI `scale_weight`
-        (per tensor, [] or [1], or per row, [N] or [N, 1]), or 1 for plain fp8 files. A scale of 0, NaN or inf, or
-        of another shape, is a CheckpointError."""
+        (per tensor, [] or [1], or per row, [N] or [N, 1]), or 1 for plain fp8 files. A scale of 0, NaN or inf, of
+        another shape, or missing in a scaled file, is a CheckpointError."""
         name = self.keys[key]
-        scale_key = name.removesuffix("weight") + "scale_weight"
+        scale_key = self.fp8_scale_key(key)
         rows = shape[0] if shape else 1
-        if scale_key not in self.source.keys():
+        if scale_key is None:
             return torch.ones(rows)
         scale = self.source.get(scale_key).float()
         if scale.numel() == 1:
@@ -626,7 +739,7 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
 
 
-def _shards_of(folder: Path, index: Path) -> list[Path]:
+def _shards_of(folder: Path, index: Path) -> ShardIndex:
     """The shard files an index names, each checked to lie inside `folder` (no '..', absolute paths or symlinks
     out of it) and to exist."""
     data = _read_json(index)
@@ -634,7 +747,7 @@ def _shards_of(folder: Path, index: Path) -> list[Path]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: no 'weight_map' object (tensor name -> shard file); the index is corrupt")
     root = folder.resolve()
-    shards = []
+    shard_of = {}
     for key, name in weight_map.items():
         if not isinstance(name, str) or not name:
             raise CheckpointError(f"{index}: weight_map entry {key!r} is {name!r}, not a file name")
@@ -646,16 +759,17 @@ def _shards_of(folder: Path, index: Path) -> list[Path]:
         if target.exists() and not target.resolve().is_relative_to(root):
             raise CheckpointError(f"{index}: weight_map entry {key!r} ({name!r}) is a link to {target.resolve()}, "
                                   f"outside the model folder; refused")
-        if target not in shards:
-            shards.append(target)
-    missing = sorted(str(s.relative_to(folder)) for s in shards if not s.is_file())
+        shard_of[key] = target
+    missing = sorted({str(s.relative_to(folder)) for s in shard_of.values() if not s.is_file()})
     if missing:
         raise CheckpointError(f"{index}: shard files missing: {missing}")
-    return sorted(shards)
+    return ShardIndex(index, shard_of)
 
 
-def _resolve(path: Path, subfolder: Optional[str], format: str = "auto") -> tuple[list[Path], Optional[dict], Path]:
-    """-> weight files, config.json contents (if any), folder they came from. A distributed checkpoint
+def _resolve(path: Path, subfolder: Optional[str], format: str = "auto"
+             ) -> tuple[list[Path], Optional[dict], Path, Optional[ShardIndex]]:
+    """-> weight files, config.json contents (if any), folder they came from, the index of sharded files. A
+    distributed checkpoint
     (`.metadata`, a pickle) is only ever taken when format == "dcp"."""
     if subfolder:
         if not (path / subfolder).is_dir():
@@ -668,13 +782,13 @@ def _resolve(path: Path, subfolder: Optional[str], format: str = "auto") -> tupl
             raise CheckpointError(f"{folder}: format 'dcp' given but there is no distributed checkpoint here "
                                   f"(no .metadata file)")
         cfg = _read_json(folder / "config.json") if (folder / "config.json").exists() else None
-        return [folder / ".metadata"], cfg, folder
+        return [folder / ".metadata"], cfg, folder, None
     if path.is_file():
         if path.name == ".metadata":
             raise CheckpointError(f"{path}: a distributed checkpoint's metadata (a pickle, which can run code when "
                                   f"read); load the folder with format='dcp' (--format dcp) only if you trust it")
         cfg = path.parent / "config.json"
-        return [path], (_read_json(cfg) if path.suffix == ".tensors" and cfg.exists() else None), path.parent
+        return [path], (_read_json(cfg) if path.suffix == ".tensors" and cfg.exists() else None), path.parent, None
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
     cfg = _read_json(path / "config.json") if (path / "config.json").exists() else None
@@ -689,10 +803,11 @@ def _resolve(path: Path, subfolder: Optional[str], format: str = "auto") -> tupl
         raise CheckpointError(f"{path}: a diffusers repo without a T5 text encoder in {DIFFUSERS_T5_SUBFOLDERS}")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).exists():
-            return _shards_of(path, path / index), cfg, path
+            shards = _shards_of(path, path / index)
+            return sorted(set(shards.shard_of.values())), cfg, path, shards
     for name in ("enc.tensors", "model.safetensors", "pytorch_model.bin"):
         if (path / name).exists():
-            return [path / name], cfg, path
+            return [path / name], cfg, path, None
     files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files and (path / ".metadata").exists():
         raise CheckpointError(f"{path}: only a distributed checkpoint (.metadata) here. Its metadata is a pickle, "
@@ -700,7 +815,16 @@ def _resolve(path: Path, subfolder: Optional[str], format: str = "auto") -> tupl
                               f"--input-format dcp) only if you trust this folder")
     if len(files) != 1:
         raise CheckpointError(f"{path}: expected one weight file (or an index), found {[f.name for f in files] or 'none'}")
-    return files, cfg, path
+    return files, cfg, path, None
+
+
+def _embedded_spiece(source, where: Path) -> bytes:
+    """The serialized sentencepiece model a ComfyUI file embeds as `spiece_model`: 1-D uint8 (or int8) bytes."""
+    dtype, shape = source.dtype("spiece_model"), tuple(source.shape("spiece_model"))
+    if dtype not in (torch.uint8, torch.int8) or len(shape) != 1:
+        raise CheckpointError(f"{where}: tensor 'spiece_model' is {str(dtype).removeprefix('torch.')} {shape}, not the "
+                              f"1-D uint8 bytes of a sentencepiece model")
+    return source.get("spiece_model").numpy().tobytes()
 
 
 def open_checkpoint(path, subfolder: Optional[str] = None, format: Optional[str] = None) -> Checkpoint:
@@ -715,7 +839,7 @@ def open_checkpoint(path, subfolder: Optional[str] = None, format: Optional[str]
     if format not in INPUT_FORMATS:
         raise ValueError(f"format: expected one of {INPUT_FORMATS}, got {format!r}")
     path = Path(path).expanduser()
-    files, cfg_json, folder = _resolve(path, subfolder, format)
+    files, cfg_json, folder, index = _resolve(path, subfolder, format)
     if cfg_json is not None and not isinstance(cfg_json, dict):
         raise CheckpointError(f"{folder / 'config.json'}: expected a JSON object, got a {type(cfg_json).__name__}")
     suffix = files[0].suffix
@@ -732,9 +856,9 @@ def open_checkpoint(path, subfolder: Optional[str] = None, format: Optional[str]
     elif format == "dcp":
         source, fmt = DcpSource(folder), "dcp"
     elif suffix in (".safetensors", ".sft"):
-        source, fmt = SafetensorsSource(files), "safetensors"
+        source, fmt = SafetensorsSource(files, index), "safetensors"
     else:
-        source, fmt = torch_file_source(files), "torch"
+        source, fmt = torch_file_source(files, index), "torch"
     where = files[0] if len(files) == 1 and fmt != "dcp" else folder
     all_keys = source.keys()
 
@@ -764,9 +888,7 @@ def open_checkpoint(path, subfolder: Optional[str] = None, format: Optional[str]
         raise CheckpointError(f"{where}: t5core-native weights need the config.json written beside them")
     else:
         config = infer_config({k: source.shape(v) for k, v in keys.items()}, where)
-    emb_bytes = None
-    if "spiece_model" in all_keys:
-        emb_bytes = bytes(source.get("spiece_model").numpy().tobytes())
+    emb_bytes = _embedded_spiece(source, where) if "spiece_model" in all_keys else None
     saved = (cfg_json or {}).get(FP16_SCALES_KEY)
     if saved is not None:
         try:

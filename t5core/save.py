@@ -142,13 +142,20 @@ def save_hf_folder(model: T5EncoderStack, out_dir, fp8: bool = False) -> Path:
     """config.json + model.safetensors that transformers' T5EncoderModel reads and t5core reloads as it was.
     Like transformers' save_pretrained it replaces the files of those names (each atomically).
     fp8 (always for a model with fp8 weights): model.safetensors in ComfyUI's scaled fp8 convention (hf_state_dict)
-    and no config.json, which would invite transformers to read weights it cannot dequantize."""
+    and no config.json, which would invite transformers to read weights it cannot dequantize.
+    An older config.json goes once the new weights are complete, before they replace the old ones: the folder never
+    pairs weights with a config.json that describes others (fused norms, residual scales)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = hf_state_dict(model, fp8)
-    write_atomic(out / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+
+    def write_weights(tmp: Path) -> None:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        (out / "config.json").unlink(missing_ok=True)
+
+    write_atomic(out / "model.safetensors", write_weights)
     if "scaled_fp8" not in sd:
         config = json.dumps(hf_config_dict(model.config), indent=2)
         write_atomic(out / "config.json", lambda tmp: tmp.write_text(config))
@@ -222,7 +229,7 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
         save_hf_folder(model, out, fp8)
         written.add("model.safetensors")
         if fp8:
-            written.discard("config.json")  # none written: an older one goes with overwrite
+            written.discard("config.json")  # none written (save_hf_folder removed an older one)
     if format != "safetensors":
         config = model.config.model_dump_json(indent=2)
         write_atomic(out / "config.json", lambda tmp: tmp.write_text(config))

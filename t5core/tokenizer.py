@@ -12,6 +12,7 @@ and is then read back from its JSON text, so it holds exactly the scores a token
 
 import itertools
 import json
+import math
 import os
 import re
 import warnings
@@ -34,6 +35,21 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 BUNDLED_SPIECE = Path(__file__).parent / "data" / "t5_spiece.model"
 
 
+# Encoded once when a tokenizer loads: a corrupt normalizer (precompiled charsmap) fails here, not on a user's prompt.
+PROBE_TEXT = "Hello,  World! 123 ÀÉîõü ß ﬁ ①Ⅻ ＡＢ\u3000ｶﾀｶﾅ 漢字 한국어 Ελληνικά русский العربية 🙂 <extra_id_0></s>"
+
+
+def _guarded(where: str, what: str, call):
+    """call() with tokenizers' failures as a ValueError naming `where`: it raises bare Exceptions, and a Rust panic
+    arrives as pyo3's PanicException, a BaseException that callers' `except Exception` would miss."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise ValueError(f"{where}: {what} ({type(e).__name__}: {str(e).strip()[:200]})") from e
+
+
 class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than max_length allows and was cut."""
 
@@ -49,14 +65,20 @@ def _from_spiece(data: bytes, where: str) -> Tokenizer:
         raise ValueError(f"{where}: expected a Unigram sentencepiece model, got model type {kind}")
     if not proto.pieces:
         raise ValueError(f"{where}: not a sentencepiece model (no pieces)")
-    Piece = sp_pb.ModelProto.SentencePiece
     vocab = [(p.piece, p.score) for p in proto.pieces]
+    if (bad := next((i for i, (_, score) in enumerate(vocab) if not math.isfinite(score)), None)) is not None:
+        raise ValueError(f"{where}: piece {bad} ({vocab[bad][0]!r}) has score {vocab[bad][1]}: the model is corrupt")
     has_sentinels = any(p.piece.startswith("<extra_id_") for p in proto.pieces)
     sentinels = [] if has_sentinels else [f"<extra_id_{k}>" for k in reversed(range(NUM_SENTINELS))]
     unk_id = proto.trainer_spec.unk_id
     if not 0 <= unk_id < len(vocab):
         raise ValueError(f"{where}: unk_id {unk_id} is not a piece")
+    return _guarded(where, "not a usable sentencepiece model", lambda: _build(proto, vocab, sentinels, unk_id))
 
+
+def _build(proto, vocab: list, sentinels: list[str], unk_id: int) -> Tokenizer:
+    """The checked model's pieces (+ sentinels) -> the tokenizers pipeline (see the module docstring)."""
+    Piece = sp_pb.ModelProto.SentencePiece
     tok = Tokenizer(models.Unigram(vocab + [(name, 0.0) for name in sentinels], unk_id=unk_id))
     charsmap = proto.normalizer_spec.precompiled_charsmap
     tok.normalizer = normalizers.Sequence(
@@ -90,6 +112,8 @@ class T5Tokenizer:
         self._pad_id, self._eos_id, self._unk_id = map(tokenizer.token_to_id, (PAD, EOS, UNK))
         if self._pad_id is None or self._eos_id is None:
             raise ValueError(f"{where}: a T5 tokenizer needs {PAD} and {EOS} tokens")
+        _guarded(where, "the tokenizer fails on a probe text; its normalizer (precompiled charsmap) is corrupt",
+                 lambda: tokenizer.encode(PROBE_TEXT))
         self._tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -161,11 +185,13 @@ class T5Tokenizer:
         return self._tokenizer.to_str(pretty=True)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write folder/tokenizer.json (to_json)."""
+        """Write folder/tokenizer.json (to_json), under a temporary name renamed when complete."""
+        from .save import write_atomic  # (t5core.save imports this module)
+
         out = Path(folder) / TOKENIZER_JSON_NAME
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(self.to_json(), encoding="utf-8")
-        return out
+        text = self.to_json()
+        return write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def __repr__(self) -> str:
         return f"T5Tokenizer(vocab_size={self.vocab_size})"

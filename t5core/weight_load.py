@@ -29,13 +29,15 @@ def _norm_key_for(native: str) -> Optional[str]:
 
 
 _LAYER_OF = re.compile(r"^layers\.(\d+)\.")
+_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")  # one tensor: transformers reads shared.weight
 
 
 def plan_reads(params: dict, ckpt: Checkpoint, config: T5Config):
     """Which checkpoint tensor fills which parameter rows, with every shape checked, before anything is read or
     allocated (params may be meta tensors). -> ({key in ckpt: (parameter, part, parts)} in file order,
     {norm parameter: key in ckpt}). Weights the config has no room for (more layers, per-layer position tables)
-    are an error naming both, never silently dropped."""
+    are an error naming both, never silently dropped; so are weights stored as integers (int8 quantizations, which
+    would load as their raw codes) and fp8 weights whose scales are missing or of another convention."""
     work: dict[str, tuple[str, int, int]] = {}
     norm_keys: dict[str, str] = {}  # norm parameter name -> key in ckpt (their scales may be fused instead)
     where = ckpt.path
@@ -54,14 +56,15 @@ def plan_reads(params: dict, ckpt: Checkpoint, config: T5Config):
                                   f"{config.num_layers}: the config and the weights disagree")
         if name.endswith(("ln1.weight", "ln2.weight")):
             norm_keys[name] = key
-        if name not in params or target in work.values():
-            continue  # a norm fused away, or shared.weight / encoder.embed_tokens.weight: the same tensor twice
+        if name not in params or (key == _EMBEDDINGS[1] and _EMBEDDINGS[0] in ckpt.keys):
+            continue  # a norm fused away, or encoder.embed_tokens.weight beside shared.weight (checked equal)
         rows = params[name].shape[0] // parts
         if tuple(ckpt.shape(key)) != (rows, *params[name].shape[1:]):
             raise CheckpointError(
                 f"{where}: {key} has shape {tuple(ckpt.shape(key))}, expected {(rows, *params[name].shape[1:])} "
                 f"for {name} (config says vocab {config.vocab_size}, hidden {config.hidden_dim}, heads "
                 f"{config.n_head}, ff {config.ff_dim})")
+        _check_stored_dtype(ckpt, key)
         work[key] = target
     for name in params:
         found = [key for key, t in work.items() if t[0] == name]
@@ -71,6 +74,29 @@ def plan_reads(params: dict, ckpt: Checkpoint, config: T5Config):
         if len(found) != work[found[0]][2]:
             raise CheckpointError(f"{where}: {name} needs {work[found[0]][2]} tensors, found {found}")
     return work, norm_keys
+
+
+def _check_stored_dtype(ckpt: Checkpoint, key: str) -> None:
+    dtype = ckpt.stored_dtype(key)
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{ckpt.path}: {key} is stored as {str(dtype).removeprefix('torch.')}, not floating point "
+                              f"(an int8 / bitsandbytes quantization?): t5core reads float weights only")
+    if dtype in FP8_DTYPES:
+        ckpt.fp8_scale_key(key)  # raises for a missing or foreign scale
+
+
+def _check_checkpoint_values(ckpt: Checkpoint, norm_keys: dict[str, str]) -> None:
+    """What the headers cannot show, from small or duplicate tensors: a config.json saying the norms are fused
+    (saved as unit scales) over norm weights that are not, and two different token embeddings."""
+    if ckpt.config.elementwise_affine is False:
+        for key in norm_keys.values():
+            if not bool((ckpt.get(key) == 1).all()):
+                raise CheckpointError(f"{ckpt.path}: {key} holds norm scales other than 1 but the config says the norms "
+                                      f"are fused (elementwise_affine false): the config.json does not belong to these "
+                                      f"weights")
+    if not ckpt.native and all(k in ckpt.keys for k in _EMBEDDINGS) and not torch.equal(*map(ckpt.get, _EMBEDDINGS)):
+        raise CheckpointError(f"{ckpt.path}: {_EMBEDDINGS[0]} and {_EMBEDDINGS[1]} differ: which token embedding is "
+                              f"meant is unclear")
 
 
 def file_backed_parameters(model: T5EncoderStack) -> dict:
@@ -105,6 +131,7 @@ def stream_into_module(
     if not fuse_norm_scales and model.config.elementwise_affine is False and ckpt.config.elementwise_affine:
         raise CheckpointError(f"{ckpt.path}: the model has no norm scales but the checkpoint does: pass fuse_norm_scales=True")
     work, norm_keys = plan_reads(params, ckpt, model.config)
+    _check_checkpoint_values(ckpt, norm_keys)
     targets = {}  # key in ckpt -> the parameter rows it fills
     scale_targets: dict[str, torch.Tensor] = {}  # key in ckpt -> the fp8 scale rows it fills
     for key, (name, part, parts) in work.items():
@@ -287,7 +314,9 @@ def load_encoder(
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
     scaled = dtype == torch.float16 and fp16_scales is not None and not baked
     if scaled and fp16_scales == "calibrate" and wdtype is not None:  # measure in float32, then load fp8 with them
-        model = load_encoder(ckpt, "float32", device, attn_impl, fuse_norms, None).model
+        stored_fp8 = ckpt.projection_dtype() in FP8_DTYPES  # measured as stored; GGUF blocks expanded (fuse_norms)
+        model = load_encoder(ckpt, "float32", device, attn_impl, fuse_norms, None,
+                             weight_dtype=None if stored_fp8 else "float32").model
         found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
         del model
         return load_encoder(ckpt, dtype, device, attn_impl, fuse_norms, found, compile, weight_dtype=weight_dtype)

@@ -198,6 +198,30 @@ def test_plain_tensor_bin_still_loads(hf, tmp_path):
     assert t5core.load_encoder(tmp_path).config.num_layers == 2
 
 
+def test_bin_tied_embedding_still_loads(hf, tmp_path):
+    """Old transformers .bin files store the tied embedding under each name, one storage: the same tensor."""
+    sd = state(hf)
+    sd["encoder.embed_tokens.weight"] = sd["lm_head.weight"] = sd["shared.weight"]
+    torch.save(sd, tmp_path / "t5.bin")
+    assert t5core.load_encoder(tmp_path / "t5.bin").config.vocab_size == VOCAB
+
+
+@pytest.mark.parametrize("case", ["stride-0", "shared-storage", "strided"])
+def test_bin_views_cannot_claim_more_than_the_file(hf, tmp_path, case):
+    """A few-KB .bin of expand() views loaded as a model of the shapes they claim; so did views of one storage."""
+    sd = state(hf)
+    if case == "stride-0":
+        sd[K] = torch.ones(1).expand(sd[K].shape)
+    elif case == "shared-storage":
+        sd[Q] = sd["encoder.block.0.layer.0.SelfAttention.k.weight"]
+    else:
+        sd[K] = torch.zeros(sd[K].shape[1], sd[K].shape[0]).t()
+    torch.save(sd, tmp_path / "t5.bin")
+    key = Q if case == "shared-storage" else K
+    with pytest.raises(CheckpointError, match=rf"t5\.bin: tensor.* '{key}'"):
+        t5core.load_encoder(tmp_path / "t5.bin")
+
+
 # ==================================================================================================================
 # 2. Safetensors headers checked before anything is allocated
 # ==================================================================================================================
@@ -236,6 +260,11 @@ BAD_HEADERS = [
     ("overlap", {Q: {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
                  "shared.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]}}, b"\0" * 24,
      rf"tensors '{Q}' and 'shared.weight' overlap"),
+    # an empty entry between two overlapping spans hid them from a check of neighbours only
+    ("overlap-behind-empty", {"shared.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
+                              "empty": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]},
+                              Q: {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]}}, b"\0" * 64,
+     rf"tensors 'shared.weight' and '{Q}' overlap"),
 ]
 
 
@@ -422,6 +451,52 @@ def test_index_entry_symlink_escaping(sharded, tmp_path):
         t5core.load_encoder(sharded)
 
 
+def test_tensor_in_two_shards(hf, tmp_path):
+    """A key in two shards was last-one-wins, and the index's weight_map was never compared with the shards."""
+    sd = state(hf)
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    save_file(sd, str(folder / "a.safetensors"))
+    save_file({Q: torch.zeros_like(sd[Q])}, str(folder / "b.safetensors"))
+    weight_map = {k: "a.safetensors" for k in sd} | {K: "b.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"a\.safetensors: holds tensor '{K}', which .*index\.json maps to "
+                                              r"b\.safetensors"):
+        open_checkpoint(folder)
+    weight_map[K] = "a.safetensors"
+    weight_map["encoder.final_layer_norm.weight"] = "b.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"a\.safetensors: holds tensor 'encoder\.final_layer_norm\.weight'"):
+        open_checkpoint(folder)
+    del weight_map["encoder.final_layer_norm.weight"]
+    save_file({"y": torch.zeros(1)}, str(folder / "b.safetensors"))
+    weight_map["x"] = "b.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: has no tensor 'x', which .*index\.json maps to it"):
+        open_checkpoint(folder)
+    # .bin shards: a key in both files (and in none of the index's entries) names both
+    torch.save(sd, folder / "a.bin")
+    torch.save({Q: torch.zeros_like(sd[Q]), "x": torch.zeros(1)}, folder / "b.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {K: "a.bin", "x": "b.bin"}}))
+    for f in ("a.safetensors", "b.safetensors", "model.safetensors.index.json"):
+        (folder / f).unlink()
+    with pytest.raises(CheckpointError, match=rf"tensor '{Q}' is in two files, .*a\.bin and .*b\.bin"):
+        open_checkpoint(folder)
+
+
+def test_two_different_token_embeddings(hf, folder):
+    """shared.weight and encoder.embed_tokens.weight both present: equal they load, different they are refused
+    (t5core read embed_tokens, transformers shared)."""
+    sd = state(hf)
+    save_file(sd | {"encoder.embed_tokens.weight": sd["shared.weight"].clone()}, str(folder / "model.safetensors"))
+    assert torch.equal(t5core.load_encoder(folder).model.vocab_embed.weight, sd["shared.weight"])
+    save_file(sd | {"encoder.embed_tokens.weight": torch.zeros_like(sd["shared.weight"])},
+              str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: shared\.weight and encoder\.embed_tokens\.weight "
+                                              r"differ"):
+        t5core.load_encoder(folder)
+
+
 def test_index_missing_shard_and_missing_weight_map(sharded):
     def change(data):
         data["weight_map"]["shared.weight"] = "model-00099-of-00099.safetensors"
@@ -460,6 +535,58 @@ def test_bad_fp8_scale_is_named(hf, tmp_path, scale):
     with pytest.raises(CheckpointError, match=r"fp8\.safetensors: tensor '.*wo\.scale_weight' \(the float8 scale of "
                                               rf"'{K}'\) is 0, NaN or infinite"):
         t5core.load_encoder(f)
+
+
+def fp8_projections(hf_model, scale_name="scale_weight", drop=()) -> dict:
+    """ComfyUI-style scaled fp8: every projection e4m3 with its scale under `scale_name`, except keys in `drop`."""
+    sd = state(hf_model)
+    for key in [k for k in sd if k.endswith(("q.weight", "k.weight", "v.weight", "o.weight", "wo.weight", "wi_0.weight",
+                                             "wi_1.weight"))]:
+        scale = sd[key].abs().amax() / 448
+        sd[key] = (sd[key] / scale).to(torch.float8_e4m3fn)
+        if key not in drop:
+            sd[key.removesuffix("weight") + scale_name] = scale.reshape(1)
+    return sd
+
+
+@pytest.mark.parametrize("marker", [True, False])
+def test_missing_fp8_scale_in_a_scaled_file(hf, tmp_path, marker):
+    """One scale_weight removed: that projection loaded with scale 1 (relative error 1.26)."""
+    sd = fp8_projections(hf, drop={K})
+    if marker:
+        sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(sd, str(tmp_path / "fp8.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"fp8\.safetensors: float8 tensor '{K}' has no "
+                                              r"'.*wo\.scale_weight', but the file is scaled fp8"):
+        t5core.load_encoder(tmp_path / "fp8.safetensors")
+
+
+@pytest.mark.parametrize("scale_name", ["weight_scale", "SCB", "input_scale"])
+def test_fp8_with_scales_of_another_convention(hf, tmp_path, scale_name):
+    """Scales named weight_scale were ignored and the weights read unscaled (relative error 1.45)."""
+    save_file(fp8_projections(hf, scale_name), str(tmp_path / "fp8.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"fp8\.safetensors: float8 tensor '.*' comes with \['.*\.{scale_name}'\]"):
+        t5core.load_encoder(tmp_path / "fp8.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.bool])
+def test_integer_weights_refused(hf, tmp_path, dtype):
+    """A bitsandbytes-style int8 file (int8 projections + .SCB) loaded its raw codes (values up to 127) as floats."""
+    sd = state(hf)
+    sd[K] = (sd[K] * 100).to(dtype)
+    sd[K.removesuffix("weight") + "SCB"] = torch.ones(sd[K].shape[0])
+    save_file(sd, str(tmp_path / "q.safetensors"))
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"q\.safetensors: {K} is stored as {name}, not floating point"):
+        t5core.load_encoder(tmp_path / "q.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_embedded_tokenizer_of_the_wrong_dtype(hf, tmp_path, dtype):
+    """A bf16 `spiece_model` raised a TypeError from open_checkpoint."""
+    f = single_file(hf, tmp_path / "t.safetensors", spiece_model=torch.zeros(8, dtype=dtype))
+    with pytest.raises(CheckpointError, match=r"t\.safetensors: tensor 'spiece_model' is .* not the 1-D uint8"):
+        open_checkpoint(f)
 
 
 def test_non_finite_in_a_tensorizer_file(hf, tmp_path):
@@ -552,6 +679,46 @@ def test_failing_convert_leaves_the_previous_output(hf, hf_other, tmp_path, monk
         save_encoder(t5core.load_encoder(save_hf(hf, tmp_path / "new")).model, target, fmt, overwrite=True)
     assert snapshot(target) == before  # no partial file, nothing lost
     assert t5core.load_encoder(target).config.num_layers == 2
+
+
+def test_fp8_save_over_a_fused_norm_save_leaves_no_stale_config(hf, tmp_path):
+    """save_pretrained of an fp8 model (which writes no config.json) over a fused-norm one left the old config.json
+    ("elementwise_affine": false), and reloading dropped the file's norm scales."""
+    from t5core.save import save_hf_folder
+
+    src = save_hf(hf, tmp_path / "hf")
+    out = tmp_path / "out"
+    save_hf_folder(t5core.load_encoder(src, fuse_norms=True).model, out)
+    assert json.loads((out / "config.json").read_text())["t5core"] == {"elementwise_affine": False}
+    fp8 = t5core.load_encoder(src, weight_dtype="fp8_e4m3fn").model
+    save_hf_folder(fp8, out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert t5core.load_encoder(out).config.elementwise_affine
+
+
+def test_config_saying_fused_norms_over_real_ones(hf, folder):
+    """A config.json that says the norms are fused, beside weights whose norms are not all ones: refused, not the
+    norms silently dropped."""
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | {"t5core": {"elementwise_affine": False}}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: encoder\.block\.0\.layer\.0\.layer_norm\.weight "
+                                              r"holds norm scales other than 1 but the config says the norms are fused"):
+        t5core.load_encoder(folder)
+
+
+def test_calibrate_with_weight_dtype_expands_gguf(tmp_path):
+    """fp16_scales="calibrate" with a weight_dtype measured in float32 with the GGUF blocks kept packed, where
+    fuse_norms is refused: the same call without calibrate worked."""
+    pytest.importorskip("gguf")
+    from gguf import GGMLQuantizationType
+    from test_gguf import one_type, write_gguf
+
+    path = tmp_path / "t5.gguf"
+    write_gguf(path, make_hf_encoder("t5-v1_1", vocab_size=32128, num_layers=2, seed=7),
+               one_type(GGMLQuantizationType.Q8_0))
+    enc = t5core.load_encoder(path, dtype="float16", fp16_scales="calibrate", weight_dtype="fp8_e4m3fn",
+                              fuse_norms=True)
+    assert enc.config.weight_dtype == "fp8_e4m3fn" and enc.config.elementwise_affine is False
 
 
 def test_interrupted_write_leaves_nothing_that_loads(hf, tmp_path):

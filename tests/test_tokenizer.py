@@ -425,3 +425,48 @@ def test_errors_name_the_path(tmp_path):
             load_tokenizer(path)
     with pytest.raises(ValueError, match="sentencepiece model bytes"):
         load_tokenizer(b"\x00\x01garbage")
+
+
+def _spiece_with(change) -> bytes:
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb
+
+    proto = sp_pb.ModelProto.FromString(BUNDLED_SPIECE.read_bytes())
+    change(proto)
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("charsmap", [b"\x01", b"\x04\0\0\0\xff\xff\xff\xff\x41\x00",
+                                      b"\x08\0\0\0" + b"\xff" * 8 + b"abc"])
+def test_corrupt_charsmap_is_a_value_error_at_load(tmp_path, charsmap):
+    """A corrupt precompiled charsmap gave a bare Exception at load, or a Rust panic (pyo3's PanicException, a
+    BaseException nothing catches) at the first encode."""
+    path = tmp_path / "spiece.model"
+    path.write_bytes(_spiece_with(lambda p: setattr(p.normalizer_spec, "precompiled_charsmap", charsmap)))
+    with pytest.raises(ValueError, match=rf"{path}: "):
+        load_tokenizer(path)
+
+
+def test_non_finite_piece_score(tmp_path):
+    def nan_score(proto):
+        proto.pieces[100].score = float("nan")
+
+    path = tmp_path / "spiece.model"
+    path.write_bytes(_spiece_with(nan_score))
+    with pytest.raises(ValueError, match=rf"{path}: piece 100 \('.*'\) has score nan"):
+        load_tokenizer(path)
+
+
+def test_save_is_atomic(tok_json, tmp_path, monkeypatch):
+    """A failing save leaves the previous tokenizer.json as it was and no partial file."""
+    old = tok_json.save(tmp_path).read_bytes()
+    write_text = Path.write_text
+
+    def half_then_fail(path, text, *args, **kwargs):
+        write_text(path, text[:100], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        tok_json.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
+    assert (tmp_path / "tokenizer.json").read_bytes() == old
