@@ -11,15 +11,13 @@ ratio to float32 compute on the float16 weights (what ComfyUI computes).
 
     python benchmarks/fp16_activation_error.py          # T5 v1.1 XL, 1 x 128 ids: about 1 minute on 2 cores
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from fp8_gpu import PROJECTIONS, random_t5
-
-from t5core import T5Config
+from fp8_activation_error import projections, study
+from fp8_gpu import PROJECTIONS
 
 ALL = dict.fromkeys(PROJECTIONS, "fp16")
 VARIANTS = {
@@ -41,35 +39,19 @@ def round_fp16(x: torch.Tensor, how: str) -> torch.Tensor:
     return hi if how == "fp16" else hi + (x.float() - hi).half().float()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="xl", help="T5 v1.1 size (default %(default)s)")
-    p.add_argument("--tokens", type=int, default=128)
-    args = p.parse_args()
-    model = random_t5(T5Config.from_name(args.preset, dtype=torch.float32), "cpu")
-    ids = torch.randint(3, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
-    how: dict = {}
+def hook_fp16(model, how: dict) -> None:
+    for name, module in projections(model):
+        module.register_forward_pre_hook(
+            lambda m, inputs, name=name: (round_fp16(inputs[0], how[name]),) if name in how else None)
     for layer in model.layers:
-        for name in PROJECTIONS:
-            module = getattr(layer.attn, name, None) or getattr(layer.ffn, name)
-            module.register_forward_pre_hook(
-                lambda m, inputs, name=name: (round_fp16(inputs[0], how[name]),) if name in how else None)
         layer.attn.qkv_proj.register_forward_hook(
             lambda m, inputs, out: round_fp16(out, how["qkv_out"]) if "qkv_out" in how else None)
-    with torch.inference_mode():
-        ref = model(ids)
-        for t in model.parameters():
-            t.copy_(t.half())
-        print(f"T5 v1.1 {args.preset}, 1 x {args.tokens} ids, torch {torch.__version__}\n")
-        print("| rounded to float16 | rel. error | / float32 compute's |\n|---|---|---|")
-        floor = None
-        for name, choice in VARIANTS.items():
-            how.clear()
-            how.update(choice)
-            err = ((model(ids) - ref).norm() / ref.norm()).item()
-            floor = floor or err
-            print(f"| {name} | {err:.3e} | {err / floor:.3f} |", flush=True)
+
+
+def fp16_weights(model) -> None:
+    for t in model.parameters():
+        t.copy_(t.half())
 
 
 if __name__ == "__main__":
-    main()
+    study(__doc__, VARIANTS, hook_fp16, fp16_weights, "rounded to float16 | rel. error | / float32 compute's")

@@ -363,6 +363,17 @@ del mine_l, ref_l
 mm.unload_all_models()
 
 
+def expect_error(what, call) -> bool:
+    """call() must raise a ValueError (printed: what it says)."""
+    try:
+        call()
+    except ValueError as e:
+        print(f"OK   error ({what}): {e}")
+        return True
+    print("FAIL no error for", what)
+    return False
+
+
 def clip_save(clip):
     from comfy_extras.nodes_model_merging import CLIPSave
 
@@ -390,12 +401,7 @@ for what, call in [("a LoRA with T5 weights", lambda: comfy.sd.load_lora_for_mod
                    ("CLIPSave", lambda: clip_save(our_clip("flux", clip_l))),
                    ("CLIPMergeSimple from ours", lambda: clip_merge(ref_clip, our_clip("flux", clip_l))),
                    ("CLIPMergeSimple into ours", lambda: clip_merge(our_clip("flux", clip_l), ref_clip))]:
-    try:
-        call()
-        print("FAIL no error for", what)
-        results.append(False)
-    except ValueError as e:
-        print(f"error ({what}): {e}")
+    results.append(expect_error(what, call))
 
 # bad input: each error names both sides
 clip_g = comfy.sd.load_clip(P("clip_g.safetensors"), clip_type=comfy.sd.CLIPType.SD3, model_options=small)
@@ -404,12 +410,7 @@ for what, call in [("wan with a T5 v1.1 file", lambda: ours["T5CoreEncoderToCLIP
                    ("sd3 with a UMT5 file", lambda: ours["T5CoreEncoderToCLIP"].execute(
                         t5_encoder=our_encoder("umt5.safetensors"), family="sd3")),
                    ("flux with a CLIP-G only CLIP", lambda: our_clip("flux", clip_g))]:
-    try:
-        call()
-        print("FAIL no error for", what)
-        results.append(False)
-    except ValueError as e:
-        print(f"error ({what}): {e}")
+    results.append(expect_error(what, call))
 
 print(f"{sum(results)}/{len(results)} checks passed (largest conditioning difference {worst:.2e})")
 sys.exit(0 if all(results) else 1)
