@@ -185,10 +185,11 @@ def clip_class():
     class T5CoreCLIP(comfy.sd.CLIP):
         part_patchers = ()  # the CLIP input's patcher (its cond_stage_model holds the parts, under the same names)
         part_names = ()  # the parts taken from it: "clip_l", "clip_g", "llama"
+        t5_name = "t5xxl"  # the family's T5 attribute ("umt5xxl" for wan): t5core's T5
 
         def clone(self):
             n = super().clone()
-            n.__class__, n.part_names = type(self), self.part_names
+            n.__class__, n.part_names, n.t5_name = type(self), self.part_names, self.t5_name
             n.part_patchers = tuple(p.clone() for p in self.part_patchers)  # patches on a clone stay on the clone
             return n
 
@@ -197,7 +198,8 @@ def clip_class():
             return self.patcher
 
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-            t5 = [k for k in patches if patch_key_name(k).split(".")[0] not in self.part_names]
+            """-> the keys applied, as ModelPatcher.add_patches (a LoRA loader passes the diffusion model's too)."""
+            t5 = [k for k in patches if patch_key_name(k).split(".")[0] == self.t5_name]
             if t5:
                 raise ValueError(f"T5 Encoder to CLIP (fast): this CLIP's T5 is t5core's and takes no weight patches "
                                  f"(a CLIP merge, or a LoRA for the T5): {patch_key_name(t5[0])!r}; its "
@@ -298,6 +300,7 @@ def make_clip(encoder, family: str, clip=None):
     patcher = encoder.patcher()
     patcher.is_clip, patcher.hook_mode = True, out.patcher.hook_mode
     out.patcher, out.part_patchers, out.part_names = patcher, (clip.patcher,) if parts else (), tuple(parts)
+    out.t5_name = fam.t5
     return out
 
 

@@ -512,8 +512,8 @@ def test_the_family_sets_its_parts_options_and_lora_patches_reach_them(comfy, hf
     assert torch.equal(cond[0][1]["pooled_output"], weights.table[end][None])  # unprojected, as Flux's own CLIP-L
 
     key = "clip_l.transformer.proj"
-    lora = clip.clone()
-    assert lora.add_patches({key: ("diff", torch.zeros(768, 768))}, 0.5) == [key]
+    lora = clip.clone()  # a LoRA loader passes the diffusion model's patches too: ignored here, as ComfyUI's CLIP does
+    assert lora.add_patches({key: ("diff", torch.zeros(768, 768)), "diffusion_model.x.weight": ("diff", 0)}, 0.5) == [key]
     assert list(lora.part_patchers[0].patches) == [key] and not projecting.patcher.patches  # the clone's only
     assert lora.part_patchers[0].model is projecting.patcher.model and lora.patcher.model is clip.patcher.model
     t5_key = "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"

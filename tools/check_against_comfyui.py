@@ -49,6 +49,8 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaModel  # noqa: E402
 from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel  # noqa: E402
 
+import comfy.hooks  # noqa: E402
+import comfy.lora  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402
@@ -359,6 +361,12 @@ lora_moved = (text_encode(ref_l, TEXTS[0], "flux")[0][1]["pooled_output"]
               - text_encode(ref_clip, TEXTS[0], "flux")[0][1]["pooled_output"]).abs().max().item()
 print(f"  (the LoRA moves ComfyUI's pooled output by {lora_moved:.2f})")
 results.append(lora_moved > 0.1)
+# a LoRA loader given a diffusion model hands the CLIP every patch, the model's too: the CLIP applies its own only
+with_model = {"diffusion_model.input_blocks.0.weight": ("diff", (torch.zeros(1),)),
+              **comfy.lora.load_lora(lora_l, comfy.lora.model_lora_keys_clip(ref_clip.cond_stage_model, {}))}
+applied = our_clip("flux", clip_l).add_patches(with_model)
+print(f"  a CLIP-L LoRA beside a diffusion model's patches: {len(applied)} of {len(with_model)} applied")
+results.append(len(applied) == len(with_model) - 1)
 del mine_l, ref_l
 mm.unload_all_models()
 
@@ -391,8 +399,6 @@ def clip_merge(clip1, clip2):
 
     return CLIPMergeSimple().merge(clip1, clip2, 0.5)
 
-
-import comfy.hooks  # noqa: E402
 
 folder_paths.set_output_directory(tempfile.mkdtemp(prefix="t5core_check_out_"))
 for what, call in [("a LoRA with T5 weights", lambda: comfy.sd.load_lora_for_models(
