@@ -23,7 +23,7 @@ from t5core.calibrate import calibrate_fp16_scales
 from t5core.checkpoint import SAFETENSORS_SUFFIXES
 from t5core.fp16_scales import Scales
 from t5core.fp8 import FAST, fp8_matmul_support, log_compute_fallback, resolve_weight_dtype
-from t5core.t5_common import parse_dtype
+from t5core.t5_common import CAST_DTYPES, dtype_name, parse_dtype
 
 from .lowvram import make_streamable
 
@@ -106,7 +106,8 @@ class LoadPlan:
     cpu: bool  # load and offload device both the CPU
     fuse_norms: bool = False
     fp16_scales: Optional[Scales] = None  # float16 only; None: no scaling (or the scales baked into the file)
-    weight_dtype: Optional[str] = None  # fp8 weights (t5core.fp8 names); None: as the file (GGUF blocks stay)
+    # fp8 weights (t5core.fp8 names) or float16 / bfloat16 ones for float32 compute; None: as the file (GGUF blocks stay)
+    weight_dtype: Optional[str] = None
 
 
 class T5Encoder:
@@ -250,11 +251,13 @@ def load(name: str, weight_dtype: str, attention: str, compile: bool, device: st
     # fp8 files keep their fp8 weights and GGUF files their blocks (as ComfyUI keeps them); fp8_* quantize others.
     # (A GGUF file's blocks are not fp8: no tensor is read to know it.)
     stored = torch.float32 if ckpt.format == "gguf" else ckpt.projection_dtype()
-    fp8 = resolve_weight_dtype(weight_dtype if fp8_choice else "auto", dtype, stored, ckpt.path)
-    if fp8 == FAST and not fp8_matmul_support(encoder.devices()[0])[0]:
+    wdtype = resolve_weight_dtype(weight_dtype if fp8_choice else "auto", dtype, stored, ckpt.path)
+    if weight_dtype == "auto" and encoder.devices()[0].type == "cpu" and stored in CAST_DTYPES.values():
+        wdtype = dtype_name(stored)  # as ComfyUI on the CPU: 16-bit weights, cast to float32 in each layer
+    if wdtype == FAST and not fp8_matmul_support(encoder.devices()[0])[0]:
         log_compute_fallback(encoder.devices()[0])  # at load; once per device (encode would say it otherwise)
     scales = encoder.preset_scales() if dtype == torch.float16 and not encoder.baked_scales else None
-    return encoder.with_plan(dtype=dtype, fp16_scales=scales, weight_dtype=fp8)
+    return encoder.with_plan(dtype=dtype, fp16_scales=scales, weight_dtype=wdtype)
 
 
 def _bf16_ok(device: torch.device) -> bool:
@@ -274,7 +277,7 @@ def to_fp16(encoder: T5Encoder, mode: str, custom: str) -> tuple[T5Encoder, str]
             log.warning("t5core: %s already has float16 scales baked in; using them (mode %r ignored)",
                         encoder.plan.path, mode)
         baked = Scales.from_config(encoder.config)
-        return encoder.with_plan(dtype=torch.float16, fp16_scales=None), scales_text(baked)
+        return in_float16(encoder, None), scales_text(baked)
     if mode == "preset":
         scales = encoder.preset_scales()
         if scales is None:
@@ -286,7 +289,13 @@ def to_fp16(encoder: T5Encoder, mode: str, custom: str) -> tuple[T5Encoder, str]
         scales = calibrated_scales(encoder)
     else:
         check_option("mode", mode, ("preset", "custom", "auto-calibrate"))
-    return encoder.with_plan(dtype=torch.float16, fp16_scales=scales), scales_text(scales)
+    return in_float16(encoder, scales), scales_text(scales)
+
+
+def in_float16(encoder: T5Encoder, scales: Optional[Scales]) -> T5Encoder:
+    """The encoder computing in float16; 16-bit weight storage (float32 compute only) gives way to float16 weights."""
+    weight_dtype = None if encoder.plan.weight_dtype in CAST_DTYPES else encoder.plan.weight_dtype
+    return encoder.with_plan(dtype=torch.float16, fp16_scales=scales, weight_dtype=weight_dtype)
 
 
 def calibrated_scales(encoder: T5Encoder) -> Scales:

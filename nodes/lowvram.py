@@ -17,8 +17,9 @@ from t5core.fp8 import Fp8Linear
 from t5core.gguf import PackedEmbedding, PackedLinear
 from t5core.t5_common import RMSNorm
 
-# What holds t5core's tensors: projections (plain, float32-out, fp8, GGUF blocks), the token embedding and bias
-# tables (nn.Embedding, or GGUF blocks), norms. (Layers and the stack hold only 0-dim scales, which any device reads.)
+# What holds t5core's tensors: projections (plain, float32-out, 16-bit cast to float32, fp8, GGUF blocks), the token
+# embedding and bias tables (nn.Embedding, or GGUF blocks), norms. (Layers and the stack hold only 0-dim scales, which
+# any device reads.)
 STREAMED = (nn.Linear, nn.Embedding, RMSNorm, Fp8Linear, PackedLinear, PackedEmbedding)
 
 

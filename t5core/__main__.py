@@ -82,7 +82,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32", format_
     p.add_argument("--weight-dtype", default="auto",
                    help="projection weights: auto (fp8 files stay fp8, others load in --dtype), fp8_e4m3fn, fp8_e5m2 "
                         "(fp8 with a scale per row), fp8_e4m3fn_fast (also fp8 matmuls on GPUs of compute capability "
-                        ">= 8.9), or --dtype's name to expand fp8 files (default %(default)s)")
+                        ">= 8.9), --dtype's name to expand fp8 files, or with --dtype float32 float16 / bfloat16 "
+                        "(16-bit weights cast to float32 in each layer) (default %(default)s)")
     p.add_argument(*format_flags, dest="input_format", choices=["auto", "dcp"], default="auto",
                    help="auto (default) detects safetensors, tensorizer and tensor-only .bin files and never reads a "
                         "distributed checkpoint; dcp reads a torch.distributed.checkpoint folder, whose .metadata is "

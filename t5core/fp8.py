@@ -163,8 +163,9 @@ def resolve_weight_dtype(requested, compute_dtype: torch.dtype, stored: torch.dt
 
     "auto" keeps an fp8 file's weights fp8 and loads others in the compute dtype; "fp8_e4m3fn", "fp8_e4m3fn_fast"
     and "fp8_e5m2" quantize other files as they stream in, and take an fp8 file of that dtype as it is (never
-    re-quantized: another fp8 dtype is an error); the compute dtype's own name expands an fp8 file."""
-    from .t5_common import parse_dtype
+    re-quantized: another fp8 dtype is an error); the compute dtype's own name expands an fp8 file; with float32
+    compute, "float16" / "bfloat16" store other files' projections in 16 bits (an fp8 file's: an error)."""
+    from .t5_common import dtype_name, parse_dtype
 
     requested = "auto" if requested is None else str(requested).removeprefix("torch.")
     if requested == "auto":
@@ -175,13 +176,18 @@ def resolve_weight_dtype(requested, compute_dtype: torch.dtype, stored: torch.dt
                              f"re-quantize them; use 'auto' (keep them) or the compute dtype (expand them)")
         return requested
     try:
-        expand = parse_dtype(requested) == compute_dtype
+        wanted = parse_dtype(requested)
     except ValueError:
-        expand = False
-    if not expand:
-        raise ValueError(f"unknown weight_dtype {requested!r}: use auto, {', '.join(WEIGHT_DTYPES)}, or the compute "
-                         f"dtype ({str(compute_dtype).removeprefix('torch.')}) to expand fp8 weights")
-    return None
+        wanted = None
+    if wanted == compute_dtype:
+        return None
+    if wanted is not None and compute_dtype == torch.float32:  # float16 / bfloat16 storage
+        if stored in FP8_DTYPES:
+            raise ValueError(f"{where} stores {fp8_name(stored)} weights: weight_dtype={requested!r} would "
+                             f"re-quantize them; use 'auto' (keep them) or 'float32' (expand them)")
+        return dtype_name(wanted)
+    raise ValueError(f"unknown weight_dtype {requested!r}: use auto, {', '.join(WEIGHT_DTYPES)}, the compute dtype "
+                     f"({dtype_name(compute_dtype)}) to expand fp8 weights, or float16 / bfloat16 with float32 compute")
 
 
 def log_compute_fallback(device: torch.device) -> None:

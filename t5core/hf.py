@@ -125,7 +125,8 @@ class FastT5EncoderModel(PreTrainedModel):
         dtype (float8 files compute in bfloat16), as transformers does. device / device_map ({"": device} or a
         device string) place the weights; attn_impl: "sdpa" (default) or "flex". fuse_norms, fp16_scales, compile
         and weight_dtype ("auto": float8 files keep fp8 weights; "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast", or
-        the compute dtype to expand them; t5core.fp8) are t5core.load_encoder's options; a float16 load with
+        the compute dtype to expand them; t5core.fp8; "float16" / "bfloat16" with float32 compute) are
+        t5core.load_encoder's options; a float16 load with
         fp16_scales="auto" reuses scales saved by save_pretrained, which writes fp8 weights as ComfyUI's scaled
         fp8 file. Hub names are not downloaded: pass a local path."""
         if model_args:

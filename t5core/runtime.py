@@ -78,14 +78,16 @@ class Encoder:
         """CUDA: regional compilation (compile_layers) and a CUDA graph per shape in encode(). CPU: the whole
         forward compiled with frozen weights, which inductor repacks for MKL's packed GEMM (10-20% faster than
         torch's CPU matmul at these shapes); weights must not change afterwards (or call reset()). Weights kept as
-        GGUF blocks or fp8 are not frozen: freezing would fold their dequantization into constant float weights."""
+        GGUF blocks, fp8 or 16-bit for float32 compute are not frozen: freezing would fold their dequantization (or
+        cast) into constant float32 weights."""
         if self.device.type == "cuda":
             return self.compile_layers()
         from .gguf import is_packed
 
         allow_many_compiled_shapes()
         compiled = torch.compile(self.model, dynamic=False)
-        # freezing would fold the dequantization of GGUF blocks or fp8 weights into full-size constants
+        # freezing would fold the dequantization of GGUF blocks or fp8 weights (or the cast of 16-bit ones) into
+        # full-size constants
         freezing = not is_packed(self.model) and self.config.weight_dtype is None
 
         def frozen(*args, **kwargs):

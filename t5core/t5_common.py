@@ -13,6 +13,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+# 16-bit projection storage for float32 compute (T5Config.weight_dtype; t5_encoder.CastLinear)
+CAST_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16"}
 
 
@@ -92,7 +94,8 @@ class T5Config(BaseModel):
     dropout: float = 0.0
     eps: float = 1e-6
     dtype: torch.dtype = torch.float32  # the compute dtype
-    # Projection weights: None (in dtype), or "fp8_e4m3fn" / "fp8_e5m2" / "fp8_e4m3fn_fast" (t5core.fp8)
+    # Projection weights: None (in dtype), "fp8_e4m3fn" / "fp8_e5m2" / "fp8_e4m3fn_fast" (t5core.fp8), or
+    # "float16" / "bfloat16" with dtype float32 (16-bit storage cast to float32 per call: t5_encoder.CastLinear)
     weight_dtype: Optional[str] = None
     ffn_type: T5FFNType = T5FFNType.GEGLU
     gelu_approx: GELUApprox = GELUApprox.Tanh
@@ -138,6 +141,8 @@ class T5Config(BaseModel):
             scales = getattr(self, name)
             if scales is not None and len(scales) != self.num_layers:
                 raise ValueError(f"{name} has {len(scales)} entries for num_layers={self.num_layers}")
+        if self.weight_dtype in CAST_DTYPES and self.dtype != torch.float32:
+            raise ValueError(f"weight_dtype {self.weight_dtype!r} (16-bit storage) needs dtype float32, not {self.dtype}")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id {self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})")
         if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
@@ -159,8 +164,8 @@ class T5Config(BaseModel):
     def _check_weight_dtype(cls, val: Optional[str]) -> Optional[str]:
         from .fp8 import WEIGHT_DTYPES  # (fp8 imports this module)
 
-        if val is not None and val not in WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype {val!r}: None, {', '.join(WEIGHT_DTYPES)}")
+        if val is not None and val not in WEIGHT_DTYPES and val not in CAST_DTYPES:
+            raise ValueError(f"weight_dtype {val!r}: None, {', '.join([*WEIGHT_DTYPES, *CAST_DTYPES])}")
         return val
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from .fp16_scales import Scales
 from .fp8 import FAST, WEIGHT_DTYPES, Fp8Linear
-from .t5_common import (RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, f32_out_linear, offset_rows,
+from .t5_common import (CAST_DTYPES, RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, f32_out_linear, offset_rows,
                         relative_offset_bias)
 
 # Eager flex attention materialises the scores; on CUDA it must run compiled to be fast. On CPU the eager
@@ -35,13 +35,27 @@ class F32OutLinear(nn.Linear):
         return f32_out_linear(x, self.weight)
 
 
+class CastLinear(nn.Linear):
+    """A bias-free projection whose weight is stored in float16 / bfloat16 and cast to the input's dtype, float32,
+    in each call (ComfyUI's manual_cast): [.., K] float32 -> [.., N] float32, the F32OutLinear contract."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__(in_features, out_features, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype))
+
+
 def projection(config: T5Config, in_features: int, out_features: int, f32_out: bool = False,
                fp8_compute: bool = True) -> nn.Module:
     """A bias-free projection as config.weight_dtype says: in config.dtype (nn.Linear, or F32OutLinear for a
-    float32 output), or fp8 weights (t5core.fp8.Fp8Linear, the same contract); fp8_compute=False keeps this
+    float32 output), 16-bit weights for float32 compute (CastLinear), or fp8 weights (t5core.fp8.Fp8Linear, the
+    same contract); fp8_compute=False keeps this
     projection out of fp8_e4m3fn_fast's fp8 matmuls."""
     if config.weight_dtype is None:
         return (F32OutLinear if f32_out else nn.Linear)(in_features, out_features, bias=False, dtype=config.dtype)
+    if config.weight_dtype in CAST_DTYPES:
+        return CastLinear(in_features, out_features, CAST_DTYPES[config.weight_dtype])
     return Fp8Linear(in_features, out_features, WEIGHT_DTYPES[config.weight_dtype], f32_out,
                      compute=fp8_compute and config.weight_dtype == FAST)
 
@@ -226,7 +240,11 @@ class T5EncoderStack(nn.Module):
     @torch.no_grad()
     def set_weight_dtype(self, dtype: torch.dtype) -> "T5EncoderStack":
         """Cast the projection and embedding weights (norms and bias tables stay float32), in place. Weights kept
-        as GGUF blocks (t5core.gguf) stay as they are: they dequantize to the layer's dtype on use."""
+        as GGUF blocks (t5core.gguf) stay as they are: they dequantize to the layer's dtype on use. 16-bit storage
+        for float32 compute (CastLinear) is refused: load the model again in the dtype wanted."""
+        if self.config.weight_dtype in CAST_DTYPES:
+            raise ValueError(f"set_weight_dtype: the projections store {self.config.weight_dtype} weights for float32 "
+                             f"compute; load the model again with the dtype and weight_dtype wanted")
         for mod in [self.vocab_embed, *(m for layer in self.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj,
                                                                                 layer.ffn.ff_in, layer.ffn.ff_out))]:
             if isinstance(mod, (nn.Linear, nn.Embedding)):

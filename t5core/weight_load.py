@@ -285,7 +285,7 @@ def load_encoder(
     (measure now on varied prompts), None, Scales, text ('1,1,1/2,...' or 'ATTN;FFN'), a list of FFN-out scales,
     or an (attn_out_scales, ffn_out_scales) pair.
     compile: torch.compile for fixed-shape speed (CUDA: one layer compiled and reused, CUDA graphs; CPU: frozen
-    weights, except for weights kept as GGUF blocks or fp8).
+    weights, except for weights kept as GGUF blocks, fp8 or 16-bit with float32 compute).
     format: None detects the format; "dcp" reads a torch.distributed.checkpoint folder, whose metadata is a pickle:
     only for folders you trust (see open_checkpoint).
     weight_dtype (None or "auto" by default): a GGUF file's quantized weights stay as their blocks, dequantized in
@@ -293,17 +293,23 @@ def load_encoder(
     dtype. "bf16" / "fp16" / "fp32" (the same as dtype) expands GGUF and fp8 files once at load. "fp8_e4m3fn" /
     "fp8_e5m2": fp8 weights with a float32 scale per row, quantized as they stream in unless the file's are fp8
     already (another fp8 type is an error: no re-quantizing); "fp8_e4m3fn_fast": also fp8 matmuls on CUDA GPUs of
-    compute capability >= 8.9. The embedding, norms and bias tables are never fp8."""
+    compute capability >= 8.9. The embedding, norms and bias tables are never fp8. With dtype float32, "float16" /
+    "bfloat16" ("fp16" / "bf16") store the projections in 16 bits, cast to float32 in each call (ComfyUI's float16
+    weights on the CPU: half float32's memory): a float16 file's weights as they are, others rounded once at load
+    (fuse_norms folds in float32, then rounds once); not for GGUF or fp8 files."""
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     auto = weight_dtype in (None, "auto")
-    if not auto and str(weight_dtype) not in WEIGHT_DTYPES and parse_dtype(weight_dtype) != dtype:
-        raise ValueError(f"weight_dtype={weight_dtype!r} expands the weights to the model's dtype, which is {dtype}: "
-                         f"pass dtype={weight_dtype!r} too")
     if isinstance(path, Checkpoint) and (subfolder or format):
         raise ValueError(f"{path.path}: subfolder and format are open_checkpoint's arguments; this checkpoint is open")
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, subfolder=subfolder, format=format)
-    packed = ckpt.format == "gguf" and auto
+    gguf = ckpt.format == "gguf"
+    if (not auto and str(weight_dtype) not in WEIGHT_DTYPES and parse_dtype(weight_dtype) != dtype
+            and (dtype != torch.float32 or gguf)):  # 16-bit storage: float32 compute, not for GGUF blocks
+        raise ValueError(f"weight_dtype={weight_dtype!r} expands the weights to the model's dtype, which is {dtype}: "
+                         f"pass dtype={weight_dtype!r} too"
+                         + ("" if gguf else " (or dtype='float32': 16-bit weights with float32 compute)"))
+    packed = gguf and auto
     if packed and fuse_norms:
         raise ValueError(f"{ckpt.path}: fuse_norms=True cannot fold norm scales into GGUF blocks kept compressed (that "
                          f"would mean re-quantizing): pass weight_dtype={str(dtype).removeprefix('torch.')!r} to expand "

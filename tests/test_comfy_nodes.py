@@ -61,6 +61,8 @@ def comfy_root(tmp_path_factory, hf_model, hf_umt5):
     save_file({"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(8, 4),
                "text_model.embeddings.token_embedding.weight": torch.zeros(10, 4)}, te / "clip_l.safetensors")
     save_encoder(t5core.load_encoder(te / "t5_tiny.safetensors").model, te / "t5_tensorized", "tensorizer")
+    (te / "fp16").mkdir()  # as t5xxl_fp16.safetensors
+    save_file({k: v.half() for k, v in weights.items()}, te / "fp16" / "t5_tiny_fp16.safetensors")
     (te / "fp8").mkdir()
     save_file(scaled_fp8(weights), te / "fp8" / "t5_tiny_fp8_scaled.safetensors")
     bad = scaled_fp8(weights)
@@ -187,7 +189,8 @@ def test_v1_registration_and_schema(comfy):
         assert not hasattr(cls, "IS_CHANGED") and not hasattr(cls, "fingerprint_inputs")  # pure: ComfyUI caches
 
     load_in = comfy.nodes[LOAD].INPUT_TYPES()["required"]
-    assert load_in["model_name"][0] == ["clip_l.safetensors", "fp8/bad_scale.safetensors",  # no .bin, no .txt
+    assert load_in["model_name"][0] == ["clip_l.safetensors", "fp16/t5_tiny_fp16.safetensors",  # no .bin, no .txt
+                                        "fp8/bad_scale.safetensors",
                                         "fp8/t5_tiny_fp8_scaled.safetensors", "t5_tensorized/enc.tensors",
                                         *[GGUF_NAME] * HAVE_GGUF, "t5_tiny.safetensors", "umt5_tiny.safetensors",
                                         "with_tokenizer/t5_tiny.sft"]
@@ -353,6 +356,31 @@ def test_fp8_weight_dtypes(comfy, hf_model):
     (broken,), _ = run(comfy, LOAD, model_name="fp8/bad_scale.safetensors", **LOAD_DEFAULTS)
     with pytest.raises(ValueError, match=r"^T5 Encode Prompt \(fast\): .*bad_scale.*block\.2\.layer\.1\.DenseReluDense\.wo"):
         encode(comfy, broken, text)
+
+
+def test_auto_on_the_cpu_keeps_a_float16_file_in_float16(comfy, hf_model):
+    """As ComfyUI on the CPU: auto with a float16 file computes in float32 on the float16 weights (half float32's
+    memory), which is transformers' float32 T5 on those weights; fp32 expands them; FP16 Scale computes in float16."""
+    text = "sixteen-bit weights"
+    name = "fp16/t5_tiny_fp16.safetensors"
+    (encoder,), ui = run(comfy, LOAD, model_name=name, **{**LOAD_DEFAULTS, "weight_dtype": "auto"})
+    assert "float32, weights float16" in ui["text"][0]
+    (cond,), _ = encode(comfy, encoder, text)
+    model = encoder.patcher().model
+    projections = [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.ffn.ff_in,
+                                                         layer.ffn.ff_out)]
+    assert all(p.weight.dtype == torch.float16 for p in projections)
+    assert model.vocab_embed.weight.dtype == model.layers[0].ln1.weight.dtype == torch.float32
+    hf_half = make_hf_encoder(d_model=64, num_heads=4, d_kv=16, d_ff=96, num_layers=3)
+    hf_half.load_state_dict({k: v.half().float() for k, v in hf_model.state_dict().items()})
+    reference = hf_encode(hf_half, t5_ids(text))
+    assert cond[0][0].dtype == torch.float32 and rel_err(cond[0][0], reference) <= 1e-5
+    (full,), ui = run(comfy, LOAD, model_name=name, **LOAD_DEFAULTS)  # fp32: float32 weights
+    assert "weights" not in ui["text"][0].split(" · ")[0] and full.plan.weight_dtype is None
+    assert full.patcher().model.layers[0].ffn.ff_in.weight.dtype == torch.float32
+    assert rel_err(encode(comfy, full, text)[0][0][0][0], reference) <= 1e-5
+    (half, _), ui = run(comfy, FP16, t5_encoder=encoder, mode="preset", custom_scales="")
+    assert half.plan.dtype == torch.float16 and half.plan.weight_dtype is None and "weights" not in ui["text"][0]
 
 
 def test_gguf_file_is_listed_and_loads_compressed(comfy, hf_model):
@@ -573,7 +601,8 @@ def test_repeated_encodes_reuse_the_loaded_weights(comfy, monkeypatch):
     assert sum(1 for models, _ in comfy.mm.load_calls if models == [encoder.patcher()]) == 3
 
 
-@pytest.mark.parametrize("name", ["t5_tiny.safetensors", "fp8/t5_tiny_fp8_scaled.safetensors", GGUF_NAME])
+@pytest.mark.parametrize("name", ["t5_tiny.safetensors", "fp16/t5_tiny_fp16.safetensors",
+                                  "fp8/t5_tiny_fp8_scaled.safetensors", GGUF_NAME])
 def test_partial_load_streams_the_rest_and_matches_the_whole_model(comfy, name):
     """Short of room (--lowvram, --novram, a full GPU), ComfyUI's patcher loads the largest modules that fit and
     leaves the others streaming (comfy_cast_weights): fp8 and GGUF weights too. The conditioning is the whole
@@ -583,6 +612,8 @@ def test_partial_load_streams_the_rest_and_matches_the_whole_model(comfy, name):
     encoder = load(comfy, name, weight_dtype="auto")
     if name == "t5_tiny.safetensors":
         encoder = run(comfy, FUSE, t5_encoder=encoder)[0][0]  # norm scales fused into the projections
+    if "fp16" in name:  # float16 weights cast to float32 in each call: they stream as float16
+        assert encoder.plan.weight_dtype == "float16"
     text = "a partially loaded encoder"
     whole = encode(comfy, encoder, text, family="Flux")[0][0][0][0]
     patcher = encoder.patcher()

@@ -11,6 +11,7 @@ from t5core.__main__ import main as cli
 from t5core.checkpoint import open_checkpoint
 from t5core.fp16_scales import Scales, scale_residuals_enc
 from t5core.fp8 import Fp8Linear, dequantize, quantize_rows
+from t5core.t5_encoder import CastLinear
 from t5core.weight_load import build_empty, load_checkpoint_into
 from tiny_models import make_hf_encoder, rel_err, save_hf
 
@@ -165,8 +166,10 @@ def test_refuses_to_requantize_fp8_files(folders, tmp_path):
         t5core.load_encoder(src, weight_dtype="fp8_e5m2")
     with pytest.raises(CheckpointError, match="re-quantize"):
         t5core.load_encoder(src, fuse_norms=True)
-    with pytest.raises(ValueError, match="expands the weights to the model.s dtype"):
+    with pytest.raises(ValueError, match="re-quantize"):  # 16-bit storage: not for fp8 files either
         t5core.load_encoder(src, "float32", weight_dtype="bfloat16")
+    with pytest.raises(ValueError, match="expands the weights to the model.s dtype"):
+        t5core.load_encoder(src, "float16", weight_dtype="bfloat16")
     with pytest.raises(ValueError, match="safetensors"):
         t5core.save.save_encoder(t5core.load_encoder(src).model, tmp_path / "t", "tensorizer")
 
@@ -246,3 +249,70 @@ def test_adapter_weight_dtype_and_save(folders, tmp_path):
     again = FastT5EncoderModel.from_pretrained(tmp_path / "saved", torch_dtype=torch.float32)
     assert again.encoder.config.weight_dtype == "fp8_e4m3fn"
     assert rel_err(again(ids, attention_mask=mask).last_hidden_state[mask], out[mask]) < 0.05
+
+
+# -- 16-bit storage, float32 compute (ComfyUI's float16 weights on the CPU) ------------------------------------------
+def projections(model):
+    return [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.ffn.ff_in, layer.ffn.ff_out)]
+
+
+@pytest.fixture(scope="module")
+def fp16_folder(tmp_path_factory):
+    """Tiny T5 v1.1 as a float16 Hugging Face folder (as t5xxl_fp16.safetensors)."""
+    return save_hf(make_hf_encoder(vocab_size=512, seed=3).half(), tmp_path_factory.mktemp("fp16") / "t5")
+
+
+def test_float16_storage_is_float32_compute_on_the_float16_weights(fp16_folder):
+    stored = t5core.load_encoder(fp16_folder, "float32", weight_dtype="float16")
+    ref = t5core.load_encoder(fp16_folder, "float32")  # the float16 weights upcast to float32
+    assert stored.config.weight_dtype == "float16" and ref.config.weight_dtype is None
+    assert all(isinstance(m, CastLinear) and m.weight.dtype == torch.float16 for m in projections(stored.model))
+    assert stored.model.vocab_embed.weight.dtype == stored.model.layers[0].ln1.weight.dtype == torch.float32
+    for ours, theirs in zip(projections(stored.model), projections(ref.model)):
+        assert torch.equal(ours.weight.float(), theirs.weight)  # the file's values, not rounded again
+        assert 2 * ours.weight.nbytes == theirs.weight.nbytes
+    ids, mask = batch()
+    out, expected = stored.encode(ids, mask), ref.encode(ids, mask)
+    assert out.dtype == torch.float32 and rel_err(out[mask], expected[mask]) <= 1e-6
+    stored.compile()  # CPU: not frozen into float32 constants
+    assert rel_err(stored.encode(ids, mask)[mask], expected[mask]) <= 1e-6
+    assert projections(stored.model)[0].weight.dtype == torch.float16
+
+
+def test_16_bit_storage_of_wider_files_fusion_and_saving(folders, fp16_folder, tmp_path):
+    """float32 / bfloat16 files round once at load; fuse_norms folds in float32, then rounds once; saved (tensorizer,
+    Hugging Face, convert --weight-dtype) the weights are the 16-bit ones."""
+    ids, mask = batch()
+    f32 = t5core.load_encoder(folders["t5-v1_1"])
+    bf16 = t5core.load_encoder(folders["t5-v1_1"], weight_dtype="bf16")
+    assert projections(bf16.model)[0].weight.dtype == torch.bfloat16
+    for ours, theirs in zip(projections(bf16.model), projections(f32.model)):
+        assert torch.equal(ours.weight, theirs.weight.to(torch.bfloat16))
+    fused = t5core.load_encoder(folders["t5-v1_1"], weight_dtype="float16", fuse_norms=True)
+    ln1 = f32.model.layers[0].ln1.weight
+    assert torch.equal(fused.model.layers[0].attn.qkv_proj.weight, (f32.model.layers[0].attn.qkv_proj.weight * ln1).half())
+    assert rel_err(fused.encode(ids, mask)[mask], f32.encode(ids, mask)[mask]) < 2e-3  # float16's rounding
+    stored = t5core.load_encoder(fp16_folder, weight_dtype="float16")
+    expected = stored.encode(ids, mask)
+    t5core.save.save_encoder(stored.model, tmp_path / "tz", "tensorizer")
+    t5core.save.save_encoder(stored.model, tmp_path / "hf", "safetensors")
+    cli(["convert", str(fp16_folder), str(tmp_path / "cli"), "--dtype", "float32", "--weight-dtype", "float16"])
+    for out in ("tz", "hf", "cli"):
+        ckpt = open_checkpoint(tmp_path / out)
+        assert ckpt.projection_dtype() == torch.float16, out
+        again = t5core.load_encoder(ckpt, weight_dtype="fp16")
+        assert torch.equal(again.encode(ids, mask), expected), out
+
+
+def test_16_bit_storage_refuses_what_it_is_not(fp16_folder, folders):
+    with pytest.raises(ValueError, match=r"expands the weights to the model's dtype, which is torch.bfloat16: pass "
+                                         r"dtype='float16' too \(or dtype='float32': 16-bit weights"):
+        t5core.load_encoder(fp16_folder, "bfloat16", weight_dtype="float16")
+    with pytest.raises(ValueError, match="needs dtype float32"):
+        T5Config.from_name("small", dtype=torch.bfloat16, weight_dtype="float16")
+    with pytest.raises(ValueError, match="weight_dtype 'fp16'"):  # the config takes the full names only
+        T5Config.from_name("small", weight_dtype="fp16")
+    model = t5core.load_encoder(folders["t5-v1_1"], weight_dtype="bfloat16").model
+    with pytest.raises(ValueError, match="set_weight_dtype: the projections store bfloat16 weights"):
+        model.set_weight_dtype(torch.float16)
+
