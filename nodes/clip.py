@@ -198,13 +198,15 @@ def clip_class():
             return self.patcher
 
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-            """-> the keys applied, as ModelPatcher.add_patches (a LoRA loader passes the diffusion model's too)."""
+            """-> the keys applied, as ModelPatcher.add_patches (a LoRA loader passes the diffusion model's too).
+            Patches for the T5 that change nothing (a LoRA loader's strength_clip 0, a merge at ratio 1) are taken
+            as applied; others are an error."""
             t5 = [k for k in patches if patch_key_name(k).split(".")[0] == self.t5_name]
-            if t5:
+            if t5 and (strength_patch != 0 or strength_model != 1):
                 raise ValueError(f"T5 Encoder to CLIP (fast): this CLIP's T5 is t5core's and takes no weight patches "
                                  f"(a CLIP merge, or a LoRA for the T5): {patch_key_name(t5[0])!r}; its "
                                  f"{' / '.join(self.part_names) or 'other parts'} do")
-            return [k for p in self.part_patchers for k in p.add_patches(patches, strength_patch, strength_model)]
+            return t5 + [k for p in self.part_patchers for k in p.add_patches(patches, strength_patch, strength_model)]
 
         def get_key_patches(self):
             raise ValueError("T5 Encoder to CLIP (fast): this CLIP cannot be merged into another: its T5 is t5core's "

@@ -106,7 +106,8 @@ class LoadPlan:
     cpu: bool  # load and offload device both the CPU
     fuse_norms: bool = False
     fp16_scales: Optional[Scales] = None  # float16 only; None: no scaling (or the scales baked into the file)
-    # fp8 weights (t5core.fp8 names) or float16 / bfloat16 ones for float32 compute; None: as the file (GGUF blocks stay)
+    # fp8 weights (t5core.fp8 names) or float16 / bfloat16 ones for float32 compute; None: as the file (GGUF blocks
+    # stay)
     weight_dtype: Optional[str] = None
 
 

@@ -51,7 +51,8 @@ class LoadT5Encoder:
                 "default": "auto",
                 "tooltip": "auto: compute in bf16 where the GPU supports it, else fp32; on the CPU a float16 or "
                            "bfloat16 file keeps its 16-bit weights, cast to fp32 in each layer (as ComfyUI: half "
-                           "fp32's memory). bf16/fp16/fp32: compute in that dtype, weights too (fp16 uses the preset float16 scales for the model's size; see FP16 Scale). "
+                           "fp32's memory). bf16/fp16/fp32: compute in that dtype, weights too (fp16 uses the "
+                           "preset float16 scales for the model's size; see FP16 Scale). "
                            "fp8 and GGUF files keep their compressed weights either way. fp8_*: fp8 weights "
                            "(quantized at load unless the file's are fp8), compute as auto; fp8_e4m3fn_fast also "
                            "multiplies in fp8 on GPUs that can (RTX 40xx, H100, newer)."}),

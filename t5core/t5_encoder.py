@@ -50,8 +50,7 @@ def projection(config: T5Config, in_features: int, out_features: int, f32_out: b
                fp8_compute: bool = True) -> nn.Module:
     """A bias-free projection as config.weight_dtype says: in config.dtype (nn.Linear, or F32OutLinear for a
     float32 output), 16-bit weights for float32 compute (CastLinear), or fp8 weights (t5core.fp8.Fp8Linear, the
-    same contract); fp8_compute=False keeps this
-    projection out of fp8_e4m3fn_fast's fp8 matmuls."""
+    same contract); fp8_compute=False keeps this projection out of fp8_e4m3fn_fast's fp8 matmuls."""
     if config.weight_dtype is None:
         return (F32OutLinear if f32_out else nn.Linear)(in_features, out_features, bias=False, dtype=config.dtype)
     if config.weight_dtype in CAST_DTYPES:

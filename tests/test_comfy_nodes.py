@@ -548,6 +548,7 @@ def test_the_family_sets_its_parts_options_and_lora_patches_reach_them(comfy, hf
     with pytest.raises(ValueError, match=r"this CLIP's T5 is t5core's and takes no weight patches \(a CLIP merge, "
                                          r"or a LoRA for the T5\): 't5xxl\.transformer.*'; its clip_l do"):
         lora.add_patches({t5_key: ("diff", torch.zeros(1))})
+    assert lora.add_patches({t5_key: ("diff", torch.zeros(1))}, 0.0) == [t5_key]  # strength_clip 0: changes nothing
     with pytest.raises(ValueError, match=r"cannot be merged into another"):
         clip.get_key_patches()
     with pytest.raises(ValueError, match=r"cannot be saved"):

@@ -45,7 +45,7 @@ comfy.options.enable_args_parsing()
 logging.basicConfig(level=logging.WARNING)
 import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaModel  # noqa: E402
 from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel  # noqa: E402
 
@@ -337,6 +337,24 @@ def partial_load_check(tag, encoder):
     return ok
 
 
+# a float16 file on the CPU: weight_dtype auto keeps the projections' float16 weights and casts them to float32 in
+# each layer, as ComfyUI's CLIPLoader does on the CPU (its own dtype choice: no "dtype" option): the same conditioning
+save_file({k: v.half() for k, v in load_file(te / "t5_v11.safetensors").items()}, te / "t5_v11_fp16.safetensors")
+auto16 = ours["T5CoreLoadEncoder"].execute(model_name="t5_v11_fp16.safetensors", weight_dtype="auto", attention="auto",
+                                           compile=False, device="default").args[0]
+print("Load node, float16 file, auto:", auto16.describe())
+results.append(auto16.plan.weight_dtype == "float16")
+own_dtype = {k: v for k, v in small.items() if k != "dtype"}  # CLIP-L too in ComfyUI's CPU dtype, for both
+ref16 = comfy.sd.load_clip(P("clip_l.safetensors", "t5_v11_fp16.safetensors"), clip_type=comfy.sd.CLIPType.FLUX,
+                           model_options=own_dtype)
+clip_l16 = comfy.sd.load_clip(P("clip_l.safetensors"), clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+                              model_options=own_dtype)
+mine16 = ours["T5CoreEncoderToCLIP"].execute(t5_encoder=auto16, family="flux", clip=clip_l16).args[0]
+results.append(compare("flux, float16 file, auto", text_encode(mine16, TEXTS[0], "flux"),
+                       text_encode(ref16, TEXTS[0], "flux")))
+del ref16, mine16, clip_l16
+mm.unload_all_models()
+
 plain = our_encoder("t5_v11.safetensors")
 fp8 = ours["T5CoreLoadEncoder"].execute(model_name="t5_v11.safetensors", weight_dtype="fp8_e4m3fn",
                                         attention="auto", compile=False, device="default").args[0]
@@ -344,7 +362,8 @@ gguf_q8 = ours["T5CoreLoadEncoder"].execute(model_name="t5_v11-Q8_0.gguf", weigh
                                             compile=False, device="default").args[0]
 fused = ours["T5CoreFuseNorms"].execute(t5_encoder=plain).args[0]
 half = ours["T5CoreFP16Scale"].execute(t5_encoder=fused, mode="custom", custom_scales="1,1,1,1,1,1,1/2" + ",1" * 17)
-for tag, encoder in [("fp32", plain), ("fp8 weights", fp8), ("GGUF Q8_0 blocks", gguf_q8), ("fused norms", fused), ("fp16, scales", half.args[0])]:
+for tag, encoder in [("fp32", plain), ("fp8 weights", fp8), ("GGUF Q8_0 blocks", gguf_q8), ("fused norms", fused),
+                     ("fp16, scales", half.args[0]), ("float16 weights, float32", auto16)]:
     results.append(partial_load_check(tag, encoder))
 
 # LoRA loaders: a LoRA for CLIP-L changes ours as it changes ComfyUI's own encoder (its patches go to the CLIP
@@ -362,6 +381,10 @@ lora_moved = (text_encode(ref_l, TEXTS[0], "flux")[0][1]["pooled_output"]
 print(f"  (the LoRA moves ComfyUI's pooled output by {lora_moved:.2f})")
 results.append(lora_moved > 0.1)
 # a LoRA loader given a diffusion model hands the CLIP every patch, the model's too: the CLIP applies its own only
+# strength_clip 0 (how a LoRA loader says "not the text encoder") with T5 weights in the LoRA: no error, no change
+zero = comfy.sd.load_lora_for_models(None, our_clip("flux", clip_l), {**lora_l, **lora_t5}, 0, 0.0)[1]
+results.append(compare("flux + LoRA with T5 weights, strength 0", text_encode(zero, TEXTS[0], "flux"),
+                       text_encode(ref_clip, TEXTS[0], "flux")))
 with_model = {"diffusion_model.input_blocks.0.weight": ("diff", (torch.zeros(1),)),
               **comfy.lora.load_lora(lora_l, comfy.lora.model_lora_keys_clip(ref_clip.cond_stage_model, {}))}
 applied = our_clip("flux", clip_l).add_patches(with_model)
