@@ -70,6 +70,7 @@ class Variant:
     dtype: torch.dtype
     attn: str  # ours: "sdpa" | "flex"; transformers: "eager" | "sdpa"
     compiled: bool = False  # ours: load_encoder(compile=True); transformers: torch.compile of the whole model
+    weight_dtype: Optional[str] = None  # ours: load_encoder(weight_dtype=), e.g. float16 weights for float32 compute
 
 
 DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -81,6 +82,9 @@ VARIANTS = {v.name: v for v in [
     Variant("ours-sdpa-compiled-fp16", "ours", torch.float16, "sdpa", True),
     Variant("ours-sdpa-fp32", "ours", torch.float32, "sdpa"),
     Variant("ours-sdpa-compiled-fp32", "ours", torch.float32, "sdpa", True),  # CPU: whole stack, frozen weights
+    # float16 weights cast to float32 in each layer (what ComfyUI's Load node's auto does on the CPU)
+    Variant("ours-sdpa-fp32-w16", "ours", torch.float32, "sdpa", weight_dtype="float16"),
+    Variant("ours-sdpa-compiled-fp32-w16", "ours", torch.float32, "sdpa", True, "float16"),
     *[Variant(f"hf-{attn}{'-compiled' if compiled else ''}-{tag}", "hf", dtype, attn, compiled)
       for dtype, tag in DTYPE_TAGS.items() for attn in ("eager", "sdpa") for compiled in (False, True)],
 ]}
@@ -240,7 +244,7 @@ def load_variant(v: Variant, folder, device, shared: Optional[dict] = None):
     `shared` (keyed by both) is given; the compiled one calls torch.compile(model, dynamic=False) on it."""
     if v.impl == "ours":
         enc = load_encoder(folder, dtype=v.dtype, device=device, attn_impl=v.attn, fuse_norms=True,
-                           compile=v.compiled)
+                           compile=v.compiled, weight_dtype=v.weight_dtype)
         return enc, lambda inp: enc.encode(inp.ids, inp.mask)
     shared = {} if shared is None else shared
     key = (v.dtype, v.attn)
