@@ -586,6 +586,11 @@ class Checkpoint:
     def _source_keys(self) -> frozenset:
         return frozenset(self.source.keys())
 
+    @cached_property
+    def _scaled_fp8(self) -> bool:
+        """ComfyUI's scaled fp8 convention: a scale_weight, or the scaled_fp8 marker, anywhere in the file."""
+        return any(k.endswith(("scale_weight", "scaled_fp8")) for k in self._source_keys)
+
     def fp8_scale_key(self, key: str) -> Optional[str]:
         """The source key of the float8 tensor `key`'s ComfyUI `scale_weight`; None in a plain (unscaled) fp8 file.
         In a scaled file (a scale_weight or the scaled_fp8 marker anywhere) a projection without one is a
@@ -598,7 +603,7 @@ class Checkpoint:
                                   f"t5core does not read (it reads ComfyUI's 'scale_weight'): refused")
         if stem + "scale_weight" in self._source_keys:
             return stem + "scale_weight"
-        if key.endswith(_PROJECTIONS) and any(k.endswith(("scale_weight", "scaled_fp8")) for k in self._source_keys):
+        if key.endswith(_PROJECTIONS) and self._scaled_fp8:
             raise CheckpointError(f"{self.path}: float8 tensor {name!r} has no {stem + 'scale_weight'!r}, but the "
                                   f"file is scaled fp8: it is incomplete or corrupt")
         return None
@@ -769,8 +774,7 @@ def _shards_of(folder: Path, index: Path) -> ShardIndex:
 def _resolve(path: Path, subfolder: Optional[str], format: str = "auto"
              ) -> tuple[list[Path], Optional[dict], Path, Optional[ShardIndex]]:
     """-> weight files, config.json contents (if any), folder they came from, the index of sharded files. A
-    distributed checkpoint
-    (`.metadata`, a pickle) is only ever taken when format == "dcp"."""
+    distributed checkpoint (`.metadata`, a pickle) is only ever taken when format == "dcp"."""
     if subfolder:
         if not (path / subfolder).is_dir():
             have = sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []

@@ -127,7 +127,8 @@ class FastT5EncoderModel(PreTrainedModel):
         and weight_dtype ("auto": float8 files keep fp8 weights; "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast", or
         the compute dtype to expand them; t5core.fp8; "float16" / "bfloat16" with float32 compute) are
         t5core.load_encoder's options; a float16 load with fp16_scales="auto" reuses scales saved by
-        save_pretrained, which writes fp8 weights as ComfyUI's scaled fp8 file. Hub names are not downloaded: pass a local path."""
+        save_pretrained, which writes fp8 weights as ComfyUI's scaled fp8 file. Hub names are not downloaded: pass
+        a local path."""
         if model_args:
             raise TypeError(f"from_pretrained takes no positional arguments after the path, got {model_args}")
         _check_loader_kwargs(kwargs)
