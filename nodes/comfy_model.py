@@ -253,8 +253,8 @@ def load(name: str, weight_dtype: str, attention: str, compile: bool, device: st
     # (A GGUF file's blocks are not fp8: no tensor is read to know it.)
     stored = torch.float32 if ckpt.format == "gguf" else ckpt.projection_dtype()
     wdtype = resolve_weight_dtype(weight_dtype if fp8_choice else "auto", dtype, stored, ckpt.path)
-    if weight_dtype == "auto" and encoder.devices()[0].type == "cpu" and stored in CAST_DTYPES.values():
-        wdtype = dtype_name(stored)  # as ComfyUI on the CPU: 16-bit weights, cast to float32 in each layer
+    if dtype == torch.float32 and not fp8_choice and stored in CAST_DTYPES.values():
+        wdtype = dtype_name(stored)  # as ComfyUI: the file's 16-bit weights, float32 compute (CastLinear)
     if wdtype == FAST and not fp8_matmul_support(encoder.devices()[0])[0]:
         log_compute_fallback(encoder.devices()[0])  # at load; once per device (encode would say it otherwise)
     scales = encoder.preset_scales() if dtype == torch.float16 and not encoder.baked_scales else None

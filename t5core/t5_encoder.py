@@ -13,7 +13,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from .fp16_scales import Scales
 from .fp8 import FAST, WEIGHT_DTYPES, Fp8Linear
 from .t5_common import (CAST_DTYPES, RMSNorm, T5AttnImpl, T5Config, T5FFNType, gelu_fn, f32_out_linear, offset_rows,
-                        relative_offset_bias)
+                        relative_offset_bias, split_gemms, split_linear)
 
 # Eager flex attention materialises the scores; on CUDA it must run compiled to be fast. On CPU the eager
 # form is the intended (small-scale) path, so its "called without torch.compile" warning is noise.
@@ -36,13 +36,17 @@ class F32OutLinear(nn.Linear):
 
 
 class CastLinear(nn.Linear):
-    """A bias-free projection whose weight is stored in float16 / bfloat16 and cast to the input's dtype, float32,
-    in each call (ComfyUI's manual_cast): [.., K] float32 -> [.., N] float32, the F32OutLinear contract."""
+    """A bias-free projection whose weight is stored in float16 / bfloat16 for float32 compute (ComfyUI's
+    manual_cast): [.., K] float32 -> [.., N] float32, the F32OutLinear contract. On a GPU with 16-bit tensor cores
+    the activation is split in two 16-bit parts (split_linear: float32's precision, two 16-bit matmuls); elsewhere
+    the weight is cast to float32 in each call."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__(in_features, out_features, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if split_gemms(x.device):
+            return split_linear(x, self.weight)
         return nn.functional.linear(x, self.weight.to(x.dtype))
 
 

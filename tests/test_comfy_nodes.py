@@ -358,27 +358,24 @@ def test_fp8_weight_dtypes(comfy, hf_model):
         encode(comfy, broken, text)
 
 
-def test_auto_on_the_cpu_keeps_a_float16_file_in_float16(comfy, hf_model):
-    """As ComfyUI on the CPU: auto with a float16 file computes in float32 on the float16 weights (half float32's
-    memory), which is transformers' float32 T5 on those weights; fp32 expands them; FP16 Scale computes in float16."""
+def test_float32_compute_keeps_a_float16_file_in_float16(comfy, hf_model):
+    """As ComfyUI: auto on the CPU and fp32 anywhere, with a float16 file, compute in float32 on the float16 weights
+    (half float32's memory), which is transformers' float32 T5 on those weights; FP16 Scale computes in float16."""
     text = "sixteen-bit weights"
     name = "fp16/t5_tiny_fp16.safetensors"
-    (encoder,), ui = run(comfy, LOAD, model_name=name, **{**LOAD_DEFAULTS, "weight_dtype": "auto"})
-    assert "float32, weights float16" in ui["text"][0]
-    (cond,), _ = encode(comfy, encoder, text)
-    model = encoder.patcher().model
-    projections = [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.ffn.ff_in,
-                                                         layer.ffn.ff_out)]
-    assert all(p.weight.dtype == torch.float16 for p in projections)
-    assert model.vocab_embed.weight.dtype == model.layers[0].ln1.weight.dtype == torch.float32
     hf_half = make_hf_encoder(d_model=64, num_heads=4, d_kv=16, d_ff=96, num_layers=3)
     hf_half.load_state_dict({k: v.half().float() for k, v in hf_model.state_dict().items()})
     reference = hf_encode(hf_half, t5_ids(text))
-    assert cond[0][0].dtype == torch.float32 and rel_err(cond[0][0], reference) <= 1e-5
-    (full,), ui = run(comfy, LOAD, model_name=name, **LOAD_DEFAULTS)  # fp32: float32 weights
-    assert "weights" not in ui["text"][0].split(" · ")[0] and full.plan.weight_dtype is None
-    assert full.patcher().model.layers[0].ffn.ff_in.weight.dtype == torch.float32
-    assert rel_err(encode(comfy, full, text)[0][0][0][0], reference) <= 1e-5
+    for weight_dtype in ("auto", "fp32"):
+        (encoder,), ui = run(comfy, LOAD, model_name=name, **{**LOAD_DEFAULTS, "weight_dtype": weight_dtype})
+        assert "float32, weights float16" in ui["text"][0] and encoder.plan.weight_dtype == "float16"
+        (cond,), _ = encode(comfy, encoder, text)
+        model = encoder.patcher().model
+        projections = [m for layer in model.layers for m in (layer.attn.qkv_proj, layer.attn.o_proj,
+                                                             layer.ffn.ff_in, layer.ffn.ff_out)]
+        assert all(p.weight.dtype == torch.float16 for p in projections)
+        assert model.vocab_embed.weight.dtype == model.layers[0].ln1.weight.dtype == torch.float32
+        assert cond[0][0].dtype == torch.float32 and rel_err(cond[0][0], reference) <= 1e-5
     (half, _), ui = run(comfy, FP16, t5_encoder=encoder, mode="preset", custom_scales="")
     assert half.plan.dtype == torch.float16 and half.plan.weight_dtype is None and "weights" not in ui["text"][0]
 

@@ -11,6 +11,8 @@ from t5core.__main__ import main as cli
 from t5core.checkpoint import open_checkpoint
 from t5core.fp16_scales import Scales, scale_residuals_enc
 from t5core.fp8 import Fp8Linear, dequantize, quantize_rows
+from t5core import t5_encoder
+from t5core.t5_common import split_linear
 from t5core.t5_encoder import CastLinear
 from t5core.weight_load import build_empty, load_checkpoint_into
 from tiny_models import make_hf_encoder, rel_err, save_hf
@@ -277,6 +279,37 @@ def test_float16_storage_is_float32_compute_on_the_float16_weights(fp16_folder):
     stored.compile()  # CPU: not frozen into float32 constants
     assert rel_err(stored.encode(ids, mask)[mask], expected[mask]) <= 1e-6
     assert projections(stored.model)[0].weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("wdtype, bound", [(torch.float16, 3e-7), (torch.bfloat16, 4e-6)])
+def test_split_linear_is_float32_compute_on_16_bit_weights(wdtype, bound):
+    """What CastLinear runs on a GPU: the float32 activation as two 16-bit parts, one matmul. Against float64 on the
+    same 16-bit weights, at any magnitude (float16 itself would overflow at 1e5 and flush 1e-30 to zero) and for a
+    row of zeros: float32 compute's error (3e-7) for float16 weights, 2^-16 parts for bfloat16 ones."""
+    torch.manual_seed(0)
+    w = (torch.randn(96, 256) * 0.05).to(wdtype)
+    for size in (1.0, 1e5, 1e-30):
+        x = torch.randn(2, 9, 256, dtype=torch.float64) * size
+        x[0, 0] = 0
+        ref = x @ w.double().t()
+        out = split_linear(x.float(), w)
+        assert out.dtype == torch.float32 and out.shape == (2, 9, 96)
+        assert torch.equal(out[0, 0], torch.zeros(96))
+        assert rel_err(out.double(), ref) < bound, size
+        assert rel_err(x.float() @ w.float().t(), ref) < 3e-7  # float32 compute, the bar
+
+
+def test_float16_storage_split_on_the_gpu_path(fp16_folder, monkeypatch):
+    """The encoder with CastLinear's GPU path (split_linear) taken on the CPU: float32 compute's output."""
+    ids, mask = batch()
+    stored = t5core.load_encoder(fp16_folder, "float32", weight_dtype="float16")
+    expected = stored.encode(ids, mask)  # the weights cast to float32
+    calls = []
+    monkeypatch.setattr(t5_encoder, "split_linear", lambda x, w: calls.append(w) or split_linear(x, w))
+    monkeypatch.setattr(t5_encoder, "split_gemms", lambda device: True)
+    out = stored.encode(ids, mask)
+    assert len(calls) == 4 * stored.config.num_layers
+    assert rel_err(out[mask], expected[mask]) < 1e-6
 
 
 def test_16_bit_storage_of_wider_files_fusion_and_saving(folders, fp16_folder, tmp_path):

@@ -19,7 +19,8 @@ What it does, in phases (each printed with its time; --skip-* flags leave phases
      the cache), then the precision prompt (its conditioning saved; reported as "first encode incl. load") and
      --prompts different prompts (~100-250 T5 tokens). Variants: comfy = ComfyUI's DualCLIPLoader(clip_l, t5xxl,
      flux) -> CLIPTextEncodeFlux / CLIPLoader(umt5, wan) -> CLIPTextEncode; t5core_fp16 / _bf16 / _fp32 = Load T5
-     Encoder (fast) on the same file (weight_dtype fp16 with its preset scales / bf16 / fp32, compiled on the GPU) -> T5
+     Encoder (fast) on the same file (weight_dtype fp16 with its preset scales / bf16 / fp32, the last keeping the
+     file's float16 weights as ComfyUI does, its float32 inputs split for 16-bit matmuls; compiled on the GPU) -> T5
      Encoder to CLIP (fast) (flux: with ComfyUI's CLIPLoader clip_l) -> the same encode node. Blocks, not
      interleaved, so that each variant's peak VRAM is its own (--interleave N adds N rounds alternating between
      the variants, all loaded, for times alone). Time per encode: the prompt's execution_start ->

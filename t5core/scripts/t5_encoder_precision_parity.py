@@ -8,7 +8,7 @@ Default: one precision (--dtype, --fp16-scales, --fuse-norms): per-layer absmax 
 layer with inf/NaN, |diff| quantiles and the relative error.
 --report: the issue-3 comparison on the same inputs: ours float16 with and without residual scales, ours
 bfloat16, ours fp8 storage and fp8 compute (issue 17, t5core.fp8), transformers bfloat16 and float16 (its `wo` kept in float32), "ComfyUI-style" float16 weights
-computed in float32, and transformers float32 as a check of the reference. transformers rows need a Hugging Face
+computed in float32 (expanded to float32, and kept in float16: weight_dtype="float16"), and transformers float32 as a check of the reference. transformers rows need a Hugging Face
 folder (random weights are one).
 
   python -m t5core precision --size xxl --device cuda --report --fuse-norms   # XXL, 1 x 512 random ids
@@ -208,6 +208,9 @@ def report_configs(args, path, device):
         ("ComfyUI-style: fp16 weights, fp32 compute",  # ComfyUI stores fp16 and computes in float32
          lambda: load_model(path, torch.float16, device, attn_impl="sdpa", fp16_scales=None)
          .set_weight_dtype(torch.float32), forward),
+        ("ours fp32 on fp16 weights",  # projections kept in float16, the rest float32 (the row above rounds all);
+         # on CUDA through split_linear's 16-bit matmuls
+         lambda: load_model(path, torch.float32, device, attn_impl=args.attn, weight_dtype="float16"), forward),
         ("transformers fp32 (reference check)", lambda: load_hf(path, torch.float32, "eager", device), hf_forward),
     ]
 
