@@ -228,31 +228,37 @@ def split_gemms(device: torch.device) -> bool:
     return device.type == "cuda" and _MM_OUT_DTYPE and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
+# Rounding a float32 to a 16-bit float's mantissa (10 / 7 bits) on its int32 bits: add half the dropped bits' range,
+# then clear them (to nearest, ties away from zero; still a float32)
+_ROUND_BITS = {torch.float16: 13, torch.bfloat16: 16}
+
+
 def split_linear(x: FloatTensor, weight: Tensor) -> FloatTensor:
     """x [.., K] float32 @ weight[N, K].T, weight float16 / bfloat16 -> [.., N] float32, at about float32's precision
-    on 16-bit tensor cores: each row of x is split into two parts in weight's dtype, x = (hi + lo / 2^12) / s (float16:
-    s = the power of two that puts the row's largest |value| in (2^14, 2^15], inside float16's range; bfloat16 has
-    float32's range: s = 1, and lo = x - hi unscaled), and the stacked parts [2M, K] go through one matmul with float32
-    output. hi is exact; lo rounds |x - hi|, so x is kept to about 2^-22 (float16) / 2^-16 (bfloat16) of its size,
-    against the weight's own 2^-11 / 2^-8: the result is float32 compute on the 16-bit weights (ComfyUI's manual
-    cast), at twice a 16-bit matmul's cost instead of a float32 one's. Off CUDA the matmul runs in float32 on the
-    same parts (the same products; a test's view of the GPU path)."""
+    on 16-bit tensor cores: each row of x is split into two parts in weight's dtype, x = (hi + lo / c) / s, and the
+    stacked parts [2M, K] go through one matmul with float32 output. float16: s is the power of two that puts the
+    row's largest |value| in (2^14, 2^15], inside float16's range, and c = 2^12; bfloat16 has float32's range: s = c =
+    1. hi is x rounded to the 16-bit mantissa on its bits (an integer add and mask: inductor may drop a float16
+    round trip inside one kernel, never a mask), exact in weight's dtype; lo rounds x - hi, so x is kept to about
+    2^-22 (float16) / 2^-16 (bfloat16) of its size, against the weight's own 2^-11 / 2^-8: float32 compute on the
+    16-bit weights (ComfyUI's manual cast), at twice a 16-bit matmul's cost instead of a float32 one's. Off CUDA the
+    matmul runs in float32 on the same parts (the same products; a test's view of the GPU path)."""
     xs = x.reshape(-1, x.shape[-1]).float()  # [M, K]
     if weight.dtype == torch.float16:
         amax = xs.abs().amax(-1, keepdim=True)  # [M, 1]
         s = torch.exp2((15 - torch.ceil(torch.log2(amax))).clamp(max=100))  # rows of zeros: 2^100, not inf
-        xs, lo_scale = xs * s, 2.0**12
+        xs, c = xs * s, 2.0**12
     else:
-        s, lo_scale = None, 1.0
-    hi = xs.to(weight.dtype)
-    lo = ((xs - hi.float()) * lo_scale).to(weight.dtype)
-    parts = torch.cat([hi, lo])  # [2M, K]
+        s, c = None, 1.0
+    dropped = _ROUND_BITS[weight.dtype]
+    hi = ((xs.view(torch.int32) + (1 << dropped - 1)) & -(1 << dropped)).view(torch.float32)
+    parts = torch.cat([hi, (xs - hi) * c]).to(weight.dtype)  # [2M, K]
     if x.is_cuda and _MM_OUT_DTYPE:
         y = torch.mm(parts, weight.t(), out_dtype=torch.float32)
     else:
         y = parts.float() @ weight.float().t()
     M = xs.shape[0]
-    y = y[:M] + y[M:] * (1 / lo_scale)  # [M, N]
+    y = y[:M] + y[M:] * (1 / c)  # [M, N]
     return (y if s is None else y / s).view(*x.shape[:-1], -1)
 
 
