@@ -251,7 +251,7 @@ def split_linear(x: FloatTensor, weight: Tensor) -> FloatTensor:
     else:
         s, c = None, 1.0
     dropped = _ROUND_BITS[weight.dtype]
-    hi = ((xs.view(torch.int32) + (1 << dropped - 1)) & -(1 << dropped)).view(torch.float32)
+    hi = ((xs.view(torch.int32) + (1 << (dropped - 1))) & -(1 << dropped)).view(torch.float32)
     parts = torch.cat([hi, (xs - hi) * c]).to(weight.dtype)  # [2M, K]
     if x.is_cuda and _MM_OUT_DTYPE:
         y = torch.mm(parts, weight.t(), out_dtype=torch.float32)

@@ -7,9 +7,10 @@ ids (--batch x --seq-len). The reference is our float32 encoder (SDPA); errors a
 Default: one precision (--dtype, --fp16-scales, --fuse-norms): per-layer absmax next to float32's, the first
 layer with inf/NaN, |diff| quantiles and the relative error.
 --report: the issue-3 comparison on the same inputs: ours float16 with and without residual scales, ours
-bfloat16, ours fp8 storage and fp8 compute (issue 17, t5core.fp8), transformers bfloat16 and float16 (its `wo` kept in float32), "ComfyUI-style" float16 weights
-computed in float32 (expanded to float32, and kept in float16: weight_dtype="float16"), and transformers float32 as a check of the reference. transformers rows need a Hugging Face
-folder (random weights are one).
+bfloat16, ours fp8 storage and fp8 compute (issue 17, t5core.fp8), transformers bfloat16 and float16 (its `wo`
+kept in float32), "ComfyUI-style" float16 weights computed in float32 (expanded to float32, and kept in float16:
+weight_dtype="float16"), and transformers float32 as a check of the reference. transformers rows need a Hugging
+Face folder (random weights are one).
 
   python -m t5core precision --size xxl --device cuda --report --fuse-norms   # XXL, 1 x 512 random ids
   python -m t5core precision --model t5xxl_fp16.safetensors --tokenizer spiece.model --prompt "a cat" --dtype float16
