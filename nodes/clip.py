@@ -6,7 +6,8 @@ own tokenizer. Then:
   * the `transformer` of each of its T5 SDClipModels becomes a T5Transformer: ComfyUI's T5 call contract (ids or
     input embeddings, attention mask, hidden-layer index) served by the T5Encoder's t5core model;
   * its CLIP-L / CLIP-G / Llama parts (the family's options: layer, pooling) run on the CLIP input's weights (from
-    ComfyUI's CLIP loaders), and weight patches for them go to the CLIP input's patcher;
+    ComfyUI's CLIP loaders), and weight patches for them go to the CLIP input's patcher (those for the T5's
+    projections to the T5Encoder's);
   * its patcher is the T5Encoder's ModelPatcher, so ComfyUI's memory manager loads and offloads the T5 weights;
     the CLIP input's patcher is loaded beside it when the CLIP encodes.
 Everything else (tokenizing, prompt weights, embeddings, padding, masks, zero-out, the family's conditioning) is
@@ -122,16 +123,62 @@ class Embedding(torch.nn.Module):
         return out if out_dtype is None else out.to(out_dtype)
 
 
+def t5_projections(config) -> dict[str, tuple[str, Optional[tuple[int, int, int]]]]:
+    """ComfyUI's names of its T5's projection weights (after the T5's own prefix: 'encoder.block.3.layer.0.SelfAttention.k.weight')
+    -> (the t5core weight holding it, its rows there as ComfyUI's patch offset (dim 0, first row, rows), or None
+    for the whole weight): q, k, v are rows of qkv_proj, wi_0 and wi_1 of ff_in."""
+    inner, ff = config.inner_dim, config.ff_dim
+    wi = ("wi_0", "wi_1") if config.ffn_type == T5FFNType.GEGLU else ("wi",)
+    names = {}
+    for i in range(config.num_layers):
+        block, ours = f"encoder.block.{i}.layer.", f"layers.{i}."
+        for j, p in enumerate("qkv"):
+            names[f"{block}0.SelfAttention.{p}.weight"] = (ours + "attn.qkv_proj.weight", (0, j * inner, inner))
+        names[f"{block}0.SelfAttention.o.weight"] = (ours + "attn.o_proj.weight", None)
+        for j, p in enumerate(wi):
+            names[f"{block}1.DenseReluDense.{p}.weight"] = (ours + "ffn.ff_in.weight",
+                                                           (0, j * ff, ff) if len(wi) > 1 else None)
+        names[f"{block}1.DenseReluDense.wo.weight"] = (ours + "ffn.ff_out.weight", None)
+    return names
+
+
 def comfy_t5_names(module: "T5Transformer", state_dict: dict, prefix: str, local_metadata) -> None:
     """The names of ComfyUI's T5 projection weights, as empty meta tensors, in the state dict: ComfyUI's LoRA
     loaders map a LoRA's T5 keys onto the names a CLIP's state dict has, so a LoRA for the T5 reaches the CLIP's
-    add_patches (an error there: t5core's T5 takes no weight patches) instead of being dropped with a log line."""
-    gated = module.encoder.config.ffn_type == T5FFNType.GEGLU
-    for i in range(module.num_layers):
-        block = f"{prefix}encoder.block.{i}.layer."
-        for name in [f"0.SelfAttention.{p}" for p in "qkvo"] + [f"1.DenseReluDense.{p}" for p in
-                                                               (("wi_0", "wi_1") if gated else ("wi",)) + ("wo",)]:
-            state_dict[f"{block}{name}.weight"] = torch.empty(0, device="meta")
+    add_patches, which hands it to t5core's weights (t5_weight_patches)."""
+    for name in t5_projections(module.encoder.config):
+        state_dict[prefix + name] = torch.empty(0, device="meta")
+
+
+def t5_weight_patches(encoder, prefix: str, patches: dict) -> dict:
+    """ComfyUI's patches for its T5's projection weights (keys `prefix` + a t5_projections name, or (name, offset[,
+    function])) -> the same patches for the T5Encoder's weights, keyed as ComfyUI's ModelPatcher keys them:
+    (t5core's weight, its rows[, function]). Its patcher applies them to the weights as ComfyUI's own T5 holds them
+    (the projection modules' convert_weight / set_weight: fp8 row scales and float16 residual factors taken out and
+    put back, nodes/lowvram.py). ValueError for what t5core's T5 cannot take: patches for its embedding, norms or
+    position bias, patches on norm-fused or GGUF weights."""
+    model = encoder.patcher().model
+    names = t5_projections(model.config)
+    out = {}
+    for key, patch in patches.items():
+        name, offset, function = (key, None, None) if isinstance(key, str) else (key[0], key[1], (*key[2:], None)[0])
+        if name.removeprefix(prefix) not in names:
+            raise ValueError(f"T5 Encoder to CLIP (fast): {name!r}: t5core's T5 takes weight patches (a LoRA, a "
+                             f"merge) for its q, k, v, o, wi and wo projections only")
+        ours, rows = names[name.removeprefix(prefix)]
+        if not model.config.elementwise_affine:
+            raise ValueError(f"T5 Encoder to CLIP (fast): {name!r}: {encoder.plan.path} has its norm scales fused "
+                             f"into these weights (T5 Fuse Norms); load it without Fuse Norms to patch its T5")
+        if not isinstance(getattr(model.get_submodule(ours.rpartition(".")[0]), "weight", None), torch.nn.Parameter):
+            raise ValueError(f"T5 Encoder to CLIP (fast): {name!r}: {encoder.plan.path} keeps this weight as GGUF "
+                             f"blocks, which take no weight patches")
+        if offset is not None and rows is not None and offset[0] != 0:
+            raise ValueError(f"T5 Encoder to CLIP (fast): {name!r}: a patch of part of its columns (offset "
+                             f"{offset}) on rows of {ours}")
+        if offset is not None:
+            rows = offset if rows is None else (0, rows[1] + offset[1], offset[2])
+        out[(ours, rows, function) if function else (ours, rows) if rows else ours] = patch
+    return out
 
 
 class T5Transformer(torch.nn.Module):
@@ -177,8 +224,9 @@ def patch_key_name(key) -> str:
 def clip_class():
     """comfy.sd.CLIP whose non-T5 parts are the CLIP input's: its load_model also loads their weights (whole, or
     partially where the GPU is short of room), and weight patches for them (LoRA loaders, CLIP merges) go to the
-    input's patcher, cloned with the CLIP. t5core's T5 takes no weight patches: those, and using this CLIP as a merge
-    source or saving it, are errors rather than silently ignored."""
+    input's patcher, cloned with the CLIP; those for the T5's projections go to its own patcher (t5_weight_patches).
+    Patches t5core's T5 cannot take, and using this CLIP as a merge source or saving it, are errors rather than
+    silently ignored."""
     import comfy.model_management as mm
     import comfy.sd
 
@@ -199,14 +247,15 @@ def clip_class():
 
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
             """-> the keys applied, as ModelPatcher.add_patches (a LoRA loader passes the diffusion model's too).
-            Patches for the T5 that change nothing (a LoRA loader's strength_clip 0, a merge at ratio 1) are taken
-            as applied; others are an error."""
-            t5 = [k for k in patches if patch_key_name(k).split(".")[0] == self.t5_name]
+            Patches for the T5's projections go to this CLIP's patcher (the T5Encoder's, cloned with the CLIP) as
+            patches of t5core's weights; those that change nothing (a LoRA loader's strength_clip 0, a merge at
+            ratio 1) are taken as applied whatever they name."""
+            t5 = {k: v for k, v in patches.items() if patch_key_name(k).split(".")[0] == self.t5_name}
             if t5 and (strength_patch != 0 or strength_model != 1):
-                raise ValueError(f"T5 Encoder to CLIP (fast): this CLIP's T5 is t5core's and takes no weight patches "
-                                 f"(a CLIP merge, or a LoRA for the T5): {patch_key_name(t5[0])!r}; its "
-                                 f"{' / '.join(self.part_names) or 'other parts'} do")
-            return t5 + [k for p in self.part_patchers for k in p.add_patches(patches, strength_patch, strength_model)]
+                transformer = getattr(self.cond_stage_model, self.t5_name).transformer
+                ours = t5_weight_patches(transformer.encoder, f"{self.t5_name}.transformer.", t5)
+                self.patcher.add_patches(ours, strength_patch, strength_model)
+            return [*t5, *(k for p in self.part_patchers for k in p.add_patches(patches, strength_patch, strength_model))]
 
         def get_key_patches(self):
             raise ValueError("T5 Encoder to CLIP (fast): this CLIP cannot be merged into another: its T5 is t5core's "

@@ -215,12 +215,13 @@ class T5Encoder:
 
 def refuse_weight_hooks(patcher, hooks, target_dict, model_options, registered) -> None:
     """ComfyUI's weight hooks (CreateHookLora, SetClipHooks) patch a CLIP's patcher by ComfyUI's weight names, which
-    t5core's model does not have: an error, not a LoRA silently left out."""
+    t5core's model does not have (a LoRA loader's patches are translated, nodes/clip.py: hooks are not): an error,
+    not a LoRA silently left out."""
     import comfy.hooks
 
     if hooks.get_type(comfy.hooks.EnumHookType.Weight):
         raise ValueError("T5 Encoder to CLIP (fast): weight hooks (a hook LoRA on the CLIP) are not supported by "
-                         "t5core's T5; apply the LoRA with a LoRA loader node (CLIP-L / CLIP-G parts only)")
+                         "t5core's T5; apply the LoRA with a LoRA loader node")
 
 
 # -- what the nodes do ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Small stand-ins for the ComfyUI modules the nodes touch, with ComfyUI's signatures (read from its source):
 folder_paths, comfy (its package folder holds the bundled T5 tokenizer), comfy.model_management,
-comfy.model_patcher (with its partial loading), comfy.patcher_extension, comfy.ops (the cast-weights mixin), comfy.sd (CLIP, with toy CLIP-L /
-CLIP-G encoders) and, optionally, comfy_api.latest.
+comfy.model_patcher (with its partial loading), comfy.patcher_extension, comfy.ops (the cast-weights mixin), comfy.float
+(its rounding, 32- and 16-bit), comfy.sd (CLIP, with toy CLIP-L / CLIP-G encoders) and, optionally, comfy_api.latest.
 
 install(root, ...) puts them into sys.modules; the caller removes them again (see the fixtures in the tests).
 """
@@ -175,13 +175,14 @@ class ModelPatcher:
         return n
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        """Records the patches for weights the model has (by name, or (name, offset, ...)) -> their keys; not
-        applied here (tools/check_against_comfyui.py runs ComfyUI's)."""
+        """Records the patches for weights the model has (by name, or (name, offset[, function])) as ComfyUI does:
+        (strength_patch, patch, strength_model, offset, function) by weight name -> their keys; not applied here
+        (tools/check_against_comfyui.py runs ComfyUI's)."""
         names = self.model.state_dict().keys()
         added = [k for k in patches if (k if isinstance(k, str) else k[0]) in names]
         for k in added:
-            self.patches.setdefault(k if isinstance(k, str) else k[0], []).append((strength_patch, patches[k],
-                                                                                     strength_model))
+            name, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], (*k[2:], None)[0])
+            self.patches.setdefault(name, []).append((strength_patch, patches[k], strength_model, offset, function))
         return added
 
     def get_key_patches(self):
@@ -756,9 +757,19 @@ def core_modules(comfy_path: list[str]) -> dict[str, types.ModuleType]:
     comfy.patcher_extension.CallbacksMP = CallbacksMP
     comfy.ops = types.ModuleType("comfy.ops")
     comfy.ops.CastWeightBiasOp = CastWeightBiasOp
+    comfy.float = types.ModuleType("comfy.float")
+    comfy.float.stochastic_rounding = stochastic_rounding
     return {"comfy": comfy, "comfy.model_management": comfy.model_management,
             "comfy.model_patcher": comfy.model_patcher, "comfy.patcher_extension": comfy.patcher_extension,
-            "comfy.ops": comfy.ops}
+            "comfy.ops": comfy.ops, "comfy.float": comfy.float}
+
+
+def stochastic_rounding(value, dtype, seed=0):
+    """comfy.float.stochastic_rounding for 32- and 16-bit dtypes (a plain cast, as ComfyUI's); ComfyUI rounds fp8
+    stochastically, which this stand-in does not do."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"comfy_fakes.stochastic_rounding: {dtype}")
+    return value.to(dtype)
 
 
 def install(root: Path, tokenizer_dir: Path, with_v3: bool = False) -> dict[str, types.ModuleType]:

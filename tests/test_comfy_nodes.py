@@ -522,11 +522,69 @@ def test_wan_through_comfyuis_encoder(comfy, hf_umt5):
     assert torch.equal(prompt_cond[0][0], tokens)
 
 
+@pytest.mark.parametrize("how", ["fp32", "float16 scaled", "fp8"])
+def test_t5_patches_address_the_weights_comfyuis_t5_has(comfy, hf_model, how):
+    """A LoRA for the T5 (ComfyUI's T5 key names, as its LoRA loaders map them) becomes patches of t5core's weights,
+    which ComfyUI's patcher applies to each weight as ComfyUI's own T5 holds it: for every T5 projection name, the
+    rows its patch names, through the module's convert_weight, are that transformers weight (float16 residual
+    factors and fp8 row scales taken out), and set_weight stores them back bit for bit."""
+    settings = {"fp32": {}, "float16 scaled": {"weight_dtype": "fp16"}, "fp8": {"weight_dtype": "fp8_e4m3fn"}}[how]
+    encoder = load(comfy, **settings)
+    if how == "float16 scaled":
+        encoder = run(comfy, FP16, t5_encoder=encoder, mode="custom", custom_scales="1/2,1,1;1/4,1,1/8")[0][0]
+    (clip,), _ = run(comfy, TO_CLIP, t5_encoder=encoder, family="chroma")
+    hf = hf_model.state_dict()
+    keys = sorted(k for k in hf if ".layer." in k and "norm" not in k and "relative_attention_bias" not in k)
+    assert len(keys) == 3 * 7  # q k v o wi_0 wi_1 wo, 3 layers
+    patches = {f"t5xxl.transformer.{k}": ("diff", (torch.tensor([float(i)]),)) for i, k in enumerate(keys)}
+    lora = clip.clone()
+    assert sorted(lora.add_patches(patches, 0.5)) == sorted(patches)
+    model = lora.patcher.model
+    if how == "float16 scaled":
+        assert {m.residual_factor for m in model.modules() if hasattr(m, "residual_factor")} > {1.0, 1 / 2, 1 / 64}
+    seen = []
+    for ours, recorded in lora.patcher.patches.items():
+        module = model.get_submodule(ours.removesuffix(".weight"))
+        comfy_weight = module.convert_weight(module.weight.float())
+        for strength, (kind, (tag,)), strength_model, offset, function in recorded:
+            assert (strength, kind, strength_model, function) == (0.5, "diff", 1.0, None)
+            want, rows = hf[keys[int(tag)]], comfy_weight if offset is None else comfy_weight.narrow(*offset)
+            if how == "fp8":
+                assert rel_err(rows, want) < 0.06, keys[int(tag)]  # e4m3's rounding
+            else:  # (float16 weights scaled down lose the bits of values that become subnormal: 2^-24 each)
+                assert torch.allclose(rows, want.to(module.weight.dtype).float(), rtol=0,
+                                      atol=0 if how == "fp32" else 2**-24 / module.residual_factor), keys[int(tag)]
+            seen.append(keys[int(tag)])
+        if how != "fp8":  # (ComfyUI rounds fp8 stochastically: tools/check_against_comfyui.py runs its own)
+            assert torch.equal(module.set_weight(comfy_weight, return_weight=True), module.weight)
+    assert sorted(seen) == keys
+    assert not clip.patcher.patches  # the clone's only
+
+
+def test_t5_patches_that_cannot_apply_are_errors(comfy):
+    """Patches for the T5's norms (a CLIP merge), on norm-fused weights or on GGUF blocks: errors naming the key and
+    why; at strength 0 (a LoRA loader's strength_clip 0) nothing is applied and nothing fails."""
+    q = "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"
+    norm = "t5xxl.transformer.encoder.block.0.layer.0.layer_norm.weight"
+    fused = run(comfy, FUSE, t5_encoder=load(comfy))[0][0]
+    cases = [(load(comfy), norm, r"'t5xxl\.transformer\.encoder\.block\.0\.layer\.0\.layer_norm\.weight': t5core's T5 "
+                                 r"takes weight patches \(a LoRA, a merge\) for its q, k, v, o, wi and wo projections only"),
+             (fused, q, r"t5_tiny\.safetensors has its norm scales fused into these weights \(T5 Fuse Norms\)")]
+    if HAVE_GGUF:
+        cases.append((load(comfy, GGUF_NAME), q, r"keeps this weight as GGUF blocks, which take no weight patches"))
+    for encoder, key, message in cases:
+        (clip,), _ = run(comfy, TO_CLIP, t5_encoder=encoder, family="chroma")
+        with pytest.raises(ValueError, match=message):
+            clip.clone().add_patches({key: ("diff", (torch.zeros(1),))})
+        lora = clip.clone()
+        assert lora.add_patches({key: ("diff", (torch.zeros(1),))}, 0.0) == [key] and not lora.patcher.patches
+
+
 def test_the_family_sets_its_parts_options_and_lora_patches_reach_them(comfy, hf_model):
     """The CLIP-L runs with the family's options on the input's weights: a DualCLIPLoader-style input projects its
     pooled vector, Flux's CLIP-L does not. Weight patches for it (a LoRA loader's, on a clone) go to a clone of the
-    input's patcher; patches for the T5, merging from this CLIP and saving it are errors naming why; unloading the
-    encoder frees its CUDA graphs."""
+    input's patcher, and for the T5 to a clone of the encoder's; merging from this CLIP and saving it are errors
+    naming why; unloading the encoder frees its CUDA graphs."""
     projecting = comfy_fakes.toy_clip(("l", "g"))  # DualCLIPLoader sd3 / sdxl: CLIP-L pooled projected
     assert projecting.cond_stage_model.clip_l.return_projected_pooled
     encoder = load(comfy)
@@ -541,11 +599,10 @@ def test_the_family_sets_its_parts_options_and_lora_patches_reach_them(comfy, hf
     assert lora.add_patches({key: ("diff", torch.zeros(768, 768)), "diffusion_model.x.weight": ("diff", 0)}, 0.5) == [key]
     assert list(lora.part_patchers[0].patches) == [key] and not projecting.patcher.patches  # the clone's only
     assert lora.part_patchers[0].model is projecting.patcher.model and lora.patcher.model is clip.patcher.model
-    t5_key = "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"
-    with pytest.raises(ValueError, match=r"this CLIP's T5 is t5core's and takes no weight patches \(a CLIP merge, "
-                                         r"or a LoRA for the T5\): 't5xxl\.transformer.*'; its clip_l do"):
-        lora.add_patches({t5_key: ("diff", torch.zeros(1))})
-    assert lora.add_patches({t5_key: ("diff", torch.zeros(1))}, 0.0) == [t5_key]  # strength_clip 0: changes nothing
+    t5_key = "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.weight"
+    assert lora.add_patches({t5_key: ("diff", torch.zeros(1))}) == [t5_key]
+    assert lora.patcher.patches["layers.0.attn.qkv_proj.weight"][0][3] == (0, 64, 64)  # k: rows 64-127 of qkv
+    assert not clip.patcher.patches  # the clone's only
     with pytest.raises(ValueError, match=r"cannot be merged into another"):
         clip.get_key_patches()
     with pytest.raises(ValueError, match=r"cannot be saved"):

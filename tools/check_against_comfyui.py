@@ -2,7 +2,9 @@
 CONDITIONING of ComfyUI's own text-encode nodes with the CLIP from "T5 Encoder to CLIP (fast)" equals that with
 ComfyUI's own text encoder (its CLIP loaders picking the family from the type argument) on the same random weights,
 within 1e-5 in float32; also the Encode Prompt node, the memory manager, partial loading by ComfyUI's ModelPatcher
-(fp32, fp8, GGUF, fused norms, float16: the conditioning equals the whole model's within 1e-6), and the error cases.
+(fp32, fp8, GGUF, fused norms, float16: the conditioning equals the whole model's within 1e-6), LoRAs through
+ComfyUI's LoRA loader (CLIP-L and T5: equal to ComfyUI's own CLIP with the LoRA; float16 weights, partial loads, a
+scaled fp8 file against ComfyUI's own fp8 CLIP), and the error cases.
 
 Not part of the test run (ComfyUI is not on PyPI). Usage, with a ComfyUI checkout and its requirements installed:
     COMFYUI_DIR=/path/to/ComfyUI python tools/check_against_comfyui.py
@@ -337,6 +339,23 @@ def partial_load_check(tag, encoder):
     return ok
 
 
+# LoRAs, in the key names of kohya (CLIP-L) and OneTrainer (Flux's T5: lora_te2_), rank 4: one for CLIP-L's q, one
+# for every T5 projection (q, k, v and wi_0 / wi_1 are rows of t5core's fused qkv and ff_in weights)
+torch.manual_seed(0)
+lora_l = {f"lora_te1_text_model_encoder_layers_{i}_self_attn_q_proj.lora_{ud}.weight": torch.randn(*shape) * 0.5
+          for i in range(12) for ud, shape in (("up", (768, 4)), ("down", (4, 768)))}
+INNER, FF = SMALL["num_heads"] * SMALL["d_kv"], SMALL["d_ff"]
+T5_PROJ = {**{f"0_SelfAttention_{p}": (INNER, 4096) for p in "qkv"}, "0_SelfAttention_o": (4096, INNER),
+           **{f"1_DenseReluDense_{p}": (FF, 4096) for p in ("wi_0", "wi_1")}, "1_DenseReluDense_wo": (4096, FF)}
+lora_t5 = {f"lora_te2_encoder_block_{i}_layer_{p}.lora_{ud}.weight": torch.randn(*shape) * 0.02
+           for i in range(24) for p, (out_f, in_f) in T5_PROJ.items() for ud, shape in (("up", (out_f, 4)), ("down", (4, in_f)))}
+
+
+def with_lora(clip, lora, strength=1.0):
+    """ComfyUI's LoraLoader on a CLIP (no diffusion model): a patched clone."""
+    return comfy.sd.load_lora_for_models(None, clip, lora, 0, strength)[1]
+
+
 # a float16 file on the CPU: weight_dtype auto keeps the projections' float16 weights and casts them to float32 in
 # each layer, as ComfyUI's CLIPLoader does on the CPU (its own dtype choice: no "dtype" option): the same conditioning
 save_file({k: v.half() for k, v in load_file(te / "t5_v11.safetensors").items()}, te / "t5_v11_fp16.safetensors")
@@ -352,6 +371,9 @@ clip_l16 = comfy.sd.load_clip(P("clip_l.safetensors"), clip_type=comfy.sd.CLIPTy
 mine16 = ours["T5CoreEncoderToCLIP"].execute(t5_encoder=auto16, family="flux", clip=clip_l16).args[0]
 results.append(compare("flux, float16 file, auto", text_encode(mine16, TEXTS[0], "flux"),
                        text_encode(ref16, TEXTS[0], "flux")))
+# a T5 LoRA on float16 weights: ComfyUI rounds the patched weights to float16; so does t5core's set_weight
+results.append(compare("flux, float16 file, auto, + T5 LoRA", text_encode(with_lora(mine16, lora_t5), TEXTS[0], "flux"),
+                       text_encode(with_lora(ref16, lora_t5), TEXTS[0], "flux")))
 del ref16, mine16, clip_l16
 mm.unload_all_models()
 
@@ -367,30 +389,80 @@ for tag, encoder in [("fp32", plain), ("fp8 weights", fp8), ("GGUF Q8_0 blocks",
     results.append(partial_load_check(tag, encoder))
 
 # LoRA loaders: a LoRA for CLIP-L changes ours as it changes ComfyUI's own encoder (its patches go to the CLIP
-# input's patcher, cloned); one with T5 weights, weight hooks, merging from ours and saving ours are errors
-torch.manual_seed(0)
-lora_l = {f"lora_te1_text_model_encoder_layers_{i}_self_attn_q_proj.lora_{ud}.weight": torch.randn(*shape) * 0.5
-          for i in range(12) for ud, shape in (("up", (768, 4)), ("down", (4, 768)))}
-lora_t5 = {f"lora_te2_encoder_block_{i}_layer_0_SelfAttention_q.lora_{ud}.weight": torch.randn(*shape) * 0.05
-           for i in range(24) for ud, shape in (("up", (SMALL["num_heads"] * SMALL["d_kv"], 4)), ("down", (4, 4096)))}
-mine_l = comfy.sd.load_lora_for_models(None, our_clip("flux", clip_l), lora_l, 0, 1.0)[1]
-ref_l = comfy.sd.load_lora_for_models(None, ref_clip, lora_l, 0, 1.0)[1]
-results.append(compare("flux + CLIP-L LoRA", text_encode(mine_l, TEXTS[0], "flux"), text_encode(ref_l, TEXTS[0], "flux")))
-lora_moved = (text_encode(ref_l, TEXTS[0], "flux")[0][1]["pooled_output"]
-              - text_encode(ref_clip, TEXTS[0], "flux")[0][1]["pooled_output"]).abs().max().item()
-print(f"  (the LoRA moves ComfyUI's pooled output by {lora_moved:.2f})")
-results.append(lora_moved > 0.1)
+# input's patcher, cloned), and so does one for the T5 (ComfyUI's patcher applies it to t5core's weights, taken as
+# ComfyUI's own T5 holds them); weight hooks, merging from ours and saving ours are errors
+def moved(a, b):
+    """How far a LoRA moved the conditioning: max |diff| of the conditioning tensors."""
+    return (a[0][0].double() - b[0][0].double()).abs().max().item()
+
+
+base, ref_base = text_encode(our_clip("flux", clip_l), TEXTS[0], "flux"), text_encode(ref_clip, TEXTS[0], "flux")
+for tag, lora in [("CLIP-L LoRA", lora_l), ("T5 LoRA", lora_t5), ("CLIP-L + T5 LoRA", {**lora_l, **lora_t5})]:
+    mine, ref = (text_encode(with_lora(c, lora), TEXTS[0], "flux") for c in (our_clip("flux", clip_l), ref_clip))
+    results.append(compare(f"flux + {tag}", mine, ref))
+    change = max(moved(ref, ref_base), (ref[0][1]["pooled_output"] - ref_base[0][1]["pooled_output"]).abs().max().item())
+    print(f"  (the {tag} moves ComfyUI's conditioning by {change:.2f})")
+    results.append(change > 0.1)
+t5_ref = text_encode(with_lora(ref_clip, lora_t5), TEXTS[0], "flux")
+mm.unload_all_models()  # unpatched: the weights are the file's again
+results.append(compare("flux after the LoRA is unloaded", text_encode(our_clip("flux", clip_l), TEXTS[0], "flux"),
+                       ref_base))
+# partially loaded, the modules left behind apply the LoRA as they stream (ComfyUI's LowVramPatch per call)
+patched = with_lora(our_clip("flux", clip_l), lora_t5)
+mm.load_models_gpu([patched.patcher])
+whole_lora = flux_conditioning(patched, TEXTS[0])
+for budget in (0.3 * patched.patcher.model_size(), 0.1):  # 30% of the model; nothing (--novram)
+    patched.patcher.detach()
+    patched.patcher.load(torch.device("cpu"), lowvram_model_memory=int(budget) or budget)
+    streamed = streamed_modules(patched.patcher.model)
+    diff = (flux_conditioning(patched, TEXTS[0]).double() - whole_lora.double()).abs().max().item()
+    print(f"{'OK  ' if diff <= 1e-6 and streamed else 'FAIL'} T5 LoRA, partially loaded ({streamed} modules streamed): "
+          f"max |diff| {diff:.1e} from the whole model")
+    results.append(diff <= 1e-6 and streamed > 0)
+mm.unload_all_models()
+# fp8 weights: a file in ComfyUI's scaled fp8 convention (e4m3, one scale per tensor), loaded by ComfyUI's CLIPLoader
+# and by ours (its rows' scales are the tensor's): the same conditioning; with the T5 LoRA both round the patched
+# weights to fp8 again (stochastically, their scales kept), and ours must be as close to ComfyUI's float32 CLIP with
+# the LoRA as ComfyUI's own fp8 CLIP is
+PROJ_SUFFIXES = tuple(f".{p}.weight" for p in ("q", "k", "v", "o", "wi_0", "wi_1", "wo"))
+scaled = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+for k, v in load_file(te / "t5_v11.safetensors").items():
+    if k.endswith(PROJ_SUFFIXES):
+        scale = v.abs().max() / torch.finfo(torch.float8_e4m3fn).max
+        scaled[k], scaled[k.removesuffix("weight") + "scale_weight"] = (v / scale).to(torch.float8_e4m3fn), scale
+    else:
+        scaled[k] = v
+save_file(scaled, te / "t5_v11_fp8_scaled.safetensors")
+comfy_fp8 = comfy.sd.load_clip(P("clip_l.safetensors", "t5_v11_fp8_scaled.safetensors"),
+                               clip_type=comfy.sd.CLIPType.FLUX, model_options=small)
+ours_fp8 = ours["T5CoreEncoderToCLIP"].execute(t5_encoder=ours["T5CoreLoadEncoder"].execute(
+    model_name="t5_v11_fp8_scaled.safetensors", weight_dtype="auto", attention="auto", compile=False,
+    device="default").args[0], family="flux", clip=clip_l).args[0]
+results.append(compare("flux, scaled fp8 file", text_encode(ours_fp8, TEXTS[0], "flux"),
+                       text_encode(comfy_fp8, TEXTS[0], "flux")))
+comfy_err = moved(text_encode(with_lora(comfy_fp8, lora_t5), TEXTS[0], "flux"), t5_ref)
+mm.unload_all_models()
+ours_err = moved(text_encode(with_lora(ours_fp8, lora_t5), TEXTS[0], "flux"), t5_ref)
+ok = ours_err <= 1.25 * comfy_err < moved(t5_ref, ref_base)
+print(f"{'OK  ' if ok else 'FAIL'} scaled fp8 file + T5 LoRA: max |diff| from ComfyUI's float32 CLIP with the LoRA "
+      f"{ours_err:.3f}, ComfyUI's own fp8 CLIP's {comfy_err:.3f} (the LoRA moves the float32 one by "
+      f"{moved(t5_ref, ref_base):.3f})")
+results.append(ok)
+del comfy_fp8, ours_fp8
+mm.unload_all_models()
 # a LoRA loader given a diffusion model hands the CLIP every patch, the model's too: the CLIP applies its own only
-# strength_clip 0 (how a LoRA loader says "not the text encoder") with T5 weights in the LoRA: no error, no change
-zero = comfy.sd.load_lora_for_models(None, our_clip("flux", clip_l), {**lora_l, **lora_t5}, 0, 0.0)[1]
-results.append(compare("flux + LoRA with T5 weights, strength 0", text_encode(zero, TEXTS[0], "flux"),
-                       text_encode(ref_clip, TEXTS[0], "flux")))
+# strength_clip 0 (how a LoRA loader says "not the text encoder") with T5 weights in the LoRA: no error, no change,
+# even where the T5 could take no patches (GGUF blocks, fused norms)
+for tag, encoder in [("fp32", plain), ("GGUF Q8_0 blocks", gguf_q8), ("fused norms", fused)]:
+    clip = ours["T5CoreEncoderToCLIP"].execute(t5_encoder=encoder, family="flux", clip=clip_l).args[0]
+    results.append(compare(f"flux + LoRA with T5 weights, strength 0, {tag}",
+                           text_encode(with_lora(clip, {**lora_l, **lora_t5}, 0.0), TEXTS[0], "flux"),
+                           text_encode(clip, TEXTS[0], "flux") if tag != "fp32" else ref_base))
 with_model = {"diffusion_model.input_blocks.0.weight": ("diff", (torch.zeros(1),)),
               **comfy.lora.load_lora(lora_l, comfy.lora.model_lora_keys_clip(ref_clip.cond_stage_model, {}))}
 applied = our_clip("flux", clip_l).add_patches(with_model)
 print(f"  a CLIP-L LoRA beside a diffusion model's patches: {len(applied)} of {len(with_model)} applied")
 results.append(len(applied) == len(with_model) - 1)
-del mine_l, ref_l
 mm.unload_all_models()
 
 
@@ -424,8 +496,10 @@ def clip_merge(clip1, clip2):
 
 
 folder_paths.set_output_directory(tempfile.mkdtemp(prefix="t5core_check_out_"))
-for what, call in [("a LoRA with T5 weights", lambda: comfy.sd.load_lora_for_models(
-                        None, our_clip("flux", clip_l), {**lora_l, **lora_t5}, 0, 1.0)),
+for what, call in [("a T5 LoRA on GGUF blocks", lambda: with_lora(ours["T5CoreEncoderToCLIP"].execute(
+                        t5_encoder=gguf_q8, family="flux", clip=clip_l).args[0], lora_t5)),
+                   ("a T5 LoRA on fused norms", lambda: with_lora(ours["T5CoreEncoderToCLIP"].execute(
+                        t5_encoder=fused, family="flux", clip=clip_l).args[0], lora_t5)),
                    ("a hook LoRA (SetClipHooks)", lambda: clip_hooks(our_clip("flux", clip_l))),
                    ("CLIPSave", lambda: clip_save(our_clip("flux", clip_l))),
                    ("CLIPMergeSimple from ours", lambda: clip_merge(ref_clip, our_clip("flux", clip_l))),
