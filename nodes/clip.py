@@ -143,10 +143,15 @@ def t5_projections(config) -> dict[str, tuple[str, Optional[tuple[int, int, int]
 
 
 def comfy_t5_names(module: "T5Transformer", state_dict: dict, prefix: str, local_metadata) -> None:
-    """The names of ComfyUI's T5 projection weights, as empty meta tensors, in the state dict: ComfyUI's LoRA
-    loaders map a LoRA's T5 keys onto the names a CLIP's state dict has, so a LoRA for the T5 reaches the CLIP's
-    add_patches, which hands it to t5core's weights (t5_weight_patches)."""
-    for name in t5_projections(module.encoder.config):
+    """The names of ComfyUI's T5 weights, as empty meta tensors, in the state dict: ComfyUI's LoRA loaders map a
+    LoRA's T5 keys onto the names a CLIP's state dict has, so a LoRA for the T5 reaches the CLIP's add_patches, which
+    hands those for the projections to t5core's weights (t5_weight_patches) and refuses the others (a key ComfyUI's
+    loaders find no name for is only logged, and the LoRA would apply in part)."""
+    cfg = module.encoder.config
+    norms = [f"encoder.block.{i}.layer.{j}.layer_norm.weight" for i in range(cfg.num_layers) for j in (0, 1)]
+    biases = [f"encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"
+              for i in range(cfg.num_layers if cfg.pos_emb_per_layer else 1)]
+    for name in [*t5_projections(cfg), *norms, *biases, "encoder.final_layer_norm.weight", "shared.weight"]:
         state_dict[prefix + name] = torch.empty(0, device="meta")
 
 
@@ -254,7 +259,9 @@ def clip_class():
             if t5 and (strength_patch != 0 or strength_model != 1):
                 transformer = getattr(self.cond_stage_model, self.t5_name).transformer
                 ours = t5_weight_patches(transformer.encoder, f"{self.t5_name}.transformer.", t5)
-                self.patcher.add_patches(ours, strength_patch, strength_model)
+                if len(self.patcher.add_patches(ours, strength_patch, strength_model)) != len(ours):
+                    raise ValueError(f"T5 Encoder to CLIP (fast): of {len(ours)} T5 patches, the encoder's patcher "
+                                     f"took fewer (its weights are not the ones mapped)")
             return [*t5, *(k for p in self.part_patchers for k in p.add_patches(patches, strength_patch, strength_model))]
 
         def get_key_patches(self):

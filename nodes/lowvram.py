@@ -60,8 +60,13 @@ def streamed_class(cls: type) -> type:
             if self.bias_function:  # t5core's modules have no biases
                 raise NotImplementedError(f"t5core: bias patches on {type(self).__name__}")
             with tensors_on(self, x.device):
-                for patch in self.weight_function:  # the weight as patched, for this call (ComfyUI's LowVramPatch)
-                    self._parameters["weight"] = patch(self._parameters["weight"])
+                if self.weight_function:  # the weight as patched, for this call (ComfyUI's LowVramPatch)
+                    weight = self._parameters["weight"]
+                    if weight.dtype.itemsize > 1 and weight.dtype != x.dtype:  # 16-bit weights, float32 compute:
+                        weight = weight.to(x.dtype)  # patched in x's dtype, as ComfyUI's cast_bias_weight does
+                    for patch in self.weight_function:
+                        weight = patch(weight)
+                    self._parameters["weight"] = weight
                 return super().forward(x, *args, **kwargs)
 
         if issubclass(cls, PROJECTIONS):

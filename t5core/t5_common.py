@@ -212,25 +212,34 @@ class RMSNorm(nn.Module):
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
+# Rounding a float32 to a 16-bit float's mantissa (10 / 7 bits) on its int32 bits: add half the dropped bits' range,
+# then clear them (to nearest, ties away from zero; still a float32)
+_ROUND_BITS = {torch.float16: 13, torch.bfloat16: 16}
+
+
+def _f32_out_mm(dtype: torch.dtype) -> bool:
+    """Whether a CUDA matmul of `dtype` inputs can write float32: torch >= 2.8, and for float16 not with float16
+    accumulation switched on (torch.backends.cuda.matmul.allow_fp16_accumulation, ComfyUI's --fast), which cuBLAS
+    refuses with a float32 output."""
+    return _MM_OUT_DTYPE and (dtype == torch.bfloat16 or not getattr(torch.backends.cuda.matmul,
+                                                                       "allow_fp16_accumulation", False))
+
+
 def f32_out_linear(x: Tensor, weight: Tensor) -> FloatTensor:
     """x [.., K] @ weight[N, K].T -> [.., N] float32. On CUDA a half-precision matmul writes its fp32 accumulator
     directly, one rounding fewer than rounding to x's dtype and casting back."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _f32_out_mm(x.dtype):
         return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
     return nn.functional.linear(x, weight).float()
 
 
 @torch.compiler.assume_constant_result
-def split_gemms(device: torch.device) -> bool:
-    """Whether CastLinear splits its activations on this device: a CUDA GPU with 16-bit matmuls that write float32
-    (torch >= 2.8) on tensor cores (compute capability 7.0 and up; on older GPUs two of them cost more than one in
-    float32)."""
-    return device.type == "cuda" and _MM_OUT_DTYPE and torch.cuda.get_device_capability(device) >= (7, 0)
-
-
-# Rounding a float32 to a 16-bit float's mantissa (10 / 7 bits) on its int32 bits: add half the dropped bits' range,
-# then clear them (to nearest, ties away from zero; still a float32)
-_ROUND_BITS = {torch.float16: 13, torch.bfloat16: 16}
+def split_gemms(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether CastLinear splits its activations for `dtype` weights on this device: a CUDA GPU whose tensor cores
+    multiply that dtype (float16: compute capability 7.0 and up, bfloat16: 8.0; elsewhere two 16-bit matmuls cost
+    more than one in float32) into float32 (_f32_out_mm)."""
+    return (device.type == "cuda" and dtype in _ROUND_BITS and _f32_out_mm(dtype)
+            and torch.cuda.get_device_capability(device) >= ((7, 0) if dtype == torch.float16 else (8, 0)))
 
 
 def split_linear(x: FloatTensor, weight: Tensor) -> FloatTensor:
@@ -253,7 +262,7 @@ def split_linear(x: FloatTensor, weight: Tensor) -> FloatTensor:
     dropped = _ROUND_BITS[weight.dtype]
     hi = ((xs.view(torch.int32) + (1 << (dropped - 1))) & -(1 << dropped)).view(torch.float32)
     parts = torch.cat([hi, (xs - hi) * c]).to(weight.dtype)  # [2M, K]
-    if x.is_cuda and _MM_OUT_DTYPE:
+    if x.is_cuda and _f32_out_mm(weight.dtype):
         y = torch.mm(parts, weight.t(), out_dtype=torch.float32)
     else:
         y = parts.float() @ weight.float().t()

@@ -45,7 +45,7 @@ class CastLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if split_gemms(x.device):
+        if split_gemms(x.device, self.weight.dtype):
             return split_linear(x, self.weight)
         return nn.functional.linear(x, self.weight.to(x.dtype))
 

@@ -310,7 +310,7 @@ def test_float16_storage_split_on_the_gpu_path(fp16_folder, monkeypatch):
     expected = stored.encode(ids, mask)  # the weights cast to float32
     calls = []
     monkeypatch.setattr(t5_encoder, "split_linear", lambda x, w: calls.append(w) or split_linear(x, w))
-    monkeypatch.setattr(t5_encoder, "split_gemms", lambda device: True)
+    monkeypatch.setattr(t5_encoder, "split_gemms", lambda device, dtype: True)
     out = stored.encode(ids, mask)
     assert len(calls) == 4 * stored.config.num_layers
     assert rel_err(out[mask], expected[mask]) < 1e-6

@@ -496,7 +496,9 @@ def clip_merge(clip1, clip2):
 
 
 folder_paths.set_output_directory(tempfile.mkdtemp(prefix="t5core_check_out_"))
-for what, call in [("a T5 LoRA on GGUF blocks", lambda: with_lora(ours["T5CoreEncoderToCLIP"].execute(
+norm_lora = {**lora_t5, "lora_te2_encoder_block_0_layer_1_layer_norm.diff": torch.randn(4096) * 0.01}
+for what, call in [("a LoRA with a T5 norm weight", lambda: with_lora(our_clip("flux", clip_l), norm_lora)),
+                   ("a T5 LoRA on GGUF blocks", lambda: with_lora(ours["T5CoreEncoderToCLIP"].execute(
                         t5_encoder=gguf_q8, family="flux", clip=clip_l).args[0], lora_t5)),
                    ("a T5 LoRA on fused norms", lambda: with_lora(ours["T5CoreEncoderToCLIP"].execute(
                         t5_encoder=fused, family="flux", clip=clip_l).args[0], lora_t5)),
