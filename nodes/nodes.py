@@ -53,7 +53,7 @@ class LoadT5Encoder:
                            "in that dtype, weights too (fp16 uses the preset float16 scales for the model's size; "
                            "see FP16 Scale), except that fp32 compute keeps a float16 or bfloat16 file's 16-bit "
                            "weights, as ComfyUI does (half fp32's memory; on the GPU each layer's input is split "
-                           "into two 16-bit halves for the tensor cores, float32's precision). "
+                           "into two 16-bit halves for the tensor cores, near float32's precision). "
                            "fp8 and GGUF files keep their compressed weights either way. fp8_*: fp8 weights "
                            "(quantized at load unless the file's are fp8), compute as auto; fp8_e4m3fn_fast also "
                            "multiplies in fp8 on GPUs that can (RTX 40xx, H100, newer)."}),

@@ -243,15 +243,16 @@ def split_gemms(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def split_linear(x: FloatTensor, weight: Tensor) -> FloatTensor:
-    """x [.., K] float32 @ weight[N, K].T, weight float16 / bfloat16 -> [.., N] float32, at about float32's precision
-    on 16-bit tensor cores: each row of x is split into two parts in weight's dtype, x = (hi + lo / c) / s, and the
+    """x [.., K] float32 @ weight[N, K].T, weight float16 / bfloat16 -> [.., N] float32, near float32's precision on
+    16-bit tensor cores: each row of x is split into two parts in weight's dtype, x = (hi + lo / c) / s, and the
     stacked parts [2M, K] go through one matmul with float32 output. float16: s is the power of two that puts the
     row's largest |value| in (2^14, 2^15], inside float16's range, and c = 2^12; bfloat16 has float32's range: s = c =
     1. hi is x rounded to the 16-bit mantissa on its bits (an integer add and mask: inductor may drop a float16
     round trip inside one kernel, never a mask), exact in weight's dtype; lo rounds x - hi, so x is kept to about
-    2^-22 (float16) / 2^-16 (bfloat16) of its size, against the weight's own 2^-11 / 2^-8: float32 compute on the
-    16-bit weights (ComfyUI's manual cast), at twice a 16-bit matmul's cost instead of a float32 one's. Off CUDA the
-    matmul runs in float32 on the same parts (the same products; a test's view of the GPU path)."""
+    2^-22 (float16) / 2^-16 (bfloat16) of its size, against the weight's own 2^-11 / 2^-8 (the tensor cores' float32
+    accumulation rounds more than a float32 matmul does, far less than that): float32 compute on the 16-bit weights
+    (ComfyUI's manual cast), at twice a 16-bit matmul's cost instead of a float32 one's. Off CUDA the matmul runs in
+    float32 on the same parts (the same products; a test's view of the GPU path)."""
     xs = x.reshape(-1, x.shape[-1]).float()  # [M, K]
     if weight.dtype == torch.float16:
         amax = xs.abs().amax(-1, keepdim=True)  # [M, 1]

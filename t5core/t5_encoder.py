@@ -38,7 +38,7 @@ class F32OutLinear(nn.Linear):
 class CastLinear(nn.Linear):
     """A bias-free projection whose weight is stored in float16 / bfloat16 for float32 compute (ComfyUI's
     manual_cast): [.., K] float32 -> [.., N] float32, the F32OutLinear contract. On a GPU with 16-bit tensor cores
-    the activation is split in two 16-bit parts (split_linear: float32's precision, two 16-bit matmuls); elsewhere
+    the activation is split in two 16-bit parts (split_linear: near float32's precision, two 16-bit matmuls); elsewhere
     the weight is cast to float32 in each call."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
