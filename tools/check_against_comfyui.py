@@ -371,9 +371,26 @@ clip_l16 = comfy.sd.load_clip(P("clip_l.safetensors"), clip_type=comfy.sd.CLIPTy
 mine16 = ours["T5CoreEncoderToCLIP"].execute(t5_encoder=auto16, family="flux", clip=clip_l16).args[0]
 results.append(compare("flux, float16 file, auto", text_encode(mine16, TEXTS[0], "flux"),
                        text_encode(ref16, TEXTS[0], "flux")))
-# a T5 LoRA on float16 weights: ComfyUI rounds the patched weights to float16; so does t5core's set_weight
-results.append(compare("flux, float16 file, auto, + T5 LoRA", text_encode(with_lora(mine16, lora_t5), TEXTS[0], "flux"),
-                       text_encode(with_lora(ref16, lora_t5), TEXTS[0], "flux")))
+# a T5 LoRA on float16 weights: ComfyUI rounds the patched weights to float16; so does t5core's set_weight. An OFT
+# (a rotation of each weight's rows, computed from the weight) too, and partially loaded the streamed modules patch
+# their copies in float32 (as ComfyUI's cast_bias_weight does; in float16 ComfyUI's OFT code fails and patches nothing)
+oft_t5 = {f"lora_te2_encoder_block_{i}_layer_0_SelfAttention_q.oft_blocks": torch.randn(4, INNER // 4, INNER // 4) * 0.05
+          for i in range(24)}
+for tag, lora in [("T5 LoRA", lora_t5), ("T5 OFT", oft_t5)]:
+    patched, ref_patched = with_lora(mine16, lora), text_encode(with_lora(ref16, lora), TEXTS[0], "flux")
+    results.append(compare(f"flux, float16 file, auto, + {tag}", text_encode(patched, TEXTS[0], "flux"), ref_patched))
+    change = (ref_patched[0][0] - text_encode(ref16, TEXTS[0], "flux")[0][0]).abs().max().item()
+    print(f"  (the {tag} moves ComfyUI's conditioning by {change:.2f})")
+    results.append(change > 0.01)
+    whole = flux_conditioning(patched, TEXTS[0])
+    patched.patcher.detach()
+    patched.patcher.load(torch.device("cpu"), lowvram_model_memory=0.1)  # --novram: every module streams
+    streamed = streamed_modules(patched.patcher.model)
+    diff = (flux_conditioning(patched, TEXTS[0]).double() - whole.double()).abs().max().item()
+    print(f"{'OK  ' if diff <= 1e-6 and streamed else 'FAIL'} the same, {streamed} modules streamed: max |diff| "
+          f"{diff:.1e} from the whole model")
+    results.append(diff <= 1e-6 and streamed > 0)
+    mm.unload_all_models()
 del ref16, mine16, clip_l16
 mm.unload_all_models()
 
