@@ -124,9 +124,9 @@ class Embedding(torch.nn.Module):
 
 
 def t5_projections(config) -> dict[str, tuple[str, Optional[tuple[int, int, int]]]]:
-    """ComfyUI's names of its T5's projection weights (after the T5's own prefix: 'encoder.block.3.layer.0.SelfAttention.k.weight')
-    -> (the t5core weight holding it, its rows there as ComfyUI's patch offset (dim 0, first row, rows), or None
-    for the whole weight): q, k, v are rows of qkv_proj, wi_0 and wi_1 of ff_in."""
+    """ComfyUI's names of its T5's projection weights, after the T5's own prefix ('encoder.block.3.layer.0.
+    SelfAttention.k.weight') -> (the t5core weight holding it, its rows there as ComfyUI's patch offset (dim 0, first
+    row, rows), or None for the whole weight): q, k, v are rows of qkv_proj, wi_0 and wi_1 of ff_in."""
     inner, ff = config.inner_dim, config.ff_dim
     wi = ("wi_0", "wi_1") if config.ffn_type == T5FFNType.GEGLU else ("wi",)
     names = {}
@@ -262,7 +262,8 @@ def clip_class():
                 if len(self.patcher.add_patches(ours, strength_patch, strength_model)) != len(ours):
                     raise ValueError(f"T5 Encoder to CLIP (fast): of {len(ours)} T5 patches, the encoder's patcher "
                                      f"took fewer (its weights are not the ones mapped)")
-            return [*t5, *(k for p in self.part_patchers for k in p.add_patches(patches, strength_patch, strength_model))]
+            parts = [k for p in self.part_patchers for k in p.add_patches(patches, strength_patch, strength_model)]
+            return [*t5, *parts]
 
         def get_key_patches(self):
             raise ValueError("T5 Encoder to CLIP (fast): this CLIP cannot be merged into another: its T5 is t5core's "

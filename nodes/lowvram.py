@@ -88,7 +88,8 @@ def streamed_class(cls: type) -> type:
                 ComfyUI's stochastic rounding, as ComfyUI's own fp8 layers)."""
                 import comfy.float
 
-                stored = comfy.float.stochastic_rounding(weight / self.comfy_scale(weight), self.weight.dtype, seed=seed)
+                stored = comfy.float.stochastic_rounding(weight / self.comfy_scale(weight), self.weight.dtype,
+                                                         seed=seed)
                 if return_weight:
                     return stored
                 if inplace_update:

@@ -348,7 +348,8 @@ INNER, FF = SMALL["num_heads"] * SMALL["d_kv"], SMALL["d_ff"]
 T5_PROJ = {**{f"0_SelfAttention_{p}": (INNER, 4096) for p in "qkv"}, "0_SelfAttention_o": (4096, INNER),
            **{f"1_DenseReluDense_{p}": (FF, 4096) for p in ("wi_0", "wi_1")}, "1_DenseReluDense_wo": (4096, FF)}
 lora_t5 = {f"lora_te2_encoder_block_{i}_layer_{p}.lora_{ud}.weight": torch.randn(*shape) * 0.02
-           for i in range(24) for p, (out_f, in_f) in T5_PROJ.items() for ud, shape in (("up", (out_f, 4)), ("down", (4, in_f)))}
+           for i in range(24) for p, (out_f, in_f) in T5_PROJ.items()
+           for ud, shape in (("up", (out_f, 4)), ("down", (4, in_f)))}
 
 
 def with_lora(clip, lora, strength=1.0):
@@ -374,8 +375,8 @@ results.append(compare("flux, float16 file, auto", text_encode(mine16, TEXTS[0],
 # a T5 LoRA on float16 weights: ComfyUI rounds the patched weights to float16; so does t5core's set_weight. An OFT
 # (a rotation of each weight's rows, computed from the weight) too, and partially loaded the streamed modules patch
 # their copies in float32 (as ComfyUI's cast_bias_weight does; in float16 ComfyUI's OFT code fails and patches nothing)
-oft_t5 = {f"lora_te2_encoder_block_{i}_layer_0_SelfAttention_q.oft_blocks": torch.randn(4, INNER // 4, INNER // 4) * 0.05
-          for i in range(24)}
+oft_t5 = {f"lora_te2_encoder_block_{i}_layer_0_SelfAttention_q.oft_blocks":
+          torch.randn(4, INNER // 4, INNER // 4) * 0.05 for i in range(24)}
 for tag, lora in [("T5 LoRA", lora_t5), ("T5 OFT", oft_t5)]:
     patched, ref_patched = with_lora(mine16, lora), text_encode(with_lora(ref16, lora), TEXTS[0], "flux")
     results.append(compare(f"flux, float16 file, auto, + {tag}", text_encode(patched, TEXTS[0], "flux"), ref_patched))
@@ -417,7 +418,8 @@ base, ref_base = text_encode(our_clip("flux", clip_l), TEXTS[0], "flux"), text_e
 for tag, lora in [("CLIP-L LoRA", lora_l), ("T5 LoRA", lora_t5), ("CLIP-L + T5 LoRA", {**lora_l, **lora_t5})]:
     mine, ref = (text_encode(with_lora(c, lora), TEXTS[0], "flux") for c in (our_clip("flux", clip_l), ref_clip))
     results.append(compare(f"flux + {tag}", mine, ref))
-    change = max(moved(ref, ref_base), (ref[0][1]["pooled_output"] - ref_base[0][1]["pooled_output"]).abs().max().item())
+    pooled = (ref[0][1]["pooled_output"] - ref_base[0][1]["pooled_output"]).abs().max().item()
+    change = max(moved(ref, ref_base), pooled)
     print(f"  (the {tag} moves ComfyUI's conditioning by {change:.2f})")
     results.append(change > 0.1)
 t5_ref = text_encode(with_lora(ref_clip, lora_t5), TEXTS[0], "flux")
