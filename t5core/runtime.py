@@ -161,7 +161,7 @@ class Encoder:
             run_x = nn.functional.pad(x, (0, bucket - L) if embeds is None else (0, 0, 0, bucket - L))
         else:
             run_x, run_mask = x, mask
-        if self.compiled and self.device.type == "cuda":
+        if self.compiled and self.device.type == "cuda" and cuda_graphs_ok():
             out = self._graphed_forward(run_x, run_mask, embeds is not None, num_layers)
         else:
             forward = self._frozen if self.compiled and self._frozen is not None else self.model
@@ -226,6 +226,13 @@ class Encoder:
             self._param_slots = [(d, name) for m in self.model.modules() for d in (m._parameters, m._buffers)
                                  for name in d]
         return tuple(-1 if d[name] is None else d[name].data_ptr() for d, name in self._param_slots)
+
+
+def cuda_graphs_ok() -> bool:
+    """CUDA graphs need torch's own caching allocator: under cudaMallocAsync (PYTORCH_CUDA_ALLOC_CONF
+    backend:cudaMallocAsync, which ComfyUI sets unless started with --disable-cuda-malloc) capturing the compiled
+    layers failed on an H200 with "CUDA driver error: invalid argument"; compiled code then runs without graphs."""
+    return torch.cuda.get_allocator_backend() != "cudaMallocAsync"
 
 
 def overflow_report(model: T5EncoderStack, input_ids: Optional[LongTensor], embeds: Optional[FloatTensor],

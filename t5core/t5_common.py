@@ -217,6 +217,7 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 _ROUND_BITS = {torch.float16: 13, torch.bfloat16: 16}
 
 
+@torch.compiler.assume_constant_result  # (dynamo cannot trace the flag's getter: read once per compile)
 def _f32_out_mm(dtype: torch.dtype) -> bool:
     """Whether a CUDA matmul of `dtype` inputs can write float32: torch >= 2.8, and for float16 not with float16
     accumulation switched on (torch.backends.cuda.matmul.allow_fp16_accumulation, ComfyUI's --fast), which cuBLAS

@@ -104,6 +104,34 @@ def test_float32_compute_on_16_bit_weights_splits_on_tensor_cores(hf_and_folder,
             torch.backends.cuda.matmul.allow_fp16_accumulation = False
 
 
+def test_compiled_without_graphs_under_cuda_malloc_async(hf_and_folder, tmp_path):
+    """ComfyUI starts torch with the cudaMallocAsync allocator, under which capturing the compiled layers in a CUDA
+    graph failed ("CUDA driver error: invalid argument", then an abort): a compiled encoder runs without graphs
+    there, with the eager model's output. A process of its own (the allocator is chosen at CUDA's start)."""
+    import os
+    import subprocess
+    import sys
+
+    folder, _ = hf_and_folder
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import torch, t5core
+assert torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+ids = torch.randint(3, 512, (2, 40))
+eager = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda").encode(ids)
+enc = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda", compile=True)
+for _ in range(2):
+    out = enc.encode(ids)
+assert not enc._graphs and ((out - eager).norm() / eager.norm()).item() < 1e-2
+print("OK")
+""")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
+
+
 def test_bfloat16_graphs_follow_new_weights(hf_and_folder):
     """bf16 compiled + graphs is as close to float32 as eager bf16, and recaptures after a weight reload."""
     folder, hf = hf_and_folder

@@ -51,6 +51,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import statistics
 import struct
@@ -561,6 +562,8 @@ def main() -> None:
     ap.add_argument("--prompt-timeout", type=float, default=300.0)
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--port", type=int, default=8188)
+    ap.add_argument("--server-flags", default="", help="more flags for the server of phase 3 (e.g. "
+                    "--disable-cuda-malloc: torch's own allocator, under which t5core captures CUDA graphs)")
     args = ap.parse_args()
     args.comfy = str(Path(args.comfy).resolve())
     if args.cpu:
@@ -600,7 +603,8 @@ def main() -> None:
             t0 = time.perf_counter()
             # interleaving needs every variant's loader outputs kept: ComfyUI's default cache keeps only the last
             # prompt's, so alternating graphs would load again each time
-            server = Server(args, base, env, ["--cache-lru", "64"] if args.interleave else [], log_file)
+            server = Server(args, base, env, (["--cache-lru", "64"] if args.interleave else [])
+                            + shlex.split(args.server_flags), log_file)
             phase("server_start", t0)
             try:
                 for family in families:
