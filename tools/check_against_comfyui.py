@@ -309,6 +309,19 @@ def streamed_modules(model):
     return sum(1 for m in model.modules() if getattr(m, "comfy_cast_weights", False))
 
 
+def streamed_matches(tag, clip, whole, budget) -> bool:
+    """ComfyUI's partial load of the CLIP's patcher with `budget` bytes: the modules left behind stream (patching
+    their weights per call, ComfyUI's LowVramPatch); the Flux conditioning must be `whole`'s within 1e-6."""
+    clip.patcher.detach()
+    clip.patcher.load(torch.device("cpu"), lowvram_model_memory=budget)
+    streamed = streamed_modules(clip.patcher.model)
+    diff = (flux_conditioning(clip, TEXTS[0]).double() - whole.double()).abs().max().item()
+    ok = diff <= 1e-6 and streamed > 0
+    print(f"{'OK  ' if ok else 'FAIL'} {tag}, partially loaded ({streamed} modules streamed): max |diff| {diff:.1e} "
+          f"from the whole model")
+    return ok
+
+
 def partial_load_check(tag, encoder):
     clip = ours["T5CoreEncoderToCLIP"].execute(t5_encoder=encoder, family="flux", clip=clip_l).args[0]
     patcher, runtime = encoder.patcher(), encoder.runtime()
@@ -383,14 +396,7 @@ for tag, lora in [("T5 LoRA", lora_t5), ("T5 OFT", oft_t5)]:
     change = (ref_patched[0][0] - text_encode(ref16, TEXTS[0], "flux")[0][0]).abs().max().item()
     print(f"  (the {tag} moves ComfyUI's conditioning by {change:.2f})")
     results.append(change > 0.01)
-    whole = flux_conditioning(patched, TEXTS[0])
-    patched.patcher.detach()
-    patched.patcher.load(torch.device("cpu"), lowvram_model_memory=0.1)  # --novram: every module streams
-    streamed = streamed_modules(patched.patcher.model)
-    diff = (flux_conditioning(patched, TEXTS[0]).double() - whole.double()).abs().max().item()
-    print(f"{'OK  ' if diff <= 1e-6 and streamed else 'FAIL'} the same, {streamed} modules streamed: max |diff| "
-          f"{diff:.1e} from the whole model")
-    results.append(diff <= 1e-6 and streamed > 0)
+    results.append(streamed_matches(f"  {tag}", patched, flux_conditioning(patched, TEXTS[0]), 0.1))  # --novram
     mm.unload_all_models()
 del ref16, mine16, clip_l16
 mm.unload_all_models()
@@ -430,14 +436,8 @@ results.append(compare("flux after the LoRA is unloaded", text_encode(our_clip("
 patched = with_lora(our_clip("flux", clip_l), lora_t5)
 mm.load_models_gpu([patched.patcher])
 whole_lora = flux_conditioning(patched, TEXTS[0])
-for budget in (0.3 * patched.patcher.model_size(), 0.1):  # 30% of the model; nothing (--novram)
-    patched.patcher.detach()
-    patched.patcher.load(torch.device("cpu"), lowvram_model_memory=int(budget) or budget)
-    streamed = streamed_modules(patched.patcher.model)
-    diff = (flux_conditioning(patched, TEXTS[0]).double() - whole_lora.double()).abs().max().item()
-    print(f"{'OK  ' if diff <= 1e-6 and streamed else 'FAIL'} T5 LoRA, partially loaded ({streamed} modules streamed): "
-          f"max |diff| {diff:.1e} from the whole model")
-    results.append(diff <= 1e-6 and streamed > 0)
+for budget in (int(0.3 * patched.patcher.model_size()), 0.1):  # 30% of the model; nothing (--novram)
+    results.append(streamed_matches("T5 LoRA", patched, whole_lora, budget))
 mm.unload_all_models()
 # fp8 weights: a file in ComfyUI's scaled fp8 convention (e4m3, one scale per tensor), loaded by ComfyUI's CLIPLoader
 # and by ours (its rows' scales are the tensor's): the same conditioning; with the T5 LoRA both round the patched
