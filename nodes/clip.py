@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from t5core.checkpoint import native_target
 from t5core.gguf import PackedEmbedding
 from t5core.t5_common import T5FFNType, check_token_ids
 
@@ -123,22 +124,19 @@ class Embedding(torch.nn.Module):
         return out if out_dtype is None else out.to(out_dtype)
 
 
-def t5_projections(config) -> dict[str, tuple[str, Optional[tuple[int, int, int]]]]:
-    """ComfyUI's names of its T5's projection weights, after the T5's own prefix ('encoder.block.3.layer.0.
-    SelfAttention.k.weight') -> (the t5core weight holding it, its rows there as ComfyUI's patch offset (dim 0, first
-    row, rows), or None for the whole weight): q, k, v are rows of qkv_proj, wi_0 and wi_1 of ff_in."""
-    inner, ff = config.inner_dim, config.ff_dim
+PROJECTIONS = ("qkv_proj.weight", "o_proj.weight", "ff_in.weight", "ff_out.weight")  # the weights patches reach
+
+
+def comfy_t5_weight_names(config) -> list[str]:
+    """The names of ComfyUI's T5 weights (after the T5's own prefix): Hugging Face's, for `config`."""
     wi = ("wi_0", "wi_1") if config.ffn_type == T5FFNType.GEGLU else ("wi",)
-    names = {}
+    attn = [f"SelfAttention.{p}.weight" for p in "qkvo"]
+    names = ["shared.weight", "encoder.final_layer_norm.weight"]
     for i in range(config.num_layers):
-        block, ours = f"encoder.block.{i}.layer.", f"layers.{i}."
-        for j, p in enumerate("qkv"):
-            names[f"{block}0.SelfAttention.{p}.weight"] = (ours + "attn.qkv_proj.weight", (0, j * inner, inner))
-        names[f"{block}0.SelfAttention.o.weight"] = (ours + "attn.o_proj.weight", None)
-        for j, p in enumerate(wi):
-            names[f"{block}1.DenseReluDense.{p}.weight"] = (ours + "ffn.ff_in.weight",
-                                                           (0, j * ff, ff) if len(wi) > 1 else None)
-        names[f"{block}1.DenseReluDense.wo.weight"] = (ours + "ffn.ff_out.weight", None)
+        bias = ["SelfAttention.relative_attention_bias.weight"] if i == 0 or config.pos_emb_per_layer else []
+        names += [f"encoder.block.{i}.layer.0.{n}" for n in ["layer_norm.weight", *attn, *bias]]
+        names += [f"encoder.block.{i}.layer.1.{n}" for n in ["layer_norm.weight", *(f"DenseReluDense.{p}.weight"
+                                                                                    for p in (*wi, "wo"))]]
     return names
 
 
@@ -147,36 +145,37 @@ def comfy_t5_names(module: "T5Transformer", state_dict: dict, prefix: str, local
     LoRA's T5 keys onto the names a CLIP's state dict has, so a LoRA for the T5 reaches the CLIP's add_patches, which
     hands those for the projections to t5core's weights (t5_weight_patches) and refuses the others (a key ComfyUI's
     loaders find no name for is only logged, and the LoRA would apply in part)."""
-    cfg = module.encoder.config
-    norms = [f"encoder.block.{i}.layer.{j}.layer_norm.weight" for i in range(cfg.num_layers) for j in (0, 1)]
-    biases = [f"encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"
-              for i in range(cfg.num_layers if cfg.pos_emb_per_layer else 1)]
-    for name in [*t5_projections(cfg), *norms, *biases, "encoder.final_layer_norm.weight", "shared.weight"]:
+    for name in comfy_t5_weight_names(module.encoder.config):
         state_dict[prefix + name] = torch.empty(0, device="meta")
 
 
 def t5_weight_patches(encoder, prefix: str, patches: dict) -> dict:
-    """ComfyUI's patches for its T5's projection weights (keys `prefix` + a t5_projections name, or (name, offset[,
+    """ComfyUI's patches for its T5's projection weights (keys `prefix` + a Hugging Face T5 name, or (name, offset[,
     function])) -> the same patches for the T5Encoder's weights, keyed as ComfyUI's ModelPatcher keys them:
-    (t5core's weight, its rows[, function]). Its patcher applies them to the weights as ComfyUI's own T5 holds them
-    (the projection modules' convert_weight / set_weight: fp8 row scales and float16 residual factors taken out and
-    put back, nodes/lowvram.py). ValueError for what t5core's T5 cannot take: patches for its embedding, norms or
-    position bias, patches on norm-fused or GGUF weights."""
+    (t5core's weight, its rows (dim 0, first row, rows) where it is part of a fused one: q, k, v of qkv_proj, wi_0
+    and wi_1 of ff_in (checkpoint.native_target)[, function]). Its patcher applies them to the weights as ComfyUI's
+    own T5 holds them (the projection modules' convert_weight / set_weight: fp8 row scales and float16 residual
+    factors taken out and put back, nodes/lowvram.py). ValueError for what t5core's T5 cannot take: patches for its
+    embedding, norms or position bias, patches on norm-fused or GGUF weights."""
     model = encoder.patcher().model
-    names = t5_projections(model.config)
+    names = set(comfy_t5_weight_names(model.config))  # (not wi for a gated FFN, which native_target would take)
     out = {}
     for key, patch in patches.items():
         name, offset, function = (key, None, None) if isinstance(key, str) else (key[0], key[1], (*key[2:], None)[0])
-        if name.removeprefix(prefix) not in names:
+        target = native_target(name.removeprefix(prefix), model.config) if name.removeprefix(prefix) in names else None
+        if target is None or not target[0].endswith(PROJECTIONS):
             raise ValueError(f"T5 Encoder to CLIP (fast): {name!r}: t5core's T5 takes weight patches (a LoRA, a "
                              f"merge) for its q, k, v, o, wi and wo projections only")
-        ours, rows = names[name.removeprefix(prefix)]
+        ours, part, parts = target
         if not model.config.elementwise_affine:
             raise ValueError(f"T5 Encoder to CLIP (fast): {name!r}: {encoder.plan.path} has its norm scales fused "
                              f"into these weights (T5 Fuse Norms); load it without Fuse Norms to patch its T5")
-        if not isinstance(getattr(model.get_submodule(ours.rpartition(".")[0]), "weight", None), torch.nn.Parameter):
+        weight = getattr(model.get_submodule(ours.rpartition(".")[0]), "weight", None)
+        if not isinstance(weight, torch.nn.Parameter):
             raise ValueError(f"T5 Encoder to CLIP (fast): {name!r}: {encoder.plan.path} keeps this weight as GGUF "
                              f"blocks, which take no weight patches")
+        rows = weight.shape[0] // parts
+        rows = (0, part * rows, rows) if parts > 1 else None
         if offset is not None and rows is not None and offset[0] != 0:
             raise ValueError(f"T5 Encoder to CLIP (fast): {name!r}: a patch of part of its columns (offset "
                              f"{offset}) on rows of {ours}")

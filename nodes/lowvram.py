@@ -30,7 +30,7 @@ from t5core.t5_common import RMSNorm
 # embedding and bias tables (nn.Embedding, or GGUF blocks), norms. (Layers and the stack hold only 0-dim scales, which
 # any device reads.)
 STREAMED = (nn.Linear, nn.Embedding, RMSNorm, Fp8Linear, PackedLinear, PackedEmbedding)
-PROJECTIONS = (nn.Linear, Fp8Linear)  # those with a weight parameter that ComfyUI's patches reach (t5_projections)
+PROJECTIONS = (nn.Linear, Fp8Linear)  # those with a weight parameter that ComfyUI's patches reach (clip.t5_weight_patches)
 
 
 def make_streamable(model: nn.Module) -> None:

@@ -6,6 +6,7 @@
     emb = enc.encode(None, attention_mask, embeds=x)   # input embeddings [B, L, D] instead of token ids
 """
 import contextlib
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -228,6 +229,7 @@ class Encoder:
         return tuple(-1 if d[name] is None else d[name].data_ptr() for d, name in self._param_slots)
 
 
+@functools.cache  # (the allocator is chosen once per process)
 def cuda_graphs_ok() -> bool:
     """CUDA graphs need torch's own caching allocator: under cudaMallocAsync (PYTORCH_CUDA_ALLOC_CONF
     backend:cudaMallocAsync, which ComfyUI sets unless started with --disable-cuda-malloc) capturing the compiled
