@@ -165,8 +165,7 @@ class T5Encoder:
             # size: ComfyUI's own count (module_size: the state dict, GGUF blocks included), which its partial
             # loads compare with the sizes of the modules they load
             self._patcher = ModelPatcher(runtime.model, load_device=load_device, offload_device=offload_device)
-            # unloaded (to make room for a diffusion model): the CUDA graphs' memory goes with the weights
-            self._patcher.add_callback(CallbacksMP.ON_DETACH, lambda patcher, unpatch_all: runtime.drop_graphs())
+            self._patcher.add_callback(CallbacksMP.ON_DETACH, drop_graphs_when_unloaded(runtime))
             self._patcher.add_callback(CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES, refuse_weight_hooks)
             self._runtime = runtime
         return self._patcher
@@ -211,6 +210,17 @@ class T5Encoder:
             parts.append("on CPU")
         parts.append(f"tokenizer: {self.tokenizer_source}")
         return " · ".join(parts)
+
+
+def drop_graphs_when_unloaded(runtime):
+    """An ON_DETACH callback: unloaded (unpatch_all, the weights sent to the offload device to make room for a
+    diffusion model), the CUDA graphs' memory goes with the weights. ComfyUI's load_models_gpu also detaches every
+    model it is about to load, the loaded ones included, without unpatching (their weights stay put): graphs dropped
+    then were captured again on every encode (a recapture per prompt, measured on the H200)."""
+    def callback(patcher, unpatch_all: bool) -> None:
+        if unpatch_all:
+            runtime.drop_graphs()
+    return callback
 
 
 def refuse_weight_hooks(patcher, hooks, target_dict, model_options, registered) -> None:

@@ -76,7 +76,8 @@ class Encoder:
 
     # -- compiling -----------------------------------------------------------------------------------
     def compile(self) -> "Encoder":
-        """CUDA: regional compilation (compile_layers) and a CUDA graph per shape in encode(). CPU: the whole
+        """CUDA: regional compilation (compile_layers) and a CUDA graph per shape in encode() (of the eager layers
+        where compiled code cannot be captured: compiled_code_captures). CPU: the whole
         forward compiled with frozen weights, which inductor repacks for MKL's packed GEMM (10-20% faster than
         torch's CPU matmul at these shapes); weights must not change afterwards (or call reset()). Weights kept as
         GGUF blocks, fp8 or 16-bit for float32 compute are not frozen: freezing would fold their dequantization (or
@@ -162,7 +163,7 @@ class Encoder:
             run_x = nn.functional.pad(x, (0, bucket - L) if embeds is None else (0, 0, 0, bucket - L))
         else:
             run_x, run_mask = x, mask
-        if self.compiled and self.device.type == "cuda" and cuda_graphs_ok():
+        if self.compiled and self.device.type == "cuda":
             out = self._graphed_forward(run_x, run_mask, embeds is not None, num_layers)
         else:
             forward = self._frozen if self.compiled and self._frozen is not None else self.model
@@ -205,15 +206,21 @@ class Encoder:
     def _capture(self, x: Tensor, mask: Optional[BoolTensor], is_embeds: bool = False,
                  num_layers: Optional[int] = None) -> tuple:
         inputs = self._inputs(x, is_embeds)
+        # compiled code captures only under torch's own allocator; under cudaMallocAsync the eager layers do
+        stance = contextlib.nullcontext() if compiled_code_captures() else torch.compiler.set_stance("force_eager")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (compiles) off the capture
+        with torch.cuda.stream(side), stance:  # warm-up (compiles) off the capture
             for _ in range(2):
-                self.model(**inputs, input_mask=mask, num_layers=num_layers)
+                warm = self.model(**inputs, input_mask=mask, num_layers=num_layers)
         torch.cuda.current_stream().wait_stream(side)
+        # the output buffer is allocated outside the capture: freed with the graph, one allocated inside it is an
+        # "uncaptured free of a captured allocation", which cudaMallocAsync warns about
+        out = torch.empty_like(warm)
+        del warm
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self.model(**inputs, input_mask=mask, num_layers=num_layers)
+        with torch.cuda.graph(graph, pool=self._graph_pool), stance:
+            out.copy_(self.model(**inputs, input_mask=mask, num_layers=num_layers))
         self._graph_pool = graph.pool()
         return graph, (x, mask), out
 
@@ -230,10 +237,12 @@ class Encoder:
 
 
 @functools.cache  # (the allocator is chosen once per process)
-def cuda_graphs_ok() -> bool:
-    """CUDA graphs need torch's own caching allocator: under cudaMallocAsync (PYTORCH_CUDA_ALLOC_CONF
-    backend:cudaMallocAsync, which ComfyUI sets unless started with --disable-cuda-malloc) capturing the compiled
-    layers failed on an H200 with "CUDA driver error: invalid argument"; compiled code then runs without graphs."""
+def compiled_code_captures() -> bool:
+    """Whether compiled (Triton) kernels can be captured in a CUDA graph: not under cudaMallocAsync
+    (PYTORCH_CUDA_ALLOC_CONF backend:cudaMallocAsync, which ComfyUI sets unless started with --disable-cuda-malloc).
+    There the capture allocates its intermediates as graph memory, not yet mapped while capturing, and Triton's
+    launcher refuses their pointers ("CUDA driver error: invalid argument" on an H200, then an abort); the eager
+    layers captured fine there, and the graph makes up for their launches (BENCHMARKS.md)."""
     return torch.cuda.get_allocator_backend() != "cudaMallocAsync"
 
 

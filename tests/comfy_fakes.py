@@ -96,8 +96,12 @@ def make_model_management() -> types.ModuleType:
                         force_full_load=False):
         mm.load_calls.append((list(models), force_full_load))
         for patcher in models:
-            if patcher not in mm.current_loaded_models:
-                mm.current_loaded_models.insert(0, patcher)
+            # as ComfyUI's: every loaded model sharing the weights (is_clone, which the patcher itself is) is taken
+            # off the list and detached without unpatching, its weights left where they are, then loaded again
+            for other in [m for m in mm.current_loaded_models if m.model is patcher.model]:
+                mm.current_loaded_models.remove(other)
+                other.detach(unpatch_all=False)
+            mm.current_loaded_models.insert(0, patcher)
             budget = 1e32 if force_full_load or mm.weight_budget is None else mm.weight_budget
             patcher.partially_load(patcher.load_device, budget)  # LoadedModel.model_load
 

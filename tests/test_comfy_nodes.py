@@ -584,7 +584,7 @@ def test_the_family_sets_its_parts_options_and_lora_patches_reach_them(comfy, hf
     """The CLIP-L runs with the family's options on the input's weights: a DualCLIPLoader-style input projects its
     pooled vector, Flux's CLIP-L does not. Weight patches for it (a LoRA loader's, on a clone) go to a clone of the
     input's patcher, and for the T5 to a clone of the encoder's; merging from this CLIP and saving it are errors
-    naming why; unloading the encoder frees its CUDA graphs."""
+    naming why; unloading the encoder frees its CUDA graphs, loading it again for each prompt does not."""
     projecting = comfy_fakes.toy_clip(("l", "g"))  # DualCLIPLoader sd3 / sdxl: CLIP-L pooled projected
     assert projecting.cond_stage_model.clip_l.return_projected_pooled
     encoder = load(comfy)
@@ -611,7 +611,10 @@ def test_the_family_sets_its_parts_options_and_lora_patches_reach_them(comfy, hf
     dropped = []
     runtime = encoder.runtime()
     runtime.drop_graphs = lambda: dropped.append(True)
-    encoder.patcher().detach()
+    for text in ("a", "b"):  # ComfyUI detaches the loaded model (unpatch_all=False) on each load: graphs stay
+        clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    assert dropped == [] and comfy.mm.load_calls[-1][0][0] is encoder.patcher()
+    encoder.patcher().detach()  # unloaded: the graphs' memory goes with the weights
     assert dropped == [True]
 
 

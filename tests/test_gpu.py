@@ -104,10 +104,10 @@ def test_float32_compute_on_16_bit_weights_splits_on_tensor_cores(hf_and_folder,
             torch.backends.cuda.matmul.allow_fp16_accumulation = False
 
 
-def test_compiled_without_graphs_under_cuda_malloc_async(hf_and_folder, tmp_path):
+def test_graphs_of_the_eager_layers_under_cuda_malloc_async(hf_and_folder, tmp_path):
     """ComfyUI starts torch with the cudaMallocAsync allocator, under which capturing the compiled layers in a CUDA
-    graph failed ("CUDA driver error: invalid argument", then an abort): a compiled encoder runs without graphs
-    there, with the eager model's output. A process of its own (the allocator is chosen at CUDA's start)."""
+    graph failed ("CUDA driver error: invalid argument", then an abort): a compiled encoder captures its eager
+    layers there, giving the eager model's output. A process of its own (the allocator is chosen at CUDA's start)."""
     import os
     import subprocess
     import sys
@@ -122,7 +122,7 @@ eager = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda").encode(ids)
 enc = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda", compile=True)
 for _ in range(2):
     out = enc.encode(ids)
-assert not enc._graphs and ((out - eager).norm() / eager.norm()).item() < 1e-2
+assert len(enc._graphs) == 1 and ((out - eager).norm() / eager.norm()).item() < 1e-6
 print("OK")
 """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
