@@ -150,10 +150,12 @@ def stream_into_module(
     norm_scales = ({name: ckpt.get(key, device=model.ln.weight.device) for name, key in norm_keys.items()}
                    if fuse_norm_scales else {})
     device = next(iter(params.values())).device
-    # tensors that need no fusion or scaling may be read straight into their rows (no second copy on the device)
-    # (fp8 weights too: their residual factor goes onto the scale)
+    # tensors that need no fusion may be read straight into their rows (no second copy on the device): fp8 weights
+    # (their residual factor goes onto the scale) and, stored in the parameter's dtype, the others, multiplied by
+    # their power-of-two residual factor in place (exact, as in float32)
     direct = {k: v for k, v in targets.items() if _norm_key_for(work[k][0]) not in norm_scales
-              and (weight_factors.get(work[k][0], 1.0) == 1.0 or k in scale_targets)}
+              and (weight_factors.get(work[k][0], 1.0) == 1.0 or k in scale_targets
+                   or ckpt.stored_dtype(k) == v.dtype)}
     for key, t in ckpt.iter_tensors(list(work), device, into=direct, keep_fp8=frozenset(scale_targets)):
         name = work[key][0]
         norm_name = _norm_key_for(name)
@@ -168,8 +170,10 @@ def stream_into_module(
             scale_targets[key].copy_(scale * weight_factors.get(name, 1.0))
             del t, weight
             continue
-        if t is direct.get(key):
-            continue  # already in place
+        if t is direct.get(key):  # already in place
+            if weight_factors.get(name, 1.0) != 1.0:
+                t.mul_(weight_factors[name])
+            continue
         if norm_name in norm_scales:
             t = scale_input_columns(t if norm_fusion_via_f32 else t.to(targets[key].dtype), norm_scales[norm_name],
                                     norm_fusion_via_f32)
