@@ -13,6 +13,7 @@ Inductor's launcher is chosen by TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER (0: Trit
         python benchmarks/cuda_graphs_malloc_async.py graphs
     python benchmarks/cuda_graphs_malloc_async.py graphs                                      # torch's allocator
 """
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ import t5core
 from t5core import runtime
 
 if __name__ == "__main__":
-    mode = sys.argv[1]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("default", "graphs", "eager-graphs"))
+    mode = ap.parse_args().mode
     print("allocator", torch.cuda.get_allocator_backend(), "static launcher",
           os.environ.get("TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER", "default"), "mode", mode, flush=True)
     with torch.device("cuda"):

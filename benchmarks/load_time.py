@@ -4,6 +4,8 @@ out of the mapping, as a state-dict load does). The file: T5 v1.1 XXL's widths a
 (random normal weights), written once to --file; the page cache is warmed before each timing; best of --repeat.
 
     python benchmarks/load_time.py            # 8 layers, 3.35 GB: about a minute on 2 cores
+The last two rows time the NaN/inf check every load makes of every tensor, as t5core did it before 2026-12-05 and
+as it does it now.
 """
 import argparse
 import time
@@ -14,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import t5core
+from t5core.checkpoint import all_finite
 
 D, FF, HEADS, VOCAB = 4096, 10240, 64, 32128
 
@@ -61,11 +64,11 @@ def safetensors_read(path: Path) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--file", default="/tmp/t5core_load_time.safetensors")
+    ap.add_argument("--file", default=None, help="default /tmp/t5core_load_time_<layers>.safetensors")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
-    path = Path(args.file)
+    path = Path(args.file or f"/tmp/t5core_load_time_{args.layers}.safetensors")
     if not path.exists():
         write_file(path, args.layers)
     gb = path.stat().st_size / 1e9
@@ -84,3 +87,9 @@ if __name__ == "__main__":
     for name, fn in setups.items():
         s = best(fn, args.repeat, path)
         print(f"| {name} | {s:.2f} | {gb / s:.1f} |", flush=True)
+    # the NaN/inf check a load makes of every tensor, on the file's tensors already in memory
+    tensors = list(safetensors_read(path).values())
+    for name, check in (("isfinite(t).all()", lambda t: torch.isfinite(t).all()),
+                        ("t5core.checkpoint.all_finite", all_finite)):
+        s = best(lambda: [bool(check(t)) for t in tensors], args.repeat, path)
+        print(f"| NaN/inf check of every tensor, {name} | {s:.2f} | {gb / s:.1f} |", flush=True)

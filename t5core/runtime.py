@@ -14,7 +14,7 @@ import torch
 from torch import BoolTensor, FloatTensor, LongTensor, Tensor, nn
 
 from . import fp8
-from .t5_common import check_token_ids
+from .t5_common import T5AttnImpl, check_token_ids
 from .t5_encoder import T5EncoderStack
 
 
@@ -126,9 +126,13 @@ class Encoder:
     def drop_graphs(self) -> None:
         """Free the CUDA graphs and their memory pool (an offloading manager that moves the weights away calls
         this); the next compiled encode captures again."""
+        devices = {out.device for _, _, out in self._graphs.values()}  # where they ran (the weights may be gone)
         self._graphs.clear()
         self._graph_pool = None  # the pool dies with its graphs: capturing into its stale handle fails
         self._graph_ptrs = None
+        if devices and not compiled_code_captures():
+            for device in devices:
+                trim_graph_memory(device)
 
     # -- encoding ------------------------------------------------------------------------------------
     def encode(self, input_ids: Optional[LongTensor], attention_mask: Optional[BoolTensor] = None,
@@ -164,7 +168,7 @@ class Encoder:
             run_x = nn.functional.pad(x, (0, bucket - L) if embeds is None else (0, 0, 0, bucket - L))
         else:
             run_x, run_mask = x, mask
-        if self.compiled and self.device.type == "cuda":
+        if self.compiled and self.device.type == "cuda" and self._graphs_ok():
             out = self._graphed_forward(run_x, run_mask, embeds is not None, num_layers)
         else:
             forward = self._frozen if self.compiled and self._frozen is not None else self.model
@@ -183,6 +187,12 @@ class Encoder:
         return {"input_ids": None, "embeds": x} if is_embeds else {"input_ids": x, "embeds": None}
 
     # -- CUDA graphs ---------------------------------------------------------------------------------
+    def _graphs_ok(self) -> bool:
+        """Compiled CUDA encodes replay graphs: of the compiled layers, or, where compiled code cannot be captured
+        (compiled_code_captures), of the eager ones; but flex attention's point is its compiled kernel (eager, it
+        is an unfused score matrix), so there flex runs compiled, without graphs."""
+        return compiled_code_captures() or self.config.attn_impl != T5AttnImpl.Flex
+
     def _graphed_forward(self, x: Tensor, mask: Optional[BoolTensor], is_embeds: bool = False,
                          num_layers: Optional[int] = None) -> FloatTensor:
         """x: token ids [B, L], or input embeddings [B, L, D] when is_embeds."""
@@ -207,11 +217,13 @@ class Encoder:
     def _capture(self, x: Tensor, mask: Optional[BoolTensor], is_embeds: bool = False,
                  num_layers: Optional[int] = None) -> tuple:
         inputs = self._inputs(x, is_embeds)
-        # compiled code captures only under torch's own allocator; under cudaMallocAsync the eager layers do
-        stance = contextlib.nullcontext() if compiled_code_captures() else torch.compiler.set_stance("force_eager")
+
+        def stance():  # compiled code captures under torch's own allocator only; else the eager layers are captured
+            return contextlib.nullcontext() if compiled_code_captures() else torch.compiler.set_stance("force_eager")
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), stance:  # warm-up (compiles) off the capture
+        with torch.cuda.stream(side), stance():  # warm-up (compiles) off the capture
             for _ in range(2):
                 warm = self.model(**inputs, input_mask=mask, num_layers=num_layers)
         torch.cuda.current_stream().wait_stream(side)
@@ -220,7 +232,7 @@ class Encoder:
         out = torch.empty_like(warm)
         del warm
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool), stance:
+        with torch.cuda.graph(graph, pool=self._graph_pool), stance():
             out.copy_(self.model(**inputs, input_mask=mask, num_layers=num_layers))
         self._graph_pool = graph.pool()
         return graph, (x, mask), out
@@ -247,10 +259,26 @@ def compiled_code_captures() -> bool:
     if torch.cuda.get_allocator_backend() != "cudaMallocAsync":
         return True
     logging.getLogger("t5core").info(
-        "t5core: under the cudaMallocAsync allocator compiled kernels cannot be captured in CUDA graphs: capturing "
-        "the eager layers (in ComfyUI, --disable-cuda-malloc lets the compiled ones be captured: 14 instead of 20 ms "
-        "per WAN encode on an H200)")
+        "t5core: under the cudaMallocAsync allocator compiled kernels cannot be captured in CUDA graphs: the graphs "
+        "capture the eager layers (with flex attention the compiled layers run without graphs); in ComfyUI, "
+        "--disable-cuda-malloc lets the compiled ones be captured: 14 instead of 20 ms per WAN encode on an H200")
     return False
+
+
+def trim_graph_memory(device: torch.device) -> None:  # device: cuda:N
+    """Under cudaMallocAsync a graph's temporaries are CUDA graph memory, which stays reserved after the graph is
+    destroyed until cuDeviceGraphMemTrim (torch's empty_cache trims only the allocator's own pool): give it back to
+    the device. Best effort: the driver library by its name, its error codes ignored."""
+    import ctypes
+    import sys
+
+    try:
+        driver = ctypes.WinDLL("nvcuda.dll") if sys.platform == "win32" else ctypes.CDLL("libcuda.so.1")
+        handle = ctypes.c_int()
+        if driver.cuDeviceGet(ctypes.byref(handle), device.index) == 0:
+            driver.cuDeviceGraphMemTrim(handle)
+    except (OSError, AttributeError):
+        pass
 
 
 def overflow_report(model: T5EncoderStack, input_ids: Optional[LongTensor], embeds: Optional[FloatTensor],
