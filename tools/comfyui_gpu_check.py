@@ -25,6 +25,8 @@ What it does, in phases (each printed with its time; --skip-* flags leave phases
      interleaved, so that each variant's peak VRAM is its own (--interleave N adds N rounds alternating between
      the variants, all loaded, for times alone). Time per encode: the prompt's execution_start ->
      execution_success timestamps in /history (ms), and the client's wall clock from POST to the history entry.
+     Memory: the peak of torch.cuda.max_memory_allocated, and the CUDA graph memory the driver holds (which torch's
+     counters leave out: graphs captured under cudaMallocAsync), during the block and after the /free that follows.
   4. precision (a subprocess with ComfyUI imported): float32 reference = ComfyUI's own CLIP for the family built
      from the same file with model_options dtype float32, TF32 off, on the GPU; the saved prompt through ComfyUI's
      tokenizer and encode path; relative error ||a-b||/||b|| and |diff| quantiles of each variant's saved output.
@@ -334,14 +336,14 @@ class Server:
         return {"exec_ms": stamps["execution_success"] - stamps["execution_start"], "wall_ms": round(wall, 1), **ui}
 
 
-    def free(self) -> int:
+    def free(self) -> dict:
         """Unload every model and clear the node cache (the next prompt loads again), then reset the CUDA peak;
-        -> bytes still allocated."""
+        -> {allocated, graph_memory}: bytes still held."""
         self.post("/free", {"unload_models": True, "free_memory": True})
         time.sleep(2.0)
         self.nonce += 1
         reset = {"sink": {"class_type": "T5CoreBenchResetPeak", "inputs": {"nonce": str(self.nonce)}}}
-        return self.run(reset, 60)["allocated"]
+        return self.run(reset, 60)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -412,15 +414,22 @@ def run_block(server: Server, family: str, variant: str, texts: list, args, tag:
             log(f"{name}: block budget ({args.block_budget} s) spent after {i} prompts")
             break
         runs.append(server.run(graph(family, variant, text, "", compile_), args.prompt_timeout))
-    out = {"allocated_after_free_GiB": round(before / 2**30, 3), "first_ms": first["exec_ms"], "first_peak_GiB": round(first["peak_allocated"] / 2**30, 3),
+    gib = lambda n: round(n / 2**30, 3)  # noqa: E731
+    # (graph memory: the CUDA graph memory the driver holds, which torch's counters leave out; after the /free that
+    # starts this block, that of the block before it)
+    out = {"allocated_after_free_GiB": gib(before["allocated"]),
+           "graph_memory_after_free_GiB": gib(before.get("graph_memory", 0)),
+           "graph_memory_GiB": gib(max(r.get("graph_memory", 0) for r in [first, *runs])),
+           "first_ms": first["exec_ms"], "first_peak_GiB": gib(first["peak_allocated"]),
            "exec_ms": summary([r["exec_ms"] for r in runs]), "wall_ms": summary([r["wall_ms"] for r in runs]),
-           "peak_GiB": round(max([first["peak_allocated"]] + [r["peak_allocated"] for r in runs]) / 2**30, 3),
-           "resident_GiB": round(runs[-1]["allocated"] / 2**30, 3) if runs else None,
-           "encode_peak_GiB": round(max([r["peak_allocated"] for r in runs], default=0) / 2**30, 3),
+           "peak_GiB": gib(max(r["peak_allocated"] for r in [first, *runs])),
+           "resident_GiB": gib(runs[-1]["allocated"]) if runs else None,
+           "encode_peak_GiB": gib(max([r["peak_allocated"] for r in runs], default=0)),
            "cond_shape": first["shape"], "saved": name, "nvidia_smi": gpu_apps(),
            "exec_ms_all": [r["exec_ms"] for r in runs]}
     log(f"{name}: first (incl. load) {out['first_ms']} ms, encode median {out['exec_ms'].get('median')} ms "
-        f"(p10 {out['exec_ms'].get('p10')}, p90 {out['exec_ms'].get('p90')}), peak {out['peak_GiB']} GiB")
+        f"(p10 {out['exec_ms'].get('p10')}, p90 {out['exec_ms'].get('p90')}), peak {out['peak_GiB']} GiB, graph memory "
+        f"{out['graph_memory_GiB']} GiB (after the /free before: {out['graph_memory_after_free_GiB']})")
     return out
 
 
@@ -492,14 +501,14 @@ def reference_job(job: dict) -> None:
 # -- 5. report ------------------------------------------------------------------------------------------------------
 def table(result: dict) -> str:
     header = ("| family | variant | first encode incl. load (ms) | encode median (p10-p90) ms | wall median ms | "
-              "peak VRAM GiB | rel. error vs float32 |")
-    rows = [header, "|---|---|---|---|---|---|---|"]
+              "peak VRAM GiB | CUDA graph memory GiB | rel. error vs float32 |")
+    rows = [header, "|---|---|---|---|---|---|---|---|"]
     for key, block in result["blocks"].items():
         family, variant = key.split("/")
         prec = result.get("precision", {}).get(family, {}).get("vs_float32", {}).get(variant, {}).get("cond", {})
         e = block["exec_ms"]
         rows.append(f"| {family} | {variant} | {block['first_ms']} | {e.get('median')} ({e.get('p10')}-{e.get('p90')})"
-                    f" | {block['wall_ms'].get('median')} | {block['peak_GiB']} | "
+                    f" | {block['wall_ms'].get('median')} | {block['peak_GiB']} | {block.get('graph_memory_GiB')} | "
                     f"{prec.get('rel', float('nan')):.2e} |")
     for family in FAMILIES:
         comfy, ours = result["blocks"].get(f"{family}/comfy"), result["blocks"].get(f"{family}/t5core_fp16")

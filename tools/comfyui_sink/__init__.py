@@ -1,7 +1,8 @@
 """A bench-only ComfyUI custom node for tools/comfyui_gpu_check.py (not part of the t5core package).
 
 T5CoreBenchResetPeak (run after POST /free) resets the CUDA peak. T5CoreBenchSink takes CONDITIONING, waits for the GPU (torch.cuda.synchronize), records the peak of
-torch.cuda.max_memory_allocated since the last sink (then resets it) and the memory allocated now, and, when `name` is
+torch.cuda.max_memory_allocated since the last sink (then resets it), the memory allocated now and the CUDA graph
+memory the driver holds (graph_memory: torch's counters leave it out), and, when `name` is
 not empty, saves the first entry's tensor (`cond`) and its `pooled_output` / `attention_mask` if present to
 <ComfyUI output folder>/<name>.safetensors. The numbers come back in the node's "ui" output, so they show in
 /history/<prompt_id>.
@@ -30,6 +31,26 @@ def _patch_load_clip(extra: dict) -> None:
 
 if os.environ.get("T5CORE_BENCH_TE_CONFIG"):
     _patch_load_clip(json.loads(os.environ["T5CORE_BENCH_TE_CONFIG"]))
+
+
+def graph_memory() -> int:
+    """Bytes of CUDA graph memory the driver holds for the current GPU (CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT), which
+    torch's counters leave out: the temporaries of graphs captured under cudaMallocAsync, until trimmed. 0 without
+    CUDA or the driver call."""
+    if not torch.cuda.is_available():
+        return 0
+    import ctypes
+    import sys
+
+    try:
+        driver = ctypes.WinDLL("nvcuda.dll") if sys.platform == "win32" else ctypes.CDLL("libcuda.so.1")
+        dev, value = ctypes.c_int(), ctypes.c_uint64()
+        if (driver.cuDeviceGet(ctypes.byref(dev), torch.cuda.current_device())
+                or driver.cuDeviceGetGraphMemAttribute(dev, 2, ctypes.byref(value))):
+            return 0
+        return value.value
+    except (OSError, AttributeError):
+        return 0
 
 
 class T5CoreBenchSink:
@@ -61,7 +82,8 @@ class T5CoreBenchSink:
             os.makedirs(folder_paths.get_output_directory(), exist_ok=True)
             path = os.path.join(folder_paths.get_output_directory(), name + ".safetensors")
             save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, path)
-        info = {"peak_allocated": peak, "allocated": now, "done": done, "shape": list(cond.shape),
+        info = {"peak_allocated": peak, "allocated": now, "graph_memory": graph_memory(), "done": done,
+                "shape": list(cond.shape),
                 "device": str(cond.device), "dtype": str(cond.dtype)}
         return {"ui": {"bench": [info]}}
 
@@ -85,7 +107,7 @@ class T5CoreBenchResetPeak:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             now = torch.cuda.memory_allocated()
-        return {"ui": {"bench": [{"allocated": now, "done": time.time()}]}}
+        return {"ui": {"bench": [{"allocated": now, "graph_memory": graph_memory(), "done": time.time()}]}}
 
 
 NODE_CLASS_MAPPINGS = {"T5CoreBenchSink": T5CoreBenchSink, "T5CoreBenchResetPeak": T5CoreBenchResetPeak}
