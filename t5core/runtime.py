@@ -6,8 +6,10 @@
     emb = enc.encode(None, attention_mask, embeds=x)   # input embeddings [B, L, D] instead of token ids
 """
 import contextlib
+import ctypes
 import functools
 import logging
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -265,20 +267,37 @@ def compiled_code_captures() -> bool:
     return False
 
 
-def trim_graph_memory(device: torch.device) -> None:  # device: cuda:N
+@functools.cache
+def _cuda_driver():
+    """The CUDA driver library (libcuda / nvcuda), or None."""
+    try:
+        return ctypes.WinDLL("nvcuda.dll") if sys.platform == "win32" else ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def _driver_call(device: torch.device, name: str, *args) -> bool:
+    """driver.<name>(the driver's handle of cuda:N, *args) -> it succeeded; False without the driver or the call."""
+    driver, handle = _cuda_driver(), ctypes.c_int()
+    try:
+        return (driver is not None and driver.cuDeviceGet(ctypes.byref(handle), device.index) == 0
+                and getattr(driver, name)(handle, *args) == 0)
+    except AttributeError:  # a driver older than the call
+        return False
+
+
+def trim_graph_memory(device: torch.device) -> None:
     """Under cudaMallocAsync a graph's temporaries are CUDA graph memory, which stays reserved after the graph is
     destroyed until cuDeviceGraphMemTrim (torch's empty_cache trims only the allocator's own pool): give it back to
-    the device. Best effort: the driver library by its name, its error codes ignored."""
-    import ctypes
-    import sys
+    the device (cuda:N). Best effort."""
+    _driver_call(device, "cuDeviceGraphMemTrim")
 
-    try:
-        driver = ctypes.WinDLL("nvcuda.dll") if sys.platform == "win32" else ctypes.CDLL("libcuda.so.1")
-        handle = ctypes.c_int()
-        if driver.cuDeviceGet(ctypes.byref(handle), device.index) == 0:
-            driver.cuDeviceGraphMemTrim(handle)
-    except (OSError, AttributeError):
-        pass
+
+def graph_memory(device: torch.device) -> int:
+    """Bytes of CUDA graph memory the driver holds for `device` (cuda:N; CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT),
+    which torch's memory counters leave out; 0 where the driver cannot say."""
+    value = ctypes.c_uint64()
+    return value.value if _driver_call(device, "cuDeviceGetGraphMemAttribute", 2, ctypes.byref(value)) else 0
 
 
 def overflow_report(model: T5EncoderStack, input_ids: Optional[LongTensor], embeds: Optional[FloatTensor],

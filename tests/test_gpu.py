@@ -126,16 +126,12 @@ for _ in range(2):
     out = enc.encode(ids)
 assert len(enc._graphs) == 1 and ((out - eager).norm() / eager.norm()).item() < 1e-6
 
-import ctypes
-driver, dev, reserved = ctypes.CDLL("libcuda.so.1"), ctypes.c_int(), ctypes.c_uint64()
-assert driver.cuDeviceGet(ctypes.byref(dev), 0) == 0
-def graph_memory():  # CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT
-    assert driver.cuDeviceGetGraphMemAttribute(dev, 2, ctypes.byref(reserved)) == 0
-    return reserved.value
-before = graph_memory()
+from t5core.runtime import graph_memory
+before = graph_memory(torch.device("cuda", 0))
 enc.drop_graphs()
 torch.cuda.synchronize()
-assert before > 0 and graph_memory() == 0, (before, graph_memory())
+after = graph_memory(torch.device("cuda", 0))
+assert before > 0 and after == 0, (before, after)
 
 flex = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda", attn_impl="flex", compile=True)
 assert ((flex.encode(ids) - eager).norm() / eager.norm()).item() < 3e-2 and not flex._graphs

@@ -34,23 +34,13 @@ if os.environ.get("T5CORE_BENCH_TE_CONFIG"):
 
 
 def graph_memory() -> int:
-    """Bytes of CUDA graph memory the driver holds for the current GPU (CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT), which
-    torch's counters leave out: the temporaries of graphs captured under cudaMallocAsync, until trimmed. 0 without
-    CUDA or the driver call."""
+    """Bytes of CUDA graph memory the driver holds for the current GPU (t5core.runtime.graph_memory: torch's counters
+    leave out the temporaries of graphs captured under cudaMallocAsync, until trimmed); 0 without CUDA."""
     if not torch.cuda.is_available():
         return 0
-    import ctypes
-    import sys
+    from t5core.runtime import graph_memory as driver_graph_memory  # (t5core: this repository, a custom node too)
 
-    try:
-        driver = ctypes.WinDLL("nvcuda.dll") if sys.platform == "win32" else ctypes.CDLL("libcuda.so.1")
-        dev, value = ctypes.c_int(), ctypes.c_uint64()
-        if (driver.cuDeviceGet(ctypes.byref(dev), torch.cuda.current_device())
-                or driver.cuDeviceGetGraphMemAttribute(dev, 2, ctypes.byref(value))):
-            return 0
-        return value.value
-    except (OSError, AttributeError):
-        return 0
+    return driver_graph_memory(torch.device("cuda", torch.cuda.current_device()))
 
 
 class T5CoreBenchSink:
