@@ -11,7 +11,9 @@ multiply in fp8 and how (`wo` = ff_out), choices t5core.fp8 does not make, to sh
 projections' activations split in two fp8 parts (hilo_matmul), ff_out's, ff_in's (whose fp8 activations cost the
 most precision: benchmarks/fp8_activation_error.py) or all four (fp8 storage's precision from fp8 GEMMs);
 "fp8 compute ff_in int8" / "int8 all": ff_in's or every projection's fp8 weights re-rounded to int8 and multiplied
-by torch._int_mm against int8 activations (int8_matmul).
+by torch._int_mm against int8 activations (int8_matmul); "... dequant-gemm": the named projections' dequantizing
+matmul by benchmarks/dequant_gemm.py's Triton GEMM, which reads the fp8 weights and dequantizes them in registers
+(triton_matmul): every projection in storage mode, `wo` in compute mode (the one fp8 compute dequantizes).
 --profile adds CUDA kernel time by kind. A markdown table and the issue's targets come last.
 
     python benchmarks/fp8_gpu.py                               # H200: about 5 minutes
@@ -46,6 +48,7 @@ class Variant:
     fp8_mm: tuple = ()  # projections multiplied in fp8 (fp8_e4m3fn_fast only); () = t5core's choice
     hilo: tuple = ()  # of those, the projections whose activations are split in two fp8 parts (hilo_matmul)
     int8: tuple = ()  # of those, the projections multiplied as int8 instead (int8_matmul)
+    triton: tuple = ()  # projections that dequantize in registers (triton_matmul) instead of before cuBLAS
     options: Optional[dict] = None  # torch.compile options
 
 
@@ -65,6 +68,8 @@ VARIANTS = {
     "fp8 all hi/lo": Variant(FAST, PROJECTIONS, hilo=PROJECTIONS),
     "fp8 compute ff_in int8": Variant(FAST, PROJECTIONS, int8=("ff_in",)),
     "int8 all": Variant(FAST, PROJECTIONS, int8=PROJECTIONS),
+    "fp8 storage dequant-gemm": Variant("fp8_e4m3fn", triton=PROJECTIONS),
+    "fp8 compute wo dequant-gemm": Variant(FAST, triton=("ff_out",)),
     "bf16 triton gemms": Variant("bfloat16", options=TRITON_GEMMS),
     "fp8 storage triton gemms": Variant("fp8_e4m3fn", options=TRITON_GEMMS),
 }
@@ -81,7 +86,9 @@ def random_t5(config: T5Config, device) -> T5EncoderStack:
     with torch.device(device):
         model = T5EncoderStack(config).eval()
     model.vocab_embed.weight.normal_(0, 1.0)
-    model.relative_attention_bias.weight.normal_(0, D ** -0.5)
+    for table in [model.relative_attention_bias] if model.relative_attention_bias is not None else [
+            layer.attn.relative_attention_bias for layer in model.layers]:  # UMT5: one per layer
+        table.weight.normal_(0, D ** -0.5)
     for layer in model.layers:
         qkv = layer.attn.qkv_proj.weight
         qkv[:I].normal_(0, (D * Dh) ** -0.5)
@@ -94,11 +101,13 @@ def random_t5(config: T5Config, device) -> T5EncoderStack:
 
 def set_fp8_mm(model, v: Variant) -> None:
     """Which projections multiply in fp8, and how (a benchmark-only override of t5core's choice)."""
-    if v.weight_dtype != FAST:
-        return
     for layer in model.layers:
         for proj in PROJECTIONS:
             m = getattr(layer.attn, proj, None) or getattr(layer.ffn, proj)
+            if proj in v.triton:
+                m.forward = functools.partial(triton_matmul, m)
+            if v.weight_dtype != FAST:
+                continue
             m.compute = proj in (v.fp8_mm or DEFAULT_FP8_MM)
             m._update_fp8_mm()
             if proj in v.hilo:
@@ -123,6 +132,15 @@ def hilo_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
                            scale_b=m.scale[None, :], out_dtype=m.mm_out_dtype, use_fast_accum=True)
     out = out[:len(x2)].float() + out[len(x2):].float()  # [M, N]
     return out.to(torch.float32 if m.f32_out else x.dtype).view(*x.shape[:-1], m.out_features)
+
+
+def triton_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+    """Fp8Linear's dequantizing forward by benchmarks/dequant_gemm.py's Triton GEMM: the fp8 weights read once and
+    dequantized in registers (the same bf16 weight values), instead of a bf16 copy written for cuBLAS per call."""
+    from dequant_gemm import dequant_mm  # (Triton: imported where it runs)
+
+    y = dequant_mm(x, "fp8", {"q": m.weight, "d": m.scale}, m.scale.new_ones(()), m.out_features)
+    return y if m.f32_out else y.to(x.dtype)
 
 
 def int8_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:

@@ -231,28 +231,44 @@ def plain_mm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.float() if module.f32_out else y
 
 
-VARIANTS = {  # name -> (planar layout, torch.compile mode of the layers, plain matmuls)
-    "planar": (True, None, False),
-    "autotune": (False, "max-autotune-no-cudagraphs", False),
-    "planar-autotune": (True, "max-autotune-no-cudagraphs", False),
-    "autotune-plain-mm": (False, "max-autotune-no-cudagraphs", True),
-    "planar-autotune-plain-mm": (True, "max-autotune-no-cudagraphs", True),
+def triton_forward(module: "PlanarLinear", x: torch.Tensor) -> torch.Tensor:
+    """A PlanarLinear forward by dequant_gemm's Triton GEMM, which reads the planes and dequantizes them in
+    registers instead of writing a bf16 copy of the weight (the same weight values; float32 accumulation)."""
+    from dequant_gemm import dequant_mm  # (Triton: imported where it runs)
+
+    planes = {"q": module.qs, "d": module.d}
+    if module.qtype != 8:
+        planes.update(sc=module.sc, mn=module.mn, qh=module.qh)
+    y = dequant_mm(x, "q8_0" if module.qtype == 8 else "q5_k", planes, module.scale, module.shape[0])
+    return y if module.f32_out else y.to(x.dtype)
+
+
+# name -> (planar layout, torch.compile mode of the layers, the projections' forward: None = PlanarLinear's / the
+# product's, or plain_mm_forward / triton_forward)
+VARIANTS = {
+    "planar": (True, None, None),
+    "planar-triton": (True, None, triton_forward),
+    "autotune": (False, "max-autotune-no-cudagraphs", None),
+    "planar-autotune": (True, "max-autotune-no-cudagraphs", None),
+    "autotune-plain-mm": (False, "max-autotune-no-cudagraphs", plain_mm_forward),
+    "planar-autotune-plain-mm": (True, "max-autotune-no-cudagraphs", plain_mm_forward),
 }
 
 
 def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
     """The compressed encoder as load_encoder gives it, changed as `variant` says: planar = PlanarLinear layers;
-    autotune = each layer compiled with mode max-autotune-no-cudagraphs (inductor's Triton GEMM templates, into
-    whose prologue it may fuse the dequantization: torch._inductor.config.prologue_fusion, on by default), our CUDA
-    graphs around it as usual; plain-mm = plain_mm_forward (numerics: one more rounding of the float32 outputs)."""
-    planar, mode, plain_mm = VARIANTS[variant]
+    triton = their forward by dequant_gemm's Triton GEMM (needs planar); autotune = each layer compiled with mode
+    max-autotune-no-cudagraphs (inductor's Triton GEMM templates, into whose prologue it may fuse the
+    dequantization: torch._inductor.config.prologue_fusion, on by default), our CUDA graphs around it as usual;
+    plain-mm = plain_mm_forward (numerics: one more rounding of the float32 outputs)."""
+    planar, mode, forward = VARIANTS[variant]
     enc = t5core.load_encoder(path, dtype="bfloat16", device=device, compile=False)
     if planar:
         make_planar(enc.model)
-    if plain_mm:
+    if forward is not None:
         for m in enc.model.modules():
             if isinstance(m, (PackedLinear, PlanarLinear)):
-                m.forward = partial(plain_mm_forward, m)
+                m.forward = partial(forward, m)
     if not eager and device.type == "cuda":
         enc.compile_layers(**({"mode": mode} if mode else {}))
     elif not eager:
