@@ -1,6 +1,6 @@
 """A Triton GEMM that reads compressed weights and dequantizes them in registers: y [M, N] float32 = x [M, K] @ W.T,
-W [N, K] kept as Q8_0 or Q5_K planes (gguf_gpu.PlanarLinear's layout) or as fp8 rows with a float32 scale per row
-(t5core.fp8's storage). t5core's compressed paths today write a bf16 copy of each weight in every call and hand it
+W [N, K] kept as GGUF Q8_0, Q4_K, Q5_K or Q6_K blocks split into planes of one field each (planes_from_blocks), or
+as fp8 rows with a float32 scale per row (t5core.fp8's storage). t5core's compressed paths today write a bf16 copy of each weight in every call and hand it
 to cuBLAS: at 1 x 512 on an H200 that copy costs more than the GEMM saves (BENCHMARKS.md: GGUF Q8_0 1.57x bf16's
 time, Q5_K 2.9x; fp8 storage 1.37x). Here the weight is read once, compressed.
 
@@ -8,7 +8,7 @@ Each tile of W is dequantized exactly as t5core does it (the float32 value of th
 layer's residual factor, rounded once to x's dtype), so the products are those of the dequantized weight; only the
 accumulation order differs from cuBLAS.
 
-    python benchmarks/dequant_gemm.py                       # checks every format against torch (GPU)
+    python benchmarks/dequant_gemm.py                       # checks every format against t5core's dequantization
     TRITON_INTERPRET=1 python benchmarks/dequant_gemm.py    # the same on the CPU, in Triton's interpreter (slow)
     python benchmarks/dequant_gemm.py --time                # ms and TFLOP/s per XXL projection at M=512, vs cuBLAS
 """
@@ -22,19 +22,21 @@ import torch
 import triton
 import triton.language as tl
 
-FORMATS = {"q8_0": 0, "q5_k": 1, "fp8": 2}
+FORMATS = {"q8_0": 0, "q4_k": 1, "q5_k": 2, "q6_k": 3, "fp8": 4}
+GGML = {"q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}  # t5core.gguf.QTYPES ids
 
 
 @triton.jit
 def _weight_tile(rn, kk, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT: tl.constexpr):
-    """W[rn, kk] as float32 [BN, BK]: the code times its scales (exact in float32; Q5_K: one rounding of d*q - m).
-    rn: row indices clamped into the weight (rows past N are read again and never stored)."""
+    """W[rn, kk] as float32 [BN, BK]: each code times its scales, as t5core.gguf dequantizes it (exact in float32;
+    Q4_K / Q5_K: one rounding of d*q - m). rn: row indices clamped into the weight (rows past N are read again and
+    never stored). Planes per format: planes_from_blocks."""
     n, k = rn[:, None], kk[None, :]
-    if FMT == 0:  # Q8_0: codes int8 [N, K], d float16 [N, K/32]
+    if FMT == 0:  # Q8_0
         q = tl.load(q_ptr + n * K + k).to(tl.float32)
         d = tl.load(d_ptr + n * (K // 32) + k // 32).to(tl.float32)
         w = q * d
-    elif FMT == 1:  # Q5_K: d, dmin float16 [N, K/256, 2]; scales, mins uint8 [.., 8]; qh [.., 32]; qs [.., 128]
+    elif FMT <= 2:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
         blk = n * (K // 256) + k // 256  # [BN, BK]
         j = (k % 256) // 32  # sub-block
         i = k % 32
@@ -42,9 +44,18 @@ def _weight_tile(rn, kk, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT: tl.conste
         dmin = tl.load(d_ptr + blk * 2 + 1).to(tl.float32)
         sc = tl.load(sc_ptr + blk * 8 + j).to(tl.float32)
         mn = tl.load(mn_ptr + blk * 8 + j).to(tl.float32)
-        lo = (tl.load(q_ptr + blk * 128 + (j // 2) * 32 + i).to(tl.int32) >> ((j % 2) * 4)) & 15
-        hi = (tl.load(qh_ptr + blk * 32 + i).to(tl.int32) >> j) & 1
-        w = (d * sc) * (lo | (hi << 4)).to(tl.float32) - dmin * mn
+        q = (tl.load(q_ptr + blk * 128 + (j // 2) * 32 + i).to(tl.int32) >> ((j % 2) * 4)) & 15
+        if FMT == 2:
+            q = q | (((tl.load(qh_ptr + blk * 32 + i).to(tl.int32) >> j) & 1) << 4)
+        w = (d * sc) * q.to(tl.float32) - dmin * mn
+    elif FMT == 3:  # Q6_K: 16 sub-blocks of 16, signed 6-bit codes
+        blk = n * (K // 256) + k // 256
+        e = k % 256
+        h = e // 128
+        lo = (tl.load(q_ptr + blk * 128 + h * 64 + e % 64).to(tl.int32) >> (((e % 128) // 64) * 4)) & 15
+        hi = (tl.load(qh_ptr + blk * 64 + h * 32 + e % 32).to(tl.int32) >> (((e % 128) // 32) * 2)) & 3
+        d = tl.load(d_ptr + blk).to(tl.float32) * tl.load(sc_ptr + blk * 16 + e // 16).to(tl.float32)
+        w = ((lo | (hi << 4)) - 32).to(tl.float32) * d
     else:  # fp8: codes [N, K], float32 scale per row [N]
         w = tl.load(q_ptr + n * K + k).to(tl.float32) * tl.load(d_ptr + n)
     return w
@@ -88,12 +99,12 @@ _FIXED = dict(BM=32, BN=64, BK=64, GROUP_M=2) if INTERPRET else {}
 
 def dequant_mm(x: torch.Tensor, fmt: str, planes: dict, factor: torch.Tensor, N: int) -> torch.Tensor:
     """x [.., K] (bfloat16 / float16) @ W.T -> [.., N] float32. planes: the format's tensors (q, d[, sc, mn, qh]);
-    factor: float32 scalar tensor. K must be a multiple of 128 (of 256 for Q5_K)."""
+    factor: float32 scalar tensor. K must be a multiple of 128 (of 256 for the K types)."""
     K = x.shape[-1]
     xs = x.reshape(-1, K).contiguous()
     M = xs.shape[0]
-    if K % (256 if fmt == "q5_k" else 128):
-        raise ValueError(f"dequant_mm: K={K} must be a multiple of 128 (256 for Q5_K)")
+    if K % (256 if fmt.endswith("_k") else 128):
+        raise ValueError(f"dequant_mm: K={K} must be a multiple of 128 (256 for the K types)")
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     q, d = planes["q"], planes["d"]
     sc, mn, qh = (planes.get(k, q) for k in ("sc", "mn", "qh"))
@@ -108,37 +119,60 @@ def dequant_mm(x: torch.Tensor, fmt: str, planes: dict, factor: torch.Tensor, N:
 # --------------------------------------------------------------------------------------------------
 # Random weights in each format, their float32 value, and the check / timing
 # --------------------------------------------------------------------------------------------------
-def random_planes(fmt: str, N: int, K: int, device, gen: torch.Generator) -> dict:
-    def u8(*shape, hi=256):
-        return torch.randint(0, hi, shape, generator=gen, dtype=torch.uint8).to(device)
+def planes_from_blocks(fmt: str, blocks: torch.Tensor, N: int, K: int) -> dict:
+    """GGUF blocks (uint8, N rows of K / block_size blocks) -> one contiguous plane per field, made once at load:
+      q8_0  d float16 [N, K/32], q int8 [N, K] (the same 34 bytes per 32 weights);
+      q4_k  d (d, dmin) float16 [N, K/256, 2], sc, mn: the 6-bit scales and mins as bytes [.., 8], q [.., 128]
+            (148 bytes per 256 weights instead of 144); q5_k: the same and qh [.., 32] (180 instead of 176);
+      q6_k  d float16 [N, K/256], sc int8 [.., 16], q (low nibbles) [.., 128], qh [.., 64] (the same 210)."""
+    from t5core.gguf import QTYPES, _k_scales
+
+    _, block, size = QTYPES[GGML[fmt]]
+    b = blocks.reshape(N, K // block, size)
+
+    def plane(a, b_, dtype=torch.uint8):
+        return b[..., a:b_].contiguous().view(dtype)
 
     if fmt == "q8_0":
-        return {"q": torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8).to(device),
-                "d": (torch.rand(N, K // 32, generator=gen) * 1e-3).half().to(device)}
-    if fmt == "q5_k":
-        NB = K // 256
-        return {"d": (torch.rand(N, NB, 2, generator=gen) * 1e-3).half().to(device), "sc": u8(N, NB, 8, hi=64),
-                "mn": u8(N, NB, 8, hi=64), "qh": u8(N, NB, 32), "q": u8(N, NB, 128)}
-    w = torch.randn(N, K, generator=gen) * 0.02
-    scale = w.abs().amax(1) / torch.finfo(torch.float8_e4m3fn).max
-    return {"q": (w / scale[:, None]).to(torch.float8_e4m3fn).to(device), "d": scale.to(device)}
+        return {"d": plane(0, 2, torch.float16).view(N, -1), "q": plane(2, 34, torch.int8).view(N, K)}
+    if fmt == "q6_k":
+        return {"q": plane(0, 128), "qh": plane(128, 192), "sc": plane(192, 208, torch.int8),
+                "d": plane(208, 210, torch.float16).view(N, -1)}
+    sc, mn = _k_scales(b[..., 4:16])
+    planes = {"d": plane(0, 4, torch.float16), "sc": sc.contiguous(), "mn": mn.contiguous()}
+    if fmt == "q4_k":
+        return {**planes, "q": plane(16, 144)}
+    return {**planes, "qh": plane(16, 48), "q": plane(48, 176)}
 
 
-def reference_weight(fmt: str, p: dict) -> torch.Tensor:
-    """float32 [N, K], with torch ops (the layout of t5core.gguf's _q5_k on planes)."""
-    if fmt == "q8_0":
-        N, K = p["q"].shape
-        return (p["q"].view(N, K // 32, 32).float() * p["d"].float()[..., None]).view(N, K)
+def random_blocks(fmt: str, N: int, K: int, gen: torch.Generator) -> torch.Tensor:
+    """Random GGUF blocks [N, bytes per row] with small float16 scales (any bytes are valid codes), or for fp8 a
+    random weight quantized per row: (codes, scales)."""
+    from t5core.gguf import QTYPES
+
     if fmt == "fp8":
-        return p["q"].float() * p["d"][:, None]
-    N, NB = p["d"].shape[:2]
-    shifts4 = torch.tensor([0, 4], dtype=torch.uint8, device=p["q"].device).view(2, 1)
-    lo = ((p["q"].view(N, NB, 4, 1, 32) >> shifts4) & 15).reshape(N, NB, 8, 32)
-    shifts1 = torch.arange(8, dtype=torch.uint8, device=p["q"].device).view(8, 1)
-    hi = (p["qh"].unsqueeze(-2) >> shifts1) & 1  # [N, NB, 8, 32]
-    d = (p["d"][..., 0:1].float() * p["sc"]).unsqueeze(-1)
-    dm = (p["d"][..., 1:2].float() * p["mn"]).unsqueeze(-1)
-    return torch.addcmul(-dm, d, (lo | (hi << 4)).float()).view(N, NB * 256)
+        w = torch.randn(N, K, generator=gen) * 0.02
+        scale = w.abs().amax(1) / torch.finfo(torch.float8_e4m3fn).max
+        return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+    _, block, size = QTYPES[GGML[fmt]]
+    b = torch.randint(0, 256, (N, K // block, size), generator=gen, dtype=torch.uint8)
+    at = {"q8_0": (0,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}[fmt]  # the float16 scale fields
+    for a in at:
+        b[..., a:a + 2] = (torch.rand(N, K // block, 1, generator=gen) * 1e-3).half().view(torch.uint8)
+    return b.view(N, -1)
+
+
+def weight_and_planes(fmt: str, N: int, K: int, device, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """(the float32 weight [N, K] as t5core dequantizes it, the kernel's planes on `device`)."""
+    from t5core.fp8 import dequantize as fp8_dequantize
+    from t5core.gguf import dequantize
+
+    blocks = random_blocks(fmt, N, K, gen)
+    if fmt == "fp8":
+        codes, scale = blocks
+        return fp8_dequantize(codes, scale, torch.float32), {"q": codes.to(device), "d": scale.to(device)}
+    w = dequantize(blocks, GGML[fmt], (N, K))
+    return w, {k: v.to(device) for k, v in planes_from_blocks(fmt, blocks, N, K).items()}
 
 
 def check(device, dtype) -> None:
@@ -146,13 +180,12 @@ def check(device, dtype) -> None:
     M, N, K = (40, 200, 512) if INTERPRET else (300, 1000, 2048)  # N: not a multiple of the tiles
     factor = torch.tensor(0.5, device=device)
     for fmt in FORMATS:
-        p = random_planes(fmt, N, K, device, gen)
+        w, p = weight_and_planes(fmt, N, K, device, gen)
         x = torch.randn(M, K, generator=gen).to(device, dtype)
-        w = (reference_weight(fmt, p) * factor).to(dtype)
-        want = x.double() @ w.double().t()
+        want = x.double() @ (w.to(device) * factor).to(dtype).double().t()
         got = dequant_mm(x, fmt, p, factor, N)
         err = float((got.double() - want).norm() / want.norm())
-        print(f"{fmt}, {dtype}: {tuple(got.shape)} {got.dtype}, rel. error vs float64 on the same dequantized weight "
+        print(f"{fmt}, {dtype}: {tuple(got.shape)} {got.dtype}, rel. error vs float64 on t5core's dequantized weight "
               f"{err:.1e}", flush=True)
         assert err < 1e-5, (fmt, err)
 
@@ -169,7 +202,7 @@ def time_projections(device) -> None:
         w = torch.randn(N, K, generator=gen).to(device, torch.bfloat16)
         calls = {"cuBLAS": lambda: torch.mm(x, w.t(), out_dtype=torch.float32)}
         for fmt in FORMATS:
-            p = random_planes(fmt, N, K, device, gen)
+            p = weight_and_planes(fmt, N, K, device, gen)[1]
             calls[fmt] = (lambda p, fmt: lambda: dequant_mm(x, fmt, p, factor, N))(p, fmt)
         ms = {k: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median") for k, f in calls.items()}
         print(f"{name}: tiles {_tuned.cache}", flush=True)

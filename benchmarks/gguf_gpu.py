@@ -2,7 +2,8 @@
 
 For each type (--types) one random T5 v1.1 encoder of the chosen size is written as a GGUF file:
   Q8_0  random float32 weights quantized with torch (per 32 values: an fp16 scale absmax/127 and int8 codes);
-  Q5_K  random blocks with sane fp16 scales (6-bit sub-block scales and mins, 5-bit codes at random);
+  Q4_K, Q5_K, Q6_K  random blocks with sane fp16 scales (6-bit sub-block scales and mins, codes at random);
+  Q4_K_M, Q5_K_M    Q4_K / Q5_K with attn_v and ffn_down in Q6_K in half the layers, as llama.cpp's _M recipe;
 norms and relative-attention tables in F32, as llama.cpp writes them. Then, on --device:
   compressed  t5core.load_encoder(file, dtype=bfloat16, compile=...): the product path, blocks kept;
   bf16        the same weights dequantized once into a plain bfloat16 model (what weight_dtype="bf16" loads;
@@ -64,14 +65,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))
 import t5core  # noqa: E402
 from comfy_standins import write_standins  # noqa: E402  (tools/)
 from fp8_gpu import timer  # noqa: E402  (this folder is on sys.path when the script runs)
-from t5core.gguf import (  # noqa: E402
-    QTYPES,
-    PackedEmbedding,
-    PackedLinear,
-    _bits,
-    _k_scales,
-    open_gguf,
-)
+from t5core.gguf import PackedEmbedding, PackedLinear, _bits, open_gguf  # noqa: E402
 from t5core.precision import relative_error  # noqa: E402
 from t5core.runtime import Encoder  # noqa: E402
 from t5core.t5_common import f32_out_linear  # noqa: E402
@@ -93,15 +87,32 @@ def q8_0_blocks(w: torch.Tensor) -> np.ndarray:
     return torch.cat([d.view(torch.uint8), q.view(torch.uint8)], -1).reshape(R, -1).cpu().numpy()
 
 
-def q5_k_blocks(rows: int, cols: int, std: float, gen: torch.Generator, device) -> np.ndarray:
-    """Random Q5_K bytes [R, C / 256 * 176] whose values have about `std` and mean 0: d, dmin fp16 fields set so
-    (6-bit scales 0..63 times 5-bit codes 0..31, less 6-bit mins times dmin) spread like that; the rest random."""
+# Random K-type blocks: (bytes per block, the std of a value's integer part (scale times code, less min times mins)
+# when the scale bytes and codes are uniform random: d = std / that, the mean code: dmin = d times it, so values
+# center on 0)
+K_BLOCKS = {"Q4_K": (144, 245, 7.5), "Q5_K": (176, 513, 15.5), "Q6_K": (210, 1366, None)}
+TYPES = ("Q8_0", *K_BLOCKS, "Q4_K_M", "Q5_K_M")
+
+
+def k_blocks(qtype: str, rows: int, cols: int, std: float, gen: torch.Generator, device) -> np.ndarray:
+    """Random Q4_K / Q5_K / Q6_K bytes [R, C / 256 * size] whose values have about `std` and mean 0: the float16
+    fields (d and dmin, Q6_K's d) set so that the random 6-bit (Q6_K: int8) scales, mins and codes spread like that."""
+    size, spread, mean_code = K_BLOCKS[qtype]
     nb = cols // 256
-    b = torch.randint(0, 256, (rows, nb, 176), dtype=torch.uint8, generator=gen, device=device)
-    d = torch.full((rows, nb, 1), std / 513, dtype=torch.float16, device=device)  # std of sc*q - 15.5*m is ~513
-    b[..., 0:2] = d.view(torch.uint8)
-    b[..., 2:4] = (d * 15.5).view(torch.uint8)
+    b = torch.randint(0, 256, (rows, nb, size), dtype=torch.uint8, generator=gen, device=device)
+    d = torch.full((rows, nb, 1), std / spread, dtype=torch.float16, device=device)
+    if qtype == "Q6_K":
+        b[..., 208:210] = d.view(torch.uint8)
+    else:
+        b[..., 0:2] = d.view(torch.uint8)
+        b[..., 2:4] = (d * mean_code).view(torch.uint8)
     return b.reshape(rows, -1).cpu().numpy()
+
+
+def more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's use_more_bits: the layers whose attn_v and ffn_down a _M file keeps in Q6_K (the first and last
+    eighth, and every third between)."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
 def write_file(path: Path, size: str, qtype: str, device, seed: int = 0) -> None:
@@ -117,12 +128,13 @@ def write_file(path: Path, size: str, qtype: str, device, seed: int = 0) -> None
                        "relative_attn_buckets_count": 32}.items():
         getattr(writer, f"add_{key}")(value)
 
-    def matrix(name: str, rows: int, cols: int, std: float) -> None:
+    def matrix(name: str, rows: int, cols: int, std: float, q6_k: bool = False) -> None:
         if qtype == "Q8_0":
             w = torch.randn(rows, cols, generator=gen, device=device) * std
             writer.add_tensor(name, q8_0_blocks(w), raw_dtype=T.Q8_0)
         else:
-            writer.add_tensor(name, q5_k_blocks(rows, cols, std, gen, device), raw_dtype=T.Q5_K)
+            q = "Q6_K" if q6_k and qtype.endswith("_M") else qtype.removesuffix("_M")
+            writer.add_tensor(name, k_blocks(q, rows, cols, std, gen, device), raw_dtype=T[q])
 
     def vector(name: str, *shape: int, mean: float, std: float) -> None:
         writer.add_tensor(name, (mean + std * torch.randn(*shape, generator=gen, device=device)).cpu().numpy())
@@ -132,11 +144,12 @@ def write_file(path: Path, size: str, qtype: str, device, seed: int = 0) -> None
     for i in range(layers):
         b = f"enc.blk.{i}."
         for part in ("attn_q", "attn_k", "attn_v"):  # T5 folds 1/sqrt(d_kv) into its queries: so does this init
-            matrix(b + part + ".weight", inner, d, d ** -0.5 * (dkv ** -0.5 if part == "attn_q" else 1.0))
+            matrix(b + part + ".weight", inner, d, d ** -0.5 * (dkv ** -0.5 if part == "attn_q" else 1.0),
+                   q6_k=part == "attn_v" and more_bits(i, layers))
         matrix(b + "attn_o.weight", d, inner, inner ** -0.5)
         matrix(b + "ffn_gate.weight", ff, d, d ** -0.5)
         matrix(b + "ffn_up.weight", ff, d, d ** -0.5)
-        matrix(b + "ffn_down.weight", d, ff, ff ** -0.5)
+        matrix(b + "ffn_down.weight", d, ff, ff ** -0.5, q6_k=more_bits(i, layers))
         vector(b + "attn_norm.weight", d, mean=1.0, std=0.1)
         vector(b + "ffn_norm.weight", d, mean=1.0, std=0.1)
         if i == 0:
@@ -167,41 +180,42 @@ def expanded(model, dtype: torch.dtype):
 # Variants of the compressed path (--variants), to time beside it
 # --------------------------------------------------------------------------------------------------
 class PlanarLinear(nn.Module):
-    """A PackedLinear whose Q8_0 or Q5_K blocks are split once, at load, into contiguous planes of one field each,
-    so the dequantization reads aligned, unit-stride arrays instead of 34- / 176-byte records:
-      Q8_0  d fp16 [N, K/32, 1] and codes int8 [N, K/32, 32] (the same 34 bytes per 32 weights);
-      Q5_K  d, dmin fp16 [N, K/256, 2], the 6-bit scales and mins unpacked to bytes [N, K/256, 8] each, qh
-            [N, K/256, 32], qs [N, K/256, 128] (180 bytes per 256 weights instead of 176: +2%).
-    The same products as t5core.gguf's dequantization, so the same weights, bit for bit (checked when built)."""
+    """A single-type PackedLinear (Q8_0, Q4_K, Q5_K, Q6_K) whose blocks are split once, at load, into contiguous
+    planes of one field each (dequant_gemm.planes_from_blocks: 0-3% more bytes), so the dequantization reads aligned,
+    unit-stride arrays instead of 34- to 210-byte records. weight(): the same products as t5core.gguf's
+    dequantization on the planes, so the same weights, bit for bit (checked when built)."""
 
     def __init__(self, lin: PackedLinear) -> None:
+        from dequant_gemm import GGML, planes_from_blocks
+
         super().__init__()
         q, (N, K) = lin.packed.qtype, lin.packed.shape
-        _, block, size = QTYPES[q]
-        b = lin.packed.blocks.view(N, K // block, size)
-        self.qtype, self.shape, self.f32_out = q, (N, K), lin.f32_out
+        self.fmt = next(f for f, g in GGML.items() if g == q)
+        self.shape, self.f32_out = (N, K), lin.f32_out
         self.register_buffer("scale", lin.scale.clone(), persistent=False)
-        if q == 8:
-            self.register_buffer("d", b[..., 0:2].contiguous().view(torch.float16))
-            self.register_buffer("qs", b[..., 2:].contiguous().view(torch.int8))
-        else:
-            sc, mn = _k_scales(b[..., 4:16])
-            self.register_buffer("d", b[..., 0:4].contiguous().view(torch.float16))
-            self.register_buffer("sc", sc.contiguous())
-            self.register_buffer("mn", mn.contiguous())
-            self.register_buffer("qh", b[..., 16:48].contiguous())
-            self.register_buffer("qs", b[..., 48:176].contiguous())
+        for name, plane in planes_from_blocks(self.fmt, lin.packed.blocks, N, K).items():
+            self.register_buffer(name, plane)
+
+    def planes(self) -> dict:
+        return {name: getattr(self, name) for name in ("q", "d", "sc", "mn", "qh") if hasattr(self, name)}
 
     def weight(self) -> torch.Tensor:
         """float32 [N, K]."""
-        if self.qtype == 8:
-            return (self.qs * self.d.float()).view(self.shape)
-        N, NB = self.d.shape[:2]
+        N, K = self.shape
+        if self.fmt == "q8_0":
+            return (self.q.view(N, K // 32, 32) * self.d.float().unsqueeze(-1)).view(N, K)
+        NB = K // 256
+        if self.fmt == "q6_k":
+            lo = _bits(self.q.view(N, NB, 2, 64), 4).reshape(N, NB, 8, 32)
+            hi = _bits(self.qh.view(N, NB, 2, 32), 2).reshape(N, NB, 8, 32)
+            q = ((lo | (hi << 4)) - 32).view(torch.int8).reshape(N, NB, 16, 16)
+            return (q * (self.d.float().unsqueeze(-1) * self.sc).unsqueeze(-1)).view(N, K)
         d = (self.d[..., 0:1].float() * self.sc).unsqueeze(-1)  # [N, NB, 8, 1]
         dm = (self.d[..., 1:2].float() * self.mn).unsqueeze(-1)
-        ql = _bits(self.qs.view(N, NB, 4, 32), 4).reshape(N, NB, 8, 32)
-        qh = _bits(self.qh, 1)  # [N, NB, 8, 32]
-        return torch.addcmul(-dm, d, ql | (qh << 4)).view(self.shape)
+        q = _bits(self.q.view(N, NB, 4, 32), 4).reshape(N, NB, 8, 32)
+        if self.fmt == "q5_k":
+            q = q | (_bits(self.qh, 1) << 4)  # [N, NB, 8, 32]
+        return torch.addcmul(-dm, d, q).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = (self.weight() * self.scale).to(x.dtype)
@@ -210,9 +224,9 @@ class PlanarLinear(nn.Module):
 
 @torch.no_grad()
 def make_planar(model: nn.Module) -> int:
-    """Replace every single-type Q8_0 / Q5_K PackedLinear of `model` by a PlanarLinear (checked to dequantize to the
-    same float32 weight); -> how many were replaced."""
-    names = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.packed.qtype in (8, 13)]
+    """Replace every single-type Q8_0 / Q4_K / Q5_K / Q6_K PackedLinear of `model` by a PlanarLinear (checked to
+    dequantize to the same float32 weight); -> how many were replaced (a weight of mixed types stays packed)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.packed.qtype in (8, 12, 13, 14)]
     for name in names:
         old = model.get_submodule(name)
         new = PlanarLinear(old)
@@ -236,10 +250,9 @@ def triton_forward(module: "PlanarLinear", x: torch.Tensor) -> torch.Tensor:
     registers instead of writing a bf16 copy of the weight (the same weight values; float32 accumulation)."""
     from dequant_gemm import dequant_mm  # (Triton: imported where it runs)
 
-    planes = {"q": module.qs, "d": module.d}
-    if module.qtype != 8:
-        planes.update(sc=module.sc, mn=module.mn, qh=module.qh)
-    y = dequant_mm(x, "q8_0" if module.qtype == 8 else "q5_k", planes, module.scale, module.shape[0])
+    if not isinstance(module, PlanarLinear):  # a weight of mixed types (an _M file's fused QKV) stays as it was
+        return PackedLinear.forward(module, x)
+    y = dequant_mm(x, module.fmt, module.planes(), module.scale, module.shape[0])
     return y if module.f32_out else y.to(x.dtype)
 
 
@@ -387,7 +400,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="xxl")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--types", default="Q8_0,Q5_K", help="comma-separated: Q8_0, Q5_K (default %(default)s)")
+    p.add_argument("--types", default="Q8_0,Q5_K_M", help="comma-separated, of: " + ", ".join(TYPES)
+                   + " (default %(default)s)")
     p.add_argument("--eager", action="store_true", help="time uncompiled (the CPU check)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--tokens", type=int, default=512, help="prompt length (default %(default)s)")
@@ -404,6 +418,9 @@ def main() -> None:
         p.error("--comfyui and --comfyui-gguf go together")
     if args.comfyui is not None and args.size not in ("xxl", "xxl-thin"):
         p.error("ComfyUI detects T5-XXL by its width and depth: --comfyui needs --size xxl or xxl-thin")
+    for t in args.types.split(","):
+        if t not in TYPES:
+            p.error(f"--types: unknown {t!r}; known: {', '.join(TYPES)}")
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
