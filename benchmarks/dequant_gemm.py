@@ -1,8 +1,9 @@
 """A Triton GEMM that reads compressed weights and dequantizes them in registers: y [M, N] float32 = x [M, K] @ W.T,
-W [N, K] kept as GGUF Q8_0, Q4_K, Q5_K or Q6_K blocks split into planes of one field each (planes_from_blocks), or
-as fp8 rows with a float32 scale per row (t5core.fp8's storage). t5core's compressed paths today write a bf16 copy of each weight in every call and hand it
-to cuBLAS: at 1 x 512 on an H200 that copy costs more than the GEMM saves (BENCHMARKS.md: GGUF Q8_0 1.57x bf16's
-time, Q5_K 2.9x; fp8 storage 1.37x). Here the weight is read once, compressed.
+W [N, K] kept as GGUF Q8_0, Q4_K, Q5_K or Q6_K blocks, as stored (blocks_mm: t5core.gguf.PackedWeight's bytes, rows
+of mixed types included) or split into planes of one field each (dequant_mm on planes_from_blocks), or as fp8 rows
+with a float32 scale per row (t5core.fp8's storage). t5core's compressed paths today write a bf16 copy of each
+weight in every call and hand it to cuBLAS: at 1 x 512 on an H200 that copy costs more than the GEMM saves
+(BENCHMARKS.md: GGUF Q8_0 1.57x bf16's time, Q5_K 2.9x; fp8 storage 1.37x). Here the weight is read once, compressed.
 
 Each tile of W is dequantized exactly as t5core does it (the float32 value of the code times its scales, times the
 layer's residual factor, rounded once to x's dtype), so the products are those of the dequantized weight; only the
@@ -10,7 +11,8 @@ accumulation order differs from cuBLAS.
 
     python benchmarks/dequant_gemm.py                       # checks every format against t5core's dequantization
     TRITON_INTERPRET=1 python benchmarks/dequant_gemm.py    # the same on the CPU, in Triton's interpreter (slow)
-    python benchmarks/dequant_gemm.py --time                # ms and TFLOP/s per XXL projection at M=512, vs cuBLAS
+    python benchmarks/dequant_gemm.py --time                # ms per XXL projection at M=512: planes, blocks as
+                                                            # stored, t5core today, cuBLAS on bf16
 """
 import argparse
 import os
@@ -22,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-FORMATS = {"q8_0": 0, "q4_k": 1, "q5_k": 2, "q6_k": 3, "fp8": 4}
+# planes (planes_from_blocks) or fp8 rows; "..._blocks": GGUF's own blocks, read as they are stored
+FORMATS = {"q8_0": 0, "q4_k": 1, "q5_k": 2, "q6_k": 3, "fp8": 4,
+           "q8_0_blocks": 5, "q4_k_blocks": 6, "q5_k_blocks": 7, "q6_k_blocks": 8}
 GGML = {"q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}  # t5core.gguf.QTYPES ids
 
 
@@ -56,8 +60,46 @@ def _weight_tile(rn, kk, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT: tl.conste
         hi = (tl.load(qh_ptr + blk * 64 + h * 32 + e % 32).to(tl.int32) >> (((e % 128) // 32) * 2)) & 3
         d = tl.load(d_ptr + blk).to(tl.float32) * tl.load(sc_ptr + blk * 16 + e // 16).to(tl.float32)
         w = ((lo | (hi << 4)) - 32).to(tl.float32) * d
-    else:  # fp8: codes [N, K], float32 scale per row [N]
+    elif FMT == 4:  # fp8: codes [N, K], float32 scale per row [N]
         w = tl.load(q_ptr + n * K + k).to(tl.float32) * tl.load(d_ptr + n)
+    else:
+        w = _block_tile(n, k, K, q_ptr, d_ptr, FMT)
+    return w
+
+
+@triton.jit
+def _block_tile(n, k, K, b_ptr, h_ptr, FMT: tl.constexpr):
+    """W[n, k] as float32 from GGUF blocks as stored: b_ptr the bytes (uint8), h_ptr the same bytes as float16 (every
+    block's size and its float16 fields' offsets are even)."""
+    if FMT == 5:  # Q8_0: d, int8 codes[32]: 34 bytes per 32
+        base = n * (K // 32 * 34) + (k // 32) * 34
+        q = tl.load(b_ptr + base + 2 + k % 32).to(tl.int8, bitcast=True).to(tl.float32)
+        w = q * tl.load(h_ptr + base // 2).to(tl.float32)
+    elif FMT <= 7:  # Q4_K: d, dmin, scales[12], qs[128] (144 bytes per 256); Q5_K: qh[32] before qs (176)
+        size: tl.constexpr = 144 if FMT == 6 else 176
+        base = n * (K // 256 * size) + (k // 256) * size
+        j = (k % 256) // 32  # sub-block: its 6-bit scale and min, packed in 12 bytes
+        i = k % 32
+        s_a = tl.load(b_ptr + base + 4 + j % 4).to(tl.int32)
+        s_m = tl.load(b_ptr + base + 8 + j % 4).to(tl.int32)
+        s_h = tl.load(b_ptr + base + 12 + j % 4).to(tl.int32)
+        sc = tl.where(j < 4, s_a & 63, (s_h & 15) | ((s_a >> 6) << 4)).to(tl.float32)
+        mn = tl.where(j < 4, s_m & 63, (s_h >> 4) | ((s_m >> 6) << 4)).to(tl.float32)
+        qs: tl.constexpr = 16 if FMT == 6 else 48
+        q = (tl.load(b_ptr + base + qs + (j // 2) * 32 + i).to(tl.int32) >> ((j % 2) * 4)) & 15
+        if FMT == 7:
+            q = q | (((tl.load(b_ptr + base + 16 + i).to(tl.int32) >> j) & 1) << 4)
+        d = tl.load(h_ptr + base // 2).to(tl.float32)
+        dmin = tl.load(h_ptr + base // 2 + 1).to(tl.float32)
+        w = (d * sc) * q.to(tl.float32) - dmin * mn
+    else:  # Q6_K: ql[128], qh[64], int8 scales[16], d (210 bytes per 256)
+        base = n * (K // 256 * 210) + (k // 256) * 210
+        e = k % 256
+        h = e // 128
+        lo = (tl.load(b_ptr + base + h * 64 + e % 64).to(tl.int32) >> (((e % 128) // 64) * 4)) & 15
+        hi = (tl.load(b_ptr + base + 128 + h * 32 + e % 32).to(tl.int32) >> (((e % 128) // 32) * 2)) & 3
+        sc = tl.load(b_ptr + base + 192 + e // 16).to(tl.int8, bitcast=True).to(tl.float32)
+        w = ((lo | (hi << 4)) - 32).to(tl.float32) * (tl.load(h_ptr + (base + 208) // 2).to(tl.float32) * sc)
     return w
 
 
@@ -68,7 +110,7 @@ CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps
 
 
 @triton.jit
-def _dequant_mm(x_ptr, out_ptr, M, N, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, factor_ptr,
+def _dequant_mm(x_ptr, out_ptr, M, N, K, ldo, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, factor_ptr,
                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -88,7 +130,7 @@ def _dequant_mm(x_ptr, out_ptr, M, N, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, f
         a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=rm[:, None] < M, other=0.0)
         w = (_weight_tile(rn_in, kk, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT) * factor).to(a.dtype)
         acc = tl.dot(a, tl.trans(w), acc)
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(out_ptr + rm[:, None] * ldo + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 # Triton's interpreter (the CPU check) has no autotuner: there one small tile
@@ -97,22 +139,42 @@ _tuned = _dequant_mm if INTERPRET else triton.autotune(configs=CONFIGS, key=["M"
 _FIXED = dict(BM=32, BN=64, BK=64, GROUP_M=2) if INTERPRET else {}
 
 
+def _launch(xs: torch.Tensor, out: torch.Tensor, fmt: str, ptrs: list, factor: torch.Tensor) -> None:
+    """out [M, N] (a view: rows strided) = xs [M, K] @ W.T; ptrs: the five weight pointers of the format."""
+    (M, K), N = xs.shape, out.shape[1]
+    if K % (256 if "_k" in fmt else 128):
+        raise ValueError(f"dequant_mm: K={K} must be a multiple of 128 (256 for the K types)")
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
+    _tuned[grid](xs, out, M, N, K, out.stride(0), *ptrs, factor, FMT=FORMATS[fmt], **_FIXED)
+
+
 def dequant_mm(x: torch.Tensor, fmt: str, planes: dict, factor: torch.Tensor, N: int) -> torch.Tensor:
     """x [.., K] (bfloat16 / float16) @ W.T -> [.., N] float32. planes: the format's tensors (q, d[, sc, mn, qh]);
     factor: float32 scalar tensor. K must be a multiple of 128 (of 256 for the K types)."""
     K = x.shape[-1]
     xs = x.reshape(-1, K).contiguous()
-    M = xs.shape[0]
-    if K % (256 if fmt.endswith("_k") else 128):
-        raise ValueError(f"dequant_mm: K={K} must be a multiple of 128 (256 for the K types)")
-    out = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    q, d = planes["q"], planes["d"]
-    sc, mn, qh = (planes.get(k, q) for k in ("sc", "mn", "qh"))
+    out = torch.empty(xs.shape[0], N, dtype=torch.float32, device=x.device)
+    q = planes["q"]
+    _launch(xs, out, fmt, [q, planes["d"], *(planes.get(k, q) for k in ("sc", "mn", "qh"))], factor)
+    return out.view(*x.shape[:-1], N)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
-    _tuned[grid](xs, out, M, N, K, q, d, sc, mn, qh, factor, FMT=FORMATS[fmt], **_FIXED)
+def blocks_mm(x: torch.Tensor, segments: list, blocks: torch.Tensor, factor: torch.Tensor, N: int) -> torch.Tensor:
+    """x [.., K] @ W.T -> [.., N] float32, W kept as GGUF blocks as stored (t5core.gguf.PackedWeight: blocks uint8,
+    segments [(GGML type, first row, rows, first byte, bytes)], rows of different types in one weight): each
+    segment's rows computed by one launch into its columns of the output."""
+    K = x.shape[-1]
+    xs = x.reshape(-1, K).contiguous()
+    out = torch.empty(xs.shape[0], N, dtype=torch.float32, device=x.device)
+    flat = blocks.reshape(-1)
+    names = {g: f for f, g in GGML.items()}
+    for qtype, row, rows, start, n in segments:
+        seg = flat[start:start + n]
+        _launch(xs, out[:, row:row + rows], names[qtype] + "_blocks", [seg, seg.view(torch.float16), seg, seg, seg],
+                factor)
     return out.view(*x.shape[:-1], N)
 
 
@@ -163,7 +225,8 @@ def random_blocks(fmt: str, N: int, K: int, gen: torch.Generator) -> torch.Tenso
 
 
 def weight_and_planes(fmt: str, N: int, K: int, device, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """(the float32 weight [N, K] as t5core dequantizes it, the kernel's planes on `device`)."""
+    """(the float32 weight [N, K] as t5core dequantizes it, the kernel's planes on `device`; for GGUF types also
+    "blocks", the blocks as stored)."""
     from t5core.fp8 import dequantize as fp8_dequantize
     from t5core.gguf import dequantize
 
@@ -172,44 +235,78 @@ def weight_and_planes(fmt: str, N: int, K: int, device, gen: torch.Generator) ->
         codes, scale = blocks
         return fp8_dequantize(codes, scale, torch.float32), {"q": codes.to(device), "d": scale.to(device)}
     w = dequantize(blocks, GGML[fmt], (N, K))
-    return w, {k: v.to(device) for k, v in planes_from_blocks(fmt, blocks, N, K).items()}
+    planes = {k: v.to(device) for k, v in planes_from_blocks(fmt, blocks, N, K).items()}
+    return w, {**planes, "blocks": blocks.to(device)}
 
 
 def check(device, dtype) -> None:
+    """Each format, planes and blocks as stored, and a weight whose rows mix two types (an _M file's fused QKV),
+    against float64 products of t5core's own dequantization."""
     gen = torch.Generator().manual_seed(0)
     M, N, K = (40, 200, 512) if INTERPRET else (300, 1000, 2048)  # N: not a multiple of the tiles
     factor = torch.tensor(0.5, device=device)
-    for fmt in FORMATS:
-        w, p = weight_and_planes(fmt, N, K, device, gen)
-        x = torch.randn(M, K, generator=gen).to(device, dtype)
+    x = torch.randn(M, K, generator=gen).to(device, dtype)
+
+    def report(what, got, w):
         want = x.double() @ (w.to(device) * factor).to(dtype).double().t()
-        got = dequant_mm(x, fmt, p, factor, N)
         err = float((got.double() - want).norm() / want.norm())
-        print(f"{fmt}, {dtype}: {tuple(got.shape)} {got.dtype}, rel. error vs float64 on t5core's dequantized weight "
-              f"{err:.1e}", flush=True)
-        assert err < 1e-5, (fmt, err)
+        print(f"{what}, {dtype}: {tuple(got.shape)} {got.dtype}, rel. error vs float64 on t5core's dequantized "
+              f"weight {err:.1e}", flush=True)
+        assert err < 1e-5, (what, err)
+
+    mixed = []
+    for fmt in FORMATS:
+        if fmt.endswith("_blocks"):
+            continue
+        w, p = weight_and_planes(fmt, N, K, device, gen)
+        report(fmt, dequant_mm(x, fmt, p, factor, N), w)
+        if fmt != "fp8":
+            b = p["blocks"]
+            report(fmt + " blocks", blocks_mm(x, [(GGML[fmt], 0, N, 0, b.numel())], b, factor, N), w)
+            mixed.append((fmt, w, b))
+    (f1, w1, b1), (f2, w2, b2) = mixed[2], mixed[3]  # Q5_K rows, then Q6_K rows
+    segments = [(GGML[f1], 0, N, 0, b1.numel()), (GGML[f2], N, N, b1.numel(), b2.numel())]
+    report(f"{f1} + {f2} rows", blocks_mm(x, segments, torch.cat([b1.reshape(-1), b2.reshape(-1)]), factor, 2 * N),
+           torch.cat([w1, w2]))
 
 
 def time_projections(device) -> None:
-    """ms per XXL projection at M = 512 (bf16 x): cuBLAS on a bf16 weight, and this kernel on each format (its
-    autotuned tiles printed)."""
+    """ms per XXL projection at M = 512 (bf16 x), per format: this kernel on planes and on the blocks as stored,
+    t5core's path today (the weight dequantized to bf16 by compiled torch code, then cuBLAS with float32 output),
+    and cuBLAS on a bf16 weight (the autotuned tiles printed)."""
+    from t5core.fp8 import dequantize as fp8_dequantize
+    from t5core.gguf import dequantize
+
     gen = torch.Generator().manual_seed(0)
     M, factor = 512, torch.tensor(1.0, device=device)
-    print("| projection | cuBLAS bf16 ms | " + " | ".join(f"{f} ms" for f in FORMATS) + " | TFLOP/s (cuBLAS / best) |")
-    print("|---|---|" + "---|" * len(FORMATS) + "---|")
+
+    @torch.compile(dynamic=False)
+    def today(x, fmt, p, N, K):
+        w = (fp8_dequantize(p["q"], p["d"], torch.float32) if fmt == "fp8" else
+             dequantize(p["blocks"], GGML[fmt], (N, K))) * factor
+        return torch.mm(x, w.to(x.dtype).t(), out_dtype=torch.float32)
+
+    def bench(f):
+        return triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
+
+    rows = []
     for name, N, K in [("qkv", 12288, 4096), ("o", 4096, 4096), ("ff_in", 20480, 4096), ("wo", 4096, 10240)]:
         x = torch.randn(M, K, generator=gen).to(device, torch.bfloat16)
         w = torch.randn(N, K, generator=gen).to(device, torch.bfloat16)
-        calls = {"cuBLAS": lambda: torch.mm(x, w.t(), out_dtype=torch.float32)}
-        for fmt in FORMATS:
+        cublas = bench(lambda: torch.mm(x, w.t(), out_dtype=torch.float32))
+        for fmt in [f for f in FORMATS if not f.endswith("_blocks")]:
             p = weight_and_planes(fmt, N, K, device, gen)[1]
-            calls[fmt] = (lambda p, fmt: lambda: dequant_mm(x, fmt, p, factor, N))(p, fmt)
-        ms = {k: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median") for k, f in calls.items()}
+            planes = bench(lambda: dequant_mm(x, fmt, p, factor, N))
+            stored = (bench(lambda: blocks_mm(x, [(GGML[fmt], 0, N, 0, p["blocks"].numel())], p["blocks"], factor, N))
+                      if fmt != "fp8" else planes)
+            rows.append((f"{name} {K}->{N}", fmt, planes, stored, bench(lambda: today(x, fmt, p, N, K)), cublas,
+                         2 * M * N * K))
         print(f"{name}: tiles {_tuned.cache}", flush=True)
-        flop = 2 * M * N * K
-        best = min(ms[f] for f in FORMATS)
-        print(f"| {name} {K}->{N} | {ms['cuBLAS']:.3f} | " + " | ".join(f"{ms[f]:.3f}" for f in FORMATS)
-              + f" | {flop / ms['cuBLAS'] / 1e9:.0f} / {flop / best / 1e9:.0f} |", flush=True)
+    print("\n| projection | format | Triton, planes ms | Triton, blocks as stored ms | today: dequantize + cuBLAS ms "
+          "| cuBLAS on bf16 ms | TFLOP/s best Triton / cuBLAS |\n|---|---|---|---|---|---|---|")
+    for proj, fmt, planes, stored, now, cublas, flop in rows:
+        print(f"| {proj} | {fmt} | {planes:.3f} | {stored:.3f} | {now:.3f} | {cublas:.3f} | "
+              f"{flop / min(planes, stored) / 1e9:.0f} / {flop / cublas / 1e9:.0f} |")
 
 
 if __name__ == "__main__":

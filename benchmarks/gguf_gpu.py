@@ -256,11 +256,23 @@ def triton_forward(module: "PlanarLinear", x: torch.Tensor) -> torch.Tensor:
     return y if module.f32_out else y.to(x.dtype)
 
 
+def triton_blocks_forward(module: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    """A PackedLinear forward by dequant_gemm's Triton GEMM on the blocks as stored (one launch per segment of rows
+    of one type), no change of layout; weights with a plain (F16 / F32) segment stay on the product's path."""
+    from dequant_gemm import GGML, blocks_mm  # (Triton: imported where it runs)
+
+    if any(q not in GGML.values() for q, *_ in module.packed.segments):
+        return PackedLinear.forward(module, x)
+    y = blocks_mm(x, module.packed.segments, module.packed.blocks, module.scale, module.packed.shape[0])
+    return y if module.f32_out else y.to(x.dtype)
+
+
 # name -> (planar layout, torch.compile mode of the layers, the projections' forward: None = PlanarLinear's / the
-# product's, or plain_mm_forward / triton_forward)
+# product's, or plain_mm_forward / triton_forward / triton_blocks_forward)
 VARIANTS = {
     "planar": (True, None, None),
     "planar-triton": (True, None, triton_forward),
+    "triton-blocks": (False, None, triton_blocks_forward),
     "autotune": (False, "max-autotune-no-cudagraphs", None),
     "planar-autotune": (True, "max-autotune-no-cudagraphs", None),
     "autotune-plain-mm": (False, "max-autotune-no-cudagraphs", plain_mm_forward),
@@ -270,7 +282,8 @@ VARIANTS = {
 
 def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
     """The compressed encoder as load_encoder gives it, changed as `variant` says: planar = PlanarLinear layers;
-    triton = their forward by dequant_gemm's Triton GEMM (needs planar); autotune = each layer compiled with mode
+    triton = their forward by dequant_gemm's Triton GEMM (planar-triton), or that GEMM on the blocks as stored
+    (triton-blocks); autotune = each layer compiled with mode
     max-autotune-no-cudagraphs (inductor's Triton GEMM templates, into whose prologue it may fuse the
     dequantization: torch._inductor.config.prologue_fusion, on by default), our CUDA graphs around it as usual;
     plain-mm = plain_mm_forward (numerics: one more rounding of the float32 outputs)."""
