@@ -10,9 +10,12 @@ layer's residual factor, rounded once to x's dtype), so the products are those o
 accumulation order differs from cuBLAS.
 
     python benchmarks/dequant_gemm.py                       # checks every format against t5core's dequantization
-    TRITON_INTERPRET=1 python benchmarks/dequant_gemm.py    # the same on the CPU, in Triton's interpreter (slow)
+    TRITON_INTERPRET=1 python benchmarks/dequant_gemm.py    # the same on the CPU, in Triton's interpreter (slow;
+                                                            # DEQUANT_GEMM_WT=1: the weight as first operand,
+                                                            # DEQUANT_GEMM_BK: the K tile, 32 / 64 / 128)
     python benchmarks/dequant_gemm.py --time                # ms per XXL projection at M=512: planes, blocks as
                                                             # stored, t5core today, cuBLAS on bf16
+    python benchmarks/dequant_gemm.py --resources all       # no GPU needed: registers and spills of each tile
 """
 import argparse
 import os
@@ -31,87 +34,106 @@ GGML = {"q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}  # t5core.gguf.QTYPES ids
 
 
 @triton.jit
-def _weight_tile(rn, kk, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT: tl.constexpr):
-    """W[rn, kk] as float32 [BN, BK]: each code times its scales, as t5core.gguf dequantizes it (exact in float32;
-    Q4_K / Q5_K: one rounding of d*q - m). rn: row indices clamped into the weight (rows past N are read again and
-    never stored). Planes per format: planes_from_blocks."""
-    n, k = rn[:, None], kk[None, :]
-    if FMT == 0:  # Q8_0
-        q = tl.load(q_ptr + n * K + k).to(tl.float32)
-        d = tl.load(d_ptr + n * (K // 32) + k // 32).to(tl.float32)
-        w = q * d
-    elif FMT <= 2:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
-        blk = n * (K // 256) + k // 256  # [BN, BK]
-        j = (k % 256) // 32  # sub-block
-        i = k % 32
-        d = tl.load(d_ptr + blk * 2).to(tl.float32)
-        dmin = tl.load(d_ptr + blk * 2 + 1).to(tl.float32)
-        sc = tl.load(sc_ptr + blk * 8 + j).to(tl.float32)
-        mn = tl.load(mn_ptr + blk * 8 + j).to(tl.float32)
-        q = (tl.load(q_ptr + blk * 128 + (j // 2) * 32 + i).to(tl.int32) >> ((j % 2) * 4)) & 15
-        if FMT == 2:
-            q = q | (((tl.load(qh_ptr + blk * 32 + i).to(tl.int32) >> j) & 1) << 4)
-        w = (d * sc) * q.to(tl.float32) - dmin * mn
-    elif FMT == 3:  # Q6_K: 16 sub-blocks of 16, signed 6-bit codes
-        blk = n * (K // 256) + k // 256
-        e = k % 256
-        h = e // 128
-        lo = (tl.load(q_ptr + blk * 128 + h * 64 + e % 64).to(tl.int32) >> (((e % 128) // 64) * 4)) & 15
-        hi = (tl.load(qh_ptr + blk * 64 + h * 32 + e % 32).to(tl.int32) >> (((e % 128) // 32) * 2)) & 3
-        d = tl.load(d_ptr + blk).to(tl.float32) * tl.load(sc_ptr + blk * 16 + e // 16).to(tl.float32)
-        w = ((lo | (hi << 4)) - 32).to(tl.float32) * d
-    elif FMT == 4:  # fp8: codes [N, K], float32 scale per row [N]
-        w = tl.load(q_ptr + n * K + k).to(tl.float32) * tl.load(d_ptr + n)
-    else:
-        w = _block_tile(n, k, K, q_ptr, d_ptr, FMT)
-    return w
+def _nibbles(byte_ptr, j, i):
+    """[BN, S, 32] codes of sub-blocks j [S] (8 per 256: the low then high nibbles of 32 bytes each pair shares),
+    byte_ptr [BN, 1, 1] their 128 bytes, i [32]: 4-bit codes as int32."""
+    b = tl.load(byte_ptr + (j[None, :, None] // 2) * 32 + i[None, None, :]).to(tl.int32)
+    return (b >> ((j[None, :, None] % 2) * 4)) & 15
 
 
 @triton.jit
-def _block_tile(n, k, K, b_ptr, h_ptr, FMT: tl.constexpr):
-    """W[n, k] as float32 from GGUF blocks as stored: b_ptr the bytes (uint8), h_ptr the same bytes as float16 (every
-    block's size and its float16 fields' offsets are even)."""
-    if FMT == 5:  # Q8_0: d, int8 codes[32]: 34 bytes per 32
-        base = n * (K // 32 * 34) + (k // 32) * 34
-        q = tl.load(b_ptr + base + 2 + k % 32).to(tl.int8, bitcast=True).to(tl.float32)
-        w = q * tl.load(h_ptr + base // 2).to(tl.float32)
-    elif FMT <= 7:  # Q4_K: d, dmin, scales[12], qs[128] (144 bytes per 256); Q5_K: qh[32] before qs (176)
-        size: tl.constexpr = 144 if FMT == 6 else 176
-        base = n * (K // 256 * size) + (k // 256) * size
-        j = (k % 256) // 32  # sub-block: its 6-bit scale and min, packed in 12 bytes
-        i = k % 32
-        s_a = tl.load(b_ptr + base + 4 + j % 4).to(tl.int32)
-        s_m = tl.load(b_ptr + base + 8 + j % 4).to(tl.int32)
-        s_h = tl.load(b_ptr + base + 12 + j % 4).to(tl.int32)
-        sc = tl.where(j < 4, s_a & 63, (s_h & 15) | ((s_a >> 6) << 4)).to(tl.float32)
-        mn = tl.where(j < 4, s_m & 63, (s_h >> 4) | ((s_m >> 6) << 4)).to(tl.float32)
-        qs: tl.constexpr = 16 if FMT == 6 else 48
-        q = (tl.load(b_ptr + base + qs + (j // 2) * 32 + i).to(tl.int32) >> ((j % 2) * 4)) & 15
-        if FMT == 7:
-            q = q | (((tl.load(b_ptr + base + 16 + i).to(tl.int32) >> j) & 1) << 4)
-        d = tl.load(h_ptr + base // 2).to(tl.float32)
-        dmin = tl.load(h_ptr + base // 2 + 1).to(tl.float32)
-        w = (d * sc) * q.to(tl.float32) - dmin * mn
-    else:  # Q6_K: ql[128], qh[64], int8 scales[16], d (210 bytes per 256)
-        base = n * (K // 256 * 210) + (k // 256) * 210
-        e = k % 256
+def _k_scale_min(s_ptr, j):
+    """The 6-bit scales and mins of sub-blocks j [S] from a Q4_K / Q5_K block's 12 packed bytes at s_ptr [BN, 1]:
+    float32 [BN, S] each (t5core.gguf._k_scales)."""
+    a = tl.load(s_ptr + j[None, :] % 4).to(tl.int32)
+    m = tl.load(s_ptr + 4 + j[None, :] % 4).to(tl.int32)
+    h = tl.load(s_ptr + 8 + j[None, :] % 4).to(tl.int32)
+    low = j[None, :] < 4
+    sc = tl.where(low, a & 63, (h & 15) | ((a >> 6) << 4))
+    mn = tl.where(low, m & 63, (h >> 4) | ((m >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _weight_tile(rn, k0, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    """W[rn, k0:k0+BK] as float32 [BN, BK]: each code times its scales, as t5core.gguf dequantizes it (exact in
+    float32; Q4_K / Q5_K: one rounding of d*q - m). rn: row indices clamped into the weight (rows past N are read
+    again and never stored). Fields that hold for a whole block or sub-block are loaded once per row and broadcast.
+    Planes: planes_from_blocks; blocks as stored: q_ptr the bytes, d_ptr the same bytes as float16."""
+    n = rn[:, None]  # [BN, 1]
+    i32 = tl.arange(0, 32)
+    if FMT == 0 or FMT == 5:  # Q8_0: [BN, BK/32, 32] codes, a float16 d per 32
+        c = k0 // 32 + tl.arange(0, BK // 32)  # blocks
+        if FMT == 0:
+            q = tl.load(q_ptr + n[:, :, None] * K + c[None, :, None] * 32 + i32[None, None, :])
+            d = tl.load(d_ptr + n * (K // 32) + c[None, :])
+        else:
+            base = n * (K // 32 * 34) + c[None, :] * 34  # [BN, BK/32] bytes
+            q = tl.load(q_ptr + base[:, :, None] + 2 + i32[None, None, :]).to(tl.int8, bitcast=True)
+            d = tl.load(d_ptr + base // 2)
+        w = tl.reshape(q.to(tl.float32) * d.to(tl.float32)[:, :, None], (BN, BK))
+    elif FMT == 1 or FMT == 2 or FMT == 6 or FMT == 7:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
+        j = (k0 % 256) // 32 + tl.arange(0, BK // 32)  # sub-blocks of this tile (BK divides 256)
+        blk = n * (K // 256) + k0 // 256  # [BN, 1]
+        if FMT <= 2:  # planes
+            d = tl.load(d_ptr + blk * 2).to(tl.float32)
+            dmin = tl.load(d_ptr + blk * 2 + 1).to(tl.float32)
+            sc = tl.load(sc_ptr + blk * 8 + j[None, :]).to(tl.float32)  # [BN, S]
+            mn = tl.load(mn_ptr + blk * 8 + j[None, :]).to(tl.float32)
+            q = _nibbles(q_ptr + blk[:, :, None] * 128, j, i32)
+            if FMT == 2:
+                qh = tl.load(qh_ptr + blk[:, :, None] * 32 + i32[None, None, :]).to(tl.int32)  # [BN, 1, 32]
+                q = q | (((qh >> j[None, :, None]) & 1) << 4)
+        else:  # blocks as stored: d, dmin, scales[12], (Q5_K: qh[32]), qs[128]
+            base = blk * (144 if FMT == 6 else 176)
+            d = tl.load(d_ptr + base // 2).to(tl.float32)
+            dmin = tl.load(d_ptr + base // 2 + 1).to(tl.float32)
+            sc, mn = _k_scale_min(q_ptr + base + 4, j)
+            q = _nibbles(q_ptr + base[:, :, None] + (16 if FMT == 6 else 48), j, i32)
+            if FMT == 7:
+                qh = tl.load(q_ptr + base[:, :, None] + 16 + i32[None, None, :]).to(tl.int32)
+                q = q | (((qh >> j[None, :, None]) & 1) << 4)
+        w3 = (d * sc)[:, :, None] * q.to(tl.float32) - (dmin * mn)[:, :, None]
+        w = tl.reshape(w3, (BN, BK))
+    elif FMT == 3 or FMT == 8:  # Q6_K: 16 sub-blocks of 16 per 256, signed 6-bit codes
+        t = (k0 % 256) // 16 + tl.arange(0, BK // 16)  # sub-blocks of this tile
+        u = tl.arange(0, 16)
+        e = t[None, :, None] * 16 + u[None, None, :]  # [1, T, 16]: index in the block
+        blk = n * (K // 256) + k0 // 256  # [BN, 1]
+        if FMT == 3:  # planes: ql [.., 128], qh [.., 64], int8 scales [.., 16], d [..]
+            ql_ptr, qh_ptr, s_ptr = q_ptr + blk * 128, qh_ptr + blk * 64, sc_ptr + blk * 16
+            d = tl.load(d_ptr + blk).to(tl.float32)
+        else:  # blocks as stored: ql[128], qh[64], scales[16], d
+            base = blk * 210
+            ql_ptr, qh_ptr, s_ptr = q_ptr + base, q_ptr + base + 128, q_ptr + base + 192
+            d = tl.load(d_ptr + (base + 208) // 2).to(tl.float32)
         h = e // 128
-        lo = (tl.load(b_ptr + base + h * 64 + e % 64).to(tl.int32) >> (((e % 128) // 64) * 4)) & 15
-        hi = (tl.load(b_ptr + base + 128 + h * 32 + e % 32).to(tl.int32) >> (((e % 128) // 32) * 2)) & 3
-        sc = tl.load(b_ptr + base + 192 + e // 16).to(tl.int8, bitcast=True).to(tl.float32)
-        w = ((lo | (hi << 4)) - 32).to(tl.float32) * (tl.load(h_ptr + (base + 208) // 2).to(tl.float32) * sc)
+        lo = (tl.load(ql_ptr[:, :, None] + h * 64 + e % 64).to(tl.int32) >> (((e % 128) // 64) * 4)) & 15
+        hi = (tl.load(qh_ptr[:, :, None] + h * 32 + e % 32).to(tl.int32) >> (((e % 128) // 32) * 2)) & 3
+        sc = tl.load(s_ptr + t[None, :]).to(tl.int8, bitcast=True).to(tl.float32)  # [BN, T]
+        w3 = ((lo | (hi << 4)) - 32).to(tl.float32) * (d * sc)[:, :, None]
+        w = tl.reshape(w3, (BN, BK))
+    else:  # fp8: codes [N, K], float32 scale per row [N]
+        w = tl.load(q_ptr + n * K + k0 + tl.arange(0, BK)[None, :]).to(tl.float32) * tl.load(d_ptr + n)
     return w
 
 
-# Hopper-sized tiles; autotuned per (M, N, K, format) on first use
-CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-           for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                                     (128, 64, 64, 4, 4), (128, 128, 128, 8, 2), (64, 256, 64, 8, 3)]]
+# Hopper-sized tiles: (BM, BN, BK, warps, stages, WT). WT: the dequantized weight tile as the dot's first operand,
+# which Hopper's wgmma can take from registers (else the second, taken from shared memory). The tiles that ptxas
+# compiles without spilling registers for most formats (`--resources all`, no GPU needed); autotuned per (M, N, K,
+# format) on first use.
+TILES = [(128, 128, 32, 8, 3, False), (128, 128, 32, 8, 3, True), (128, 128, 32, 8, 4, True),
+         (64, 256, 32, 8, 3, False), (64, 256, 32, 8, 3, True), (128, 128, 64, 8, 3, False),
+         (128, 128, 64, 8, 3, True), (64, 128, 64, 8, 4, True), (128, 64, 32, 8, 4, True)]
+CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "WT": wt}, num_warps=w, num_stages=st)
+           for bm, bn, bk, w, st, wt in TILES]
 
 
 @triton.jit
 def _dequant_mm(x_ptr, out_ptr, M, N, K, ldo, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, factor_ptr,
-                FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                WT: tl.constexpr):
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     group = pid // (GROUP_M * n_n)  # tiles in groups of GROUP_M rows of tiles: a group shares its weight columns
@@ -124,19 +146,26 @@ def _dequant_mm(x_ptr, out_ptr, M, N, K, ldo, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_p
     rn_in = tl.minimum(rn, N - 1)
     rk = tl.arange(0, BK)
     factor = tl.load(factor_ptr)  # the layer's residual factor (a power of two)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BN, BM) if WT else (BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
-        a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=rm[:, None] < M, other=0.0)
-        w = (_weight_tile(rn_in, kk, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT) * factor).to(a.dtype)
-        acc = tl.dot(a, tl.trans(w), acc)
-    tl.store(out_ptr + rm[:, None] * ldo + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+        a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=rm[:, None] < M, other=0.0)  # [BM, BK]
+        w = (_weight_tile(rn_in, k0, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT, BN, BK) * factor).to(a.dtype)
+        if WT:
+            acc = tl.dot(w, tl.trans(a), acc)  # [BN, BM]
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)  # [BM, BN]
+    if WT:
+        tl.store(out_ptr + rm[None, :] * ldo + rn[:, None], acc, mask=(rm[None, :] < M) & (rn[:, None] < N))
+    else:
+        tl.store(out_ptr + rm[:, None] * ldo + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 # Triton's interpreter (the CPU check) has no autotuner: there one small tile
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _tuned = _dequant_mm if INTERPRET else triton.autotune(configs=CONFIGS, key=["M", "N", "K", "FMT"])(_dequant_mm)
-_FIXED = dict(BM=32, BN=64, BK=64, GROUP_M=2) if INTERPRET else {}
+_FIXED = dict(BM=32, BN=64, BK=int(os.environ.get("DEQUANT_GEMM_BK", 64)), GROUP_M=2,
+              WT=os.environ.get("DEQUANT_GEMM_WT") == "1") if INTERPRET else {}
 
 
 def _launch(xs: torch.Tensor, out: torch.Tensor, fmt: str, ptrs: list, factor: torch.Tensor) -> None:
@@ -309,10 +338,56 @@ def time_projections(device) -> None:
               f"{flop / min(planes, stored) / 1e9:.0f} / {flop / cublas / 1e9:.0f} |")
 
 
+# the weight pointers' types (q, d, sc, mn, qh) where not bytes and float16 ones, for compiling without a GPU
+_POINTERS = {"q8_0": ["*i8", "*fp16"] + ["*i8"] * 3, "q6_k": ["*u8", "*fp16", "*i8", "*u8", "*u8"],
+             "fp8": ["*fp8e4nv", "*fp32"] + ["*fp8e4nv"] * 3}
+_BYTES = ["*u8", "*fp16", "*u8", "*u8", "*u8"]
+
+
+def resources(fmts: list[str]) -> None:
+    """Compile every (format, tile config) for sm_90 without a GPU (Triton's own ptxas) and print what ptxas gives
+    each thread: registers, and the stack that spilled registers take (STACK > 0: slower, the autotuner would pick
+    another). How CONFIGS was chosen."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    args = ["x_ptr", "out_ptr", "M", "N", "K", "ldo", "q_ptr", "d_ptr", "sc_ptr", "mn_ptr", "qh_ptr", "factor_ptr"]
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    for fmt in fmts:
+        ptrs = _POINTERS.get(fmt, _BYTES)
+        for c in CONFIGS:
+            const = {k: FORMATS[fmt] if k == "FMT" else c.kwargs[k] for k in ("FMT", "BM", "BN", "BK", "GROUP_M", "WT")}
+            sig = {**dict(zip(args, ["*bf16", "*fp32", "i32", "i32", "i32", "i32", *ptrs, "*fp32"])),
+                   **{k: "constexpr" for k in const}}
+            names = list(sig)
+            src = ASTSource(fn=_dequant_mm, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
+                                       text=True).stdout
+            regs, stack = (re.search(rf"{k}:(\d+)", usage)[1] for k in ("REG", "STACK"))
+            print(f"{fmt:12} BM {c.kwargs['BM']:3} BN {c.kwargs['BN']:3} BK {c.kwargs['BK']:3} warps {c.num_warps} "
+                  f"stages {c.num_stages} WT {int(c.kwargs['WT'])}: {regs} registers, {stack} bytes of spill stack",
+                  flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--time", action="store_true")
+    ap.add_argument("--resources", default=None, metavar="FORMATS",
+                    help="compile the tile configs for sm_90 on this machine (no GPU needed) and print registers and "
+                         "spills per format: comma-separated, or 'all'")
     args = ap.parse_args()
+    if args.resources:
+        resources(list(FORMATS) if args.resources == "all" else args.resources.split(","))
+        sys.exit()
     dev = "cpu" if INTERPRET else "cuda"
     # (the interpreter reads bfloat16 tensors wrongly: numpy has no bfloat16)
     for dtype in (torch.float16,) if dev == "cpu" else (torch.bfloat16, torch.float16):
