@@ -123,9 +123,11 @@ def _weight_tile(rn, k0, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT: tl.conste
 # which Hopper's wgmma can take from registers (else the second, taken from shared memory). The tiles that ptxas
 # compiles without spilling registers for most formats (`--resources all`, no GPU needed); autotuned per (M, N, K,
 # format) on first use.
+# BM = 64 tiles keep all SMs busy at 256 tokens (Flux), where 128 x 128 tiles make 64 CTAs for N = 4096.
 TILES = [(128, 128, 32, 8, 3, False), (128, 128, 32, 8, 3, True), (128, 128, 32, 8, 4, True),
          (64, 256, 32, 8, 3, False), (64, 256, 32, 8, 3, True), (128, 128, 64, 8, 3, False),
-         (128, 128, 64, 8, 3, True), (64, 128, 64, 8, 4, True), (128, 64, 32, 8, 4, True)]
+         (128, 128, 64, 8, 3, True), (64, 128, 64, 8, 4, True), (128, 64, 32, 8, 4, True),
+         (64, 128, 32, 8, 3, True), (64, 128, 32, 8, 4, False)]
 CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "WT": wt}, num_warps=w, num_stages=st)
            for bm, bn, bk, w, st, wt in TILES]
 

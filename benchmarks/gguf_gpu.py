@@ -12,7 +12,7 @@ norms and relative-attention tables in F32, as llama.cpp writes them. Then, on -
 Reported per type: memory_allocated after the compressed load (GB, the model alone) and its peak while encoding,
 median ms at 1 x 512 (CUDA events on CUDA; compiled = regional compile + CUDA graphs, as load_encoder(compile=True)),
 and relative error of compressed and bf16 vs the reference. Targets (issue 18, XXL on an H200): Q8_0 <= 5.6 GB,
-Q5_K <= 4.0 GB, compressed within 1.5x of bf16's ms, Q8_0 error <= bf16 error, and compressed at least 3x faster
+Q5_K_M <= 4.0 GB, compressed within 1.5x of bf16's ms, Q8_0 error <= bf16 error, and compressed at least 3x faster
 than ComfyUI-GGUF's own forward on the same file. Markdown tables last.
 
 With --comfyui DIR --comfyui-gguf DIR (a ComfyUI checkout and city96's ComfyUI-GGUF source), the same file is also
@@ -34,7 +34,7 @@ width and depth, few heads and a narrow FFN, told to ComfyUI through its t5xxl_m
 `av` and `torchvision`, which ComfyUI imports for video and image models only, are replaced by stand-in packages
 when they do not import (tools/comfy_standins.py; logged).
 
-  python benchmarks/gguf_gpu.py                                   # XXL on CUDA, Q8_0 and Q5_K, compiled
+  python benchmarks/gguf_gpu.py                                   # XXL on CUDA, Q8_0 and Q5_K_M, compiled
   python benchmarks/gguf_gpu.py --comfyui .comfy/ComfyUI --comfyui-gguf .comfy/ComfyUI-GGUF   # + ComfyUI-GGUF
   python benchmarks/gguf_gpu.py --size tiny --device cpu --eager  # a check that it runs, on the CPU
   python benchmarks/gguf_gpu.py --size xxl-thin --device cpu --eager --tokens 32 --reps 3 \
