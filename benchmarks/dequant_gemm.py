@@ -149,9 +149,10 @@ def _dequant_mm(x_ptr, out_ptr, M, N, K, ldo, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_p
     rk = tl.arange(0, BK)
     factor = tl.load(factor_ptr)  # the layer's residual factor (a power of two)
     acc = tl.zeros((BN, BM) if WT else (BM, BN), dtype=tl.float32)
+    x_ptrs = x_ptr + rm[:, None] * K + rk[None, :]
     for k0 in range(0, K, BK):
-        kk = k0 + rk
-        a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=rm[:, None] < M, other=0.0)  # [BM, BK]
+        a = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)  # [BM, BK]
+        x_ptrs += BK
         w = (_weight_tile(rn_in, k0, K, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, FMT, BN, BK) * factor).to(a.dtype)
         if WT:
             acc = tl.dot(w, tl.trans(a), acc)  # [BN, BM]
