@@ -174,8 +174,8 @@ _FIXED = dict(BM=32, BN=64, BK=int(os.environ.get("DEQUANT_GEMM_BK", 64)), GROUP
 def _launch(xs: torch.Tensor, out: torch.Tensor, fmt: str, ptrs: list, factor: torch.Tensor) -> None:
     """out [M, N] (a view: rows strided) = xs [M, K] @ W.T; ptrs: the five weight pointers of the format."""
     (M, K), N = xs.shape, out.shape[1]
-    if K % (256 if "_k" in fmt else 128):
-        raise ValueError(f"dequant_mm: K={K} must be a multiple of 128 (256 for the K types)")
+    if K % (256 if "_k" in fmt else 64):
+        raise ValueError(f"dequant_mm: K={K} must be a multiple of 64 (256 for the K types)")
 
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
@@ -185,7 +185,7 @@ def _launch(xs: torch.Tensor, out: torch.Tensor, fmt: str, ptrs: list, factor: t
 
 def dequant_mm(x: torch.Tensor, fmt: str, planes: dict, factor: torch.Tensor, N: int) -> torch.Tensor:
     """x [.., K] (bfloat16 / float16) @ W.T -> [.., N] float32. planes: the format's tensors (q, d[, sc, mn, qh]);
-    factor: float32 scalar tensor. K must be a multiple of 128 (of 256 for the K types)."""
+    factor: float32 scalar tensor. K must be a multiple of 64 (of 256 for the K types)."""
     K = x.shape[-1]
     xs = x.reshape(-1, K).contiguous()
     out = torch.empty(xs.shape[0], N, dtype=torch.float32, device=x.device)
