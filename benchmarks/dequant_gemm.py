@@ -133,7 +133,7 @@ CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "WT": wt},
 
 
 @triton.jit
-def _dequant_mm(x_ptr, out_ptr, M, N, K, ldo, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, factor_ptr,
+def _dequant_mm(x_ptr, out_ptr, M, N, K, ldo, col, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_ptr, factor_ptr,
                 FMT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 WT: tl.constexpr):
     pid = tl.program_id(0)
@@ -159,9 +159,9 @@ def _dequant_mm(x_ptr, out_ptr, M, N, K, ldo, q_ptr, d_ptr, sc_ptr, mn_ptr, qh_p
         else:
             acc = tl.dot(a, tl.trans(w), acc)  # [BM, BN]
     if WT:
-        tl.store(out_ptr + rm[None, :] * ldo + rn[:, None], acc, mask=(rm[None, :] < M) & (rn[:, None] < N))
+        tl.store(out_ptr + rm[None, :] * ldo + col + rn[:, None], acc, mask=(rm[None, :] < M) & (rn[:, None] < N))
     else:
-        tl.store(out_ptr + rm[:, None] * ldo + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+        tl.store(out_ptr + rm[:, None] * ldo + col + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 # Triton's interpreter (the CPU check) has no autotuner: there one small tile
@@ -171,16 +171,18 @@ _FIXED = dict(BM=32, BN=64, BK=int(os.environ.get("DEQUANT_GEMM_BK", 64)), GROUP
               WT=os.environ.get("DEQUANT_GEMM_WT") == "1") if INTERPRET else {}
 
 
-def _launch(xs: torch.Tensor, out: torch.Tensor, fmt: str, ptrs: list, factor: torch.Tensor) -> None:
-    """out [M, N] (a view: rows strided) = xs [M, K] @ W.T; ptrs: the five weight pointers of the format."""
-    (M, K), N = xs.shape, out.shape[1]
+def _launch(xs: torch.Tensor, out: torch.Tensor, col: int, N: int, fmt: str, ptrs: list,
+            factor: torch.Tensor) -> None:
+    """out[:, col:col + N] = xs [M, K] @ W.T, W of N rows (out passed whole: compiled code hands a user kernel no
+    view to mutate); ptrs: the five weight pointers of the format."""
+    M, K = xs.shape
     if K % (256 if "_k" in fmt else 64):
         raise ValueError(f"dequant_mm: K={K} must be a multiple of 64 (256 for the K types)")
 
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
-    _tuned[grid](xs, out, M, N, K, out.stride(0), *ptrs, factor, FMT=FORMATS[fmt], **_FIXED)
+    _tuned[grid](xs, out, M, N, K, out.stride(0), col, *ptrs, factor, FMT=FORMATS[fmt], **_FIXED)
 
 
 def dequant_mm(x: torch.Tensor, fmt: str, planes: dict, factor: torch.Tensor, N: int) -> torch.Tensor:
@@ -190,7 +192,7 @@ def dequant_mm(x: torch.Tensor, fmt: str, planes: dict, factor: torch.Tensor, N:
     xs = x.reshape(-1, K).contiguous()
     out = torch.empty(xs.shape[0], N, dtype=torch.float32, device=x.device)
     q = planes["q"]
-    _launch(xs, out, fmt, [q, planes["d"], *(planes.get(k, q) for k in ("sc", "mn", "qh"))], factor)
+    _launch(xs, out, 0, N, fmt, [q, planes["d"], *(planes.get(k, q) for k in ("sc", "mn", "qh"))], factor)
     return out.view(*x.shape[:-1], N)
 
 
@@ -205,7 +207,7 @@ def blocks_mm(x: torch.Tensor, segments: list, blocks: torch.Tensor, factor: tor
     names = {g: f for f, g in GGML.items()}
     for qtype, row, rows, start, n in segments:
         seg = flat[start:start + n]
-        _launch(xs, out[:, row:row + rows], names[qtype] + "_blocks", [seg, seg.view(torch.float16), seg, seg, seg],
+        _launch(xs, out, row, rows, names[qtype] + "_blocks", [seg, seg.view(torch.float16), seg, seg, seg],
                 factor)
     return out.view(*x.shape[:-1], N)
 
@@ -358,13 +360,13 @@ def resources(fmts: list[str]) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    args = ["x_ptr", "out_ptr", "M", "N", "K", "ldo", "q_ptr", "d_ptr", "sc_ptr", "mn_ptr", "qh_ptr", "factor_ptr"]
+    args = ["x_ptr", "out_ptr", "M", "N", "K", "ldo", "col", "q_ptr", "d_ptr", "sc_ptr", "mn_ptr", "qh_ptr", "factor_ptr"]
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     for fmt in fmts:
         ptrs = _POINTERS.get(fmt, _BYTES)
         for c in CONFIGS:
             const = {k: FORMATS[fmt] if k == "FMT" else c.kwargs[k] for k in ("FMT", "BM", "BN", "BK", "GROUP_M", "WT")}
-            sig = {**dict(zip(args, ["*bf16", "*fp32", "i32", "i32", "i32", "i32", *ptrs, "*fp32"])),
+            sig = {**dict(zip(args, ["*bf16", "*fp32", "i32", "i32", "i32", "i32", "i32", *ptrs, "*fp32"])),
                    **{k: "constexpr" for k in const}}
             names = list(sig)
             src = ASTSource(fn=_dequant_mm, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
