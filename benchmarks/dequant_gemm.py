@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from t5core.precision import relative_error
+
 # planes (planes_from_blocks) or fp8 rows; "..._blocks": GGUF's own blocks, read as they are stored
 FORMATS = {"q8_0": 0, "q4_k": 1, "q5_k": 2, "q6_k": 3, "fp8": 4,
            "q8_0_blocks": 5, "q4_k_blocks": 6, "q5_k_blocks": 7, "q6_k_blocks": 8}
@@ -283,7 +285,7 @@ def check(device, dtype) -> None:
 
     def report(what, got, w):
         want = x.double() @ (w.to(device) * factor).to(dtype).double().t()
-        err = float((got.double() - want).norm() / want.norm())
+        err = relative_error(got, want)
         print(f"{what}, {dtype}: {tuple(got.shape)} {got.dtype}, rel. error vs float64 on t5core's dequantized "
               f"weight {err:.1e}", flush=True)
         assert err < 1e-5, (what, err)

@@ -36,6 +36,7 @@ import torch
 import t5core
 from t5core import T5Config, T5EncoderStack
 from t5core.fp8 import FAST, Fp8Linear, dequantize, fp8_matmul_support, quantize_tokens
+from t5core.precision import relative_error
 from t5core.save import save_encoder
 
 PROJECTIONS = ("qkv_proj", "o_proj", "ff_in", "ff_out")
@@ -200,10 +201,6 @@ def allocated(device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def rel_err(out, ref) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["xxl", "tiny"], default="xxl")
@@ -255,7 +252,7 @@ def main() -> None:
         for s, x in ids.items():
             for _ in range(3):
                 out = enc.encode(x)
-            errors[name, s] = rel_err(out.cpu(), ref[s])
+            errors[name, s] = relative_error(out.cpu(), ref[s])
         if cuda:
             torch.cuda.synchronize()
         encoders[name] = enc

@@ -1,8 +1,8 @@
 """How should t5core run under cudaMallocAsync (ComfyUI's default allocator), where compiled (Triton) kernels cannot be
 captured in CUDA graphs? Random XXL-shaped weights (transformers' T5 init), WAN's shape (UMT5: a bias table per
 layer, 1 x 512, float16) and Flux's (T5 v1.1, 1 x 256, float16), timed interleaved in one process (CUDA events,
-median of --reps after warm-up), each variant's kernel count per encode from the profiler, and its relative
-difference to the eager model:
+median of --reps after two warm-up calls each: gguf_gpu.timed), each variant's kernel count per encode from the
+profiler, and its relative difference to the eager model:
 
   eager graphs        what t5core does there now: the eager layers captured (t5core.runtime)
   eager graphs fused  the same with fewer eager kernels: residual multiply-adds as addcmul, the norms as
@@ -19,7 +19,6 @@ in CUDA graphs) is timed too as "layers compiled graphs":
 """
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,9 +30,11 @@ import torch.nn.functional as F
 import t5core
 from t5core import runtime
 from t5core.fuse_norm_scales import fuse_norm_scales_enc
+from t5core.precision import relative_error
 from t5core.t5_encoder import T5EncoderLayer, T5FFN
 
-from fp8_gpu import random_t5
+from fp8_gpu import random_t5  # noqa: E402  (this folder is on sys.path when the script runs)
+from gguf_gpu import timed  # noqa: E402
 
 
 def fused_layer_forward(self, x, prev_ffn_out, prev_ffn_scale, bias, block_mask=None, flex=False, input_mask=None):
@@ -65,20 +66,6 @@ def kernels_per_call(fn) -> int:
         fn()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
-def timed(calls: dict, reps: int) -> dict:
-    times = {k: [] for k in calls}
-    names = list(calls)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            calls[name]()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -127,7 +114,7 @@ def main() -> None:
             out = enc.encode(ids, mask)
             out = enc.encode(ids, mask)
             first_s = time.perf_counter() - t0
-            err = float((out[0, :L - 40] - want[0, :L - 40]).norm() / want[0, :L - 40].norm())
+            err = relative_error(out[0, :L - 40], want[0, :L - 40])
             # kernels of one encode; for graphs, of the eager forward they capture
             run = ((lambda e=enc: e.encode(ids, mask)) if not enc._graphs_ok() or v.startswith("layers") else
                    (lambda m=model: m(ids.cuda(), None if mask is None else mask.cuda())))
@@ -140,7 +127,7 @@ def main() -> None:
             if v == "eager graphs fused":
                 # the fused forward stays patched into its graphs; the other variants run the plain code
                 T5EncoderLayer.forward, T5FFN.forward = saved
-        ms = timed(calls, args.reps)
+        ms = timed(calls, args.reps, torch.device("cuda"))
         for v in variants:
             rows.append((shape, L, v, ms[v], *info[v]))
         del model, regional, calls, enc
