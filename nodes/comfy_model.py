@@ -73,13 +73,10 @@ def comfy_bundled_tokenizer() -> Optional[Path]:
 
 def resolve_tokenizer(ckpt):
     """-> (tokenizer, where it came from): beside the weights, embedded in the file, or ComfyUI's bundled one."""
-    load_tokenizer = t5core.load_tokenizer
-    if ckpt.tokenizer is not None:
-        tok, source = load_tokenizer(ckpt.tokenizer), f"{ckpt.tokenizer.name} beside the weights"
-    elif ckpt.tokenizer_bytes:
-        tok, source = load_tokenizer(ckpt.tokenizer_bytes), "embedded in the checkpoint"
+    if (tok := ckpt.own_tokenizer()) is not None:
+        source = f"{ckpt.tokenizer.name} beside the weights" if ckpt.tokenizer is not None else "embedded in the checkpoint"
     elif (bundled := comfy_bundled_tokenizer()) is not None:
-        tok, source = load_tokenizer(bundled), "ComfyUI's bundled T5 tokenizer"
+        tok, source = t5core.load_tokenizer(bundled), "ComfyUI's bundled T5 tokenizer"
     else:
         raise FileNotFoundError(f"no T5 tokenizer for {ckpt.path}: put its spiece.model or tokenizer.json beside it")
     vocab = ckpt.config.vocab_size

@@ -111,11 +111,17 @@ def _tokenizer_for(args, ckpt=None, folder=None):
     tokenizer.ggml.* fields, ComfyUI's spiece_model), else the bundled T5 tokenizer."""
     from .tokenizer import BUNDLED_SPIECE, find_tokenizer, load_tokenizer
 
-    found = (ckpt.tokenizer or ckpt.tokenizer_bytes) if ckpt is not None else find_tokenizer(folder)
-    if args.tokenizer is None and found is None:
+    if args.tokenizer is not None:
+        return load_tokenizer(args.tokenizer)
+    if ckpt is not None:
+        own = ckpt.own_tokenizer()
+    else:
+        own = load_tokenizer(found) if (found := find_tokenizer(folder)) is not None else None
+    if own is None:
         print(f"no tokenizer beside {ckpt.path if ckpt is not None else folder}; using the bundled T5 tokenizer",
               file=sys.stderr)
-    return load_tokenizer(args.tokenizer or found or BUNDLED_SPIECE)
+        own = load_tokenizer(BUNDLED_SPIECE)
+    return own
 
 
 def cmd_encode(args) -> None:
@@ -157,14 +163,13 @@ def cmd_convert(args) -> None:
         raise ValueError(f"--weight-dtype {args.weight_dtype} writes a safetensors file (ComfyUI's scaled fp8), not {args.format}")
     if fp8:
         args.weight_dtype = "auto" if ckpt.projection_dtype() in FP8_DTYPES else args.dtype
-    tok_src = args.tokenizer or ckpt.tokenizer or ckpt.tokenizer_bytes
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else ckpt.own_tokenizer()
     model = _load(args, ckpt, expand=True)
-    out = save_encoder(model.model, args.out_dir, args.format, load_tokenizer(tok_src) if tok_src is not None else None,
-                       overwrite=args.overwrite, fp8=fp8)
+    out = save_encoder(model.model, args.out_dir, args.format, tok, overwrite=args.overwrite, fp8=fp8)
     c = model.config
     print(f"wrote {out} ({args.format}{', scaled fp8_e4m3fn' if fp8 else ''}, {args.dtype}, "
           f"norms {'fused' if not c.elementwise_affine else 'kept'}, "
-          f"ffn scales {c.enc_ffn_out_scales}, tokenizer {'copied' if tok_src is not None else 'none found'})")
+          f"ffn scales {c.enc_ffn_out_scales}, tokenizer {'copied' if tok is not None else 'none found'})")
     if args.format == "dcp":
         end_process_group()
 

@@ -574,6 +574,18 @@ class Checkpoint:
     tokenizer_bytes: Optional[bytes] = field(default=None, repr=False)  # ComfyUI files may embed `spiece_model`
     fp16_scales: Optional[Scales] = None  # recorded in config.json beside Hugging Face-form weights
 
+    def own_tokenizer(self):
+        """The tokenizer beside the weights, else the one the file embeds (ComfyUI's `spiece_model`, GGUF's
+        tokenizer.ggml.* fields; errors name the file and which), else None."""
+        from .tokenizer import load_tokenizer
+
+        if self.tokenizer is not None:
+            return load_tokenizer(self.tokenizer)
+        if self.tokenizer_bytes is None:
+            return None
+        what = "its tokenizer.ggml.* fields" if self.format == "gguf" else "its embedded spiece_model"
+        return load_tokenizer(self.tokenizer_bytes, where=f"{self.path} ({what})")
+
     def get(self, key: str, device="cpu", keep_fp8: bool = False) -> torch.Tensor:
         """One tensor, on `device`, dequantized if it is float8 (weight * scale_weight) unless keep_fp8."""
         t = self.source.get(self.keys[key]).to(device)
@@ -633,6 +645,8 @@ class Checkpoint:
 
     def stored_dtype(self, key: str) -> torch.dtype:
         """The dtype `key` is stored in (from the header where the source has one)."""
+        if key not in self.keys:
+            raise CheckpointError(f"{self.path}: missing tensor {key!r} (a truncated or non-T5-encoder checkpoint?)")
         return self.source.dtype(self.keys[key])
 
     def projection_dtype(self) -> torch.dtype:

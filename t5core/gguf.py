@@ -15,6 +15,7 @@ Three layers, usable on their own:
 The `gguf` package (pip install "t5core[gguf]") is needed only to read files; it is imported inside functions.
 """
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -377,167 +378,167 @@ def _import_gguf(path):
     return gguf
 
 
-def _contents(field, path: Path):
-    """A metadata field's value; a string that is not UTF-8 is a CheckpointError naming the key."""
-    try:
-        return field.contents()
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: metadata {field.name} is not valid UTF-8 ({e})") from e
-
-
-# metadata value type -> (name, the fewest bytes one value takes: its size, or a string's / an array's length fields)
-_GGUF_VALUE_TYPES = {0: ("u8", 1), 1: ("i8", 1), 2: ("u16", 2), 3: ("i16", 2), 4: ("u32", 4), 5: ("i32", 4),
-                     6: ("f32", 4), 7: ("bool", 1), 8: ("string", 8), 9: ("array", 12), 10: ("u64", 8),
-                     11: ("i64", 8), 12: ("f64", 8)}
+# metadata value type -> (name, struct / numpy format; a string's is its length field's)
+_GGUF_VALUE_TYPES = {0: ("u8", "<B"), 1: ("i8", "<b"), 2: ("u16", "<H"), 3: ("i16", "<h"), 4: ("u32", "<I"),
+                     5: ("i32", "<i"), 6: ("f32", "<f"), 7: ("bool", "?"), 8: ("string", "<Q"), 9: ("array", None),
+                     10: ("u64", "<Q"), 11: ("i64", "<q"), 12: ("f64", "<d")}
 _MAX_NAME = 65535  # bytes of a key or tensor name (GGUF's limit for keys)
-# Array elements in all metadata together: GGUFReader keeps each as its own numpy view (about 700 bytes, 9 us),
-# so this bounds its memory and time. A UMT5 tokenizer (256384 tokens, scores, types, charsmap) takes about 1M.
+# Array elements in all metadata together (a string each is a Python object): a UMT5 tokenizer (256384 tokens,
+# scores, types, its charsmap) has about 1M.
 _MAX_VALUES = 1 << 21
 
 
-class _HeaderWalk:
-    """A GGUF header read by us before GGUFReader reads it: every length and count is checked against the bytes
-    left in the file (count x the fewest bytes one element takes) before it is read, skipped or looped over, so a
-    crafted header can neither allocate nor loop beyond the file's size. Problems raise ValueError."""
+@dataclass(frozen=True)
+class _Field:
+    """A metadata value: types (its value type; (9, item type) for an array) and value (a number or bool; a
+    string as its bytes; an array of numbers as a numpy array, of strings as a list of bytes)."""
 
-    def __init__(self, fh, size: int) -> None:
-        self.fh, self.size, self.pos, self.values = fh, size, 0, 0
+    types: tuple[int, ...]
+    value: object
+
+
+class _HeaderReader:
+    """A GGUF header, read from a memory map of the file: every length and count is checked against the bytes
+    left (count x the fewest bytes one element takes) before it is read or looped over, so a crafted header can
+    neither allocate nor loop beyond the file's size. Problems raise ValueError naming the key or tensor.
+    (gguf.GGUFReader trusts the counts it reads, and keeps a numpy view per array element: 3 s and 250 MB for
+    the T5 tokenizer's fields.)"""
+
+    def __init__(self, buf) -> None:
+        self.buf, self.pos, self.values = buf, 0, 0
 
     def need(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
-            raise ValueError(f"{what}: {n} bytes needed from byte {self.pos}, but the file has {self.size}: "
+        if n > len(self.buf) - self.pos:
+            raise ValueError(f"{what}: {n} bytes needed from byte {self.pos}, but the file has {len(self.buf)}: "
                              f"truncated in its header, or corrupt")
 
     def take(self, n: int, what: str) -> bytes:
         self.need(n, what)
         self.pos += n
-        return self.fh.read(n)
+        return self.buf[self.pos - n:self.pos]
 
-    def skip(self, n: int, what: str) -> None:
-        self.need(n, what)
-        self.pos += n
-        self.fh.seek(self.pos)
-
-    def u32(self, what: str) -> int:
-        return struct.unpack("<I", self.take(4, what))[0]
-
-    def u64(self, what: str) -> int:
-        return struct.unpack("<Q", self.take(8, what))[0]
+    def number(self, fmt: str, what: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
 
     def name(self, what: str) -> str:
-        n = self.u64(what)
+        n = self.number("<Q", what)
         if n > _MAX_NAME:
             raise ValueError(f"{what} is {n} bytes long (at most {_MAX_NAME})")
         return self.take(n, what).decode("utf-8", "replace")
 
     def value_type(self, what: str) -> int:
-        t = self.u32(what)
+        t = self.number("<I", what)
         if t not in _GGUF_VALUE_TYPES:
             raise ValueError(f"{what} has unknown value type {t}")
         return t
 
-    def skip_value(self, t: int, what: str) -> None:
+    def field(self, what: str) -> _Field:
+        t = self.value_type(what)
         if t == 8:
-            n = self.u64(what)
-            self.skip(n, f"{what} (a string of {n} bytes)")
-        elif t == 9:
-            item, n = self.value_type(what), self.u64(what)
-            if item == 9:
-                raise ValueError(f"{what} is an array of arrays, which t5core does not read")
-            kind, least = _GGUF_VALUE_TYPES[item]
-            self.need(n * least, f"{what} (an array of {n} {kind})")
-            self.values += n
-            if self.values > _MAX_VALUES:
-                raise ValueError(f"{what}: an array of {n} {kind} brings the metadata past {_MAX_VALUES} values, "
-                                 f"more than any T5 tokenizer needs")
-            if item == 8:
-                for _ in range(n):
-                    self.skip_value(item, what)
-            else:
-                self.skip(n * least, what)
-        else:
-            self.skip(_GGUF_VALUE_TYPES[t][1], what)
+            n = self.number("<Q", what)
+            return _Field((8,), self.take(n, f"{what} (a string of {n} bytes)"))
+        if t != 9:
+            return _Field((t,), self.number(_GGUF_VALUE_TYPES[t][1], what))
+        import numpy as np
+
+        item, n = self.value_type(what), self.number("<Q", what)
+        if item == 9:
+            raise ValueError(f"{what} is an array of arrays, which t5core does not read")
+        kind, fmt = _GGUF_VALUE_TYPES[item]
+        least = struct.calcsize(fmt)
+        self.need(n * least, f"{what} (an array of {n} {kind})")
+        self.values += n
+        if self.values > _MAX_VALUES:
+            raise ValueError(f"{what}: an array of {n} {kind} brings the metadata past {_MAX_VALUES} values, "
+                             f"more than any T5 tokenizer needs")
+        if item == 8:
+            return _Field((9, 8), [self.take(self.number("<Q", what), what) for _ in range(n)])
+        return _Field((9, item), np.frombuffer(self.take(n * least, what), dtype=np.dtype(fmt)))
 
 
-def _header_problem(path: Path, gguf) -> Optional[str]:
-    """What is wrong with `path`'s header, naming the key or tensor, or None: a bounded walk of the metadata and
-    the tensor-info table (_HeaderWalk), then each tensor's type, blocks and extent. It runs before GGUFReader, which
-    trusts the counts it reads (a file of 65 bytes declaring an array of 2^62 values keeps it looping until
-    memory runs out) and whose own errors ('cannot reshape array of size 131') do not say where."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        h = _HeaderWalk(fh, size)
-        try:
-            if h.take(min(size, 4), "the magic") != b"GGUF":
-                return "not a GGUF file (no GGUF magic)"
-            version = h.u32("the version")
-            if version not in (2, 3):
-                return f"GGUF version {version} (big-endian or unsupported); t5core reads little-endian versions 2 and 3"
-            n_tensors, n_kv = h.u64("the tensor count"), h.u64("the metadata count")
-            h.need(n_kv * 13, f"the metadata count {n_kv} (13 bytes or more an entry)")
-            alignment, key = 32, None
-            for i in range(n_kv):
-                key = h.name(f"the name of metadata entry {i}" + (f" (after {key!r})" if key else ""))
-                what = f"metadata key {key!r}"
-                t = h.value_type(what)
-                if key == "general.alignment" and t == 4:
-                    alignment = h.u32(what)
-                    if alignment == 0 or alignment & (alignment - 1):
-                        return f"general.alignment is {alignment}, not a power of two"
-                else:
-                    h.skip_value(t, what)
-            h.need(n_tensors * 24, f"the tensor count {n_tensors} (24 bytes or more a tensor's info)")
-            infos = []
-            for i in range(n_tensors):
-                name = h.name(f"the name of tensor {i}")
-                what = f"tensor {name!r}"
-                n_dims = h.u32(what)
-                h.need(n_dims * 8 + 12, f"{what} ({n_dims} dimensions)")
-                dims = [h.u64(what) for _ in range(n_dims)]
-                infos.append((name, dims, h.u32(what), h.u64(what)))
-        except ValueError as e:
-            return str(e)
-    start = h.pos + (-h.pos) % alignment
-    for name, dims, t, off in infos:
-        from_gguf = type_name(t)
-        if t not in QTYPES:
-            try:
-                gguf.GGMLQuantizationType(t)
-            except ValueError:
-                return f"tensor {name!r} has {from_gguf}, which is not a GGML type"
-            continue  # a known type t5core does not dequantize: open_gguf reports it if the encoder needs it
-        _, block, tsize = QTYPES[t]
-        if dims and dims[0] % block:
-            return (f"tensor {name!r} ({from_gguf}, shape {list(reversed(dims))}): rows of {dims[0]} elements are not "
-                    f"whole blocks of {block}; its byte size disagrees with its type and shape")
-        end = start + off + math.prod(dims) // block * tsize
-        if end > size:
-            return (f"truncated: tensor {name!r} ({from_gguf}, shape {list(reversed(dims))}) ends at byte {end} but "
-                    f"the file has {size} bytes; re-download it")
-    return None
+def _read_header(path: Path) -> tuple[dict[str, _Field], dict[str, GGUFTensor]]:
+    """-> (metadata fields, {gguf name: GGUFTensor}); every problem a CheckpointError naming the file and the key
+    or tensor. Each tensor's type is checked, and its extent against the file's size."""
+    import mmap
 
-
-def _reader(path: Path):
-    """gguf.GGUFReader of `path`, once _header_problem finds nothing wrong; every problem a CheckpointError."""
     gguf = _import_gguf(path)
-    why = _header_problem(path, gguf) if path.is_file() else "no such file"
-    if why:
-        raise CheckpointError(f"{path}: not a readable GGUF file: {why}")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # what the walk leaves to it (a duplicate key or tensor name)
-        raise CheckpointError(f"{path}: not a readable GGUF file: {e}") from e
-
-
-def _read_header(path: Path):
-    """-> (metadata fields reader, {gguf name: GGUFTensor}, architecture) with every problem a CheckpointError."""
-    reader = _reader(path)
-    arch = reader.fields.get("general.architecture")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a readable GGUF file: no such file")
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        try:
+            fields, infos, data_start = _walk(_HeaderReader(buf))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not a readable GGUF file: {e}") from e
+        finally:
+            if size:
+                buf.close()
     tensors = {}
-    for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        tensors[t.name] = GGUFTensor(t.name, int(t.tensor_type), shape, int(t.data_offset), int(t.n_bytes))
-    return reader, tensors, None if arch is None else _contents(arch, path)
+    for name, dims, t, off in infos:
+        shape = tuple(reversed(dims))
+        if t in QTYPES:
+            _, block, tsize = QTYPES[t]
+        elif t in gguf.GGML_QUANT_SIZES:  # a GGML type t5core does not dequantize: an error if the encoder needs it
+            block, tsize = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)]
+        else:
+            raise CheckpointError(f"{path}: not a readable GGUF file: tensor {name!r} has {type_name(t)}, which is "
+                                  f"not a GGML type")
+        if dims and dims[0] % block:
+            raise CheckpointError(f"{path}: tensor {name!r} ({type_name(t)}, shape {list(shape)}): rows of "
+                                  f"{dims[0]} elements are not whole blocks of {block}; its byte size disagrees with "
+                                  f"its type and shape")
+        t = GGUFTensor(name, t, shape, data_start + off, math.prod(dims) // block * tsize)
+        if t.offset + t.nbytes > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ({t.type_name}, shape {list(shape)}) ends at "
+                                  f"byte {t.offset + t.nbytes} but the file has {size} bytes; re-download it")
+        tensors[name] = t
+    return fields, tensors
+
+
+def _walk(h: _HeaderReader) -> tuple[dict[str, _Field], list, int]:
+    """The header's metadata fields, tensor infos (name, dims, type, offset) and where the tensor data starts."""
+    if h.take(min(len(h.buf), 4), "the magic") != b"GGUF":
+        raise ValueError("not a GGUF file (no GGUF magic)")
+    version = h.number("<I", "the version")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} (big-endian or unsupported); t5core reads little-endian versions "
+                         f"2 and 3")
+    n_tensors, n_kv = h.number("<Q", "the tensor count"), h.number("<Q", "the metadata count")
+    h.need(n_kv * 13, f"the metadata count {n_kv} (13 bytes or more an entry)")
+    fields, key = {}, None
+    for i in range(n_kv):
+        key = h.name(f"the name of metadata entry {i}" + (f" (after {key!r})" if key else ""))
+        if key in fields:
+            raise ValueError(f"metadata key {key!r} appears twice")
+        fields[key] = h.field(f"metadata key {key!r}")
+    alignment = fields.get("general.alignment", _Field((4,), 32))
+    if alignment.types != (4,) or not alignment.value or alignment.value & (alignment.value - 1):
+        raise ValueError(f"general.alignment is {alignment.value!r:.40}, not a power of two (u32)")
+    h.need(n_tensors * 24, f"the tensor count {n_tensors} (24 bytes or more a tensor's info)")
+    infos, names = [], set()
+    for i in range(n_tensors):
+        name = h.name(f"the name of tensor {i}")
+        what = f"tensor {name!r}"
+        if name in names:
+            raise ValueError(f"{what} appears twice")
+        names.add(name)
+        n_dims = h.number("<I", what)
+        h.need(n_dims * 8 + 12, f"{what} ({n_dims} dimensions)")
+        dims = [h.number("<Q", what) for _ in range(n_dims)]
+        infos.append((name, dims, h.number("<I", what), h.number("<Q", what)))
+    return fields, infos, h.pos + (-h.pos) % alignment.value
+
+
+def _scalar(field: _Field, key: str, path: Path):
+    """A metadata scalar as Python's int, float, bool or str; a string that is not UTF-8 is a CheckpointError
+    naming the key."""
+    if field.types != (8,):
+        return field.value
+    try:
+        return field.value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: metadata {key} is not valid UTF-8 ({e})") from e
 
 
 _INT_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})  # metadata value types of integers
@@ -548,18 +549,18 @@ _TOKENIZER_SCALARS = {"model": str, "pre": str, "add_space_prefix": bool, "remov
 _KIND_NAMES = {str: "a string", bool: "a bool", int: "an integer"}
 
 
-def tokenizer_fields(path, reader=None) -> Optional[dict]:
+def tokenizer_fields(path, fields: Optional[dict[str, _Field]] = None) -> Optional[dict]:
     """The tokenizer a GGUF file carries in `tokenizer.ggml.*`, or None: {"model": "t5" (SentencePiece unigram)
     or "llama" (BPE) ..., "tokens": [str], "scores": [float], "token_types": [int] (1 normal, 2 unknown,
     3 control, 4 user-defined, 5 unused, 6 byte), "add_space_prefix", "remove_extra_whitespaces",
     "precompiled_charsmap" (bytes), "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"}
-    (keys present in the file only; tokens decode as UTF-8, undecodable bytes as surrogate escapes). reader: the
-    file's GGUFReader, when one is open. Every field is checked (its value type; scores and types, one per token;
+    (keys present in the file only; tokens decode as UTF-8, undecodable bytes as surrogate escapes). fields: the
+    file's metadata, when already read. Every field is checked (its value type; scores and types, one per token;
     finite scores; types 1-6; ids that name a token): a CheckpointError names the file and the key."""
     import numpy as np
 
     path = Path(path)
-    f = (_reader(path) if reader is None else reader).fields
+    f = _read_header(path)[0] if fields is None else fields
     if "tokenizer.ggml.tokens" not in f:
         return None
 
@@ -569,7 +570,7 @@ def tokenizer_fields(path, reader=None) -> Optional[dict]:
     def array(key, kinds, what):
         field = f.get(f"tokenizer.ggml.{key}")
         if field is not None and (field.types[0] != 9 or not kinds.issuperset(field.types[1:])):
-            kind = " of ".join(_GGUF_VALUE_TYPES[int(t)][0] for t in field.types)
+            kind = " of ".join(_GGUF_VALUE_TYPES[t][0] for t in field.types)
             fail(key, f"has value type {kind}; expected an array of {what}")
         return field
 
@@ -577,13 +578,13 @@ def tokenizer_fields(path, reader=None) -> Optional[dict]:
         field = array(key, kinds, what)
         if field is None:
             return None
-        values = np.concatenate([field.parts[i] for i in field.data]).astype(dtype) if field.data else np.zeros(0, dtype)
+        values = field.value.astype(dtype)
         if len(values) != len(tokens):
             fail(key, f"has {len(values)} entries but tokenizer.ggml.tokens has {len(tokens)}")
         return values
 
     tok = array("tokens", {8}, "strings")
-    tokens = [bytes(tok.parts[i]).decode("utf-8", "surrogateescape") for i in tok.data]
+    tokens = [t.decode("utf-8", "surrogateescape") for t in tok.value]
     out = {"tokens": tokens}
     scores = per_token("scores", _INT_TYPES | {6, 12}, "numbers", np.float32)
     if scores is not None:
@@ -599,12 +600,12 @@ def tokenizer_fields(path, reader=None) -> Optional[dict]:
         out["token_types"] = types.tolist()
     charsmap = array("precompiled_charsmap", {0, 1}, "bytes")
     if charsmap is not None:
-        out["precompiled_charsmap"] = b"".join(bytes(charsmap.parts[i]) for i in charsmap.data)
+        out["precompiled_charsmap"] = charsmap.value.tobytes()
     for key, kind in _TOKENIZER_SCALARS.items():
         field = f.get(f"tokenizer.ggml.{key}")
         if field is None:
             continue
-        value = _contents(field, path)
+        value = _scalar(field, f"tokenizer.ggml.{key}", path)
         if type(value) is not kind:
             fail(key, f"is {value!r:.60}; expected {_KIND_NAMES[kind]}")
         if kind is int and not 0 <= value < len(tokens):
@@ -656,8 +657,9 @@ class GGUFSource:
 
     def __init__(self, path) -> None:
         self.path = Path(path).expanduser()
-        reader, tensors, arch = _read_header(self.path)
-        self.architecture = arch
+        fields, tensors = _read_header(self.path)
+        arch = fields.get("general.architecture")
+        self.architecture = arch = None if arch is None else _scalar(arch, "general.architecture", self.path)
         if arch not in ("t5encoder", "t5"):
             raise CheckpointError(f"{self.path}: a GGUF {arch!r} model, not a T5 encoder (general.architecture "
                                   f"'t5encoder' or 't5'); t5core reads T5 / UMT5 encoder GGUF files only")
@@ -675,14 +677,13 @@ class GGUFSource:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has type {type_name(t.qtype)}, which t5core "
                                       f"cannot dequantize (supported: {', '.join(SUPPORTED_TYPES)})")
             self.entries[key] = t
-        self.metadata = {k: _contents(v, self.path) for k, v in reader.fields.items()
-                         if not k.startswith(("tokenizer.", "GGUF.")) and len(v.data) <= 64}
-        self.tokenizer = tokenizer_fields(self.path, reader)
+        self.metadata = {k: _scalar(v, k, self.path) for k, v in fields.items()
+                         if v.types[0] != 9 and not k.startswith("tokenizer.")}
+        self.tokenizer = tokenizer_fields(self.path, fields)
         self._check_layout(tensors)
-        del reader  # releases its memory map
 
     def _check_layout(self, tensors: dict[str, GGUFTensor]) -> None:
-        """Byte sizes against type and shape, overlaps, truncation (GGUFReader checks only part of this)."""
+        """Byte sizes against type and shape, and overlaps."""
         size = self.path.stat().st_size
         spans = sorted(tensors.values(), key=lambda t: t.offset)
         for i, t in enumerate(spans):
@@ -826,7 +827,11 @@ def config_from_gguf(source: GGUFSource) -> T5Config:
 def open_gguf(path) -> tuple[GGUFSource, T5Config, Optional[dict]]:
     """-> (GGUFSource in Hugging Face key naming, T5Config, tokenizer fields or None). Reads only the header."""
     source = GGUFSource(path)
-    return source, config_from_gguf(source), source.tokenizer
+    config, fields = config_from_gguf(source), source.tokenizer
+    if fields and len(fields["tokens"]) > config.vocab_size:  # llama.cpp writes one token per embedding row
+        raise CheckpointError(f"{source.path}: tokenizer.ggml.tokens has {len(fields['tokens'])} tokens, more than "
+                              f"the {config.vocab_size} rows of token_embd.weight")
+    return source, config, fields
 
 
 _PACKABLE = ("vocab_embed", "attn.qkv_proj", "attn.o_proj", "ffn.ff_in", "ffn.ff_out")

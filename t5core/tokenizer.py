@@ -239,13 +239,14 @@ def find_tokenizer(folder_or_file: str | os.PathLike) -> Path | None:
     return None
 
 
-def load_tokenizer(source: "str | os.PathLike | bytes | bytearray | memoryview | torch.Tensor") -> T5Tokenizer:
+def load_tokenizer(source: "str | os.PathLike | bytes | bytearray | memoryview | torch.Tensor",
+                   where: str = "sentencepiece model bytes") -> T5Tokenizer:
     """Load a T5 tokenizer from a spiece.model, a tokenizer.json, a folder holding either (spiece.model preferred),
-    or serialized sentencepiece model bytes (also a uint8 tensor, as ComfyUI checkpoints embed `spiece_model`)."""
+    or serialized sentencepiece model bytes (also a uint8 tensor, as ComfyUI checkpoints embed `spiece_model`),
+    which errors call `where`."""
     if isinstance(source, torch.Tensor):
         source = source.detach().cpu().to(torch.uint8).numpy().tobytes()
     if isinstance(source, (bytes, bytearray, memoryview)):
-        where = "sentencepiece model bytes"
         return T5Tokenizer(_from_spiece(bytes(source), where), where)
 
     path = Path(source)

@@ -352,4 +352,5 @@ def load_encoder(
 def _tokenizer_of(ckpt: Checkpoint):
     from .tokenizer import BUNDLED_SPIECE, load_tokenizer
 
-    return load_tokenizer(ckpt.tokenizer or ckpt.tokenizer_bytes or BUNDLED_SPIECE)
+    own = ckpt.own_tokenizer()
+    return own if own is not None else load_tokenizer(BUNDLED_SPIECE)

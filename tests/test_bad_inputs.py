@@ -406,6 +406,16 @@ def test_more_layers_in_config_than_in_weights(folder):
         t5core.load_encoder(folder)
 
 
+def test_missing_first_projection(hf, tmp_path):
+    """The first attention output projection is where the stored dtype is read (found by fuzzing: a KeyError)."""
+    sd = state(hf)
+    del sd["encoder.block.0.layer.0.SelfAttention.o.weight"]
+    save_file(sd, tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: missing tensor 'encoder\.block\.0\.layer\.0\."
+                                              r"SelfAttention\.o\.weight'"):
+        t5core.load_encoder(tmp_path / "cut.safetensors")
+
+
 def test_vocab_in_config_disagrees_with_weights(folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["vocab_size"] = VOCAB * 2

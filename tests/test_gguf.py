@@ -199,14 +199,16 @@ def fake_tokenizer(writer) -> None:
     writer.add_pad_token_id(0)
 
 
-def spiece_tokenizer(writer) -> None:
+def spiece_tokenizer(writer, rows: int = 32128) -> None:
     """The bundled T5 spiece.model as llama.cpp's convert_hf_to_gguf.py writes a T5 tokenizer: its pieces, scores
-    and types, then unused '[PADn]' pieces up to the embedding's 32128 rows, the charsmap and the options."""
+    and types, then unused '[PADn]' pieces up to the embedding's 32128 rows, the charsmap and the options.
+    Fewer rows: its first `rows` pieces (a small tokenizer that still builds)."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb
     from t5core.tokenizer import BUNDLED_SPIECE
 
     proto = sp_pb.ModelProto.FromString(BUNDLED_SPIECE.read_bytes())
-    pad = [f"[PAD{i}]" for i in range(1, 32128 - len(proto.pieces) + 1)]
+    del proto.pieces[rows:]
+    pad = [f"[PAD{i}]" for i in range(1, rows - len(proto.pieces) + 1)]
     writer.add_tokenizer_model("t5")
     writer.add_tokenizer_pre("default")
     writer.add_token_list([p.piece for p in proto.pieces] + pad)
@@ -463,14 +465,42 @@ def test_convert_gguf_to_safetensors_for_transformers(models, batch, mixed_file,
     assert rel_err(out[mask], t5core.load_encoder(path).encode(ids, mask)[mask]) <= 1e-6
 
 
-def test_tokenizer_from_gguf_fields(models, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def t5_vocab_model():
+    """A tiny T5 v1.1 with T5's 32128-row embedding, for the real tokenizer's fields."""
+    return make_hf_encoder("t5-v1_1", vocab_size=32128, d_model=256, num_heads=4, d_kv=64, d_ff=512, num_layers=1,
+                           seed=7, std=0.5)
+
+
+def test_header_reads_as_gguf_reader_reads_it(t5_vocab_model, tmp_path):
+    """t5core reads the header itself (gguf.GGUFReader takes seconds over a tokenizer's fields): every tensor's
+    type, shape, offset and size and every metadata value as the gguf package reads them."""
+    from t5core.gguf import _read_header
+
+    path = tmp_path / "t5.gguf"
+    write_gguf(path, t5_vocab_model, mixed, tokenizer=spiece_tokenizer)
+    fields, tensors = _read_header(path)
+    reader = gguf.GGUFReader(path)
+    assert {n: (t.qtype, t.shape, t.offset, t.nbytes) for n, t in tensors.items()} == {
+        t.name: (int(t.tensor_type), tuple(reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes))
+        for t in reader.tensors}
+    theirs = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}  # GGUF.*: the reader's own
+    assert fields.keys() == theirs.keys()
+    for key, f in theirs.items():
+        ours = fields[key].value
+        ours = (ours.decode() if isinstance(ours, bytes) else [b.decode() for b in ours] if isinstance(ours, list)
+                else ours.tolist() if isinstance(ours, np.ndarray) else ours)
+        assert ours == f.contents(), key
+
+
+def test_tokenizer_from_gguf_fields(t5_vocab_model, tmp_path, capsys):
     """No tokenizer beside the file: the one in its tokenizer.ggml.* fields (as llama.cpp writes T5's) gives the
     ids of the spiece.model the fields were written from."""
     from t5core.calibrate import BUILTIN_PROMPTS
     from t5core.tokenizer import BUNDLED_SPIECE
 
     path = tmp_path / "t5-tok.gguf"
-    write_gguf(path, models["t5-v1_1"], one_type(T.Q8_0), tokenizer=spiece_tokenizer)
+    write_gguf(path, t5_vocab_model, one_type(T.Q8_0), tokenizer=spiece_tokenizer)
     ckpt = t5core.open_checkpoint(path)
     assert ckpt.format == "gguf" and ckpt.tokenizer is None and ckpt.tokenizer_bytes
     ours, theirs = t5core.load_tokenizer(ckpt.tokenizer_bytes), t5core.load_tokenizer(BUNDLED_SPIECE)
@@ -483,7 +513,7 @@ def test_tokenizer_from_gguf_fields(models, tmp_path, capsys):
 
     from t5core.__main__ import main
 
-    text = "the, a. of and to in"  # ids inside the tiny model's 512-token vocabulary
+    text = "the, a. of and to in"
     main(["encode", "--model", str(path), "--out", str(tmp_path / "emb.safetensors"), text])
     assert torch.equal(load_file(tmp_path / "emb.safetensors")["input_ids"], theirs([text])[0])
     assert "bundled" not in capsys.readouterr().err  # the fields' tokenizer, not the fallback
@@ -627,13 +657,10 @@ CRAFTED_HEADERS = [  # (label, body, n_kv, n_tensors, what the error says)
 
 
 @pytest.mark.parametrize("label,body,n_kv,n_tensors,match", CRAFTED_HEADERS, ids=[c[0] for c in CRAFTED_HEADERS])
-def test_crafted_header_counts(tmp_path, monkeypatch, label, body, n_kv, n_tensors, match):
-    """Every length and count in the header is checked against the bytes left before GGUFReader, which trusts them
-    (an array of 2^62 values in a file of 65 bytes keeps it looping until memory runs out), ever sees the file."""
-    def reader_reached(path):
-        raise AssertionError("GGUFReader opened a file whose header is unchecked")
-
-    monkeypatch.setattr(gguf, "GGUFReader", reader_reached)
+def test_crafted_header_counts(tmp_path, label, body, n_kv, n_tensors, match):
+    """Every length and count in the header is checked against the bytes left before it is read or looped over
+    (gguf.GGUFReader trusts them: an array of 2^62 values in a file of 65 bytes keeps it looping until memory runs
+    out)."""
     path = raw_gguf(tmp_path / "crafted.gguf", body, n_kv, n_tensors)
     with pytest.raises(CheckpointError, match=r"crafted\.gguf: not a readable GGUF file: " + match):
         open_gguf(path)
@@ -674,6 +701,26 @@ def test_bad_tokenizer_fields(models, tmp_path, label, tokenizer, match):
     write_gguf(path, models["t5-v1_1"], one_type(T.F32), tokenizer=tokenizer)
     with pytest.raises(CheckpointError, match=r"tok\.gguf: " + match):
         open_gguf(path)
+
+
+def test_unusable_tokenizer_names_the_file(t5_vocab_model, models, tmp_path):
+    """Fields that pass their checks can still make no tokenizer (found by fuzzing: the error named neither), and
+    a tokenizer with more tokens than the embedding has rows is not the model's (fuzzing: token_embd cut to 1 row
+    loaded, and failed only at encode)."""
+    def bad_charsmap(writer):
+        spiece_tokenizer(writer)
+        writer.add_key_value("tokenizer.ggml.precompiled_charsmap", [255] * 16, V.ARRAY, V.UINT8)
+
+    path = tmp_path / "tok.gguf"
+    write_gguf(path, t5_vocab_model, one_type(T.F32), tokenizer=bad_charsmap)
+    ckpt = t5core.open_checkpoint(path)  # the weights are fine
+    with pytest.raises(ValueError, match=r"tok\.gguf \(its tokenizer\.ggml\.\* fields\): not a usable sentencepiece "
+                                         r"model .*precompiled_charsmap"):
+        ckpt.own_tokenizer()
+    write_gguf(path, models["t5-v1_1"], one_type(T.F32), tokenizer=spiece_tokenizer)
+    with pytest.raises(CheckpointError, match=r"tok\.gguf: tokenizer\.ggml\.tokens has 32128 tokens, more than the "
+                                              r"512 rows of token_embd\.weight"):
+        t5core.open_checkpoint(path)
 
 
 REL_B, EMBD = "enc.blk.0.attn_rel_b.weight", "token_embd.weight"
