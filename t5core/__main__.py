@@ -142,34 +142,35 @@ def cmd_convert(args) -> None:
     import torch
 
     from .fp8 import FP8_DTYPES
-    from .save import check_target, save_encoder
+    from .save import check_target, is_file_target, save_encoder
     from .tokenizer import load_tokenizer
 
     if args.fp16_scales not in ("auto", None) and parse_dtype(args.dtype) != torch.float16:
         raise ValueError("--fp16-scales: needs --dtype float16")
-    check_target(args.out_dir, args.overwrite)  # before the model is read: refuse early, lose nothing
-    if args.format == "dcp":  # under torchrun every rank writes a shard file
-        from .distributed import end_process_group, init_from_env
-
-        init_from_env("cpu" if args.device == "cpu" else None)
-    ckpt = _open(args, args.src)
     # fp8: ComfyUI's scaled fp8 file. An fp8 source keeps its bytes; others are read in --dtype and quantized once,
     # one scale per tensor, as they are written.
     fp8 = args.weight_dtype is not None and args.weight_dtype.startswith("fp8")
     if fp8 and args.weight_dtype != "fp8_e4m3fn":
         raise ValueError("convert writes ComfyUI's scaled fp8 convention, which is float8_e4m3fn: use --weight-dtype fp8_e4m3fn")
-    args.format = args.format or ("safetensors" if fp8 else "tensorizer")
+    args.format = args.format or ("safetensors" if fp8 or is_file_target(args.out_dir) else "tensorizer")
     if fp8 and args.format != "safetensors":
         raise ValueError(f"--weight-dtype {args.weight_dtype} writes a safetensors file (ComfyUI's scaled fp8), not {args.format}")
+    check_target(args.out_dir, args.overwrite, args.format)  # before the model is read: refuse early, lose nothing
+    if args.format == "dcp":  # under torchrun every rank writes a shard file
+        from .distributed import end_process_group, init_from_env
+
+        init_from_env("cpu" if args.device == "cpu" else None)
+    ckpt = _open(args, args.src)
     if fp8:
         args.weight_dtype = "auto" if ckpt.projection_dtype() in FP8_DTYPES else args.dtype
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer else ckpt.own_tokenizer()
+    single = is_file_target(args.out_dir)  # one .safetensors file: weights only
+    tok = None if single else load_tokenizer(args.tokenizer) if args.tokenizer else ckpt.own_tokenizer()
     model = _load(args, ckpt, expand=True)
     out = save_encoder(model.model, args.out_dir, args.format, tok, overwrite=args.overwrite, fp8=fp8)
     c = model.config
     print(f"wrote {out} ({args.format}{', scaled fp8_e4m3fn' if fp8 else ''}, {args.dtype}, "
-          f"norms {'fused' if not c.elementwise_affine else 'kept'}, "
-          f"ffn scales {c.enc_ffn_out_scales}, tokenizer {'copied' if tok is not None else 'none found'})")
+          f"norms {'fused' if not c.elementwise_affine else 'kept'}, ffn scales {c.enc_ffn_out_scales}, tokenizer "
+          f"{'not written (weights only)' if single else 'copied' if tok is not None else 'none found'})")
     if args.format == "dcp":
         end_process_group()
 
@@ -248,11 +249,13 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("convert", help="rewrite a checkpoint as a tensorizer, Hugging Face or distributed-checkpoint folder")
     p.add_argument("src")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="a folder, or a file named *.safetensors (weights only, as ComfyUI's text_encoders "
+                                   "files)")
     p.add_argument("--format", choices=["tensorizer", "safetensors", "dcp"], default=None,
                    help="tensorizer (enc.tensors), safetensors (Hugging Face folder; with --weight-dtype fp8_e4m3fn "
                         "a model.safetensors in ComfyUI's scaled fp8 convention) or dcp (torch.distributed.checkpoint, "
-                        "for t5core.distributed.load_fsdp) (default tensorizer, or safetensors for fp8)")
+                        "for t5core.distributed.load_fsdp) (default tensorizer, or safetensors for fp8 or a "
+                        "*.safetensors OUT_DIR)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to copy (default: the one beside SRC, if any)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model files already in OUT_DIR (default: refuse); weight files of other "

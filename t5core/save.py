@@ -1,4 +1,5 @@
-"""Write an encoder back to disk: the seed's tensorizer layout, or a Hugging Face-compatible folder.
+"""Write an encoder back to disk: the seed's tensorizer layout, a Hugging Face-compatible folder, or one
+.safetensors file as ComfyUI's text_encoders folder holds them.
 
 Nothing is lost on the way: every file is written under a temporary name in the target folder, flushed to disk
 and renamed only when complete, so an interrupted or failing write leaves the previous files as they were and no
@@ -68,9 +69,23 @@ def existing_model_files(folder) -> list[str]:
                   if p.name in MODEL_FILES or (p.is_file() and p.suffix in MODEL_SUFFIXES))
 
 
-def check_target(out_dir, overwrite: bool = False) -> Path:
-    """Refuse a target that is a file, or a folder holding another model's files unless overwrite."""
+def is_file_target(out) -> bool:
+    """A target named *.safetensors is one file (weights only, in Hugging Face naming or ComfyUI's scaled fp8)."""
+    return Path(out).suffix == ".safetensors"
+
+
+def check_target(out_dir, overwrite: bool = False, format: str = "safetensors") -> Path:
+    """Refuse a target that is a file, or a folder holding another model's files unless overwrite; a *.safetensors
+    target: a folder of that name, another format, or a file that exists unless overwrite."""
     out = Path(out_dir)
+    if is_file_target(out):
+        if format != "safetensors":
+            raise ValueError(f"{out}: a .safetensors file is written in format 'safetensors', not {format!r}; name "
+                             f"a folder for {format!r}")
+        if out.is_dir() or (out.exists() and not overwrite):
+            raise FileExistsError(f"{out}: exists" + ("" if out.is_dir() else "; pass overwrite=True (CLI: "
+                                                      "--overwrite) to replace it"))
+        return out
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
     found = existing_model_files(out)
@@ -145,14 +160,12 @@ def save_hf_folder(model: T5EncoderStack, out_dir, fp8: bool = False) -> Path:
     and no config.json, which would invite transformers to read weights it cannot dequantize.
     An older config.json goes once the new weights are complete, before they replace the old ones: the folder never
     pairs weights with a config.json that describes others (fused norms, residual scales)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = hf_state_dict(model, fp8)
 
     def write_weights(tmp: Path) -> None:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
+        _save_file(sd, tmp)
         (out / "config.json").unlink(missing_ok=True)
 
     write_atomic(out / "model.safetensors", write_weights)
@@ -162,11 +175,18 @@ def save_hf_folder(model: T5EncoderStack, out_dir, fp8: bool = False) -> Path:
     return out
 
 
+def _save_file(sd: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
 def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tokenizer=None,
                  overwrite: bool = False, fp8: bool = False) -> Path:
     """tensorizer: enc.tensors + config.json (T5Config), as the usage guide's loaders expect (weights as they are).
     safetensors: the Hugging Face form (save_hf_folder); with fp8, or for a model with fp8 weights (which only
-    this format takes), ComfyUI's scaled fp8 file.
+    this format takes), ComfyUI's scaled fp8 file. An `out_dir` named *.safetensors is that one file, weights only
+    (no config, no tokenizer: t5core and ComfyUI read the architecture from the shapes).
     dcp: a torch.distributed.checkpoint folder + config.json, weights as they are, which
     t5core.distributed.load_fsdp reads straight into each rank's shards at any world size. Called on every rank of
     a process group, each rank writes its own shard file (its FSDP shards, or its share of a replicated model).
@@ -184,7 +204,10 @@ def save_encoder(model: T5EncoderStack, out_dir, format: str = "tensorizer", tok
     distributed = format == "dcp" and dist.is_initialized()
     rank0 = not distributed or dist.get_rank() == 0
     _check_expanded(model)
-    out = check_target(out_dir, overwrite)  # on every rank: all refuse together, none waits for a refused one
+    out = check_target(out_dir, overwrite, format)  # on every rank: all refuse together, none waits for a refused one
+    if is_file_target(out):
+        sd = hf_state_dict(model, fp8)
+        return write_atomic(out, lambda tmp: _save_file(sd, tmp))
     out.mkdir(parents=True, exist_ok=True)
     written = {"config.json"}
     if format == "tensorizer":

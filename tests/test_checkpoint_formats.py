@@ -1,6 +1,7 @@
 """Every weight format users have loads through the one detector and gives transformers parity; convert
 writes files that load back bit-identically; bad files give errors that name the file and the problem."""
 import json
+import re
 import shutil
 
 import pytest
@@ -167,6 +168,30 @@ def test_convert_round_trip_bit_identical(hf, tmp_path, fmt, extra):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("extra", [[], ["--fuse-norms", "--dtype", "bfloat16"]])
+def test_convert_to_one_safetensors_file(hf, tmp_path, capsys, extra):
+    """A target named *.safetensors is that one file (as ComfyUI's text_encoders folder holds them): the same
+    encoder loads back from it, though no config.json or tokenizer travels with it."""
+    src = save_hf(hf, tmp_path / "src")
+    shutil.copy(TOKENIZER_DIR / "tokenizer.json", src)
+    out = tmp_path / "t5_small.safetensors"
+    cli(["convert", str(src), str(out), *extra])
+    assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["src", "t5_small.safetensors"]
+    assert "tokenizer not written (weights only)" in capsys.readouterr().out
+    dtype = "bfloat16" if extra else "float32"
+    first = t5core.load_encoder(src, dtype=dtype, fuse_norms=bool(extra)).model.state_dict()
+    again = t5core.load_encoder(out, dtype=dtype, fuse_norms=bool(extra)).model.state_dict()
+    assert first.keys() == again.keys()
+    for k in first:
+        assert first[k].dtype == again[k].dtype and torch.equal(first[k], again[k]), k
+    for args, error in ([], r"t5_small\.safetensors: exists; pass overwrite=True"), (
+            ["--format", "tensorizer", "--overwrite"],
+            r"t5_small\.safetensors: a \.safetensors file is written in format 'safetensors', not 'tensorizer'"):
+        with pytest.raises(SystemExit):
+            cli(["convert", str(src), str(out), *args])
+        assert re.search(error, capsys.readouterr().err)
 
 
 def test_safetensors_convert_is_readable_by_transformers(hf, batch, tmp_path):
