@@ -66,6 +66,9 @@ def _from_spiece(data: bytes, where: str) -> Tokenizer:
     if not proto.pieces:
         raise ValueError(f"{where}: not a sentencepiece model (no pieces)")
     vocab = [(p.piece, p.score) for p in proto.pieces]
+    if (bad := next((i for i, (piece, _) in enumerate(vocab) if not isinstance(piece, str)), None)) is not None:
+        # protobuf hands a proto2 string that is not UTF-8 over as bytes
+        raise ValueError(f"{where}: piece {bad} ({vocab[bad][0]!r:.60}) is not valid UTF-8: the model is corrupt")
     if (bad := next((i for i, (_, score) in enumerate(vocab) if not math.isfinite(score)), None)) is not None:
         raise ValueError(f"{where}: piece {bad} ({vocab[bad][0]!r}) has score {vocab[bad][1]}: the model is corrupt")
     has_sentinels = any(p.piece.startswith("<extra_id_") for p in proto.pieces)
