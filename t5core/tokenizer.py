@@ -262,10 +262,7 @@ def load_tokenizer(source: "str | os.PathLike | bytes | bytearray | memoryview |
             raise FileNotFoundError(f"no T5 tokenizer in folder {path} ({expected})")
         path = found
     if path.suffix == ".json":
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception
-            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from e
+        tokenizer = _guarded(str(path), "not a readable tokenizer.json", lambda: Tokenizer.from_file(str(path)))
     else:
         try:
             data = path.read_bytes()

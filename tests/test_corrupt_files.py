@@ -1,9 +1,10 @@
-"""Files damaged at random (seeded): bytes of the header overwritten, the file cut short (a spiece.model: bytes
-anywhere). Loading one, reading its tokenizer and encoding with it either works (the bytes changed were ones
+"""Files damaged at random (seeded): bytes of the header overwritten, the file cut short (a tokenizer file:
+bytes anywhere). Loading one, reading its tokenizer and encoding with it either works (the bytes changed were ones
 nothing reads, or data no format can check) or fails with a ValueError (CheckpointError included) that names the
 file: never another exception, never a message that leaves the user guessing which file. Each format's own tests
 name the faults one by one; these look for the ones nobody thought of (they found a KeyError for a missing first
-projection, a tokenizer error that named no file, and a TypeError for a piece that is not UTF-8)."""
+projection, a tokenizer error that named no file, a TypeError for a piece that is not UTF-8, and a Rust panic for a
+tokenizer.json whose charsmap is corrupt)."""
 import json
 import random
 import shutil
@@ -144,19 +145,21 @@ def test_damaged_gguf(hf, tmp_path):
     assert outcomes.count("refused") > CASES // 2
 
 
-def test_damaged_spiece_model(tmp_path):
+@pytest.mark.parametrize("name", ["spiece.model", "tokenizer.json"])
+def test_damaged_tokenizer_file(tmp_path, name):
     from t5core.tokenizer import BUNDLED_SPIECE
+    from tiny_models import TOKENIZER_DIR
 
-    data, rng, bad = BUNDLED_SPIECE.read_bytes(), random.Random(7), tmp_path / "spiece.model"
-    refused = 0
+    data = (BUNDLED_SPIECE if name == "spiece.model" else TOKENIZER_DIR / name).read_bytes()
+    rng, bad, refused = random.Random(7), tmp_path / name, 0
     for _ in range(CASES):
         b = bytearray(data)  # a byte anywhere: pieces, scores, the charsmap, the options
         for _ in range(rng.randint(1, 5)):
-            b[rng.randrange(len(b))] = rng.randrange(256)
+            b[rng.randrange(len(b))] = rng.choice(b'0123456789,:[]{}"-. aZ') if name.endswith("json") else rng.randrange(256)
         bad.write_bytes(bytes(b) if rng.random() < 0.7 else data[:rng.randrange(len(data))])
         try:
             t5core.load_tokenizer(bad).encode_ids("A photo of a cat, 123 \u00e9 <extra_id_3>")
         except ValueError as e:
-            assert "spiece.model" in str(e), e
+            assert name in str(e), e
             refused += 1
     assert refused > CASES // 2
