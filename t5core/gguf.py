@@ -39,6 +39,10 @@ QTYPES: dict[int, tuple[str, int, int]] = {
     14: ("Q6_K", QK_K, 210),
 }
 _QTYPE_BY_NAME = {name: i for i, (name, _, _) in QTYPES.items()}
+# quantized type id -> byte offsets of the float16 fields (d; dmin or m) in one block: the only values a block holds
+# that can be NaN or infinite
+_FLOAT_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 10: (80, 82), 11: (108,), 12: (0, 2), 13: (0, 2),
+                 14: (208,)}
 SUPPORTED_TYPES = tuple(name for name, _, _ in QTYPES.values())
 
 
@@ -857,12 +861,24 @@ def _packed_modules(source: GGUFSource, config: T5Config) -> dict[str, list[str]
     return {name: keys for name, keys in groups.items() if any(grows(k) for k in keys)}
 
 
+def all_finite_blocks(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """-> a 0-d bool tensor (no host sync): no NaN or infinite value in one tensor's `blocks` (uint8, whole
+    blocks): every value of F32 / F16 / BF16, the float16 scale fields of quantized types."""
+    from .checkpoint import all_finite
+
+    if qtype in _PLAIN:
+        return all_finite(blocks.view(_PLAIN[qtype]))
+    rows = blocks.view(-1, QTYPES[qtype][2])  # [blocks, bytes per block]
+    return all_finite(torch.cat([rows[:, at:at + 2] for at in _FLOAT_FIELDS[qtype]], 1).view(torch.float16))
+
+
 @torch.no_grad()
 def build_packed(config: T5Config, source: GGUFSource, device) -> T5EncoderStack:
     """A T5EncoderStack on `device` whose quantized projections are PackedLinear and whose quantized embedding is a
     PackedEmbedding, their blocks read from the file as they are (the gpt-fast way: built on meta, modules swapped,
     then allocated). Every parameter left (norms, bias tables, plain-float projections) is uninitialised: stream
-    the checkpoint into it (weight_load.load_checkpoint_into), which skips the packed modules."""
+    the checkpoint into it (weight_load.load_checkpoint_into), which skips the packed modules. NaN or infinite
+    values in the blocks are a CheckpointError naming the tensor, as for other weights."""
     from .t5_encoder import F32OutLinear
 
     with torch.device("meta"):
@@ -877,6 +893,7 @@ def build_packed(config: T5Config, source: GGUFSource, device) -> T5EncoderStack
                             else PackedLinear(weight, isinstance(old, F32OutLinear)))
     model = model.to_empty(device=device)
     model.apply_residual_scales_from_config()
+    finite = []  # (key, flag): one host sync at the end
     for name, keys in packed.items():
         module = model.get_submodule(name)
         if isinstance(module, PackedLinear):
@@ -888,5 +905,10 @@ def build_packed(config: T5Config, source: GGUFSource, device) -> T5EncoderStack
                 source.read_range(key, 0, flat[at:at + n])
             else:
                 flat[at:at + n].copy_(source.raw(key).view(-1))
+            finite.append((key, all_finite_blocks(flat[at:at + n], source.qtype(key))))
             at += n
+    if finite and not bool(torch.stack([f for _, f in finite]).all()):
+        key = next(k for k, f in finite if not bool(f))
+        raise CheckpointError(f"{source.path}: tensor {source.entries[key].name!r} holds NaN or infinite values: the "
+                              f"file is corrupt (re-download it)")
     return model.eval()

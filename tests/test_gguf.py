@@ -610,6 +610,28 @@ def test_byte_size_disagrees_with_type_and_shape(good_file, tmp_path):
         open_gguf(bad)
 
 
+@pytest.mark.parametrize("qtype", [*SCALE_FIELDS, T.F16, T.BF16, T.F32], ids=lambda t: T(t).name)
+def test_non_finite_values_are_refused_compressed(models, tmp_path, qtype):
+    """Kept compressed, a NaN or an infinity in a block's float16 scales (or in a 16-bit tensor) used to load and
+    give NaN embeddings; expanded (F32 always is), it was refused. Now both refuse it, naming the tensor."""
+    good = tmp_path / "good.gguf"
+    write_gguf(good, models["t5-v1_1"], one_type(qtype))
+    t = open_gguf(good)[0].entries["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    tsize = QTYPES[int(qtype)][2]
+    plain = {T.F16: torch.float16, T.BF16: torch.bfloat16, T.F32: torch.float32}.get(qtype)
+    for at in SCALE_FIELDS.get(qtype, [0]):
+        for value in (float("nan"), float("inf")):
+            data = bytearray(good.read_bytes())
+            pos = t.offset + tsize + at  # the second block's field, or the second value
+            code = torch.tensor([value], dtype=plain or torch.float16).view(torch.uint8).tolist()
+            data[pos:pos + len(code)] = bytes(code)
+            bad = tmp_path / "bad.gguf"
+            bad.write_bytes(bytes(data))
+            with pytest.raises(CheckpointError, match=r"bad\.gguf: tensor '(enc\.blk\.1\.ffn_down|encoder\.block\.1\."
+                                                      r"layer\.1\.DenseReluDense\.wo)\.weight' holds NaN or infinite"):
+                t5core.load_encoder(bad)
+
+
 def test_imports_without_gguf_package(good_file, monkeypatch):
     """t5core.gguf imports and dequantizes without the gguf package; reading a file then says what to install."""
     import importlib
