@@ -74,7 +74,7 @@ def is_file_target(out) -> bool:
     return Path(out).suffix == ".safetensors"
 
 
-def check_target(out_dir, overwrite: bool = False, format: str = "safetensors") -> Path:
+def check_target(out_dir, overwrite: bool, format: str) -> Path:
     """Refuse a target that is a file, or a folder holding another model's files unless overwrite; a *.safetensors
     target: a folder of that name, another format, or a file that exists unless overwrite."""
     out = Path(out_dir)
@@ -82,9 +82,10 @@ def check_target(out_dir, overwrite: bool = False, format: str = "safetensors") 
         if format != "safetensors":
             raise ValueError(f"{out}: a .safetensors file is written in format 'safetensors', not {format!r}; name "
                              f"a folder for {format!r}")
-        if out.is_dir() or (out.exists() and not overwrite):
-            raise FileExistsError(f"{out}: exists" + ("" if out.is_dir() else "; pass overwrite=True (CLI: "
-                                                      "--overwrite) to replace it"))
+        if out.is_dir():
+            raise FileExistsError(f"{out}: is a folder; a target named *.safetensors is written as one file")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out}: exists; pass overwrite=True (CLI: --overwrite) to replace it")
         return out
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
