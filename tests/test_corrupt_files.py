@@ -34,10 +34,11 @@ def load_and_encode(path: Path) -> None:
     t5core.load_encoder(ckpt).encode(torch.randint(3, VOCAB, (1, 8)))
 
 
-def survive(path: Path, name: str) -> str:
-    """-> 'loaded' or 'refused'; any other exception, or a ValueError that does not name `name`, fails the test."""
+def survive(load, name: str) -> str:
+    """load() -> 'loaded' or 'refused'; any other exception, or a ValueError that does not name `name`, fails the
+    test."""
     try:
-        load_and_encode(path)
+        load()
         return "loaded"
     except ValueError as e:
         assert name in str(e), f"the error does not name {name}: {e}"
@@ -61,7 +62,7 @@ def refused(good: Path, header_end: int, seed: int) -> int:
     load_and_encode(good)
     for _ in range(CASES):
         bad.write_bytes(damaged(data, rng, header_end))
-        seen[survive(bad, bad.name)] += 1
+        seen[survive(lambda: load_and_encode(bad), bad.name)] += 1
     return seen["refused"]
 
 
@@ -82,7 +83,7 @@ def test_safetensors_header_entries_changed(hf, tmp_path):
     data = path.read_bytes()
     size = struct.unpack("<Q", data[:8])[0]
     header, body = json.loads(data[8:8 + size]), data[8 + size:]
-    rng, bad = random.Random(3), tmp_path / "bad.safetensors"
+    rng, bad, outcomes = random.Random(3), tmp_path / "bad.safetensors", []
     for _ in range(CASES):
         h = json.loads(json.dumps(header))
         key = rng.choice(sorted(k for k in h if k != "__metadata__"))
@@ -97,28 +98,26 @@ def test_safetensors_header_entries_changed(hf, tmp_path):
             h[key]["data_offsets"][change == "end"] = rng.randrange(len(body))
         raw = json.dumps(h).encode()
         bad.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
-        survive(bad, bad.name)
+        outcomes.append(survive(lambda: load_and_encode(bad), bad.name))
+    assert outcomes.count("refused") > CASES // 2
 
 
 def test_damaged_tensorizer(hf, tmp_path):
     model = t5core.load_encoder(save_hf(hf, tmp_path / "hf")).model
     folder = save_encoder(model, tmp_path / "tz", "tensorizer")
     data, rng = (folder / "enc.tensors").read_bytes(), random.Random(4)
-    want = t5core.load_encoder(folder).encode(torch.arange(3, 11)[None])
-    refused = 0
+    ids = torch.arange(3, 11)[None]
+    want, bad, outcomes = t5core.load_encoder(folder).encode(ids), tmp_path / "bad", []
+
+    def load():
+        assert torch.equal(t5core.load_encoder(bad).encode(ids), want), "a damaged tensorizer file loaded other weights"
+
     for _ in range(CASES):
-        bad = tmp_path / "bad"
         shutil.rmtree(bad, ignore_errors=True)
         shutil.copytree(folder, bad)
         (bad / "enc.tensors").write_bytes(damaged(data, rng, len(data)))  # tensorizer hashes its tensors: anywhere
-        try:
-            got = t5core.load_encoder(bad).encode(torch.arange(3, 11)[None])
-        except ValueError as e:
-            assert "enc.tensors" in str(e), e
-            refused += 1
-        else:
-            assert torch.equal(got, want), "a damaged tensorizer file loaded other weights"
-    assert refused > CASES // 2
+        outcomes.append(survive(load, "enc.tensors"))
+    assert outcomes.count("refused") > CASES // 2
 
 
 def test_damaged_gguf(hf, tmp_path):
@@ -141,7 +140,7 @@ def test_damaged_gguf(hf, tmp_path):
         value = rng.choice([0, 1, 255, 2**31 - 1, 2**32 - 1, 2**63 - 1]) % (1 << 8 * width)
         b[at:at + width] = value.to_bytes(width, "little")
         bad.write_bytes(bytes(b))
-        outcomes.append(survive(bad, bad.name))
+        outcomes.append(survive(lambda: load_and_encode(bad), bad.name))
     assert outcomes.count("refused") > CASES // 2
 
 
@@ -151,15 +150,12 @@ def test_damaged_tokenizer_file(tmp_path, name):
     from tiny_models import TOKENIZER_DIR
 
     data = (BUNDLED_SPIECE if name == "spiece.model" else TOKENIZER_DIR / name).read_bytes()
-    rng, bad, refused = random.Random(7), tmp_path / name, 0
+    rng, bad, outcomes = random.Random(7), tmp_path / name, []
+    noise = b'0123456789,:[]{}"-. aZ' if name.endswith(".json") else bytes(range(256))  # JSON: mostly still parses
     for _ in range(CASES):
         b = bytearray(data)  # a byte anywhere: pieces, scores, the charsmap, the options
         for _ in range(rng.randint(1, 5)):
-            b[rng.randrange(len(b))] = rng.choice(b'0123456789,:[]{}"-. aZ') if name.endswith("json") else rng.randrange(256)
+            b[rng.randrange(len(b))] = rng.choice(noise)
         bad.write_bytes(bytes(b) if rng.random() < 0.7 else data[:rng.randrange(len(data))])
-        try:
-            t5core.load_tokenizer(bad).encode_ids("A photo of a cat, 123 \u00e9 <extra_id_3>")
-        except ValueError as e:
-            assert name in str(e), e
-            refused += 1
-    assert refused > CASES // 2
+        outcomes.append(survive(lambda: t5core.load_tokenizer(bad).encode_ids("A cat, 123 \u00e9 <extra_id_3>"), name))
+    assert outcomes.count("refused") > CASES // 2
