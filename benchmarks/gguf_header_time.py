@@ -19,8 +19,6 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from t5core.gguf import _read_header, tokenizer_fields
 from t5core.tokenizer import BUNDLED_SPIECE
 
-V = gguf.GGUFValueType
-
 
 def write(path: Path, rows: int) -> None:
     proto = sp_pb.ModelProto.FromString(BUNDLED_SPIECE.read_bytes())
