@@ -771,3 +771,25 @@ def test_bad_shapes_and_metadata(models, tmp_path, label, kwargs, match):
     write_gguf(path, models["t5-v1_1"], one_type(T.F32), **kwargs)
     with pytest.raises(CheckpointError, match=r"cfg\.gguf: " + match):
         open_gguf(path)
+
+
+@pytest.mark.gpu
+def test_compressed_model_on_cuda(models, batch, mixed_file, tmp_path):
+    """On a GPU, eager and compiled (CUDA graphs): the blocks kept compressed compute what the same blocks expanded
+    to bf16 at load compute; NaN scales are refused there too (their check runs on the GPU)."""
+    path, ref = mixed_file
+    ids, mask = batch
+    with torch.no_grad():
+        want = with_weights(models["t5-v1_1"], ref)(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    expanded = t5core.load_encoder(path, dtype="bfloat16", device="cuda", weight_dtype="bf16").encode(ids, mask).cpu()
+    for compile in (False, True):
+        enc = t5core.load_encoder(path, dtype="bfloat16", device="cuda", compile=compile)
+        assert is_packed(enc.model)
+        got = enc.encode(ids, mask).cpu()
+        assert rel_err(got[mask], expanded[mask]) <= 1e-2 and rel_err(got[mask], want[mask]) <= 3e-2
+    t = next(t for t in open_gguf(path)[0].entries.values() if t.qtype in SCALE_FIELDS)  # a quantized tensor
+    data, at = bytearray(path.read_bytes()), t.offset + SCALE_FIELDS[t.qtype][0]
+    data[at:at + 2] = bytes(torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8).tolist())
+    (tmp_path / "nan.gguf").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"nan\.gguf: tensor '{re.escape(t.name)}' holds NaN"):
+        t5core.load_encoder(tmp_path / "nan.gguf", dtype="bfloat16", device="cuda")
