@@ -666,9 +666,10 @@ class Checkpoint:
 
     def _raise_non_finite(self, flags: list) -> None:
         if flags and not bool(torch.stack([f for _, f in flags]).all()):
-            key = next(k for k, f in flags if not bool(f))
-            raise CheckpointError(f"{self.path}: tensor {self.keys[key]!r} holds NaN or infinite values: the file is "
-                                  f"corrupt (re-download it)")
+            key = self.keys[next(k for k, f in flags if not bool(f))]
+            name = self.source.entries[key].name if self.format == "gguf" else key  # as the file names it
+            raise CheckpointError(f"{self.path}: tensor {name!r} holds NaN or infinite values: the file is corrupt "
+                                  f"(re-download it)")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(self.keys[key])

@@ -613,7 +613,8 @@ def test_byte_size_disagrees_with_type_and_shape(good_file, tmp_path):
 @pytest.mark.parametrize("qtype", [*SCALE_FIELDS, T.F16, T.BF16, T.F32], ids=lambda t: T(t).name)
 def test_non_finite_values_are_refused_compressed(models, tmp_path, qtype):
     """Kept compressed, a NaN or an infinity in a block's float16 scales (or in a 16-bit tensor) used to load and
-    give NaN embeddings; expanded (F32 always is), it was refused. Now both refuse it, naming the tensor."""
+    give NaN embeddings; expanded (F32 always is), it was refused. Now both refuse it, naming the tensor as the file
+    does."""
     good = tmp_path / "good.gguf"
     write_gguf(good, models["t5-v1_1"], one_type(qtype))
     t = open_gguf(good)[0].entries["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
@@ -627,8 +628,8 @@ def test_non_finite_values_are_refused_compressed(models, tmp_path, qtype):
             data[pos:pos + len(code)] = bytes(code)
             bad = tmp_path / "bad.gguf"
             bad.write_bytes(bytes(data))
-            with pytest.raises(CheckpointError, match=r"bad\.gguf: tensor '(enc\.blk\.1\.ffn_down|encoder\.block\.1\."
-                                                      r"layer\.1\.DenseReluDense\.wo)\.weight' holds NaN or infinite"):
+            with pytest.raises(CheckpointError, match=r"bad\.gguf: tensor 'enc\.blk\.1\.ffn_down\.weight' holds NaN or "
+                                                      r"infinite"):
                 t5core.load_encoder(bad)
 
 
