@@ -143,6 +143,7 @@ pkg = importlib.util.module_from_spec(spec)
 sys.modules[name] = pkg
 spec.loader.exec_module(pkg)
 print("t5core from", sys.modules["t5core"].__file__)
+from t5core.__main__ import main as t5core_cli  # noqa: E402  (the checkout's, loaded above)
 print("V1 mappings:", getattr(pkg, "NODE_CLASS_MAPPINGS", None) is not None, "V3:", hasattr(pkg, "comfy_entrypoint"))
 ext = asyncio.run(pkg.comfy_entrypoint())
 ours = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}
@@ -439,19 +440,12 @@ whole_lora = flux_conditioning(patched, TEXTS[0])
 for budget in (int(0.3 * patched.patcher.model_size()), 0.1):  # 30% of the model; nothing (--novram)
     results.append(streamed_matches("T5 LoRA", patched, whole_lora, budget))
 mm.unload_all_models()
-# fp8 weights: a file in ComfyUI's scaled fp8 convention (e4m3, one scale per tensor), loaded by ComfyUI's CLIPLoader
-# and by ours (its rows' scales are the tensor's): the same conditioning; with the T5 LoRA both round the patched
-# weights to fp8 again (stochastically, their scales kept), and ours must be as close to ComfyUI's float32 CLIP with
-# the LoRA as ComfyUI's own fp8 CLIP is
-PROJ_SUFFIXES = tuple(f".{p}.weight" for p in ("q", "k", "v", "o", "wi_0", "wi_1", "wo"))
-scaled = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
-for k, v in load_file(te / "t5_v11.safetensors").items():
-    if k.endswith(PROJ_SUFFIXES):
-        scale = v.abs().max() / torch.finfo(torch.float8_e4m3fn).max
-        scaled[k], scaled[k.removesuffix("weight") + "scale_weight"] = (v / scale).to(torch.float8_e4m3fn), scale
-    else:
-        scaled[k] = v
-save_file(scaled, te / "t5_v11_fp8_scaled.safetensors")
+# fp8 weights: a file in ComfyUI's scaled fp8 convention (e4m3, one scale per tensor), as t5core's convert writes
+# it, loaded by ComfyUI's CLIPLoader and by ours (its rows' scales are the tensor's): the same conditioning; with the
+# T5 LoRA both round the patched weights to fp8 again (stochastically, their scales kept), and ours must be as close
+# to ComfyUI's float32 CLIP with the LoRA as ComfyUI's own fp8 CLIP is
+t5core_cli(["convert", str(te / "t5_v11.safetensors"), str(te / "t5_v11_fp8_scaled.safetensors"),
+            "--weight-dtype", "fp8_e4m3fn"])
 comfy_fp8 = comfy.sd.load_clip(P("clip_l.safetensors", "t5_v11_fp8_scaled.safetensors"),
                                clip_type=comfy.sd.CLIPType.FLUX, model_options=small)
 ours_fp8 = ours["T5CoreEncoderToCLIP"].execute(t5_encoder=ours["T5CoreLoadEncoder"].execute(
