@@ -462,7 +462,8 @@ class _HeaderReader:
 
 def _read_header(path: Path) -> tuple[dict[str, _Field], dict[str, GGUFTensor]]:
     """-> (metadata fields, {gguf name: GGUFTensor}); every problem a CheckpointError naming the file and the key
-    or tensor. Each tensor's type is checked, and its extent against the file's size."""
+    or tensor. Each tensor's type is checked, its rows against its blocks, and its extent against the file's size
+    and the next tensor's start."""
     import mmap
 
     gguf = _import_gguf(path)
@@ -479,24 +480,31 @@ def _read_header(path: Path) -> tuple[dict[str, _Field], dict[str, GGUFTensor]]:
             if size:
                 buf.close()
     tensors = {}
-    for name, dims, t, off in infos:
+    for name, dims, qtype, off in infos:
         shape = tuple(reversed(dims))
-        if t in QTYPES:
-            _, block, tsize = QTYPES[t]
-        elif t in gguf.GGML_QUANT_SIZES:  # a GGML type t5core does not dequantize: an error if the encoder needs it
-            block, tsize = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)]
+        if qtype in QTYPES:
+            _, block, tsize = QTYPES[qtype]
+        elif qtype in gguf.GGML_QUANT_SIZES:  # a GGML type t5core does not dequantize: an error if the encoder needs it
+            block, tsize = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
         else:
-            raise CheckpointError(f"{path}: not a readable GGUF file: tensor {name!r} has {type_name(t)}, which is "
+            raise CheckpointError(f"{path}: not a readable GGUF file: tensor {name!r} has {type_name(qtype)}, which is "
                                   f"not a GGML type")
         if dims and dims[0] % block:
-            raise CheckpointError(f"{path}: tensor {name!r} ({type_name(t)}, shape {list(shape)}): rows of "
+            raise CheckpointError(f"{path}: tensor {name!r} ({type_name(qtype)}, shape {list(shape)}): rows of "
                                   f"{dims[0]} elements are not whole blocks of {block}; its byte size disagrees with "
                                   f"its type and shape")
-        t = GGUFTensor(name, t, shape, data_start + off, math.prod(dims) // block * tsize)
+        t = GGUFTensor(name, qtype, shape, data_start + off, math.prod(dims) // block * tsize)
         if t.offset + t.nbytes > size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ({t.type_name}, shape {list(shape)}) ends at "
                                   f"byte {t.offset + t.nbytes} but the file has {size} bytes; re-download it")
         tensors[name] = t
+    spans = sorted(tensors.values(), key=lambda t: t.offset)
+    for t, after in zip(spans, spans[1:]):
+        if t.offset + t.nbytes > after.offset:
+            raise CheckpointError(f"{path}: tensor {t.name!r} ({t.type_name}, shape {list(t.shape)}) needs {t.nbytes} "
+                                  f"bytes from byte {t.offset}, but the next tensor ({after.name!r}) starts at byte "
+                                  f"{after.offset}: its byte size disagrees with its type and shape, or the file is "
+                                  f"corrupt")
     return fields, tensors
 
 
@@ -684,27 +692,6 @@ class GGUFSource:
         self.metadata = {k: _scalar(v, k, self.path) for k, v in fields.items()
                          if v.types[0] != 9 and not k.startswith("tokenizer.")}
         self.tokenizer = tokenizer_fields(self.path, fields)
-        self._check_layout(tensors)
-
-    def _check_layout(self, tensors: dict[str, GGUFTensor]) -> None:
-        """Byte sizes against type and shape, and overlaps."""
-        size = self.path.stat().st_size
-        spans = sorted(tensors.values(), key=lambda t: t.offset)
-        for i, t in enumerate(spans):
-            name, block, tsize = QTYPES.get(t.qtype, (t.type_name, 1, 0))
-            cols = t.shape[-1] if t.shape else 1
-            if t.qtype in QTYPES and cols % block:
-                raise CheckpointError(f"{self.path}: tensor {t.name!r} ({name}, shape {t.shape}): rows of {cols} "
-                                      f"elements are not whole blocks of {block}; its byte size disagrees with its "
-                                      f"type and shape")
-            end = t.offset + t.nbytes
-            limit = spans[i + 1].offset if i + 1 < len(spans) else size
-            if end > limit:
-                where = (f"the next tensor ({spans[i + 1].name!r}) starts at byte {limit}" if i + 1 < len(spans)
-                         else f"the file has {size} bytes (truncated? re-download it)")
-                raise CheckpointError(f"{self.path}: tensor {t.name!r} ({name}, shape {t.shape}) needs {t.nbytes} bytes "
-                                      f"from byte {t.offset}, but {where}: its byte size disagrees with its type and "
-                                      f"shape, or the file is corrupt")
 
     # --- the source interface -------------------------------------------------------------------
     def keys(self) -> list[str]:
