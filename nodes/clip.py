@@ -173,7 +173,8 @@ def t5_weight_patches(encoder, prefix: str, patches: dict) -> dict:
         weight = getattr(model.get_submodule(ours.rpartition(".")[0]), "weight", None)
         if not isinstance(weight, torch.nn.Parameter):
             raise ValueError(f"T5 Encoder to CLIP (fast): {name!r}: {encoder.plan.path} keeps this weight as GGUF "
-                             f"blocks, which take no weight patches")
+                             f"blocks, which take no weight patches; to patch its T5, convert it to a .safetensors file "
+                             f"(python -m t5core convert FILE.gguf FILE.safetensors --dtype bfloat16) and load that")
         rows = weight.shape[0] // parts
         rows = (0, part * rows, rows) if parts > 1 else None
         if offset is not None and rows is not None and offset[0] != 0:

@@ -571,7 +571,8 @@ def test_t5_patches_that_cannot_apply_are_errors(comfy):
                                  r"takes weight patches \(a LoRA, a merge\) for its q, k, v, o, wi and wo projections only"),
              (fused, q, r"t5_tiny\.safetensors has its norm scales fused into these weights \(T5 Fuse Norms\)")]
     if HAVE_GGUF:
-        cases.append((load(comfy, GGUF_NAME), q, r"keeps this weight as GGUF blocks, which take no weight patches"))
+        cases.append((load(comfy, GGUF_NAME), q, r"keeps this weight as GGUF blocks, which take no weight patches; "
+                                                      r"to patch its T5, convert it to a \.safetensors file"))
     for encoder, key, message in cases:
         (clip,), _ = run(comfy, TO_CLIP, t5_encoder=encoder, family="chroma")
         with pytest.raises(ValueError, match=message):
