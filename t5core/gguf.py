@@ -15,6 +15,7 @@ Three layers, usable on their own:
 The `gguf` package (pip install "t5core[gguf]") is needed only to read files; it is imported inside functions.
 """
 import math
+import mmap
 import os
 import re
 import struct
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, all_finite, native_target
 from .t5_common import GELUApprox, T5Config, T5FFNType, config_error_text
 from .t5_encoder import T5EncoderStack, f32_out_linear
 
@@ -464,8 +465,6 @@ def _read_header(path: Path) -> tuple[dict[str, _Field], dict[str, GGUFTensor]]:
     """-> (metadata fields, {gguf name: GGUFTensor}); every problem a CheckpointError naming the file and the key
     or tensor. Each tensor's type is checked, its rows against its blocks, and its extent against the file's size
     and the next tensor's start."""
-    import mmap
-
     gguf = _import_gguf(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: not a readable GGUF file: no such file")
@@ -832,8 +831,6 @@ def _packed_modules(source: GGUFSource, config: T5Config) -> dict[str, list[str]
     """T5EncoderStack module name -> its tensors' keys in row order, for the projections and the embedding that
     stay GGML blocks: those with a part that expanding to config.dtype would make bigger (every quantized type;
     F16 / BF16 under float32). The rest (and norms, bias tables) load as plain tensors."""
-    from .checkpoint import native_target
-
     groups: dict[str, list] = {}
     for key in source.keys():
         target = native_target(key, config)
@@ -851,8 +848,6 @@ def _packed_modules(source: GGUFSource, config: T5Config) -> dict[str, list[str]
 def all_finite_blocks(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     """-> a 0-d bool tensor (no host sync): no NaN or infinite value in one tensor's `blocks` (uint8, whole
     blocks): every value of F32 / F16 / BF16, the float16 scale fields of quantized types."""
-    from .checkpoint import all_finite
-
     if qtype in _PLAIN:
         return all_finite(blocks.view(_PLAIN[qtype]))
     rows = blocks.view(-1, QTYPES[qtype][2])  # [blocks, bytes per block]
