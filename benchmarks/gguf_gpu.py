@@ -225,8 +225,10 @@ class PlanarLinear(nn.Module):
 @torch.no_grad()
 def make_planar(model: nn.Module) -> int:
     """Replace every single-type Q8_0 / Q4_K / Q5_K / Q6_K PackedLinear of `model` by a PlanarLinear (checked to
-    dequantize to the same float32 weight); -> how many were replaced (a weight of mixed types stays packed)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.packed.qtype in (8, 12, 13, 14)]
+    dequantize to the same float32 weight); -> how many were replaced (a weight of mixed types stays packed, and so
+    does Q8_0, which t5core itself keeps in planes: PackedWeight.make_planar_)."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, PackedLinear) and m.packed.qtype in (8, 12, 13, 14) and not m.packed.planar]
     for name in names:
         old = model.get_submodule(name)
         new = PlanarLinear(old)

@@ -32,6 +32,7 @@ from .t5_common import GELUApprox, T5Config, T5FFNType, config_error_text
 from .t5_encoder import T5EncoderStack, f32_out_linear
 
 QK_K = 256
+Q8_0 = 8
 # GGML type id -> (name, elements per block, bytes per block); ids and sizes as in ggml.h / gguf.constants
 QTYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
@@ -250,6 +251,30 @@ class PackedWeight(nn.Module):
                                  f"{rows * per_row} bytes, got {blocks.numel()}")
             blocks = blocks.reshape(rows, per_row)
         self.register_buffer("blocks", blocks)
+        self.planar = False  # a Q8_0 weight whose bytes make_planar_ reordered
+
+    @torch.no_grad()
+    def make_planar_(self) -> None:
+        """Reorder a one-type Q8_0 weight's bytes in place into two planes: every int8 code [rows, cols], then
+        every float16 scale [rows, cols // 32]. The same bytes, but dequantizing reads unit-stride aligned arrays
+        instead of 34-byte records: 0.70x the dequantization time and 0.87x the time per encode at XXL 1x512 on an
+        H100 (BENCHMARKS.md). Other types are left as they are."""
+        if self.qtype != Q8_0 or self.planar:
+            return
+        records = self.blocks.view(-1, 34)  # [rows * cols // 32, 34]: float16 scale, 32 codes
+        self.blocks.view(-1).copy_(torch.cat([records[:, 2:].reshape(-1), records[:, :2].reshape(-1)]))
+        self.planar = True
+
+    def _planes(self, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A planar weight's codes [R, cols // 32, 32] int8 and scales [R, cols // 32, 1] float32 (rows: all, or
+        those indexed)."""
+        n, cols = math.prod(self.shape[:-1]), self.shape[-1]
+        flat = self.blocks.view(-1)
+        codes = flat[:n * cols].view(torch.int8).view(n, cols // 32, 32)
+        scales = flat[n * cols:].view(torch.float16).view(n, cols // 32, 1)
+        if rows is not None:
+            codes, scales = codes[rows], scales[rows]
+        return codes, scales.float()
 
     @property
     def qtype(self) -> Optional[int]:
@@ -257,6 +282,9 @@ class PackedWeight(nn.Module):
         return self.segments[0][0] if len(self.segments) == 1 else None
 
     def forward(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.planar:  # int8 codes times float32 scales: exact, as _q8_0
+            codes, scales = self._planes()
+            return (codes * scales).reshape(self.shape).to(dtype)
         if len(self.segments) == 1:
             return dequantize(self.blocks, self.segments[0][0], self.shape, dtype)
         flat = self.blocks.view(-1)
@@ -268,6 +296,9 @@ class PackedWeight(nn.Module):
         if len(self.segments) != 1:
             raise ValueError("PackedWeight.embedding needs a single-type weight")
         flat = ids.reshape(-1)
+        if self.planar:
+            codes, scales = self._planes(flat)
+            return (codes * scales).to(dtype).reshape(*ids.shape, *self.shape[1:])
         rows = dequantize(self.blocks[flat], self.segments[0][0], (flat.numel(), *self.shape[1:]), dtype)
         return rows.reshape(*ids.shape, *self.shape[1:])
 
@@ -277,7 +308,7 @@ class PackedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         types = "+".join(f"{type_name(q)}[{rows}]" for q, _, rows, _, _ in self.segments)
-        return f"shape={self.shape}, {types}, {self.nbytes} bytes"
+        return f"shape={self.shape}, {types}{', planar' if self.planar else ''}, {self.nbytes} bytes"
 
     @classmethod
     def cat(cls, parts: list["PackedWeight"]) -> "PackedWeight":
@@ -889,6 +920,7 @@ def build_packed(config: T5Config, source: GGUFSource, device) -> T5EncoderStack
                 flat[at:at + n].copy_(source.raw(key).view(-1))
             finite.append((key, all_finite_blocks(flat[at:at + n], source.qtype(key))))
             at += n
+        module.packed.make_planar_()
     if finite and not bool(torch.stack([f for _, f in finite]).all()):
         key = next(k for k, f in finite if not bool(f))
         raise CheckpointError(f"{source.path}: tensor {source.entries[key].name!r} holds NaN or infinite values: the "

@@ -134,6 +134,7 @@ class Encoder:
         self._graph_ptrs = None
         if devices and not compiled_code_captures():
             for device in devices:
+                torch.cuda.synchronize(device)  # their memory is freed in stream order: after the last replay
                 trim_graph_memory(device)
 
     # -- encoding ------------------------------------------------------------------------------------

@@ -345,14 +345,17 @@ def test_gguf_file_loads_with_transformers_parity(models, batch, tmp_path, kind,
     # weight_dtype expands them at load, through the plain streaming path: the same output
     model = t5core.load_encoder(path, weight_dtype="fp32")
     assert not is_packed(model.model) and torch.equal(model.encode(ids, mask), out)
-    if label == "mixed":  # the packed, fused weights (q|k|v, gate|up by row concatenation) are the expanded ones
-        params = dict(model.model.named_parameters())
+    if label in ("mixed", "Q8_0"):  # the packed, fused weights (q|k|v, gate|up by row concatenation) are the
+        params = dict(model.model.named_parameters())  # expanded ones, one-type Q8_0 ones reordered into planes
         packed = {name: m.packed for name, m in compressed.model.named_modules()
                   if isinstance(m, (PackedLinear, PackedEmbedding))}
         assert sum(isinstance(m, PackedLinear) for m in compressed.model.modules()) == 4 * config.num_layers
         for name, w in packed.items():
             assert np.array_equal(bits(w()), bits(params[name + ".weight"].detach())), name
-        assert packed["layers.0.attn.qkv_proj"].qtype is None  # q, k, v of different types: segments
+            assert w.planar == (w.qtype == T.Q8_0), name
+        assert label == "Q8_0" or packed["layers.0.attn.qkv_proj"].qtype is None  # mixed q, k, v: segments
+        rows = torch.tensor([[0, 5, 5], [VOCAB - 1, 2, 0]])
+        assert torch.equal(compressed.model.vocab_embed(rows), params["vocab_embed.weight"][rows])
 
 
 def test_full_t5_file_and_packed_reads(models, tmp_path):
