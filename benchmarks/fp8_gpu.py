@@ -11,9 +11,7 @@ multiply in fp8 and how (`wo` = ff_out), choices t5core.fp8 does not make, to sh
 projections' activations split in two fp8 parts (hilo_matmul), ff_out's, ff_in's (whose fp8 activations cost the
 most precision: benchmarks/fp8_activation_error.py) or all four (fp8 storage's precision from fp8 GEMMs);
 "fp8 compute ff_in int8" / "int8 all": ff_in's or every projection's fp8 weights re-rounded to int8 and multiplied
-by torch._int_mm against int8 activations (int8_matmul); "... dequant-gemm": the named projections' dequantizing
-matmul by benchmarks/dequant_gemm.py's Triton GEMM, which reads the fp8 weights and dequantizes them in registers
-(triton_matmul): every projection in storage mode, `wo` in compute mode (the one fp8 compute dequantizes).
+by torch._int_mm against int8 activations (int8_matmul).
 --profile adds CUDA kernel time by kind. A markdown table and the issue's targets come last.
 
     python benchmarks/fp8_gpu.py                               # H200: about 5 minutes
@@ -49,7 +47,6 @@ class Variant:
     fp8_mm: tuple = ()  # projections multiplied in fp8 (fp8_e4m3fn_fast only); () = t5core's choice
     hilo: tuple = ()  # of those, the projections whose activations are split in two fp8 parts (hilo_matmul)
     int8: tuple = ()  # of those, the projections multiplied as int8 instead (int8_matmul)
-    triton: tuple = ()  # projections that dequantize in registers (triton_matmul) instead of before cuBLAS
     options: Optional[dict] = None  # torch.compile options
 
 
@@ -69,8 +66,6 @@ VARIANTS = {
     "fp8 all hi/lo": Variant(FAST, PROJECTIONS, hilo=PROJECTIONS),
     "fp8 compute ff_in int8": Variant(FAST, PROJECTIONS, int8=("ff_in",)),
     "int8 all": Variant(FAST, PROJECTIONS, int8=PROJECTIONS),
-    "fp8 storage dequant-gemm": Variant("fp8_e4m3fn", triton=PROJECTIONS),
-    "fp8 compute wo dequant-gemm": Variant(FAST, triton=("ff_out",)),
     "bf16 triton gemms": Variant("bfloat16", options=TRITON_GEMMS),
     "fp8 storage triton gemms": Variant("fp8_e4m3fn", options=TRITON_GEMMS),
 }
@@ -105,8 +100,6 @@ def set_fp8_mm(model, v: Variant) -> None:
     for layer in model.layers:
         for proj in PROJECTIONS:
             m = getattr(layer.attn, proj, None) or getattr(layer.ffn, proj)
-            if proj in v.triton:
-                m.forward = functools.partial(triton_matmul, m)
             if v.weight_dtype != FAST:
                 continue
             m.compute = proj in (v.fp8_mm or DEFAULT_FP8_MM)
@@ -133,15 +126,6 @@ def hilo_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
                            scale_b=m.scale[None, :], out_dtype=m.mm_out_dtype, use_fast_accum=True)
     out = out[:len(x2)].float() + out[len(x2):].float()  # [M, N]
     return out.to(torch.float32 if m.f32_out else x.dtype).view(*x.shape[:-1], m.out_features)
-
-
-def triton_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
-    """Fp8Linear's dequantizing forward by benchmarks/dequant_gemm.py's Triton GEMM: the fp8 weights read once and
-    dequantized in registers (the same bf16 weight values), instead of a bf16 copy written for cuBLAS per call."""
-    from dequant_gemm import dequant_mm  # (Triton: imported where it runs)
-
-    y = dequant_mm(x, "fp8", {"q": m.weight, "d": m.scale}, m.scale.new_ones(()), m.out_features)
-    return y if m.f32_out else y.to(x.dtype)
 
 
 def int8_matmul(m: Fp8Linear, x: torch.Tensor) -> torch.Tensor:

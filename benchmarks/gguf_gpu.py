@@ -65,7 +65,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))
 import t5core  # noqa: E402
 from comfy_standins import write_standins  # noqa: E402  (tools/)
 from fp8_gpu import timer  # noqa: E402  (this folder is on sys.path when the script runs)
-from t5core.gguf import PackedEmbedding, PackedLinear, _bits, open_gguf  # noqa: E402
+from t5core.gguf import PackedEmbedding, PackedLinear, _bits, _k_scales, open_gguf  # noqa: E402
 from t5core.precision import relative_error  # noqa: E402
 from t5core.runtime import Encoder  # noqa: E402
 from t5core.t5_common import f32_out_linear  # noqa: E402
@@ -179,31 +179,47 @@ def expanded(model, dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------------
 # Variants of the compressed path (--variants), to time beside it
 # --------------------------------------------------------------------------------------------------
+K_PLANES = {12: "q4_k", 13: "q5_k", 14: "q6_k"}  # GGML type id -> name (Q8_0: t5core keeps it in planes itself)
+
+
+def planes_from_blocks(fmt: str, blocks: torch.Tensor, N: int, K: int) -> dict:
+    """K-quant blocks (uint8, N rows of K / 256 blocks) -> one contiguous plane per field:
+      q4_k  d (d, dmin) float16 [N, K/256, 2], sc, mn: the 6-bit scales and mins as bytes [.., 8], q [.., 128]
+            (148 bytes per 256 weights instead of 144); q5_k: the same and qh [.., 32] (180 instead of 176);
+      q6_k  d float16 [N, K/256], sc int8 [.., 16], q (low nibbles) [.., 128], qh [.., 64] (the same 210)."""
+    b = blocks.reshape(N, K // 256, blocks.numel() // (N * (K // 256)))
+
+    def plane(a, b_, dtype=torch.uint8):
+        return b[..., a:b_].contiguous().view(dtype)
+
+    if fmt == "q6_k":
+        return {"q": plane(0, 128), "qh": plane(128, 192), "sc": plane(192, 208, torch.int8),
+                "d": plane(208, 210, torch.float16).view(N, -1)}
+    sc, mn = _k_scales(b[..., 4:16])
+    planes = {"d": plane(0, 4, torch.float16), "sc": sc.contiguous(), "mn": mn.contiguous()}
+    if fmt == "q4_k":
+        return {**planes, "q": plane(16, 144)}
+    return {**planes, "qh": plane(16, 48), "q": plane(48, 176)}
+
+
 class PlanarLinear(nn.Module):
-    """A single-type PackedLinear (Q8_0, Q4_K, Q5_K, Q6_K) whose blocks are split once, at load, into contiguous
-    planes of one field each (dequant_gemm.planes_from_blocks: 0-3% more bytes), so the dequantization reads aligned,
-    unit-stride arrays instead of 34- to 210-byte records. weight(): the same products as t5core.gguf's
+    """A single-type Q4_K / Q5_K / Q6_K PackedLinear whose blocks are split once, at load, into contiguous planes of
+    one field each (planes_from_blocks: 0-3% more bytes), so the dequantization reads aligned, unit-stride arrays
+    instead of 144- to 210-byte records, as t5core does for Q8_0. weight(): the same products as t5core.gguf's
     dequantization on the planes, so the same weights, bit for bit (checked when built)."""
 
     def __init__(self, lin: PackedLinear) -> None:
-        from dequant_gemm import GGML, planes_from_blocks
-
         super().__init__()
-        q, (N, K) = lin.packed.qtype, lin.packed.shape
-        self.fmt = next(f for f, g in GGML.items() if g == q)
+        (N, K) = lin.packed.shape
+        self.fmt = K_PLANES[lin.packed.qtype]
         self.shape, self.f32_out = (N, K), lin.f32_out
         self.register_buffer("scale", lin.scale.clone(), persistent=False)
         for name, plane in planes_from_blocks(self.fmt, lin.packed.blocks, N, K).items():
             self.register_buffer(name, plane)
 
-    def planes(self) -> dict:
-        return {name: getattr(self, name) for name in ("q", "d", "sc", "mn", "qh") if hasattr(self, name)}
-
     def weight(self) -> torch.Tensor:
         """float32 [N, K]."""
         N, K = self.shape
-        if self.fmt == "q8_0":
-            return (self.q.view(N, K // 32, 32) * self.d.float().unsqueeze(-1)).view(N, K)
         NB = K // 256
         if self.fmt == "q6_k":
             lo = _bits(self.q.view(N, NB, 2, 64), 4).reshape(N, NB, 8, 32)
@@ -224,11 +240,9 @@ class PlanarLinear(nn.Module):
 
 @torch.no_grad()
 def make_planar(model: nn.Module) -> int:
-    """Replace every single-type Q8_0 / Q4_K / Q5_K / Q6_K PackedLinear of `model` by a PlanarLinear (checked to
-    dequantize to the same float32 weight); -> how many were replaced (a weight of mixed types stays packed, and so
-    does Q8_0, which t5core itself keeps in planes: PackedWeight.make_planar_)."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, PackedLinear) and m.packed.qtype in (8, 12, 13, 14) and not m.packed.planar]
+    """Replace every single-type Q4_K / Q5_K / Q6_K PackedLinear of `model` by a PlanarLinear (checked to
+    dequantize to the same float32 weight); -> how many were replaced (a weight of mixed types stays packed)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.packed.qtype in K_PLANES]
     for name in names:
         old = model.get_submodule(name)
         new = PlanarLinear(old)
@@ -247,34 +261,10 @@ def plain_mm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.float() if module.f32_out else y
 
 
-def triton_forward(module: "PlanarLinear", x: torch.Tensor) -> torch.Tensor:
-    """A PlanarLinear forward by dequant_gemm's Triton GEMM, which reads the planes and dequantizes them in
-    registers instead of writing a bf16 copy of the weight (the same weight values; float32 accumulation)."""
-    from dequant_gemm import dequant_mm  # (Triton: imported where it runs)
-
-    if not isinstance(module, PlanarLinear):  # a weight of mixed types (an _M file's fused QKV) stays as it was
-        return PackedLinear.forward(module, x)
-    y = dequant_mm(x, module.fmt, module.planes(), module.scale, module.shape[0])
-    return y if module.f32_out else y.to(x.dtype)
-
-
-def triton_blocks_forward(module: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-    """A PackedLinear forward by dequant_gemm's Triton GEMM on the blocks as stored (one launch per segment of rows
-    of one type), no change of layout; weights with a plain (F16 / F32) segment stay on the product's path."""
-    from dequant_gemm import GGML, blocks_mm  # (Triton: imported where it runs)
-
-    if any(q not in GGML.values() for q, *_ in module.packed.segments):
-        return PackedLinear.forward(module, x)
-    y = blocks_mm(x, module.packed.segments, module.packed.blocks, module.scale, module.packed.shape[0])
-    return y if module.f32_out else y.to(x.dtype)
-
-
 # name -> (planar layout, torch.compile mode of the layers, the projections' forward: None = PlanarLinear's / the
-# product's, or plain_mm_forward / triton_forward / triton_blocks_forward)
+# product's, or plain_mm_forward)
 VARIANTS = {
     "planar": (True, None, None),
-    "planar-triton": (True, None, triton_forward),
-    "triton-blocks": (False, None, triton_blocks_forward),
     "autotune": (False, "max-autotune-no-cudagraphs", None),
     "planar-autotune": (True, "max-autotune-no-cudagraphs", None),
     "autotune-plain-mm": (False, "max-autotune-no-cudagraphs", plain_mm_forward),
@@ -283,9 +273,8 @@ VARIANTS = {
 
 
 def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
-    """The compressed encoder as load_encoder gives it, changed as `variant` says: planar = PlanarLinear layers;
-    triton = their forward by dequant_gemm's Triton GEMM (planar-triton), or that GEMM on the blocks as stored
-    (triton-blocks); autotune = each layer compiled with mode
+    """The compressed encoder as load_encoder gives it, changed as `variant` says: planar = PlanarLinear layers
+    (K quants); autotune = each layer compiled with mode
     max-autotune-no-cudagraphs (inductor's Triton GEMM templates, into whose prologue it may fuse the
     dequantization: torch._inductor.config.prologue_fusion, on by default), our CUDA graphs around it as usual;
     plain-mm = plain_mm_forward (numerics: one more rounding of the float32 outputs)."""
