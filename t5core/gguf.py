@@ -235,8 +235,9 @@ class PackedWeight(nn.Module):
 
     One type: `blocks` is uint8 [rows, bytes_per_row]. Row segments of different types (a K_M file's attn_v in
     Q6_K next to attn_q / attn_k in Q4_K, fused into one QKV weight): `blocks` is the segments' bytes one after
-    the other (1-D) and `segments` says where each starts. `blocks` is a buffer: `.to(device)` moves it and
-    `.to(dtype)` leaves it alone (it is not floating point)."""
+    the other (1-D) and `segments` says where each starts. One-type Q8_0 after make_planar_ (as loading leaves it):
+    the same bytes as two planes, codes then scales. `blocks` is a buffer: `.to(device)` moves it and `.to(dtype)`
+    leaves it alone (it is not floating point)."""
 
     def __init__(self, blocks: torch.Tensor, qtype, shape, segments=None) -> None:
         super().__init__()
