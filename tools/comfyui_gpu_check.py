@@ -31,8 +31,9 @@ What it does, in phases (each printed with its time; --skip-* flags leave phases
      from the same file with model_options dtype float32, TF32 off, on the GPU; the saved prompt through ComfyUI's
      tokenizer and encode path; relative error ||a-b||/||b|| and |diff| quantiles of each variant's saved output.
   5. --lowvram-mode reserve | novram | lowvram (default reserve): the server restarted with --reserve-vram R (a GPU
-     short of room: ComfyUI loads the text encoder partially onto the GPU, streaming the rest; R = 133 GB leaves an
-     H200 about 6 GB, less than T5-XXL's 9.5), --novram, or --lowvram --reserve-vram R; the t5core_fp16 flux graph on --lowvram-prompts prompts (the precision prompt first, compared
+     short of room: ComfyUI loads the text encoder partially onto the GPU, streaming the rest; R defaults to the
+     GPU's memory less 6 GB, leaving 6, less than T5-XXL's 9.5: about 133 on an H200, 73 on an H100), --novram, or --lowvram
+     --reserve-vram R; the t5core_fp16 flux graph on --lowvram-prompts prompts (the precision prompt first, compared
      with the normal-mode conditioning); time and peak VRAM; not compiled unless --lowvram-compile; each prompt
      stops after --lowvram-timeout. ComfyUI's own lines on what it loaded where go into the JSON (with today's
      nodes, as for ComfyUI's own T5, --novram / --lowvram put the text encoder on the CPU).
@@ -562,7 +563,8 @@ def main() -> None:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-precision", action="store_true")
     ap.add_argument("--lowvram-mode", choices=("reserve", "novram", "lowvram", "none"), default="reserve")
-    ap.add_argument("--reserve-vram", type=float, default=133.0, help="GB, with --lowvram-mode reserve / lowvram")
+    ap.add_argument("--reserve-vram", type=float, default=None,
+                    help="GB, with --lowvram-mode reserve / lowvram (default: the GPU's memory less 6 GB)")
     ap.add_argument("--lowvram-prompts", type=int, default=5, help="prompts in the low-VRAM phase, the first saved")
     ap.add_argument("--lowvram-variant", choices=VARIANTS, default="t5core_fp16")
     ap.add_argument("--lowvram-compile", action="store_true", help="compile in the low-VRAM phase too")
@@ -640,8 +642,13 @@ def main() -> None:
             phase("precision", t0)
         if args.lowvram_mode != "none":
             t0 = time.perf_counter()
-            flags = {"reserve": ["--reserve-vram", str(args.reserve_vram)], "novram": ["--novram"],
-                     "lowvram": ["--lowvram", "--reserve-vram", str(args.reserve_vram)]}[args.lowvram_mode]
+            reserve = args.reserve_vram
+            if reserve is None and not args.cpu:  # asked of nvidia-smi: no CUDA context in this process
+                mib = subprocess.run(["nvidia-smi", "-i", "0", "--query-gpu=memory.total", "--format=csv,noheader,"
+                                      "nounits"], capture_output=True, text=True, check=True).stdout
+                reserve = int(mib) // 1024 - 6  # ComfyUI's GB are GiB
+            flags = {"reserve": ["--reserve-vram", str(reserve)], "novram": ["--novram"],
+                     "lowvram": ["--lowvram", "--reserve-vram", str(reserve)]}[args.lowvram_mode]
             if args.cpu:  # ComfyUI refuses the VRAM flags with --cpu: the CPU test restarts and compares only
                 flags = []
             log_file.flush()
