@@ -210,7 +210,7 @@ class PlanarLinear(nn.Module):
 
     def __init__(self, lin: PackedLinear) -> None:
         super().__init__()
-        (N, K) = lin.packed.shape
+        N, K = lin.packed.shape
         self.fmt = K_PLANES[lin.packed.qtype]
         self.shape, self.f32_out = (N, K), lin.f32_out
         self.register_buffer("scale", lin.scale.clone(), persistent=False)
