@@ -560,6 +560,15 @@ def infer_config(shape_of: dict[str, tuple[int, ...]], where: Path) -> T5Config:
 # --------------------------------------------------------------------------------------------------
 # The detector
 # --------------------------------------------------------------------------------------------------
+def raise_non_finite(path, flags: list) -> None:
+    """flags: (tensor name, 0-d bool tensor: all finite), collected without host syncs; one sync here. A flag that is
+    False is a CheckpointError naming the file and the tensor."""
+    if flags and not bool(torch.stack([f for _, f in flags]).all()):
+        name = next(n for n, f in flags if not bool(f))
+        raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values: the file is corrupt "
+                              f"(re-download it)")
+
+
 @dataclass
 class Checkpoint:
     """An opened T5 encoder checkpoint: lazy tensors in Hugging Face naming, plus its config."""
@@ -665,11 +674,12 @@ class Checkpoint:
         return t
 
     def _raise_non_finite(self, flags: list) -> None:
-        if flags and not bool(torch.stack([f for _, f in flags]).all()):
-            key = self.keys[next(k for k, f in flags if not bool(f))]
-            name = self.source.entries[key].name if self.format == "gguf" else key  # as the file names it
-            raise CheckpointError(f"{self.path}: tensor {name!r} holds NaN or infinite values: the file is corrupt "
-                                  f"(re-download it)")
+        """flags: (our key, 0-d bool tensor); the tensor named as the file names it."""
+        def file_name(key: str) -> str:
+            stored = self.keys[key]
+            return self.source.entries[stored].name if self.format == "gguf" else stored
+
+        raise_non_finite(self.path, [(file_name(k), f) for k, f in flags])
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(self.keys[key])

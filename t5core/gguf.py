@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, all_finite, native_target
+from .checkpoint import CheckpointError, all_finite, native_target, raise_non_finite
 from .t5_common import GELUApprox, T5Config, T5FFNType, config_error_text
 from .t5_encoder import T5EncoderStack, f32_out_linear
 
@@ -476,8 +477,6 @@ class _HeaderReader:
             return _Field((8,), self.take(n, f"{what} (a string of {n} bytes)"))
         if t != 9:
             return _Field((t,), self.number(_GGUF_VALUE_TYPES[t][1], what))
-        import numpy as np
-
         item, n = self.value_type(what), self.number("<Q", what)
         if item == 9:
             raise ValueError(f"{what} is an array of arrays, which t5core does not read")
@@ -600,8 +599,6 @@ def tokenizer_fields(path, fields: Optional[dict[str, _Field]] = None) -> Option
     (keys present in the file only; tokens decode as UTF-8, undecodable bytes as surrogate escapes). fields: the
     file's metadata, when already read. Every field is checked (its value type; scores and types, one per token;
     finite scores; types 1-6; ids that name a token): a CheckpointError names the file and the key."""
-    import numpy as np
-
     path = Path(path)
     f = _read_header(path)[0] if fields is None else fields
     if "tokenizer.ggml.tokens" not in f:
@@ -907,7 +904,7 @@ def build_packed(config: T5Config, source: GGUFSource, device) -> T5EncoderStack
                             else PackedLinear(weight, isinstance(old, F32OutLinear)))
     model = model.to_empty(device=device)
     model.apply_residual_scales_from_config()
-    finite = []  # (key, flag): one host sync at the end
+    finite = []  # (tensor name, flag): one host sync at the end
     for name, keys in packed.items():
         module = model.get_submodule(name)
         if isinstance(module, PackedLinear):
@@ -919,11 +916,8 @@ def build_packed(config: T5Config, source: GGUFSource, device) -> T5EncoderStack
                 source.read_range(key, 0, flat[at:at + n])
             else:
                 flat[at:at + n].copy_(source.raw(key).view(-1))
-            finite.append((key, all_finite_blocks(flat[at:at + n], source.qtype(key))))
+            finite.append((source.entries[key].name, all_finite_blocks(flat[at:at + n], source.qtype(key))))
             at += n
         module.packed.make_planar_()
-    if finite and not bool(torch.stack([f for _, f in finite]).all()):
-        key = next(k for k, f in finite if not bool(f))
-        raise CheckpointError(f"{source.path}: tensor {source.entries[key].name!r} holds NaN or infinite values: the "
-                              f"file is corrupt (re-download it)")
+    raise_non_finite(source.path, finite)
     return model.eval()
