@@ -65,7 +65,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))
 import t5core  # noqa: E402
 from comfy_standins import write_standins  # noqa: E402  (tools/)
 from fp8_gpu import timer  # noqa: E402  (this folder is on sys.path when the script runs)
-from t5core.gguf import PackedEmbedding, PackedLinear, _bits, _k_scales, open_gguf  # noqa: E402
+from t5core.gguf import PackedEmbedding, PackedLinear, PackedWeight, _bits, _k_scales, open_gguf  # noqa: E402
 from t5core.precision import relative_error  # noqa: E402
 from t5core.runtime import Encoder  # noqa: E402
 from t5core.t5_common import f32_out_linear  # noqa: E402
@@ -262,8 +262,10 @@ def plain_mm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # name -> (planar layout, torch.compile mode of the layers, the projections' forward: None = PlanarLinear's / the
-# product's, or plain_mm_forward)
+# product's, or plain_mm_forward). Every variant expands the K quants with t5core.gguf's torch code (the Triton
+# kernels of t5core.gguf_kernels off); "torch" is only that.
 VARIANTS = {
+    "torch": (False, None, None),
     "planar": (True, None, None),
     "autotune": (False, "max-autotune-no-cudagraphs", None),
     "planar-autotune": (True, "max-autotune-no-cudagraphs", None),
@@ -273,13 +275,17 @@ VARIANTS = {
 
 
 def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
-    """The compressed encoder as load_encoder gives it, changed as `variant` says: planar = PlanarLinear layers
+    """The compressed encoder as load_encoder gives it, its K quants expanded by torch code, changed as `variant`
+    says: torch = no other change; planar = PlanarLinear layers
     (K quants); autotune = each layer compiled with mode
     max-autotune-no-cudagraphs (inductor's Triton GEMM templates, into whose prologue it may fuse the
     dequantization: torch._inductor.config.prologue_fusion, on by default), our CUDA graphs around it as usual;
     plain-mm = plain_mm_forward (numerics: one more rounding of the float32 outputs)."""
     planar, mode, forward = VARIANTS[variant]
     enc = t5core.load_encoder(path, dtype="bfloat16", device=device, compile=False)
+    for m in enc.model.modules():
+        if isinstance(m, PackedWeight):
+            m.use_kernel = False
     if planar:
         make_planar(enc.model)
     if forward is not None:
@@ -298,8 +304,8 @@ def dequant_only(model: nn.Module, eager: bool) -> Callable[[], object]:
     dequantized, times its residual scale, rounded to bfloat16 (compiled per layer, as the layers are; no CUDA
     graph): the dequantization's share of an encode."""
     def weights(*modules):
-        return tuple(((m.weight() if isinstance(m, PlanarLinear) else m.packed(torch.float32)) * m.scale)
-                     .to(torch.bfloat16) for m in modules)
+        return tuple((m.weight() * m.scale).to(torch.bfloat16) if isinstance(m, PlanarLinear)
+                     else m.packed(torch.bfloat16, m.scale) for m in modules)
 
     fn = weights if eager else torch.compile(weights, dynamic=False)
     groups = [[m for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.ffn.ff_in, layer.ffn.ff_out)

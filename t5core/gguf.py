@@ -7,7 +7,8 @@ Three layers, usable on their own:
   Q3_K, Q4_K, Q5_K, Q6_K. Bit-identical to `gguf.quants.dequantize` (see `dequantize`'s docstring for why this
   holds under any evaluation order, FMA contraction included).
 - `PackedWeight`: an nn.Module holding such blocks (a uint8 buffer, so `model.to(dtype)` leaves it alone) that
-  dequantizes on call; `PackedWeight.cat` fuses q/k/v or gate/up row-wise, even when their types differ.
+  dequantizes on call; `PackedWeight.cat` fuses q/k/v or gate/up row-wise, even when their types differ. On CUDA
+  with Triton installed, Q4_K / Q5_K / Q6_K weights expand through t5core.gguf_kernels (the same bits).
 - `GGUFSource` / `open_gguf(path)`: a checkpoint source in Hugging Face T5 key naming (like the sources in
   checkpoint.py), the T5Config from the file's metadata checked against its shapes, and the `tokenizer.ggml.*`
   fields.
@@ -31,6 +32,11 @@ from torch import nn
 from .checkpoint import CheckpointError, all_finite, native_target, raise_non_finite
 from .t5_common import GELUApprox, T5Config, T5FFNType, config_error_text
 from .t5_encoder import T5EncoderStack, f32_out_linear
+
+try:  # Triton: the fast path of the K quants on CUDA
+    from . import gguf_kernels
+except ImportError:
+    gguf_kernels = None
 
 QK_K = 256
 Q8_0 = 8
@@ -254,6 +260,8 @@ class PackedWeight(nn.Module):
             blocks = blocks.reshape(rows, per_row)
         self.register_buffer("blocks", blocks)
         self.planar = False  # a Q8_0 weight whose bytes make_planar_ reordered
+        # on CUDA, expand with gguf_kernels (when every segment is a type it has)
+        self.use_kernel = gguf_kernels is not None and all(q in gguf_kernels.BLOCK_BYTES for q, *_ in self.segments)
 
     @torch.no_grad()
     def make_planar_(self) -> None:
@@ -283,15 +291,22 @@ class PackedWeight(nn.Module):
         """The GGML type, or None for a weight whose segments differ in type."""
         return self.segments[0][0] if len(self.segments) == 1 else None
 
-    def forward(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def forward(self, dtype: torch.dtype = torch.float32, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight times `scale` (float32, 0-d; None: 1), rounded once to `dtype`."""
+        if self.use_kernel and self.blocks.is_cuda:
+            segments = [x for q, row, rows, byte, _ in self.segments for x in (q, row, rows, byte)]
+            one = torch.ones((), device=self.blocks.device) if scale is None else scale
+            return gguf_kernels.expand(self.blocks, segments, list(self.shape), one, dtype)
         if self.planar:  # int8 codes times float32 scales: exact, as _q8_0
             codes, scales = self._planes()
-            return (codes * scales).reshape(self.shape).to(dtype)
-        if len(self.segments) == 1:
-            return dequantize(self.blocks, self.segments[0][0], self.shape, dtype)
-        flat = self.blocks.view(-1)
-        return torch.cat([dequantize(flat[start:start + n], q, (rows, *self.shape[1:]), dtype)
-                          for q, _, rows, start, n in self.segments])
+            w = (codes * scales).reshape(self.shape)
+        elif len(self.segments) == 1:
+            w = dequantize(self.blocks, self.segments[0][0], self.shape)
+        else:
+            flat = self.blocks.view(-1)
+            w = torch.cat([dequantize(flat[start:start + n], q, (rows, *self.shape[1:]))
+                           for q, _, rows, start, n in self.segments])
+        return (w if scale is None else w * scale).to(dtype)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows `ids` only, dequantized (an embedding lookup that never expands the whole table)."""
@@ -343,7 +358,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("scale", torch.ones(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = (self.packed(torch.float32) * self.scale).to(x.dtype)
+        w = self.packed(x.dtype, self.scale)
         return f32_out_linear(x, w) if self.f32_out else F.linear(x, w)
 
 

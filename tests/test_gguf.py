@@ -1,7 +1,9 @@
 """GGUF T5 / UMT5 encoder files: dequantization bit-identical to gguf.quants for every supported type, packed
 weights that fuse row-wise, GGUFSource reading whole files written with gguf.GGUFWriter, transformers parity of
 the loaded encoder, and clear errors for bad files."""
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -178,6 +180,61 @@ def test_packed_weight_concat_is_the_fused_weight():
     torch.testing.assert_close(x @ fused().T, x @ torch.from_numpy(np.concatenate([q[1], k[1], v[1]])).T)
     ids = torch.tensor([[5, 0], [191, 64]])
     assert torch.equal(fused.embedding(ids), fused()[ids])
+
+
+def check_kernels(device: str, dtypes) -> None:
+    """t5core.gguf_kernels.expand on `device` gives (dequantize(blocks) * scale).to(dtype), bit for bit, for Q4_K,
+    Q5_K and Q6_K blocks (random bytes, all-0x00 and all-0xFF codes, both signs of the fp16 fields) and for a
+    segmented weight of all three types."""
+    from t5core import gguf_kernels
+
+    rng = np.random.default_rng(7)
+    rows, cols, scale = 24, 768, torch.tensor(0.5, device=device)
+    parts = []
+    for qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+        b = random_blocks(qtype, rows, cols, rng, std=1.0)
+        for fill in (None, 0x00, 0xFF):
+            data = b.reshape(rows, -1, QTYPES[int(qtype)][2]).copy()
+            if fill is not None:
+                keep = np.zeros(data.shape[-1], bool)
+                keep[[i for at in SCALE_FIELDS[qtype] for i in (at, at + 1)]] = True
+                data[..., ~keep] = fill
+            blocks = blocks_tensor(data.reshape(rows, -1))
+            want = dequantize(blocks, qtype, (rows, cols)) * scale.cpu()
+            for dtype in dtypes:
+                got = gguf_kernels.expand(blocks.to(device), [int(qtype), 0, rows, 0], [rows, cols], scale, dtype)
+                assert torch.equal(got.cpu(), want.to(dtype)), (qtype.name, fill, dtype)
+        parts.append((qtype, blocks))
+    segments = [x for i, (q, b) in enumerate(parts) for x in (int(q), i * rows, rows, sum(p.numel() for _, p in parts[:i]))]
+    flat = torch.cat([b.reshape(-1) for _, b in parts]).to(device)
+    want = torch.cat([dequantize(b, q, (rows, cols)) for q, b in parts])
+    got = gguf_kernels.expand(flat, segments, [3 * rows, cols], torch.ones((), device=device), torch.float32)
+    assert np.array_equal(bits(got.cpu()), bits(want))
+
+
+def test_kernels_bit_identical_in_triton_interpreter():
+    """The Triton kernels run by Triton's interpreter on the CPU (float32 and float16 outputs; the interpreter
+    truncates float32 to bfloat16 where a GPU rounds to nearest: bfloat16 is in the GPU test)."""
+    pytest.importorskip("triton")
+    code = "import test_gguf, torch; test_gguf.check_kernels('cpu', (torch.float32, torch.float16))"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_kernels_bit_identical_on_cuda():
+    check_kernels("cuda", (torch.float32, torch.bfloat16, torch.float16))
+    # compiled (the kernel inside an inductor graph), a weight of three segments: what the torch code gives
+    rng = np.random.default_rng(8)
+    parts = [PackedWeight(blocks_tensor(random_blocks(q, 64, 512, rng)), q, (64, 512)) for q in (T.Q5_K, T.Q5_K, T.Q6_K)]
+    fused = PackedWeight.cat(parts).cuda()
+    assert fused.use_kernel and len(fused.segments) == 3
+    scale = torch.tensor(0.25, device="cuda")
+    got = torch.compile(lambda: fused(torch.bfloat16, scale), fullgraph=True)()
+    fused.use_kernel = False
+    assert torch.equal(got, fused(torch.bfloat16, scale))
 
 
 # --------------------------------------------------------------------------------------------------
