@@ -5,7 +5,8 @@ For each type (--types) one random T5 v1.1 encoder of the chosen size is written
   Q4_K, Q5_K, Q6_K  random blocks with sane fp16 scales (6-bit sub-block scales and mins, codes at random);
   Q4_K_M, Q5_K_M    Q4_K / Q5_K with attn_v and ffn_down in Q6_K in half the layers, as llama.cpp's _M recipe;
 norms and relative-attention tables in F32, as llama.cpp writes them. Then, on --device:
-  compressed  t5core.load_encoder(file, dtype=bfloat16, compile=...): the product path, blocks kept;
+  compressed  t5core.load_encoder(file, dtype=bfloat16, compile=...): the product path, blocks kept (on CUDA the
+              K quants expand through t5core.gguf_kernels; --variants torch times its torch code beside it);
   bf16        the same weights dequantized once into a plain bfloat16 model (what weight_dtype="bf16" loads;
               built here from the blocks on the device, which is faster than expanding through the file);
   reference   the same weights dequantized into float32, run eagerly with TF32 off.
@@ -56,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,10 +65,9 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "tools"))
 import t5core  # noqa: E402
 from comfy_standins import write_standins  # noqa: E402  (tools/)
 from fp8_gpu import timer  # noqa: E402  (this folder is on sys.path when the script runs)
-from t5core.gguf import PackedEmbedding, PackedLinear, PackedWeight, _bits, _k_scales, open_gguf  # noqa: E402
+from t5core.gguf import PackedEmbedding, PackedLinear, PackedWeight, open_gguf  # noqa: E402
 from t5core.precision import relative_error  # noqa: E402
 from t5core.runtime import Encoder  # noqa: E402
-from t5core.t5_common import f32_out_linear  # noqa: E402
 from t5core.weight_load import build_empty  # noqa: E402
 
 SIZES = {  # vocab, d_model, layers, heads, d_kv, d_ff
@@ -179,122 +178,16 @@ def expanded(model, dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------------
 # Variants of the compressed path (--variants), to time beside it
 # --------------------------------------------------------------------------------------------------
-K_PLANES = {12: "q4_k", 13: "q5_k", 14: "q6_k"}  # GGML type id -> name (Q8_0: t5core keeps it in planes itself)
-
-
-def planes_from_blocks(fmt: str, blocks: torch.Tensor, N: int, K: int) -> dict:
-    """K-quant blocks (uint8, N rows of K / 256 blocks) -> one contiguous plane per field:
-      q4_k  d (d, dmin) float16 [N, K/256, 2], sc, mn: the 6-bit scales and mins as bytes [.., 8], q [.., 128]
-            (148 bytes per 256 weights instead of 144); q5_k: the same and qh [.., 32] (180 instead of 176);
-      q6_k  d float16 [N, K/256], sc int8 [.., 16], q (low nibbles) [.., 128], qh [.., 64] (the same 210)."""
-    b = blocks.reshape(N, K // 256, blocks.numel() // (N * (K // 256)))
-
-    def plane(a, b_, dtype=torch.uint8):
-        return b[..., a:b_].contiguous().view(dtype)
-
-    if fmt == "q6_k":
-        return {"q": plane(0, 128), "qh": plane(128, 192), "sc": plane(192, 208, torch.int8),
-                "d": plane(208, 210, torch.float16).view(N, -1)}
-    sc, mn = _k_scales(b[..., 4:16])
-    planes = {"d": plane(0, 4, torch.float16), "sc": sc.contiguous(), "mn": mn.contiguous()}
-    if fmt == "q4_k":
-        return {**planes, "q": plane(16, 144)}
-    return {**planes, "qh": plane(16, 48), "q": plane(48, 176)}
-
-
-class PlanarLinear(nn.Module):
-    """A single-type Q4_K / Q5_K / Q6_K PackedLinear whose blocks are split once, at load, into contiguous planes of
-    one field each (planes_from_blocks: 0-3% more bytes), so the dequantization reads aligned, unit-stride arrays
-    instead of 144- to 210-byte records, as t5core does for Q8_0. weight(): the same products as t5core.gguf's
-    dequantization on the planes, so the same weights, bit for bit (checked when built)."""
-
-    def __init__(self, lin: PackedLinear) -> None:
-        super().__init__()
-        N, K = lin.packed.shape
-        self.fmt = K_PLANES[lin.packed.qtype]
-        self.shape, self.f32_out = (N, K), lin.f32_out
-        self.register_buffer("scale", lin.scale.clone(), persistent=False)
-        for name, plane in planes_from_blocks(self.fmt, lin.packed.blocks, N, K).items():
-            self.register_buffer(name, plane)
-
-    def weight(self) -> torch.Tensor:
-        """float32 [N, K]."""
-        N, K = self.shape
-        NB = K // 256
-        if self.fmt == "q6_k":
-            lo = _bits(self.q.view(N, NB, 2, 64), 4).reshape(N, NB, 8, 32)
-            hi = _bits(self.qh.view(N, NB, 2, 32), 2).reshape(N, NB, 8, 32)
-            q = ((lo | (hi << 4)) - 32).view(torch.int8).reshape(N, NB, 16, 16)
-            return (q * (self.d.float().unsqueeze(-1) * self.sc).unsqueeze(-1)).view(N, K)
-        d = (self.d[..., 0:1].float() * self.sc).unsqueeze(-1)  # [N, NB, 8, 1]
-        dm = (self.d[..., 1:2].float() * self.mn).unsqueeze(-1)
-        q = _bits(self.q.view(N, NB, 4, 32), 4).reshape(N, NB, 8, 32)
-        if self.fmt == "q5_k":
-            q = q | (_bits(self.qh, 1) << 4)  # [N, NB, 8, 32]
-        return torch.addcmul(-dm, d, q).view(N, K)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = (self.weight() * self.scale).to(x.dtype)
-        return f32_out_linear(x, w) if self.f32_out else F.linear(x, w)
-
-
-@torch.no_grad()
-def make_planar(model: nn.Module) -> int:
-    """Replace every single-type Q4_K / Q5_K / Q6_K PackedLinear of `model` by a PlanarLinear (checked to
-    dequantize to the same float32 weight); -> how many were replaced (a weight of mixed types stays packed)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.packed.qtype in K_PLANES]
-    for name in names:
-        old = model.get_submodule(name)
-        new = PlanarLinear(old)
-        if not torch.equal(new.weight(), old.packed(torch.float32)):
-            raise AssertionError(f"PlanarLinear {name}: not the same weights as the blocks")
-        model.set_submodule(name, new)
-    return len(names)
-
-
-def plain_mm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A PackedLinear / PlanarLinear forward whose float32 outputs come from a plain x.dtype matmul cast up (one
-    rounding more than the product's out_dtype=float32 matmul): inductor's Triton GEMM templates, and so its
-    prologue fusion, may not take an out_dtype matmul."""
-    w = module.weight() if isinstance(module, PlanarLinear) else module.packed(torch.float32)
-    y = F.linear(x, (w * module.scale).to(x.dtype))
-    return y.float() if module.f32_out else y
-
-
-# name -> (planar layout, torch.compile mode of the layers, the projections' forward: None = PlanarLinear's / the
-# product's, or plain_mm_forward). Every variant expands the K quants with t5core.gguf's torch code (the Triton
-# kernels of t5core.gguf_kernels off); "torch" is only that.
-VARIANTS = {
-    "torch": (False, None, None),
-    "planar": (True, None, None),
-    "autotune": (False, "max-autotune-no-cudagraphs", None),
-    "planar-autotune": (True, "max-autotune-no-cudagraphs", None),
-    "autotune-plain-mm": (False, "max-autotune-no-cudagraphs", plain_mm_forward),
-    "planar-autotune-plain-mm": (True, "max-autotune-no-cudagraphs", plain_mm_forward),
-}
+VARIANTS = {"torch": "the K quants expanded by t5core.gguf's torch code (t5core.gguf_kernels' Triton kernel off)"}
 
 
 def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
-    """The compressed encoder as load_encoder gives it, its K quants expanded by torch code, changed as `variant`
-    says: torch = no other change; planar = PlanarLinear layers
-    (K quants); autotune = each layer compiled with mode
-    max-autotune-no-cudagraphs (inductor's Triton GEMM templates, into whose prologue it may fuse the
-    dequantization: torch._inductor.config.prologue_fusion, on by default), our CUDA graphs around it as usual;
-    plain-mm = plain_mm_forward (numerics: one more rounding of the float32 outputs)."""
-    planar, mode, forward = VARIANTS[variant]
+    """The compressed encoder as load_encoder gives it, changed as VARIANTS[variant] says."""
     enc = t5core.load_encoder(path, dtype="bfloat16", device=device, compile=False)
     for m in enc.model.modules():
         if isinstance(m, PackedWeight):
             m.use_kernel = False
-    if planar:
-        make_planar(enc.model)
-    if forward is not None:
-        for m in enc.model.modules():
-            if isinstance(m, (PackedLinear, PlanarLinear)):
-                m.forward = partial(forward, m)
-    if not eager and device.type == "cuda":
-        enc.compile_layers(**({"mode": mode} if mode else {}))
-    elif not eager:
+    if not eager:
         enc.compile()
     return enc
 
@@ -304,12 +197,11 @@ def dequant_only(model: nn.Module, eager: bool) -> Callable[[], object]:
     dequantized, times its residual scale, rounded to bfloat16 (compiled per layer, as the layers are; no CUDA
     graph): the dequantization's share of an encode."""
     def weights(*modules):
-        return tuple((m.weight() * m.scale).to(torch.bfloat16) if isinstance(m, PlanarLinear)
-                     else m.packed(torch.bfloat16, m.scale) for m in modules)
+        return tuple(m.packed(torch.bfloat16, m.scale) for m in modules)
 
     fn = weights if eager else torch.compile(weights, dynamic=False)
     groups = [[m for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.ffn.ff_in, layer.ffn.ff_out)
-               if isinstance(m, (PackedLinear, PlanarLinear))] for layer in model.layers]
+               if isinstance(m, PackedLinear)] for layer in model.layers]
 
     def call():
         with torch.inference_mode():
