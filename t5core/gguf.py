@@ -260,7 +260,7 @@ class PackedWeight(nn.Module):
             blocks = blocks.reshape(rows, per_row)
         self.register_buffer("blocks", blocks)
         self.planar = False  # a Q8_0 weight whose bytes make_planar_ reordered
-        # on CUDA, expand with gguf_kernels (when every segment is a type it has)
+        # expand with gguf_kernels where it runs (when every segment is a type it has)
         self.use_kernel = gguf_kernels is not None and all(q in gguf_kernels.BLOCK_BYTES for q, *_ in self.segments)
 
     @torch.no_grad()
@@ -293,7 +293,7 @@ class PackedWeight(nn.Module):
 
     def forward(self, dtype: torch.dtype = torch.float32, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight times `scale` (float32, 0-d; None: 1), rounded once to `dtype`."""
-        if self.use_kernel and self.blocks.is_cuda:
+        if self.use_kernel and gguf_kernels.runs_on(self.blocks.device):
             segments = [x for q, row, rows, byte, _ in self.segments for x in (q, row, rows, byte)]
             one = torch.ones((), device=self.blocks.device) if scale is None else scale
             return gguf_kernels.expand(self.blocks, segments, list(self.shape), one, dtype)

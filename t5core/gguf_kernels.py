@@ -19,6 +19,13 @@ BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}
 ROWS = 64  # sub-blocks of 32 weights per program
 
 
+@torch.compiler.assume_constant_result
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernel runs on `device`: an NVIDIA GPU of compute capability 7.0 or newer (Triton's and
+    inductor's floor; on ROCm and older GPUs the torch code runs, as everywhere else)."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
 @triton.jit
 def _f16(ptr, mask):
     """The little-endian float16 at `ptr` (a uint8 pointer, any alignment), as float32."""

@@ -205,7 +205,8 @@ def check_kernels(device: str, dtypes) -> None:
                 got = gguf_kernels.expand(blocks.to(device), [int(qtype), 0, rows, 0], [rows, cols], scale, dtype)
                 assert torch.equal(got.cpu(), want.to(dtype)), (qtype.name, fill, dtype)
         parts.append((qtype, blocks))
-    segments = [x for i, (q, b) in enumerate(parts) for x in (int(q), i * rows, rows, sum(p.numel() for _, p in parts[:i]))]
+    starts = np.cumsum([0] + [b.numel() for _, b in parts]).tolist()
+    segments = [x for i, (q, _) in enumerate(parts) for x in (int(q), i * rows, rows, starts[i])]
     flat = torch.cat([b.reshape(-1) for _, b in parts]).to(device)
     want = torch.cat([dequantize(b, q, (rows, cols)) for q, b in parts])
     got = gguf_kernels.expand(flat, segments, [3 * rows, cols], torch.ones((), device=device), torch.float32)
