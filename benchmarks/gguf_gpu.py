@@ -6,7 +6,7 @@ For each type (--types) one random T5 v1.1 encoder of the chosen size is written
   Q4_K_M, Q5_K_M    Q4_K / Q5_K with attn_v and ffn_down in Q6_K in half the layers, as llama.cpp's _M recipe;
 norms and relative-attention tables in F32, as llama.cpp writes them. Then, on --device:
   compressed  t5core.load_encoder(file, dtype=bfloat16, compile=...): the product path, blocks kept (on CUDA the
-              K quants expand through t5core.gguf_kernels; --variants torch times its torch code beside it);
+              blocks expand through t5core.gguf_kernels; --variants torch times the torch code beside it);
   bf16        the same weights dequantized once into a plain bfloat16 model (what weight_dtype="bf16" loads;
               built here from the blocks on the device, which is faster than expanding through the file);
   reference   the same weights dequantized into float32, run eagerly with TF32 off.
@@ -178,7 +178,7 @@ def expanded(model, dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------------
 # Variants of the compressed path (--variants), to time beside it
 # --------------------------------------------------------------------------------------------------
-VARIANTS = {"torch": "the K quants expanded by t5core.gguf's torch code (t5core.gguf_kernels' Triton kernel off)"}
+VARIANTS = {"torch": "the blocks expanded by t5core.gguf's torch code (t5core.gguf_kernels' Triton kernel off)"}
 
 
 def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:

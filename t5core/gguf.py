@@ -7,8 +7,8 @@ Three layers, usable on their own:
   Q3_K, Q4_K, Q5_K, Q6_K. Bit-identical to `gguf.quants.dequantize` (see `dequantize`'s docstring for why this
   holds under any evaluation order, FMA contraction included).
 - `PackedWeight`: an nn.Module holding such blocks (a uint8 buffer, so `model.to(dtype)` leaves it alone) that
-  dequantizes on call; `PackedWeight.cat` fuses q/k/v or gate/up row-wise, even when their types differ. On CUDA
-  with Triton installed, Q4_K / Q5_K / Q6_K weights expand through t5core.gguf_kernels (the same bits).
+  dequantizes on call; `PackedWeight.cat` fuses q/k/v or gate/up row-wise, even when their types differ. On NVIDIA
+  GPUs with Triton installed, quantized blocks expand through t5core.gguf_kernels (the same bits).
 - `GGUFSource` / `open_gguf(path)`: a checkpoint source in Hugging Face T5 key naming (like the sources in
   checkpoint.py), the T5Config from the file's metadata checked against its shapes, and the `tokenizer.ggml.*`
   fields.
@@ -261,7 +261,7 @@ class PackedWeight(nn.Module):
         self.register_buffer("blocks", blocks)
         self.planar = False  # a Q8_0 weight whose bytes make_planar_ reordered
         # expand with gguf_kernels where it runs (when every segment is a type it has)
-        self.use_kernel = gguf_kernels is not None and all(q in gguf_kernels.BLOCK_BYTES for q, *_ in self.segments)
+        self.use_kernel = gguf_kernels is not None and all(q in gguf_kernels.BLOCKS for q, *_ in self.segments)
 
     @torch.no_grad()
     def make_planar_(self) -> None:
@@ -274,6 +274,7 @@ class PackedWeight(nn.Module):
         records = self.blocks.view(-1, 34)  # [rows * cols // 32, 34]: float16 scale, 32 codes
         self.blocks.view(-1).copy_(torch.cat([records[:, 2:].reshape(-1), records[:, :2].reshape(-1)]))
         self.planar = True
+        self.use_kernel = False  # the kernel reads blocks; planes are already at memory speed in torch code
 
     def _planes(self, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A planar weight's codes [R, cols // 32, 32] int8 and scales [R, cols // 32, 1] float32 (rows: all, or

@@ -1,10 +1,12 @@
-"""Triton kernels that expand Q4_K / Q5_K / Q6_K blocks on the GPU (t5core.gguf's torch code does every type
-anywhere; this is its fast path for the K quants on CUDA, used by PackedWeight when Triton is installed).
+"""Triton kernels that expand GGML blocks on the GPU: every quantized type t5core reads (Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K). t5core.gguf's torch code does every type anywhere; this is its fast path on
+NVIDIA GPUs, used by PackedWeight when Triton is installed (Q8_0 weights that loading reordered into planes keep
+the torch code, already at memory speed there).
 
-One kernel for the three types. A program expands ROWS sub-blocks of 32 weights: a [ROWS, 32] tile whose columns
-are consecutive bytes of the block's code array, so every load of codes and every store is unit-stride. Each
-element is computed as in t5core.gguf (products exact in float32, one rounding of d*q - m), times the residual
-`scale` (a power of two) and rounded once to the output dtype: bit-identical to
+One kernel for all types. A program expands ROWS runs of 32 consecutive weights: a [ROWS, 32] tile whose columns
+are consecutive bytes of a block's code array (or nibbles or bit fields of them), so that code loads and stores
+are unit-stride. Each element is computed as in t5core.gguf (products exact in float32, one rounding of d*q - m
+or d*q + m), times the residual `scale` (a power of two) and rounded once to the output dtype: bit-identical to
 `(dequantize(blocks, qtype, shape) * scale).to(dtype)`.
 
 `expand(blocks, segments, shape, scale, dtype)` is a torch custom op (torch.library.triton_op), so torch.compile
@@ -14,9 +16,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-Q4_K, Q5_K, Q6_K = 12, 13, 14
-BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}
-ROWS = 64  # sub-blocks of 32 weights per program
+# GGML type id -> (weights per block, bytes per block), as t5core.gguf.QTYPES
+BLOCKS = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (256, 84), 11: (256, 110),
+          12: (256, 144), 13: (256, 176), 14: (256, 210)}
+ROWS = 64  # runs of 32 weights per program
 
 
 @torch.compiler.assume_constant_result
@@ -48,20 +51,48 @@ def _scale_min(sc_ptr, s, mask):
 
 
 @triton.jit
-def _expand_kernel(src, src_start, out, out_start, scale_ptr, n_sub, QTYPE: tl.constexpr, NBYTES: tl.constexpr,
-                   ROWS: tl.constexpr):
-    """From byte src_start of src: uint8 blocks of NBYTES; from element out_start of out: n_sub * 32 elements
-    (offsets, not views: inductor has mishandled views with a storage offset passed to user kernels,
-    pytorch/pytorch#192226). Row r of the tile = sub-block r (block r // 8, s = r % 8: weights 32s .. 32s + 31 of
-    the block); column l = weight 32s + l."""
+def _expand_kernel(src, src_start, out, out_start, scale_ptr, n_runs, QTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                   NBYTES: tl.constexpr, ROWS: tl.constexpr):
+    """From byte src_start of src: blocks of BLOCK weights in NBYTES; from element out_start of out: n_runs * 32
+    weights (offsets, not views: inductor has mishandled views with a storage offset passed to user kernels,
+    pytorch/pytorch#192226). Row r of the tile = run r of 32 weights (BLOCK 32: block r; BLOCK 256: block r // 8,
+    s = r % 8, its weights 32s .. 32s + 31); column l = weight l of the run."""
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
     l = tl.arange(0, 32)[None, :]  # [1, 32]
-    mask = r < n_sub
+    mask = r < n_runs
     src += src_start
     out += out_start
-    block = src + (r // 8) * NBYTES
-    s = (r % 8).to(tl.int32)
-    if QTYPE == 14:  # Q6_K: ql[128] qh[64] scales[16] (int8) d; s = 4 * half + t
+    block = src + (r // (BLOCK // 32)) * NBYTES
+    s = (r % (BLOCK // 32)).to(tl.int32)  # 0 for 32-weight blocks
+    if QTYPE == 8:  # Q8_0: d qs[32] (int8)
+        q = tl.load(block + 2 + l, mask=mask, other=0).to(tl.int8, bitcast=True)
+        w = q.to(tl.float32) * _f16(block, mask)
+    elif QTYPE <= 7:  # Q4_0: d qs[16]; Q4_1: d m qs[16]; Q5_0: d qh[4] qs[16]; Q5_1: d m qh[4] qs[16]
+        codes = 2 + 2 * (QTYPE % 2) + 4 * (QTYPE // 6)  # after d, m (Q4_1, Q5_1) and qh (Q5_0, Q5_1)
+        q = (tl.load(block + codes + l % 16, mask=mask, other=0) >> (4 * (l // 16))) & 0x0F
+        if QTYPE >= 6:  # bit l of the little-endian uint32 qh
+            qh = tl.load(block + codes - 4 + l // 8, mask=mask, other=0)
+            q = q | (((qh >> (l % 8)) & 1) << 4)
+        if QTYPE == 2 or QTYPE == 6:
+            w = (q.to(tl.float32) - (8.0 if QTYPE == 2 else 16.0)) * _f16(block, mask)
+        else:
+            w = _f16(block, mask) * q.to(tl.float32) + _f16(block + 2, mask)
+    elif QTYPE <= 11:  # Q2_K: scales[16] qs[64] d dmin; Q3_K: hmask[32] qs[64] scales[12] d; s = 4 * half + j
+        half = s // 4
+        j = s % 4
+        i = 8 * half + 2 * j + l // 16  # the scale of weights l of the run: one per 16
+        ql = (tl.load(block + (16 if QTYPE == 10 else 32) + 32 * half + l, mask=mask, other=0) >> (2 * j)) & 3
+        if QTYPE == 10:
+            sc = tl.load(block + i, mask=mask, other=0)  # a 4-bit scale and a 4-bit min
+            d = _f16(block + 80, mask) * (sc & 0x0F).to(tl.float32)
+            w = d * ql.to(tl.float32) - _f16(block + 82, mask) * (sc >> 4).to(tl.float32)
+        else:  # 6-bit scales: the low nibble from bytes 0..7, the top two bits from bytes 8..11
+            low = (tl.load(block + 96 + i % 8, mask=mask, other=0) >> (4 * (i // 8))) & 0x0F
+            top = (tl.load(block + 104 + i % 4, mask=mask, other=0) >> (2 * (i // 4))) & 3
+            hm = (tl.load(block + l, mask=mask, other=0) >> (4 * half + j)) & 1
+            q = (ql | (hm << 2)).to(tl.float32) - 4.0
+            w = (_f16(block + 108, mask) * ((low | (top << 4)).to(tl.float32) - 32.0)) * q
+    elif QTYPE == 14:  # Q6_K: ql[128] qh[64] scales[16] (int8) d; s = 4 * half + t
         half = s // 4
         t = s % 4
         ql = tl.load(block + 64 * half + 32 * (t % 2) + l, mask=mask, other=0)
@@ -70,8 +101,7 @@ def _expand_kernel(src, src_start, out, out_start, scale_ptr, n_sub, QTYPE: tl.c
         sc = tl.load(block + 192 + 8 * half + 2 * t + l // 16, mask=mask, other=0).to(tl.int8, bitcast=True)
         w = (_f16(block + 208, mask) * sc.to(tl.float32)) * (q.to(tl.float32) - 32.0)
     else:  # Q4_K: d dmin scales[12] qs[128]; Q5_K: d dmin scales[12] qh[32] qs[128]; s = 2 * pair + nibble
-        codes = 16 if QTYPE == 12 else 48
-        qs = tl.load(block + codes + 32 * (s // 2) + l, mask=mask, other=0)
+        qs = tl.load(block + (16 if QTYPE == 12 else 48) + 32 * (s // 2) + l, mask=mask, other=0)
         q = (qs >> (4 * (s % 2))) & 0x0F
         if QTYPE == 13:
             qh = tl.load(block + 16 + l, mask=mask, other=0)
@@ -86,13 +116,13 @@ def _expand_kernel(src, src_start, out, out_start, scale_ptr, n_sub, QTYPE: tl.c
 def expand(blocks: torch.Tensor, segments: list[int], shape: list[int], scale: torch.Tensor,
            dtype: torch.dtype) -> torch.Tensor:
     """uint8 blocks -> (weight * scale).to(dtype) of `shape`. segments: (qtype, first row, rows, first byte) for each
-    run of rows, flattened; every qtype in BLOCK_BYTES, every row a whole number of blocks."""
+    run of rows, flattened; every qtype in BLOCKS, every row a whole number of blocks."""
     out = torch.empty(shape, dtype=dtype, device=blocks.device)
     cols = shape[-1]
     for i in range(0, len(segments), 4):
         qtype, row0, rows, byte0 = segments[i:i + 4]
-        n_sub = rows * cols // 32
-        wrap_triton(_expand_kernel)[(triton.cdiv(n_sub, ROWS),)](
-            blocks, byte0, out, row0 * cols, scale, n_sub,
-            QTYPE=qtype, NBYTES=BLOCK_BYTES[qtype], ROWS=ROWS)
+        n_runs = rows * cols // 32
+        wrap_triton(_expand_kernel)[(triton.cdiv(n_runs, ROWS),)](
+            blocks, byte0, out, row0 * cols, scale, n_runs,
+            QTYPE=qtype, BLOCK=BLOCKS[qtype][0], NBYTES=BLOCKS[qtype][1], ROWS=ROWS)
     return out

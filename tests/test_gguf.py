@@ -183,15 +183,15 @@ def test_packed_weight_concat_is_the_fused_weight():
 
 
 def check_kernels(device: str, dtypes) -> None:
-    """t5core.gguf_kernels.expand on `device` gives (dequantize(blocks) * scale).to(dtype), bit for bit, for Q4_K,
-    Q5_K and Q6_K blocks (random bytes, all-0x00 and all-0xFF codes, both signs of the fp16 fields) and for a
-    segmented weight of all three types."""
+    """t5core.gguf_kernels.expand on `device` gives (dequantize(blocks) * scale).to(dtype), bit for bit, for the
+    blocks of every quantized type (random bytes, all-0x00 and all-0xFF codes, both signs of the fp16 fields) and
+    for a segmented weight of all of them."""
     from t5core import gguf_kernels
 
     rng = np.random.default_rng(7)
     rows, cols, scale = 24, 768, torch.tensor(0.5, device=device)
     parts = []
-    for qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+    for qtype in SCALE_FIELDS:
         b = random_blocks(qtype, rows, cols, rng, std=1.0)
         for fill in (None, 0x00, 0xFF):
             data = b.reshape(rows, -1, QTYPES[int(qtype)][2]).copy()
@@ -209,7 +209,7 @@ def check_kernels(device: str, dtypes) -> None:
     segments = [x for i, (q, _) in enumerate(parts) for x in (int(q), i * rows, rows, starts[i])]
     flat = torch.cat([b.reshape(-1) for _, b in parts]).to(device)
     want = torch.cat([dequantize(b, q, (rows, cols)) for q, b in parts])
-    got = gguf_kernels.expand(flat, segments, [3 * rows, cols], torch.ones((), device=device), torch.float32)
+    got = gguf_kernels.expand(flat, segments, [len(parts) * rows, cols], torch.ones((), device=device), torch.float32)
     assert np.array_equal(bits(got.cpu()), bits(want))
 
 
@@ -229,7 +229,8 @@ def test_kernels_bit_identical_on_cuda():
     check_kernels("cuda", (torch.float32, torch.bfloat16, torch.float16))
     # compiled (the kernel inside an inductor graph), a weight of three segments: what the torch code gives
     rng = np.random.default_rng(8)
-    parts = [PackedWeight(blocks_tensor(random_blocks(q, 64, 512, rng)), q, (64, 512)) for q in (T.Q5_K, T.Q5_K, T.Q6_K)]
+    parts = [PackedWeight(blocks_tensor(random_blocks(q, 64, 512, rng)), q, (64, 512))
+             for q in (T.Q5_K, T.Q5_K, T.Q6_K)]
     fused = PackedWeight.cat(parts).cuda()
     assert fused.use_kernel and len(fused.segments) == 3
     scale = torch.tensor(0.25, device="cuda")
