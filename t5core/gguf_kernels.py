@@ -11,10 +11,15 @@ or d*q + m), times the residual `scale` (a power of two) and rounded once to the
 
 `expand(blocks, segments, shape, scale, dtype)` is a torch custom op (torch.library.triton_op), so torch.compile
 and CUDA graphs take it as it is."""
+import functools
+import logging
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+log = logging.getLogger("t5core")
 
 # GGML type id -> (weights per block, bytes per block), as t5core.gguf.QTYPES
 BLOCKS = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (256, 84), 11: (256, 110),
@@ -25,8 +30,24 @@ ROWS = 64  # runs of 32 weights per program
 @torch.compiler.assume_constant_result
 def runs_on(device: torch.device) -> bool:
     """Whether the kernel runs on `device`: an NVIDIA GPU of compute capability 7.0 or newer (Triton's and
-    inductor's floor; on ROCm and older GPUs the torch code runs, as everywhere else)."""
-    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (7, 0)
+    inductor's floor; on ROCm and older GPUs the torch code runs, as everywhere else) where a kernel launches."""
+    return (device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (7, 0)
+            and launches(torch.cuda.current_device() if device.index is None else device.index))
+
+
+@functools.cache
+def launches(index: int) -> bool:
+    """Whether a kernel compiles and launches on cuda:index: one Q4_0 block expanded. Triton builds its launcher
+    with a C compiler, which a slim container may lack; then one logged line, and the torch code runs."""
+    device = torch.device("cuda", index)
+    try:
+        block = torch.zeros(BLOCKS[2][1], dtype=torch.uint8, device=device)
+        expand(block, [2, 0, 1, 0], [1, 32], torch.ones((), device=device), torch.float32)
+        return True
+    except Exception as e:  # any failure of the environment: the torch code computes the same bits
+        log.warning("t5core: GGUF weights on %s expand with torch code: Triton could not run its kernel (%s: %s)",
+                    device, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return False
 
 
 @triton.jit

@@ -224,8 +224,19 @@ def test_kernels_bit_identical_in_triton_interpreter():
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failure path: a machine without CUDA")
+def test_kernel_that_cannot_launch_leaves_the_torch_code(caplog):
+    """Where Triton cannot launch the kernel (here: no CUDA device) the probe says so in one logged line and
+    answers False, so that PackedWeight computes with the torch code instead of failing."""
+    gguf_kernels = pytest.importorskip("t5core.gguf_kernels")
+    with caplog.at_level("WARNING", logger="t5core"):
+        assert gguf_kernels.launches.__wrapped__(0) is False
+    assert "expand with torch code: Triton could not run its kernel" in caplog.text
+
+
 @pytest.mark.gpu
 def test_kernels_bit_identical_on_cuda():
+    assert t5core.gguf.gguf_kernels.launches(torch.cuda.current_device())
     check_kernels("cuda", (torch.float32, torch.bfloat16, torch.float16))
     # compiled (the kernel inside an inductor graph), a weight of three segments: what the torch code gives
     rng = np.random.default_rng(8)
