@@ -54,6 +54,7 @@ class Encoder:
         self._regional = False  # compile_layers() ran: the layers hold compiled code
         self._graphs: dict[tuple, tuple] = {}  # (B, L, padded) -> (graph, static (ids, mask), static output)
         self._graph_pool, self._graph_ptrs = None, None
+        self._capture_streams: dict[torch.device, torch.cuda.Stream] = {}  # warm-up and capture, per device
         self._param_slots: Optional[list[tuple[dict, str]]] = None  # (owner's _parameters/_buffers, name): _weight_ptrs
         self.stream_to: Optional[torch.device] = None  # see stream_weights
 
@@ -224,7 +225,12 @@ class Encoder:
         def stance():  # compiled code captures under torch's own allocator only; else the eager layers are captured
             return contextlib.nullcontext() if compiled_code_captures() else torch.compiler.set_stance("force_eager")
 
-        side = torch.cuda.Stream()
+        # Warm-up and capture on one stream of our own: the libraries' per-stream workspaces (cuBLAS's) are made
+        # by the warm-up, not inside the capture, where they would be graph memory that outlives the graph
+        # (under cudaMallocAsync; a block pinning the private pool under torch's allocator).
+        if x.device not in self._capture_streams:
+            self._capture_streams[x.device] = torch.cuda.Stream(x.device)
+        side = self._capture_streams[x.device]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), stance():  # warm-up (compiles) off the capture
             for _ in range(2):
@@ -235,7 +241,7 @@ class Encoder:
         out = torch.empty_like(warm)
         del warm
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool), stance():
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=side), stance():
             out.copy_(self.model(**inputs, input_mask=mask, num_layers=num_layers))
         self._graph_pool = graph.pool()
         return graph, (x, mask), out
