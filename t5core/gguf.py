@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError, all_finite, native_target, raise_non_fi
 from .t5_common import GELUApprox, T5Config, T5FFNType, config_error_text
 from .t5_encoder import T5EncoderStack, f32_out_linear
 
-try:  # Triton: the fast path of the K quants on CUDA
+try:  # Triton: the fast path of the quantized types on NVIDIA GPUs
     from . import gguf_kernels
 except ImportError:
     gguf_kernels = None
@@ -260,8 +260,8 @@ class PackedWeight(nn.Module):
             blocks = blocks.reshape(rows, per_row)
         self.register_buffer("blocks", blocks)
         self.planar = False  # a Q8_0 weight whose bytes make_planar_ reordered
-        # expand with gguf_kernels where it runs (when every segment is a type it has)
-        self.use_kernel = gguf_kernels is not None and all(q in gguf_kernels.BLOCKS for q, *_ in self.segments)
+        # expand with gguf_kernels where it runs (when every segment is quantized)
+        self.use_kernel = gguf_kernels is not None and all(q in _DEQUANT for q, *_ in self.segments)
 
     @torch.no_grad()
     def make_planar_(self) -> None:

@@ -21,9 +21,6 @@ from torch.library import triton_op, wrap_triton
 
 log = logging.getLogger("t5core")
 
-# GGML type id -> (weights per block, bytes per block), as t5core.gguf.QTYPES
-BLOCKS = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (256, 84), 11: (256, 110),
-          12: (256, 144), 13: (256, 176), 14: (256, 210)}
 ROWS = 64  # runs of 32 weights per program
 
 
@@ -39,9 +36,11 @@ def runs_on(device: torch.device) -> bool:
 def launches(index: int) -> bool:
     """Whether a kernel compiles and launches on cuda:index: one Q4_0 block expanded. Triton builds its launcher
     with a C compiler, which a slim container may lack; then one logged line, and the torch code runs."""
+    from .gguf import QTYPES  # (t5core.gguf imports this module)
+
     device = torch.device("cuda", index)
     try:
-        block = torch.zeros(BLOCKS[2][1], dtype=torch.uint8, device=device)
+        block = torch.zeros(QTYPES[2][2], dtype=torch.uint8, device=device)
         expand(block, [2, 0, 1, 0], [1, 32], torch.ones((), device=device), torch.float32)
         return True
     except Exception as e:  # any failure of the environment: the torch code computes the same bits
@@ -137,13 +136,15 @@ def _expand_kernel(src, src_start, out, out_start, scale_ptr, n_runs, QTYPE: tl.
 def expand(blocks: torch.Tensor, segments: list[int], shape: list[int], scale: torch.Tensor,
            dtype: torch.dtype) -> torch.Tensor:
     """uint8 blocks -> (weight * scale).to(dtype) of `shape`. segments: (qtype, first row, rows, first byte) for each
-    run of rows, flattened; every qtype in BLOCKS, every row a whole number of blocks."""
+    run of rows, flattened; every qtype a quantized one of t5core.gguf.QTYPES, every row a whole number of blocks."""
+    from .gguf import QTYPES  # (t5core.gguf imports this module)
+
     out = torch.empty(shape, dtype=dtype, device=blocks.device)
     cols = shape[-1]
     for i in range(0, len(segments), 4):
         qtype, row0, rows, byte0 = segments[i:i + 4]
+        _, block, nbytes = QTYPES[qtype]
         n_runs = rows * cols // 32
         wrap_triton(_expand_kernel)[(triton.cdiv(n_runs, ROWS),)](
-            blocks, byte0, out, row0 * cols, scale, n_runs,
-            QTYPE=qtype, BLOCK=BLOCKS[qtype][0], NBYTES=BLOCKS[qtype][1], ROWS=ROWS)
+            blocks, byte0, out, row0 * cols, scale, n_runs, QTYPE=qtype, BLOCK=block, NBYTES=nbytes, ROWS=ROWS)
     return out
