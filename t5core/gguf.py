@@ -295,7 +295,7 @@ class PackedWeight(nn.Module):
     def forward(self, dtype: torch.dtype = torch.float32, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight times `scale` (float32, 0-d; None: 1), rounded once to `dtype`."""
         if self.use_kernel and gguf_kernels.runs_on(self.blocks.device):
-            segments = [x for q, row, rows, byte, _ in self.segments for x in (q, row, rows, byte)]
+            segments = [x for q, row, rows, byte, _ in self.segments for x in (q, *QTYPES[q][1:], row, rows, byte)]
             one = torch.ones((), device=self.blocks.device) if scale is None else scale
             return gguf_kernels.expand(self.blocks, segments, list(self.shape), one, dtype)
         if self.planar:  # int8 codes times float32 scales: exact, as _q8_0

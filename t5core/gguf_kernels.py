@@ -36,12 +36,10 @@ def runs_on(device: torch.device) -> bool:
 def launches(index: int) -> bool:
     """Whether a kernel compiles and launches on cuda:index: one Q4_0 block expanded. Triton builds its launcher
     with a C compiler, which a slim container may lack; then one logged line, and the torch code runs."""
-    from .gguf import QTYPES  # (t5core.gguf imports this module)
-
     device = torch.device("cuda", index)
     try:
-        block = torch.zeros(QTYPES[2][2], dtype=torch.uint8, device=device)
-        expand(block, [2, 0, 1, 0], [1, 32], torch.ones((), device=device), torch.float32)
+        block = torch.zeros(18, dtype=torch.uint8, device=device)  # Q4_0: 32 weights in 18 bytes
+        expand(block, [2, 32, 18, 0, 1, 0], [1, 32], torch.ones((), device=device), torch.float32)
         return True
     except Exception as e:  # any failure of the environment: the torch code computes the same bits
         log.warning("t5core: GGUF weights on %s expand with torch code: Triton could not run its kernel (%s: %s)",
@@ -135,15 +133,13 @@ def _expand_kernel(src, src_start, out, out_start, scale_ptr, n_runs, QTYPE: tl.
 @triton_op("t5core::gguf_expand", mutates_args=())
 def expand(blocks: torch.Tensor, segments: list[int], shape: list[int], scale: torch.Tensor,
            dtype: torch.dtype) -> torch.Tensor:
-    """uint8 blocks -> (weight * scale).to(dtype) of `shape`. segments: (qtype, first row, rows, first byte) for each
-    run of rows, flattened; every qtype a quantized one of t5core.gguf.QTYPES, every row a whole number of blocks."""
-    from .gguf import QTYPES  # (t5core.gguf imports this module)
-
+    """uint8 blocks -> (weight * scale).to(dtype) of `shape`. segments: (qtype, weights per block, bytes per block,
+    first row, rows, first byte) for each run of rows, flattened; every qtype a quantized one of t5core.gguf.QTYPES
+    with its sizes there, every row a whole number of blocks."""
     out = torch.empty(shape, dtype=dtype, device=blocks.device)
     cols = shape[-1]
-    for i in range(0, len(segments), 4):
-        qtype, row0, rows, byte0 = segments[i:i + 4]
-        _, block, nbytes = QTYPES[qtype]
+    for i in range(0, len(segments), 6):
+        qtype, block, nbytes, row0, rows, byte0 = segments[i:i + 6]
         n_runs = rows * cols // 32
         wrap_triton(_expand_kernel)[(triton.cdiv(n_runs, ROWS),)](
             blocks, byte0, out, row0 * cols, scale, n_runs, QTYPE=qtype, BLOCK=block, NBYTES=nbytes, ROWS=ROWS)

@@ -202,11 +202,12 @@ def check_kernels(device: str, dtypes) -> None:
             blocks = blocks_tensor(data.reshape(rows, -1))
             want = dequantize(blocks, qtype, (rows, cols)) * scale.cpu()
             for dtype in dtypes:
-                got = gguf_kernels.expand(blocks.to(device), [int(qtype), 0, rows, 0], [rows, cols], scale, dtype)
+                got = gguf_kernels.expand(blocks.to(device), [int(qtype), *QTYPES[int(qtype)][1:], 0, rows, 0],
+                                           [rows, cols], scale, dtype)
                 assert torch.equal(got.cpu(), want.to(dtype)), (qtype.name, fill, dtype)
         parts.append((qtype, blocks))
     starts = np.cumsum([0] + [b.numel() for _, b in parts]).tolist()
-    segments = [x for i, (q, _) in enumerate(parts) for x in (int(q), i * rows, rows, starts[i])]
+    segments = [x for i, (q, _) in enumerate(parts) for x in (int(q), *QTYPES[int(q)][1:], i * rows, rows, starts[i])]
     flat = torch.cat([b.reshape(-1) for _, b in parts]).to(device)
     want = torch.cat([dequantize(b, q, (rows, cols)) for q, b in parts])
     got = gguf_kernels.expand(flat, segments, [len(parts) * rows, cols], torch.ones((), device=device), torch.float32)
