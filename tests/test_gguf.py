@@ -868,3 +868,34 @@ def test_compressed_model_on_cuda(models, batch, mixed_file, tmp_path):
     (tmp_path / "nan.gguf").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"nan\.gguf: tensor '{re.escape(t.name)}' holds NaN"):
         t5core.load_encoder(tmp_path / "nan.gguf", dtype="bfloat16", device="cuda")
+
+
+@pytest.mark.gpu
+def test_compressed_model_graphs_under_cuda_malloc_async(batch, mixed_file, tmp_path):
+    """ComfyUI's default allocator (cudaMallocAsync), where a compiled encoder captures its eager layers, whose
+    projections expand their blocks through the Triton kernel inside the capture (its output allocated there, as
+    graph memory): the replayed graph gives the eager model's output. A process of its own (the allocator is chosen
+    at CUDA's start; a failed capture can abort it)."""
+    path, _ = mixed_file
+    ids, mask = (torch.nn.functional.pad(t, (0, 3)) for t in batch)  # 16 tokens: a length the graphs run at
+    torch.save({"ids": ids, "mask": mask}, tmp_path / "batch.pt")
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import torch, t5core
+assert torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+b = torch.load({str(tmp_path / "batch.pt")!r})
+eager = t5core.load_encoder({str(path)!r}, "bfloat16", "cuda").encode(b["ids"], b["mask"])
+enc = t5core.load_encoder({str(path)!r}, "bfloat16", "cuda", compile=True)
+assert any(m.use_kernel for m in enc.model.modules() if isinstance(m, t5core.gguf.PackedWeight))
+for _ in range(2):
+    out = enc.encode(b["ids"], b["mask"])
+m = b["mask"]
+err = ((out[m] - eager[m]).norm() / eager[m].norm()).item()
+assert len(enc._graphs) == 1 and err < 1e-6, (err, len(enc._graphs))
+print("OK")
+""")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
