@@ -19,7 +19,7 @@ from t5core.checkpoint import CheckpointError  # noqa: E402
 from t5core.gguf import (QTYPES, PackedEmbedding, PackedLinear, PackedWeight, dequantize, is_packed,  # noqa: E402
                          open_gguf, tokenizer_fields)
 from t5core.t5_common import T5FFNType  # noqa: E402
-from tiny_models import make_hf_encoder, rel_err  # noqa: E402
+from tiny_models import make_hf_encoder, rel_err, run_under_malloc_async  # noqa: E402
 
 VOCAB = 512
 ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -879,8 +879,7 @@ def test_compressed_model_graphs_under_cuda_malloc_async(batch, mixed_file, tmp_
     path, _ = mixed_file
     ids, mask = (torch.nn.functional.pad(t, (0, 3)) for t in batch)  # 16 tokens: a length the graphs run at
     torch.save({"ids": ids, "mask": mask}, tmp_path / "batch.pt")
-    script = tmp_path / "run.py"
-    script.write_text(f"""
+    run_under_malloc_async(f"""
 import torch, t5core
 assert torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 b = torch.load({str(tmp_path / "batch.pt")!r})
@@ -894,8 +893,3 @@ err = ((out[m] - eager[m]).norm() / eager[m].norm()).item()
 assert len(enc._graphs) == 1 and err < 1e-6, (err, len(enc._graphs))
 print("OK")
 """)
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]

@@ -5,7 +5,7 @@ import torch
 
 import t5core
 from t5core.checkpoint import open_checkpoint
-from tiny_models import make_hf_encoder, rel_err, save_hf
+from tiny_models import make_hf_encoder, rel_err, run_under_malloc_async, save_hf
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -104,19 +104,14 @@ def test_float32_compute_on_16_bit_weights_splits_on_tensor_cores(hf_and_folder,
             torch.backends.cuda.matmul.allow_fp16_accumulation = False
 
 
-def test_graphs_of_the_eager_layers_under_cuda_malloc_async(hf_and_folder, tmp_path):
+def test_graphs_of_the_eager_layers_under_cuda_malloc_async(hf_and_folder):
     """ComfyUI starts torch with the cudaMallocAsync allocator, under which capturing the compiled layers in a CUDA
     graph failed ("CUDA driver error: invalid argument", then an abort): a compiled encoder captures its eager
     layers there, giving the eager model's output, and dropping the graphs gives their memory back to the device
     (CUDA graph memory, which torch's empty_cache does not trim); with flex attention the compiled layers run
     without graphs. A process of its own (the allocator is chosen at CUDA's start)."""
-    import os
-    import subprocess
-    import sys
-
     folder, _ = hf_and_folder
-    script = tmp_path / "run.py"
-    script.write_text(f"""
+    run_under_malloc_async(f"""
 import torch, t5core
 assert torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 ids = torch.randint(3, 512, (2, 40))
@@ -137,11 +132,6 @@ flex = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda", attn_impl="flex"
 assert ((flex.encode(ids) - eager).norm() / eager.norm()).item() < 3e-2 and not flex._graphs
 print("OK")
 """)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
 
 
 def test_bfloat16_graphs_follow_new_weights(hf_and_folder):
