@@ -872,10 +872,10 @@ def test_compressed_model_on_cuda(models, batch, mixed_file, tmp_path):
 
 @pytest.mark.gpu
 def test_compressed_model_graphs_under_cuda_malloc_async(batch, mixed_file, tmp_path):
-    """ComfyUI's default allocator (cudaMallocAsync), where a compiled encoder captures its eager layers, whose
-    projections expand their blocks through the Triton kernel inside the capture (its output allocated there, as
-    graph memory): the replayed graph gives the eager model's output. A process of its own (the allocator is chosen
-    at CUDA's start; a failed capture can abort it)."""
+    """ComfyUI's default allocator (cudaMallocAsync), where a compiled encoder captures its eager layers: launched
+    inside that capture (its output graph memory) the Triton kernel aborted the process, so the capture takes the
+    torch code; the replayed graph gives the eager model's output (the kernel's). A process of its own (the
+    allocator is chosen at CUDA's start)."""
     path, _ = mixed_file
     ids, mask = (torch.nn.functional.pad(t, (0, 3)) for t in batch)  # 16 tokens: a length the graphs run at
     torch.save({"ids": ids, "mask": mask}, tmp_path / "batch.pt")
