@@ -193,9 +193,12 @@ class Encoder:
     # -- CUDA graphs ---------------------------------------------------------------------------------
     def _graphs_ok(self) -> bool:
         """Compiled CUDA encodes replay graphs: of the compiled layers, or, where compiled code cannot be captured
-        (compiled_code_captures), of the eager ones; but flex attention's point is its compiled kernel (eager, it
-        is an unfused score matrix), so there flex runs compiled, without graphs."""
-        return compiled_code_captures() or self.config.attn_impl != T5AttnImpl.Flex
+        (compiled_code_captures), of the eager ones. But there flex attention (eager, an unfused score matrix) and
+        GGUF blocks (eager, many passes over each weight, and the Triton kernel cannot launch inside such a
+        capture) run compiled, without graphs."""
+        from .gguf import is_packed
+
+        return compiled_code_captures() or not (self.config.attn_impl == T5AttnImpl.Flex or is_packed(self.model))
 
     def _graphed_forward(self, x: Tensor, mask: Optional[BoolTensor], is_embeds: bool = False,
                          num_layers: Optional[int] = None) -> FloatTensor:
@@ -269,8 +272,9 @@ def compiled_code_captures() -> bool:
         return True
     logging.getLogger("t5core").info(
         "t5core: under the cudaMallocAsync allocator compiled kernels cannot be captured in CUDA graphs: the graphs "
-        "capture the eager layers (with flex attention the compiled layers run without graphs); in ComfyUI, "
-        "--disable-cuda-malloc lets the compiled ones be captured: 14 instead of 20 ms per WAN encode on an H200")
+        "capture the eager layers (with flex attention or GGUF blocks the compiled layers run without graphs); "
+        "in ComfyUI, --disable-cuda-malloc lets the compiled ones be captured: 14 instead of 20 ms per WAN encode "
+        "on an H200")
     return False
 
 
