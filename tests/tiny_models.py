@@ -57,4 +57,5 @@ def run_under_malloc_async(script: str) -> None:
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[:3000] + "\n...\n" + run.stderr[-1500:]
+    err = run.stderr if len(run.stderr) <= 4500 else run.stderr[:3000] + "\n...\n" + run.stderr[-1500:]
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), err
