@@ -109,7 +109,8 @@ def test_graphs_of_the_eager_layers_under_cuda_malloc_async(hf_and_folder):
     graph failed ("CUDA driver error: invalid argument", then an abort): a compiled encoder captures its eager
     layers there, giving the eager model's output, and dropping the graphs gives their memory back to the device
     (CUDA graph memory, which torch's empty_cache does not trim); with flex attention the compiled layers run
-    without graphs. A process of its own (the allocator is chosen at CUDA's start)."""
+    without graphs; fp8 weights and fp8 matmuls capture too (not run on a GPU yet). A process of its own (the
+    allocator is chosen at CUDA's start)."""
     folder, _ = hf_and_folder
     run_under_malloc_async(f"""
 import torch, t5core
@@ -130,6 +131,13 @@ assert before > 0 and after == 0, (before, after)
 
 flex = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda", attn_impl="flex", compile=True)
 assert ((flex.encode(ids) - eager).norm() / eager.norm()).item() < 3e-2 and not flex._graphs
+
+for w in ("fp8_e4m3fn", "fp8_e4m3fn_fast"):  # fp8 weights (and fp8 matmuls) in the captured eager layers
+    want = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda", weight_dtype=w).encode(ids)
+    fp8 = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda", weight_dtype=w, compile=True)
+    for _ in range(2):
+        out = fp8.encode(ids)
+    assert len(fp8._graphs) == 1 and ((out - want).norm() / want.norm()).item() < 1e-6, w
 print("OK")
 """)
 
