@@ -293,15 +293,15 @@ class PackedWeight(nn.Module):
         return self.segments[0][0] if len(self.segments) == 1 else None
 
     def forward(self, dtype: torch.dtype = torch.float32, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The weight times `scale` (float32, 0-d; None: 1), rounded once to `dtype`."""
+        """The weight times `scale` (float32, 0-d, a power of two; None: 1), rounded once to `dtype`."""
         if self.use_kernel and gguf_kernels.runs_on(self.blocks.device):
             segments = [x for q, row, rows, byte, _ in self.segments for x in (q, *QTYPES[q][1:], row, rows, byte)]
             one = torch.ones((), device=self.blocks.device) if scale is None else scale
             return gguf_kernels.expand(self.blocks, segments, list(self.shape), one, dtype)
-        if self.planar:  # int8 codes times float32 scales: exact, as _q8_0
+        if self.planar:  # int8 codes times float32 scales (times a power of two): exact, as _q8_0; one pass
             codes, scales = self._planes()
-            w = (codes * scales).reshape(self.shape)
-        elif len(self.segments) == 1:
+            return (codes * (scales if scale is None else scales * scale)).reshape(self.shape).to(dtype)
+        if len(self.segments) == 1:
             w = dequantize(self.blocks, self.segments[0][0], self.shape)
         else:
             flat = self.blocks.view(-1)
