@@ -212,8 +212,8 @@ def dequantize(blocks: torch.Tensor, qtype, shape, dtype: torch.dtype = torch.fl
     or not rounded at all (the rest). So the result is bit-identical to gguf.quants.dequantize, signed zeros
     included, whatever order the products are taken in and whether or not a compiler contracts d*q - m into an
     FMA (Triton and C++ may): tested eager and with inductor on CPU, and on CUDA against the Triton kernel. Only
-    NaN payloads (from NaN / inf fp16 scales, which real files do not have) could differ. Other dtypes: the float32 result rounded
-    once, as gguf's float32 output converted."""
+    NaN payloads (from NaN / inf fp16 scales, which real files do not have) could differ. Other dtypes: the
+    float32 result rounded once, as gguf's float32 output converted."""
     q = qtype_id(qtype)
     shape = tuple(int(s) for s in shape)
     cols = shape[-1] if shape else 1
