@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .runtime import compiled_code_captures
+
 log = logging.getLogger("t5core")
 
 ROWS = 64  # runs of 32 weights per program
@@ -28,12 +30,12 @@ ROWS = 64  # runs of 32 weights per program
 def runs_on(device: torch.device) -> bool:
     """Whether the kernel runs on `device`: an NVIDIA GPU of compute capability 7.0 or newer (Triton's and
     inductor's floor; on ROCm and older GPUs the torch code runs, as everywhere else) where a kernel launches, and
-    not inside a CUDA graph capture under cudaMallocAsync (ComfyUI's default allocator), where its output is graph
-    memory and launching the kernel aborted the process (tests/test_gguf.py, H200): the torch code is captured there."""
+    not inside a CUDA graph capture where Triton kernels cannot be captured (runtime.compiled_code_captures: under
+    cudaMallocAsync, ComfyUI's default allocator, launching it there aborted the process on an H200): the torch
+    code is captured there."""
     return (device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (7, 0)
             and launches(torch.cuda.current_device() if device.index is None else device.index)
-            and not (torch.cuda.is_current_stream_capturing()
-                     and torch.cuda.get_allocator_backend() == "cudaMallocAsync"))
+            and not (torch.cuda.is_current_stream_capturing() and not compiled_code_captures()))
 
 
 @functools.cache

@@ -1,9 +1,7 @@
 """GGUF T5 / UMT5 encoder files: dequantization bit-identical to gguf.quants for every supported type, packed
 weights that fuse row-wise, GGUFSource reading whole files written with gguf.GGUFWriter, transformers parity of
 the loaded encoder, and clear errors for bad files."""
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from t5core.checkpoint import CheckpointError  # noqa: E402
 from t5core.gguf import (QTYPES, PackedEmbedding, PackedLinear, PackedWeight, dequantize, is_packed,  # noqa: E402
                          open_gguf, tokenizer_fields)
 from t5core.t5_common import T5FFNType  # noqa: E402
-from tiny_models import make_hf_encoder, rel_err, run_under_malloc_async  # noqa: E402
+from tiny_models import make_hf_encoder, rel_err, run_python, run_under_malloc_async  # noqa: E402
 
 VOCAB = 512
 ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -218,11 +216,8 @@ def test_kernels_bit_identical_in_triton_interpreter():
     """The Triton kernels run by Triton's interpreter on the CPU (float32 and float16 outputs; the interpreter
     truncates float32 to bfloat16 where a GPU rounds to nearest: bfloat16 is in the GPU test)."""
     pytest.importorskip("triton")
-    code = "import test_gguf, torch; test_gguf.check_kernels('cpu', (torch.float32, torch.float16))"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_python("import test_gguf, torch; test_gguf.check_kernels('cpu', (torch.float32, torch.float16)); print('OK')",
+               cwd=Path(__file__).parent, TRITON_INTERPRET="1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the failure path: a machine without CUDA")

@@ -45,17 +45,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def run_under_malloc_async(script: str) -> None:
-    """Runs Python code in a process of its own started with the cudaMallocAsync allocator (ComfyUI's default; the
-    allocator is chosen when CUDA starts), this repository importable; it must print OK last. A failed CUDA graph
-    capture can abort that process: the failure shows the head of its stderr (the error) and the tail."""
+def run_python(code: str, cwd=None, **env: str) -> None:
+    """Runs Python code in a process of its own, with `env` added to the environment and this repository
+    importable; it must print OK last. The failure shows the head of its stderr (the error) and the tail."""
     import os
     import subprocess
     import sys
 
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     err = run.stderr if len(run.stderr) <= 4500 else run.stderr[:3000] + "\n...\n" + run.stderr[-1500:]
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), err
+
+
+def run_under_malloc_async(code: str) -> None:
+    """run_python under the cudaMallocAsync allocator (ComfyUI's default; chosen when CUDA starts, hence the
+    process of its own). A failed CUDA graph capture can abort that process."""
+    run_python(code, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync")
