@@ -107,21 +107,16 @@ def _load(args, ckpt, compile: bool = False, expand: bool = False):
 
 
 def _tokenizer_for(args, ckpt=None, folder=None):
-    """--tokenizer, else the one beside the weights (of ckpt, or in folder), else the one the file embeds (GGUF's
-    tokenizer.ggml.* fields, ComfyUI's spiece_model), else the bundled T5 tokenizer."""
+    """--tokenizer, else the checkpoint's own (beside it or embedded) or the one in folder, else the bundled one."""
     from .tokenizer import BUNDLED_SPIECE, find_tokenizer, load_tokenizer
 
     if args.tokenizer is not None:
         return load_tokenizer(args.tokenizer)
     if ckpt is not None:
-        own = ckpt.own_tokenizer()
-    else:
-        own = load_tokenizer(found) if (found := find_tokenizer(folder)) is not None else None
-    if own is None:
-        print(f"no tokenizer beside {ckpt.path if ckpt is not None else folder}; using the bundled T5 tokenizer",
-              file=sys.stderr)
-        own = load_tokenizer(BUNDLED_SPIECE)
-    return own
+        return ckpt.tokenizer_or_bundled()
+    if (found := find_tokenizer(folder)) is None:
+        print(f"no tokenizer in {folder}; using the bundled T5 tokenizer", file=sys.stderr)
+    return load_tokenizer(found or BUNDLED_SPIECE)
 
 
 def cmd_encode(args) -> None:

@@ -327,13 +327,13 @@ def load_encoder(
         stored_fp8 = ckpt.projection_dtype() in FP8_DTYPES  # measured as stored; GGUF blocks expanded (fuse_norms)
         model = load_encoder(ckpt, "float32", device, attn_impl, fuse_norms, None,
                              weight_dtype=None if stored_fp8 else "float32").model
-        found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
+        found = calibrate_fp16_scales(model, ckpt.tokenizer_or_bundled())
         del model
         return load_encoder(ckpt, dtype, device, attn_impl, fuse_norms, found, compile, weight_dtype=weight_dtype)
     if scaled and fp16_scales == "calibrate":
         model = load_encoder(ckpt, "float32", device, attn_impl, fuse_norms, None,
                              weight_dtype=None if packed else "float32").model
-        found = calibrate_fp16_scales(model, _tokenizer_of(ckpt))
+        found = calibrate_fp16_scales(model, ckpt.tokenizer_or_bundled())
         scale_residuals_enc(model, found.attn, found.ffn)
         model.set_weight_dtype(torch.float16)
     else:  # the sidecar is read only for float16 loads: float32 never touches it
@@ -347,10 +347,3 @@ def load_encoder(
         load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True, scales=scales)
     encoder = Encoder(model, source_path=Path(ckpt.path))
     return encoder.compile() if compile else encoder
-
-
-def _tokenizer_of(ckpt: Checkpoint):
-    from .tokenizer import BUNDLED_SPIECE, load_tokenizer
-
-    own = ckpt.own_tokenizer()
-    return own if own is not None else load_tokenizer(BUNDLED_SPIECE)
