@@ -88,13 +88,11 @@ class Encoder:
         cast) into constant float32 weights."""
         if self.device.type == "cuda":
             return self.compile_layers()
-        from .gguf import is_packed
-
         allow_many_compiled_shapes()
         compiled = torch.compile(self.model, dynamic=False)
         # freezing would fold the dequantization of GGUF blocks or fp8 weights (or the cast of 16-bit ones) into
         # full-size constants
-        freezing = not is_packed(self.model) and self.config.weight_dtype is None
+        freezing = not self._packed and self.config.weight_dtype is None
 
         def frozen(*args, **kwargs):
             # inductor reads `freezing` from its global config when it compiles (the first call at each shape);
@@ -196,9 +194,14 @@ class Encoder:
         (compiled_code_captures), of the eager ones. But there flex attention (eager, an unfused score matrix) and
         GGUF blocks (eager, many passes over each weight, and the Triton kernel cannot launch inside such a
         capture) run compiled, without graphs."""
+        return compiled_code_captures() or not (self.config.attn_impl == T5AttnImpl.Flex or self._packed)
+
+    @functools.cached_property
+    def _packed(self) -> bool:
+        """Whether the model keeps weights as GGUF blocks (fixed at load; read once, not on every encode)."""
         from .gguf import is_packed
 
-        return compiled_code_captures() or not (self.config.attn_impl == T5AttnImpl.Flex or is_packed(self.model))
+        return is_packed(self.model)
 
     def _graphed_forward(self, x: Tensor, mask: Optional[BoolTensor], is_embeds: bool = False,
                          num_layers: Optional[int] = None) -> FloatTensor:

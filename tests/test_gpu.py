@@ -109,7 +109,7 @@ def test_graphs_of_the_eager_layers_under_cuda_malloc_async(hf_and_folder):
     graph failed ("CUDA driver error: invalid argument", then an abort): a compiled encoder captures its eager
     layers there, giving the eager model's output, and dropping the graphs gives their memory back to the device
     (CUDA graph memory, which torch's empty_cache does not trim); with flex attention the compiled layers run
-    without graphs; fp8 weights and fp8 matmuls capture too (not run on a GPU yet). A process of its own (the
+    without graphs; fp8 weights and fp8 matmuls capture too. A process of its own (the
     allocator is chosen at CUDA's start)."""
     folder, _ = hf_and_folder
     run_under_malloc_async(f"""

@@ -34,8 +34,8 @@ What it does, in phases (each printed with its time; --skip-* flags leave phases
      short of room: ComfyUI loads the text encoder partially onto the GPU, streaming the rest; R defaults to the
      GPU's memory less 6 GB, leaving 6, less than T5-XXL's 9.5: about 133 on an H200, 73 on an H100), --novram,
      or --lowvram --reserve-vram R; the t5core_fp16 flux graph on --lowvram-prompts prompts (the precision prompt
-     first, compared with the normal-mode conditioning); time and peak VRAM; not compiled unless --lowvram-compile; each prompt
-     stops after --lowvram-timeout. ComfyUI's own lines on what it loaded where go into the JSON (with today's
+     first, compared with the normal-mode conditioning); time and peak VRAM; not compiled unless --lowvram-compile;
+     each prompt stops after --lowvram-timeout. ComfyUI's own lines on what it loaded where go into the JSON (with today's
      nodes, as for ComfyUI's own T5, --novram / --lowvram put the text encoder on the CPU).
 Writes --out/comfyui_gpu_check.json and --out/comfyui_server.log (both servers' logs) and prints a markdown table.
 
