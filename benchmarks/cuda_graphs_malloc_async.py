@@ -2,15 +2,16 @@
 cudaMallocAsync unless given --disable-cuda-malloc.) A random T5 v1.1 small in bfloat16, one encode of 1 x 100 ids,
 in one of these modes (each in a process of its own: the allocator is chosen when CUDA starts, and a failed capture
 aborts the process):
-  default       what t5core does: compiled, CUDA graphs of the compiled layers, or of the eager layers under
-                cudaMallocAsync (t5core.runtime.compiled_code_captures)
-  graphs        compiled, the compiled layers captured whatever the allocator
+  default       what t5core does: compiled, CUDA graphs of the compiled layers (under cudaMallocAsync built with
+                inductor's C++ wrapper, which launches their kernels from C++: t5core.runtime.Encoder.compile_layers)
+  graphs        compiled with inductor's Python wrapper, the compiled layers captured whatever the allocator
   eager-graphs  not compiled, the eager layers captured
 Inductor's launcher is chosen by TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER (0: Triton's own).
 
     PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python benchmarks/cuda_graphs_malloc_async.py graphs
     PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0 \\
         python benchmarks/cuda_graphs_malloc_async.py graphs
+    PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python benchmarks/cuda_graphs_malloc_async.py default
     python benchmarks/cuda_graphs_malloc_async.py graphs                                      # torch's allocator
 """
 import argparse
@@ -42,9 +43,9 @@ if __name__ == "__main__":
             out = enc._graphed_forward(ids.cuda(), None)
             out = enc._graphed_forward(ids.cuda(), None)
     else:
-        enc.compile()
-        if mode == "graphs":
+        if mode == "graphs":  # before compiling: compile_layers() would choose the C++ wrapper
             runtime.compiled_code_captures = lambda: True
+        enc.compile()
         out = enc.encode(ids)
         out = enc.encode(ids)
     torch.cuda.synchronize()

@@ -19,6 +19,8 @@ from . import fp8
 from .t5_common import T5AttnImpl, check_token_ids
 from .t5_encoder import T5EncoderStack
 
+log = logging.getLogger("t5core")
+
 
 class NonFiniteOutputError(FloatingPointError):
     """A float16 forward overflowed; the message names the first layer that produced inf/NaN."""
@@ -52,6 +54,8 @@ class Encoder:
         self.source_path = source_path  # the weights' file or folder, where calibrated scales are saved
         self._frozen: Optional[Callable] = None  # CPU: the whole forward compiled with its weights frozen in
         self._regional = False  # compile_layers() ran: the layers hold compiled code
+        self._compile_kwargs: dict = {}  # compile_layers()'s
+        self._cpp_wrapper = False  # the layers are compiled with inductor's C++ wrapper (see compile_layers)
         self._graphs: dict[tuple, tuple] = {}  # (B, L, padded) -> (graph, static (ids, mask), static output)
         self._graph_pool, self._graph_ptrs = None, None
         self._capture_streams: dict[torch.device, torch.cuda.Stream] = {}  # warm-up and capture, per device
@@ -80,8 +84,7 @@ class Encoder:
 
     # -- compiling -----------------------------------------------------------------------------------
     def compile(self) -> "Encoder":
-        """CUDA: regional compilation (compile_layers) and a CUDA graph per shape in encode() (of the eager layers
-        where compiled code cannot be captured: compiled_code_captures). CPU: the whole
+        """CUDA: regional compilation (compile_layers) and a CUDA graph per shape in encode(). CPU: the whole
         forward compiled with frozen weights, which inductor repacks for MKL's packed GEMM (10-20% faster than
         torch's CPU matmul at these shapes); weights must not change afterwards (or call reset()). Weights kept as
         GGUF blocks, fp8 or 16-bit for float32 compute are not frozen: freezing would fold their dequantization (or
@@ -105,12 +108,31 @@ class Encoder:
 
     def compile_layers(self, **compile_kwargs) -> "Encoder":
         """Regional compilation: every layer runs the same compiled code (parameters are graph inputs), so the
-        cost is one layer's compile, not the whole stack's, and it stays valid wherever the weights move."""
+        cost is one layer's compile, not the whole stack's, and it stays valid wherever the weights move.
+
+        Under cudaMallocAsync (ComfyUI's default allocator), where kernels launched from inductor's Python code
+        cannot be captured in CUDA graphs (compiled_code_captures), inductor's C++ wrapper launches them, and
+        those captures work: WAN's 1x512 in 10.98 ms against 16.79 for the captured eager layers on an H100
+        (BENCHMARKS.md). It needs a C++ compiler and Python's headers at the first encode of each shape; where it
+        cannot build, encode() logs why and falls back to the Python wrapper."""
         allow_many_compiled_shapes()
-        for layer in self.model.layers:
-            layer.compile(**{"dynamic": False, "fullgraph": True, **compile_kwargs})
-        self._regional = True
+        self._compile_kwargs = compile_kwargs
+        inductor = compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs  # options
+        self._cpp_wrapper = inductor and torch.cuda.is_available() and not compiled_code_captures()
+        self._compile_each_layer()
         return self
+
+    def _compile_each_layer(self) -> None:
+        kwargs = {"dynamic": False, "fullgraph": True, **self._compile_kwargs}
+        if self._cpp_wrapper:
+            kwargs["options"] = {"cpp_wrapper": True, **kwargs.get("options", {})}
+        for layer in self.model.layers:
+            layer.compile(**kwargs)
+        self._regional = True
+
+    def _captures_compiled(self) -> bool:
+        """Whether CUDA graphs can capture the compiled layers (else they capture the eager ones)."""
+        return compiled_code_captures() or self._cpp_wrapper
 
     @property
     def compiled(self) -> bool:
@@ -170,11 +192,17 @@ class Encoder:
             run_x = nn.functional.pad(x, (0, bucket - L) if embeds is None else (0, 0, 0, bucket - L))
         else:
             run_x, run_mask = x, mask
-        if self.compiled and self.device.type == "cuda" and self._graphs_ok():
-            out = self._graphed_forward(run_x, run_mask, embeds is not None, num_layers)
-        else:
-            forward = self._frozen if self.compiled and self._frozen is not None else self.model
-            out = forward(**self._inputs(run_x, embeds is not None), input_mask=run_mask, num_layers=num_layers)
+        try:
+            out = self._forward(run_x, run_mask, embeds is not None, num_layers)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # InductorError included
+            if not self._cpp_wrapper:
+                raise
+            log.warning("t5core: inductor's C++ wrapper could not build the compiled layers (%s); they are compiled "
+                        "with its Python wrapper instead, whose kernels CUDA graphs cannot capture under "
+                        "cudaMallocAsync: slower encodes", str(e).strip().splitlines()[0])
+            self._cpp_wrapper = False
+            self._compile_each_layer()
+            out = self._forward(run_x, run_mask, embeds is not None, num_layers)
         out = out[:, :L].contiguous() if bucket > L else out
         if self.config.dtype == torch.float16:
             finite_rows = torch.isfinite(out).all(-1)  # [B, L]; pad rows do not count
@@ -183,6 +211,13 @@ class Encoder:
                                                            mask=mask))
         return out
 
+    def _forward(self, x: Tensor, mask: Optional[BoolTensor], is_embeds: bool,
+                 num_layers: Optional[int]) -> FloatTensor:
+        if self.compiled and self.device.type == "cuda" and self._graphs_ok():
+            return self._graphed_forward(x, mask, is_embeds, num_layers)
+        forward = self._frozen if self.compiled and self._frozen is not None else self.model
+        return forward(**self._inputs(x, is_embeds), input_mask=mask, num_layers=num_layers)
+
     @staticmethod
     def _inputs(x: Tensor, is_embeds: bool) -> dict[str, Optional[Tensor]]:
         """The model's input_ids and embeds, from what _encode runs: ids [B, L] or embeddings [B, L, D]."""
@@ -190,11 +225,11 @@ class Encoder:
 
     # -- CUDA graphs ---------------------------------------------------------------------------------
     def _graphs_ok(self) -> bool:
-        """Compiled CUDA encodes replay graphs: of the compiled layers, or, where compiled code cannot be captured
-        (compiled_code_captures), of the eager ones. But there flex attention (eager, an unfused score matrix) and
+        """Compiled CUDA encodes replay graphs: of the compiled layers, or, where they cannot be captured
+        (_captures_compiled), of the eager ones. But there flex attention (eager, an unfused score matrix) and
         GGUF blocks (eager, many passes over each weight, and the Triton kernel cannot launch inside such a
         capture) run compiled, without graphs."""
-        return compiled_code_captures() or not (self.config.attn_impl == T5AttnImpl.Flex or self._packed)
+        return self._captures_compiled() or not (self.config.attn_impl == T5AttnImpl.Flex or self._packed)
 
     @functools.cached_property
     def _packed(self) -> bool:
@@ -228,8 +263,8 @@ class Encoder:
                  num_layers: Optional[int] = None) -> tuple:
         inputs = self._inputs(x, is_embeds)
 
-        def stance():  # compiled code captures under torch's own allocator only; else the eager layers are captured
-            return contextlib.nullcontext() if compiled_code_captures() else torch.compiler.set_stance("force_eager")
+        def stance():  # the compiled layers where they can be captured, else the eager layers
+            return contextlib.nullcontext() if self._captures_compiled() else torch.compiler.set_stance("force_eager")
 
         # Warm-up and capture on one stream of our own: the libraries' per-stream workspaces (cuBLAS's) are made
         # by the warm-up, not inside the capture, where they would be graph memory that outlives the graph
@@ -266,19 +301,13 @@ class Encoder:
 
 @functools.cache  # (the allocator is chosen once per process)
 def compiled_code_captures() -> bool:
-    """Whether compiled (Triton) kernels can be captured in a CUDA graph: not under cudaMallocAsync
-    (PYTORCH_CUDA_ALLOC_CONF backend:cudaMallocAsync, which ComfyUI sets unless started with --disable-cuda-malloc).
-    There the capture allocates its intermediates as graph memory, not yet mapped while capturing, and Triton's
-    launcher refuses their pointers ("CUDA driver error: invalid argument" on an H200, then an abort); the eager
-    layers captured fine there, and the graph makes up for their launches (BENCHMARKS.md). Says so once."""
-    if torch.cuda.get_allocator_backend() != "cudaMallocAsync":
-        return True
-    logging.getLogger("t5core").info(
-        "t5core: under the cudaMallocAsync allocator compiled kernels cannot be captured in CUDA graphs: the graphs "
-        "capture the eager layers (with flex attention or GGUF blocks the compiled layers run without graphs); "
-        "in ComfyUI, --disable-cuda-malloc lets the compiled ones be captured: 14 instead of 20 ms per WAN encode "
-        "on an H200")
-    return False
+    """Whether Triton kernels launched from Python (inductor's default wrapper, t5core.gguf_kernels) can be captured
+    in a CUDA graph: not under cudaMallocAsync (PYTORCH_CUDA_ALLOC_CONF backend:cudaMallocAsync, which ComfyUI sets
+    unless started with --disable-cuda-malloc). There the capture allocates its intermediates as graph memory, not
+    yet mapped while capturing, and the Python launchers refuse their pointers ("CUDA driver error: invalid
+    argument" on an H200, then an abort); inductor's C++ wrapper and torch's eager kernels capture fine there
+    (compile_layers, BENCHMARKS.md)."""
+    return torch.cuda.get_allocator_backend() != "cudaMallocAsync"
 
 
 @functools.cache
