@@ -250,6 +250,9 @@ class Encoder:
                 self._graph_ptrs = ptrs
             key = (*x.shape, mask is not None, is_embeds, num_layers)
             if key not in self._graphs:
+                log.info("t5core: capturing a CUDA graph for %d x %d tokens%s", x.shape[0], x.shape[1],
+                         " (the first time at this shape the layers compile: up to a minute or two with empty caches)"
+                         if self._captures_compiled() else "")
                 self._graphs[key] = self._capture(x.clone(), None if mask is None else mask.clone(), is_embeds,
                                                   num_layers)
             graph, (static_x, static_mask), static_out = self._graphs[key]
