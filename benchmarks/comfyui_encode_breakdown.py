@@ -10,7 +10,8 @@ with _nographs: the compiled layers without CUDA graphs.
 On the GPU machine, after `tools/comfyui_gpu_check.py` has written the models (/tmp/t5core_gpucheck_models):
     python3 benchmarks/comfyui_encode_breakdown.py --comfy .comfy/ComfyUI --family flux
     python3 benchmarks/comfyui_encode_breakdown.py --comfy .comfy/ComfyUI --family flux --malloc-async
-(--malloc-async: the allocator ComfyUI's main.py picks, cudaMallocAsync, under which t5core captures its eager layers.)
+(--malloc-async: the allocator ComfyUI's main.py picks, cudaMallocAsync, under which t5core builds its compiled layers
+with inductor's C++ wrapper to capture them.)
 """
 import argparse
 import asyncio
