@@ -199,7 +199,7 @@ class Encoder:
                 raise
             log.warning("t5core: inductor's C++ wrapper could not build the compiled layers (%s); they are compiled "
                         "with its Python wrapper instead, whose kernels CUDA graphs cannot capture under "
-                        "cudaMallocAsync: slower encodes", str(e).strip().splitlines()[0])
+                        "cudaMallocAsync: slower encodes", (str(e).strip().splitlines() or [type(e).__name__])[0])
             self._cpp_wrapper = False
             self._compile_each_layer()
             out = self._forward(run_x, run_mask, embeds is not None, num_layers)
