@@ -574,7 +574,7 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--port", type=int, default=8188)
     ap.add_argument("--server-flags", default="", help="more flags for the server of phase 3 (e.g. "
-                    "--disable-cuda-malloc: torch's own allocator, under which t5core captures its compiled layers)")
+                    "--disable-cuda-malloc: torch's own allocator instead of cudaMallocAsync)")
     args = ap.parse_args()
     args.comfy = str(Path(args.comfy).resolve())
     if args.cpu:
