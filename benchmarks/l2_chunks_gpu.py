@@ -16,11 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
+from t5core.gguf import Q8_0, QTYPES
 from t5core.gguf_kernels import expand
 
 M = 512
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "ff_in": (20480, 4096), "wo": (4096, 10240)}  # [N, K]
-Q8_0 = [8, 32, 34]  # qtype, weights per block, bytes per block
+SEGMENT = [Q8_0, *QTYPES[Q8_0][1:]]  # an expand() segment's type, weights per block, bytes per block
 
 
 def q8_blocks(n: int, k: int) -> torch.Tensor:
@@ -34,7 +35,7 @@ def q8_blocks(n: int, k: int) -> torch.Tensor:
 def q8_linear(x: torch.Tensor, blocks: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     """x [M, k] @ expanded(blocks)[N, k].T, `chunk` rows expanded and multiplied at a time."""
     n, one = blocks.shape[0], torch.ones((), device="cuda")
-    outs = [x @ expand(blocks, [*Q8_0, 0, min(chunk, n - r), r * blocks.shape[1]], [min(chunk, n - r), k], one,
+    outs = [x @ expand(blocks, [*SEGMENT, 0, min(chunk, n - r), r * blocks.shape[1]], [min(chunk, n - r), k], one,
                        torch.bfloat16).t() for r in range(0, n, chunk)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
@@ -71,7 +72,7 @@ def main() -> None:
     one = torch.ones((), device="cuda")
     variants = {
         "bf16 resident": lambda: [xs[p] @ dense[p].t() for p in SHAPES],
-        "Q8_0 expand only": lambda: [expand(q8[p], [*Q8_0, 0, n, 0], [n, k], one, torch.bfloat16)
+        "Q8_0 expand only": lambda: [expand(q8[p], [*SEGMENT, 0, n, 0], [n, k], one, torch.bfloat16)
                                      for p, (n, k) in SHAPES.items()],
         "Q8_0 expand whole": lambda: [q8_linear(xs[p], q8[p], k, n) for p, (n, k) in SHAPES.items()],
         **{f"Q8_0 chunks of {c} rows": (lambda c=c: [q8_linear(xs[p], q8[p], k, c) for p, (n, k) in SHAPES.items()])

@@ -500,20 +500,17 @@ def test_graphs_choice_where_compiled_code_cannot_be_captured(mixed_file, monkey
     from t5core import runtime
 
     path, _ = mixed_file
-
-    def encoders():  # GGUF blocks, plain weights, flex attention
-        return [t5core.load_encoder(path, dtype="float32"),
+    encoders = [t5core.load_encoder(path, dtype="float32"),  # GGUF blocks, plain weights, flex attention
                 t5core.load_encoder(path, dtype="float32", weight_dtype="fp32"),
                 t5core.load_encoder(path, dtype="float32", weight_dtype="fp32", attn_impl="flex")]
-
-    assert [is_packed(e.model) for e in encoders()] == [True, False, False]
+    assert [is_packed(e.model) for e in encoders] == [True, False, False]
     monkeypatch.setattr(runtime, "compiled_code_captures", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert [e._graphs_ok() for e in encoders()] == [False, True, False]
-    assert [e.compile_layers(backend="eager")._graphs_ok() for e in encoders()] == [False, True, False]
-    assert [e.compile_layers()._graphs_ok() for e in encoders()] == [True, True, True]
+    assert [e._graphs_ok() for e in encoders] == [False, True, False]
+    assert [e.compile_layers(backend="eager")._graphs_ok() for e in encoders] == [False, True, False]
+    assert [e.compile_layers()._graphs_ok() for e in encoders] == [True, True, True]
     monkeypatch.setattr(runtime, "compiled_code_captures", lambda: True)
-    assert [e._graphs_ok() for e in encoders()] == [True, True, True]
+    assert [e.compile_layers(backend="eager")._graphs_ok() for e in encoders] == [True, True, True]
 
 
 @pytest.mark.slow  # about 100 s on 2 loaded cores: inductor compiles every type's dequantization
