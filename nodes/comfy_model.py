@@ -24,6 +24,7 @@ from t5core.checkpoint import SAFETENSORS_SUFFIXES
 from t5core.fp16_scales import Scales
 from t5core.fp8 import FAST, fp8_matmul_support, log_compute_fallback, resolve_weight_dtype
 from t5core.t5_common import CAST_DTYPES, dtype_name, parse_dtype
+from t5core.weight_load import default_attention
 
 from .lowvram import make_streamable
 
@@ -142,8 +143,8 @@ class T5Encoder:
         return mm.text_encoder_device(), mm.text_encoder_offload_device()
 
     def attention(self) -> str:
-        """The attention kernel: as planned, else SDPA (t5core's default, which needs no Triton)."""
-        return self.plan.attention or "sdpa"
+        """The attention kernel: as planned, else t5core's choice for this model, device and compile setting."""
+        return self.plan.attention or default_attention(self.config, self.devices()[0], self.plan.compile)
 
     def patcher(self):
         """The ModelPatcher holding the weights, loaded from the file on first use (onto the offload device)."""

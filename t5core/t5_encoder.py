@@ -259,13 +259,15 @@ class T5EncoderStack(nn.Module):
         self.config = self.config.model_copy(update={"dtype": dtype})
         return self
 
-    def offset_bias(self) -> Tensor:
-        """[1 or num_layers, H, 2*max_distance + 1] float32: the bias by relative offset, from the bucket tables."""
+    def offset_bias(self, device: Optional[torch.device] = None) -> Tensor:
+        """[1 or num_layers, H, 2*max_distance + 1] float32 on `device` (None: the tables'): the bias by relative
+        offset, from the bucket tables (an offloading manager may have left some of them elsewhere)."""
         tables = ([self.relative_attention_bias.weight] if self.relative_attention_bias is not None
                   else [layer.attn.relative_attention_bias.weight for layer in self.layers])
+        device = tables[0].device if device is None else device
         cfg = self.config
-        return torch.stack([relative_offset_bias(t, cfg.relative_attention_num_buckets,
-                                                 cfg.relative_attention_max_distance) for t in tables])
+        return relative_offset_bias(torch.stack([t.to(device) for t in tables]), cfg.relative_attention_num_buckets,
+                                    cfg.relative_attention_max_distance)
 
     def forward(
         self,
@@ -285,8 +287,7 @@ class T5EncoderStack(nn.Module):
         inputs = input_ids if embeds is None else embeds
         L = inputs.shape[1]
         flex = self.config.attn_impl == T5AttnImpl.Flex
-        # [n, H, 2L-1]: a few KB, made where the inputs are (an offloading manager may have left the tables elsewhere)
-        rows = offset_rows(self.offset_bias().to(inputs.device), L)
+        rows = offset_rows(self.offset_bias(inputs.device), L)  # [n, H, 2L-1]: a few KB
         if flex and input_mask is not None and block_mask is None:
             block_mask = make_self_attn_block_mask(input_mask)
         # SDPA with one table for all layers: the dense bias once per call. Per-layer tables (UMT5) become dense in

@@ -522,6 +522,18 @@ def test_wan_through_comfyuis_encoder(comfy, hf_umt5):
     assert torch.equal(prompt_cond[0][0], tokens)
 
 
+def test_attention_auto_is_flex_for_a_compiled_umt5_on_a_gpu(comfy, monkeypatch):
+    """attention auto: flex where ComfyUI runs text encoders on a CUDA GPU, the Load node compiles and the file is a
+    UMT5 (a bias table per layer); SDPA otherwise; a named kernel is kept. (Decided, not run: no GPU here.)"""
+    umt5, t5 = load(comfy, "umt5_tiny.safetensors", compile=True), load(comfy, "t5_tiny.safetensors", compile=True)
+    assert umt5.attention() == t5.attention() == "sdpa"  # ComfyUI's text-encoder device is the CPU here
+    monkeypatch.setattr(comfy.mm, "text_encoder_device", lambda: torch.device("cuda"))
+    assert (umt5.attention(), t5.attention()) == ("flex", "sdpa")
+    assert "flex" in umt5.describe()
+    assert load(comfy, "umt5_tiny.safetensors").attention() == "sdpa"  # not compiled
+    assert load(comfy, "umt5_tiny.safetensors", compile=True, attention="sdpa").attention() == "sdpa"
+
+
 @pytest.mark.parametrize("how", ["fp32", "float16 scaled", "fp8"])
 def test_t5_patches_address_the_weights_comfyuis_t5_has(comfy, hf_model, how):
     """A LoRA for the T5 (ComfyUI's T5 key names, as its LoRA loaders map them) becomes patches of t5core's weights,

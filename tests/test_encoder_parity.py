@@ -26,6 +26,18 @@ def pair(request, tmp_path_factory):
     return request.param, hf, folder
 
 
+def test_default_attention():
+    """No attn_impl: flex only for a compiled UMT5 on CUDA (its per-layer bias tables read inside the kernel)."""
+    from t5core.weight_load import default_attention
+
+    umt5 = t5core.T5Config.from_name("small", pos_emb_per_layer=True)
+    t5 = t5core.T5Config.from_name("small")
+    assert default_attention(umt5, "cuda", compile=True) == "flex"
+    assert default_attention(umt5, torch.device("cuda", 1), compile=True) == "flex"
+    for config, device, compile in ((umt5, "cpu", True), (umt5, "cuda", False), (t5, "cuda", True)):
+        assert default_attention(config, device, compile) == "sdpa"
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "flex"])
 @pytest.mark.parametrize("lengths", [[1], [7, 3, 5], [64, 1, 33, 64], [512, 200, 17]])
 def test_float32_parity(pair, attn, lengths):

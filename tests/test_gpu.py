@@ -77,6 +77,24 @@ def test_float32_parity_compiled_with_graphs(hf_and_folder, attn):
                                   (2, 56, 64, True, True, None), (2, 56, True, False, 1)}  # embeddings: [B, L, D]
 
 
+def test_compiled_umt5_takes_flex_by_default(tmp_path):
+    """No attn_impl: a compiled UMT5 on CUDA runs flex attention (its per-layer bias tables read in the kernel),
+    equal to transformers' UMT5 in float32, padded prompts included."""
+    hf = make_hf_encoder("umt5", vocab_size=512, num_layers=3, seed=12)
+    folder = save_hf(hf, tmp_path)
+    hf = hf.to(CUDA)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = t5core.load_encoder(folder, "float32", "cuda", compile=True)
+    assert model.config.attn_impl == t5core.T5AttnImpl.Flex
+    assert t5core.load_encoder(folder, "float32", "cuda").config.attn_impl == t5core.T5AttnImpl.SDPA
+    for seed, lengths in ((0, None), (1, [64, 9])):
+        ids, mask = batch(2, 64, lengths, seed)
+        with torch.no_grad():
+            ref = hf(input_ids=ids.to(CUDA), attention_mask=mask.long().to(CUDA)).last_hidden_state
+        out = model.encode(ids, mask)
+        assert rel_err(out[mask.to(CUDA)], ref[mask.to(CUDA)]) <= 1e-5, seed
+
+
 @pytest.mark.parametrize("wdtype", ["bfloat16", "float16"])
 def test_float32_compute_on_16_bit_weights_splits_on_tensor_cores(hf_and_folder, wdtype):
     """weight_dtype bfloat16 / float16 with float32 compute: the file's bf16 weights (exact in float16 too) at half
