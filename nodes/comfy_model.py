@@ -157,6 +157,7 @@ class T5Encoder:
             runtime = t5core.load_encoder(self.ckpt, dtype=plan.dtype, device=offload_device,
                                           attn_impl=self.attention(), fuse_norms=plan.fuse_norms,
                                           fp16_scales=plan.fp16_scales, weight_dtype=plan.weight_dtype or "auto")
+            runtime.flex_by_default = plan.attention is None and self.attention() == "flex"
             if plan.compile:  # regional: valid on whichever device ComfyUI moves the weights to (graphs on CUDA)
                 runtime.compile_layers()
             make_streamable(runtime.model)  # ComfyUI may load it partially (nodes/lowvram.py)

@@ -123,12 +123,12 @@ class FastT5EncoderModel(PreTrainedModel):
 
         torch_dtype / dtype: the compute dtype, float32, bfloat16 or float16; None or "auto" keeps the stored
         dtype (float8 files compute in bfloat16), as transformers does. device / device_map ({"": device} or a
-        device string) place the weights; attn_impl: "sdpa" or "flex" (None: flex for a compiled UMT5 on CUDA, else sdpa). fuse_norms, fp16_scales, compile
-        and weight_dtype ("auto": float8 files keep fp8 weights; "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast", or
-        the compute dtype to expand them; t5core.fp8; "float16" / "bfloat16" with float32 compute) are
-        t5core.load_encoder's options; a float16 load with fp16_scales="auto" reuses scales saved by
-        save_pretrained, which writes fp8 weights as ComfyUI's scaled fp8 file. Hub names are not downloaded: pass
-        a local path."""
+        device string) place the weights; attn_impl: "sdpa" or "flex" (None: flex for a compiled UMT5 on CUDA, else
+        sdpa). fuse_norms, fp16_scales, compile and weight_dtype ("auto": float8 files keep fp8 weights;
+        "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast", or the compute dtype to expand them; t5core.fp8; "float16" /
+        "bfloat16" with float32 compute) are t5core.load_encoder's options; a float16 load with fp16_scales="auto"
+        reuses scales saved by save_pretrained, which writes fp8 weights as ComfyUI's scaled fp8 file. Hub names are
+        not downloaded: pass a local path."""
         if model_args:
             raise TypeError(f"from_pretrained takes no positional arguments after the path, got {model_args}")
         _check_loader_kwargs(kwargs)
@@ -170,6 +170,7 @@ class FastT5EncoderModel(PreTrainedModel):
         else:
             encoder = _share_weights(hf_model, config)
         runtime = Encoder(encoder)
+        runtime.flex_by_default = attn_impl is None and impl == T5AttnImpl.Flex
         return cls._wrap(runtime.compile() if compile else runtime, name_or_path=hf_model.name_or_path)
 
     @classmethod

@@ -61,6 +61,9 @@ class Encoder:
         self._capture_streams: dict[torch.device, torch.cuda.Stream] = {}  # warm-up and capture, per device
         self._param_slots: Optional[list[tuple[dict, str]]] = None  # (owner's _parameters/_buffers, name): _weight_ptrs
         self.stream_to: Optional[torch.device] = None  # see stream_weights
+        # flex attention was t5core's pick (weight_load.default_attention), not the caller's: if the compiled layers
+        # cannot be captured after all (the C++ wrapper's fallback below), SDPA's eager layers are captured instead
+        self.flex_by_default = False
 
     @property
     def config(self):
@@ -197,9 +200,13 @@ class Encoder:
         except torch._dynamo.exc.BackendCompilerFailed as e:  # InductorError included
             if not self._cpp_wrapper:
                 raise
+            to_sdpa = self.flex_by_default and self.config.attn_impl == T5AttnImpl.Flex
             log.warning("t5core: inductor's C++ wrapper could not build the compiled layers (%s); they are compiled "
                         "with its Python wrapper instead, whose kernels CUDA graphs cannot capture under "
-                        "cudaMallocAsync: slower encodes", (str(e).strip().splitlines() or [type(e).__name__])[0])
+                        "cudaMallocAsync: slower encodes%s", (str(e).strip().splitlines() or [type(e).__name__])[0],
+                        " (attention: SDPA instead of flex, whose eager layers are captured)" if to_sdpa else "")
+            if to_sdpa:
+                self.model.config = self.config.model_copy(update={"attn_impl": T5AttnImpl.SDPA})
             self._cpp_wrapper = False
             self._compile_each_layer()
             out = self._forward(run_x, run_mask, embeds is not None, num_layers)

@@ -291,8 +291,8 @@ def relative_position_bucket(rel_pos: LongTensor, num_buckets: int = 32, max_dis
 def relative_offset_bias(tables: Tensor, num_buckets: int, max_distance: int) -> FloatTensor:
     """Bucket tables [n, buckets, heads] -> bias by relative offset, [n, heads, 2*max_distance + 1] float32: entry
     j is the bias for key - query = j - max_distance. Buckets stop changing at max_distance, so one table serves
-    every sequence length (see offset_rows). All tables in one gather: UMT5's 24, one by one, made 440 small kernels
-    per encode, 0.6 ms of an XXL CUDA graph's 11 on an H100 (BENCHMARKS.md)."""
+    every sequence length (see offset_rows). All tables in one gather: UMT5's 24 one by one made 414 more kernels per
+    encode, about 1 ms of WAN's 11.4 ms at XXL on an H100 (BENCHMARKS.md)."""
     if max_distance <= num_buckets // 4:  # buckets are exact up to num_buckets // 4: they would not saturate
         raise ValueError(f"relative_attention_max_distance {max_distance} must exceed num_buckets / 4 "
                          f"({num_buckets // 4})")

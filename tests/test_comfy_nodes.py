@@ -530,6 +530,9 @@ def test_attention_auto_is_flex_for_a_compiled_umt5_on_a_gpu(comfy, monkeypatch)
     monkeypatch.setattr(comfy.mm, "text_encoder_device", lambda: torch.device("cuda"))
     assert (umt5.attention(), t5.attention()) == ("flex", "sdpa")
     assert "flex" in umt5.describe()
+    umt5.patcher()  # loads (onto the offload device, the CPU) and compiles lazily: nothing runs on the GPU yet
+    runtime = umt5._runtime
+    assert runtime.config.attn_impl.value == "flex" and runtime.flex_by_default  # SDPA where it cannot capture
     assert load(comfy, "umt5_tiny.safetensors").attention() == "sdpa"  # not compiled
     assert load(comfy, "umt5_tiny.safetensors", compile=True, attention="sdpa").attention() == "sdpa"
 

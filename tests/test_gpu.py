@@ -165,8 +165,10 @@ print("OK")
 def test_without_a_cpp_compiler_under_cuda_malloc_async(hf_and_folder, tmp_path):
     """Where inductor's C++ wrapper cannot build (here: no C++ compiler, and an empty compile cache), a compiled
     encoder under cudaMallocAsync says so once and compiles its layers with the Python wrapper: the graphs capture
-    the eager layers (the eager model's output), and with flex attention the compiled layers run without graphs."""
+    the eager layers (the eager model's output), and with flex attention named the compiled layers run without
+    graphs; a UMT5 given flex by default goes back to SDPA, whose eager layers are captured."""
     folder, _ = hf_and_folder
+    umt5 = save_hf(make_hf_encoder("umt5", vocab_size=512, num_layers=2, seed=13).to(torch.bfloat16), tmp_path / "umt5")
     run_python(f"""
 import logging, torch, t5core
 records = []
@@ -180,6 +182,14 @@ assert not enc._cpp_wrapper and len(enc._graphs) == 1 and ((out - eager).norm() 
 assert sum("C++ wrapper could not build" in r.getMessage() for r in records) == 1, [r.getMessage() for r in records]
 flex = t5core.load_encoder({str(folder)!r}, "bfloat16", "cuda", attn_impl="flex", compile=True)
 assert ((flex.encode(ids) - eager).norm() / eager.norm()).item() < 3e-2 and not flex._graphs
+want = t5core.load_encoder({str(umt5)!r}, "bfloat16", "cuda").encode(ids)
+enc = t5core.load_encoder({str(umt5)!r}, "bfloat16", "cuda", compile=True)
+assert enc.flex_by_default and enc.config.attn_impl == t5core.T5AttnImpl.Flex
+for _ in range(2):
+    out = enc.encode(ids)
+assert enc.config.attn_impl == t5core.T5AttnImpl.SDPA and len(enc._graphs) == 1
+assert ((out - want).norm() / want.norm()).item() < 1e-6
+assert any("SDPA instead of flex" in r.getMessage() for r in records)
 print("OK")
 """, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync", CXX="/nonexistent/c++",
                TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
