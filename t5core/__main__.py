@@ -2,6 +2,7 @@
 import argparse
 import functools
 import importlib
+import logging
 import sys
 from pathlib import Path
 
@@ -115,8 +116,8 @@ def _tokenizer_for(args, ckpt=None, folder=None):
         return load_tokenizer(args.tokenizer)
     if ckpt is not None:
         return ckpt.tokenizer_or_bundled()
-    if (found := find_tokenizer(folder)) is None:
-        print(f"no tokenizer in {folder}; using the bundled T5 tokenizer", file=sys.stderr)
+    if (found := find_tokenizer(folder)) is None:  # worded and reported as Checkpoint.tokenizer_or_bundled's
+        logging.getLogger("t5core").warning("no tokenizer in %s; using the bundled T5 tokenizer", folder)
     return load_tokenizer(found or BUNDLED_SPIECE)
 
 

@@ -470,3 +470,18 @@ def test_save_is_atomic(tok_json, tmp_path, monkeypatch):
         tok_json.save(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
     assert (tmp_path / "tokenizer.json").read_bytes() == old
+
+
+def test_cli_folder_without_a_tokenizer_falls_back_with_a_warning(tmp_path, caplog):
+    """embed --fsdp reads a dcp folder: with no tokenizer in it, the bundled one, said in the same logged warning
+    as a checkpoint without one (Checkpoint.tokenizer_or_bundled)."""
+    import argparse
+
+    from t5core.__main__ import _tokenizer_for
+    from t5core.tokenizer import BUNDLED_SPIECE, load_tokenizer
+
+    with caplog.at_level("WARNING", logger="t5core"):
+        tok = _tokenizer_for(argparse.Namespace(tokenizer=None), folder=tmp_path)
+    assert f"no tokenizer in {tmp_path}; using the bundled T5 tokenizer" in caplog.text
+    ids, _ = tok(["a cat on a mat"], max_length=16)
+    assert torch.equal(ids, load_tokenizer(BUNDLED_SPIECE)(["a cat on a mat"], max_length=16)[0])
