@@ -2,7 +2,6 @@
 import argparse
 import functools
 import importlib
-import logging
 import sys
 from pathlib import Path
 
@@ -110,15 +109,14 @@ def _load(args, ckpt, compile: bool = False, expand: bool = False):
 
 def _tokenizer_for(args, ckpt=None, folder=None):
     """--tokenizer, else the checkpoint's own (beside it or embedded) or the one in folder, else the bundled one."""
-    from .tokenizer import BUNDLED_SPIECE, find_tokenizer, load_tokenizer
+    from .tokenizer import bundled_tokenizer, find_tokenizer, load_tokenizer
 
     if args.tokenizer is not None:
         return load_tokenizer(args.tokenizer)
     if ckpt is not None:
         return ckpt.tokenizer_or_bundled()
-    if (found := find_tokenizer(folder)) is None:  # worded and reported as Checkpoint.tokenizer_or_bundled's
-        logging.getLogger("t5core").warning("no tokenizer in %s; using the bundled T5 tokenizer", folder)
-    return load_tokenizer(found or BUNDLED_SPIECE)
+    found = find_tokenizer(folder)
+    return load_tokenizer(found) if found is not None else bundled_tokenizer(f"in {folder}")
 
 
 def cmd_encode(args) -> None:

@@ -8,7 +8,6 @@ Keys are reported in Hugging Face T5 naming with the prefix stripped; `native_ta
 T5EncoderStack's fused parameters.
 """
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -598,13 +597,10 @@ class Checkpoint:
 
     def tokenizer_or_bundled(self):
         """own_tokenizer(), else the bundled T5 tokenizer (a logged warning says so)."""
-        from .tokenizer import BUNDLED_SPIECE, load_tokenizer
+        from .tokenizer import bundled_tokenizer
 
         own = self.own_tokenizer()
-        if own is None:
-            logging.getLogger("t5core").warning("no tokenizer beside %s; using the bundled T5 tokenizer", self.path)
-            own = load_tokenizer(BUNDLED_SPIECE)
-        return own
+        return own if own is not None else bundled_tokenizer(f"beside {self.path}")
 
     def get(self, key: str, device="cpu", keep_fp8: bool = False) -> torch.Tensor:
         """One tensor, on `device`, dequantized if it is float8 (weight * scale_weight) unless keep_fp8."""

@@ -12,6 +12,7 @@ and is then read back from its JSON text, so it holds exactly the scores a token
 
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -270,3 +271,10 @@ def load_tokenizer(source: "str | os.PathLike | bytes | bytearray | memoryview |
             raise ValueError(f"{path}: cannot read ({e}); {expected}") from e
         tokenizer = _from_spiece(data, str(path))
     return T5Tokenizer(tokenizer, str(path))
+
+
+def bundled_tokenizer(missing: str) -> T5Tokenizer:
+    """The bundled T5 tokenizer, where none was found: one logged warning naming what lacks one (`missing`, e.g.
+    "beside model.safetensors")."""
+    logging.getLogger("t5core").warning("no tokenizer %s; using the bundled T5 tokenizer", missing)
+    return load_tokenizer(BUNDLED_SPIECE)
