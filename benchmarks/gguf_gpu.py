@@ -199,14 +199,15 @@ def unquantized(reference: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Modul
 # --------------------------------------------------------------------------------------------------
 # Variants of the compressed path (--variants), to time beside it
 # --------------------------------------------------------------------------------------------------
-VARIANTS = {"torch": "the blocks expanded by t5core.gguf's torch code (t5core.gguf_kernels' Triton kernel off)"}
+VARIANTS = {"torch": "the blocks expanded by t5core.gguf's torch code (t5core.gguf_kernels' Triton kernel off)",
+            "q8-torch": "one-type Q8_0 planes expanded by the torch code, not gguf_kernels.expand_q8_0_planes"}
 
 
 def load_variant(path: Path, variant: str, device, eager: bool) -> Encoder:
     """The compressed encoder as load_encoder gives it, changed as VARIANTS[variant] says."""
     enc = t5core.load_encoder(path, dtype="bfloat16", device=device, compile=False)
     for m in enc.model.modules():
-        if isinstance(m, PackedWeight):
+        if isinstance(m, PackedWeight) and (variant == "torch" or m.planar):
             m.use_kernel = False
     if not eager:
         enc.compile()

@@ -180,10 +180,29 @@ def test_packed_weight_concat_is_the_fused_weight():
     assert torch.equal(fused.embedding(ids), fused()[ids])
 
 
+def test_planar_weight_keeps_its_values():
+    """make_planar_ reorders a one-type Q8_0 weight's bytes into planes (the same bytes, other order); the weight,
+    its scaled bfloat16 form and embedding rows stay bit-identical, and other types are left as they are."""
+    rng = np.random.default_rng(5)
+    rows, cols = 48, 512
+    data = random_blocks(T.Q8_0, rows, cols, rng, std=1.0)
+    w = PackedWeight(blocks_tensor(data).clone(), T.Q8_0, (rows, cols))
+    before, scaled = w(), w(torch.bfloat16, torch.tensor(0.25))
+    w.make_planar_()
+    assert w.planar and w.nbytes == data.size and not torch.equal(w.blocks.reshape(-1), blocks_tensor(data).reshape(-1))
+    assert np.array_equal(bits(w()), bits(before)) and torch.equal(w(torch.bfloat16, torch.tensor(0.25)), scaled)
+    ids = torch.tensor([[0, 7, 7], [rows - 1, 3, 0]])
+    assert torch.equal(w.embedding(ids), before[ids])
+    other = PackedWeight(blocks_tensor(random_blocks(T.Q6_K, rows, cols, rng)), T.Q6_K, (rows, cols))
+    other.make_planar_()
+    assert not other.planar
+
+
 def check_kernels(device: str, dtypes) -> None:
     """t5core.gguf_kernels.expand on `device` gives (dequantize(blocks) * scale).to(dtype), bit for bit, for the
-    blocks of every quantized type (random bytes, all-0x00 and all-0xFF codes, both signs of the fp16 fields) and
-    for a segmented weight of all of them."""
+    blocks of every quantized type (random bytes, all-0x00 and all-0xFF codes, both signs of the fp16 fields), so
+    does expand_q8_0_planes for Q8_0 reordered into planes, and expand for segmented weights: one of all types, and
+    one whose Q4_K and Q5_K segments start at byte offsets that are not multiples of 4."""
     from t5core import gguf_kernels
 
     rng = np.random.default_rng(7)
@@ -203,13 +222,28 @@ def check_kernels(device: str, dtypes) -> None:
                 got = gguf_kernels.expand(blocks.to(device), [int(qtype), *QTYPES[int(qtype)][1:], 0, rows, 0],
                                            [rows, cols], scale, dtype)
                 assert torch.equal(got.cpu(), want.to(dtype)), (qtype.name, fill, dtype)
+            if qtype == T.Q8_0:  # reordered into planes (PackedWeight.make_planar_): the planar kernel
+                planar = PackedWeight(blocks.clone(), qtype, (rows, cols))
+                planar.make_planar_()
+                for dtype in dtypes:
+                    got = gguf_kernels.expand_q8_0_planes(planar.blocks.to(device), [rows, cols], scale, dtype)
+                    assert torch.equal(got.cpu(), want.to(dtype)), (qtype.name, fill, dtype, "planes")
         parts.append((qtype, blocks))
+    check_segmented(gguf_kernels, parts, rows, cols, device)
+    # segments of one row after a 210-byte Q6_K block: Q5_K and Q4_K codes (read as words) at unaligned offsets
+    rows, cols = 1, 256
+    check_segmented(gguf_kernels, [(q, blocks_tensor(random_blocks(q, rows, cols, rng, std=1.0)))
+                                   for q in (T.Q6_K, T.Q5_K, T.Q4_K, T.Q6_K)], rows, cols, device)
+
+
+def check_segmented(gguf_kernels, parts, rows: int, cols: int, device: str) -> None:
+    """A segmented weight of `parts` ((qtype, blocks of `rows` rows), one after another) expands bit for bit."""
     starts = np.cumsum([0] + [b.numel() for _, b in parts]).tolist()
     segments = [x for i, (q, _) in enumerate(parts) for x in (int(q), *QTYPES[int(q)][1:], i * rows, rows, starts[i])]
     flat = torch.cat([b.reshape(-1) for _, b in parts]).to(device)
     want = torch.cat([dequantize(b, q, (rows, cols)) for q, b in parts])
     got = gguf_kernels.expand(flat, segments, [len(parts) * rows, cols], torch.ones((), device=device), torch.float32)
-    assert np.array_equal(bits(got.cpu()), bits(want))
+    assert np.array_equal(bits(got.cpu()), bits(want)), [QTYPES[int(q)][0] for q, _ in parts]
 
 
 def test_kernels_bit_identical_in_triton_interpreter():
