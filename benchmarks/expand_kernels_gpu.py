@@ -75,8 +75,10 @@ def main() -> None:
     one = torch.ones((), device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter truncates to bfloat16
     cols, table = 4096, []
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, {args.rows} x {cols} weights per type, "
-          f"baseline {args.baseline}", flush=True)
+    tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {gpu}, {args.rows} x {cols} weights per type, baseline {args.baseline}",
+          flush=True)
     for name in args.types.split(","):
         if name not in QTYPE:
             p.error(f"--types: unknown {name!r}")
@@ -86,7 +88,6 @@ def main() -> None:
         shape = [args.rows, cols]
         calls = {"baseline": lambda: baseline.expand(blocks, segments, shape, one, dtype),
                  "records": lambda: gguf_kernels.expand(blocks, segments, shape, one, dtype)}
-        tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",") if t]
         for rows, warps in tiles:
             calls[f"records {rows}x{warps}"] = partial(with_tile, rows, warps, gguf_kernels.expand, blocks, segments,
                                                        shape, one, dtype)

@@ -70,7 +70,8 @@ def main() -> None:
     if hasattr(k, "_expand_q8_0_planes_kernel"):
         jobs.append(("_expand_q8_0_planes_kernel", "Q8_0 planes", {"ROWS": rows}, rows * 32))
     print(f"{args.file}, sm_{args.arch}, ROWS {rows}, {warps} warps\n")
-    print("| kernel | type | SASS per thread | weights per thread | per weight | I2F | LDG | STG |\n|---|---|---|---|---|---|---|---|")
+    print("| kernel | type | SASS per thread | weights per thread | per weight | I2F | LDG | STG |")
+    print("|---|---|---|---|---|---|---|---|")
     for kernel, name, constants, weights in jobs:
         ops = sass(getattr(k, kernel), constants, args.arch, warps)
         n = collections.Counter(ops)

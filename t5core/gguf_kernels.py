@@ -102,6 +102,7 @@ def _byte_values(q, minus: tl.constexpr):
 
 @triton.jit
 def _store(ptr, w, mask):
+    """w rounded once (to nearest even) to ptr's dtype, stored."""
     tl.store(ptr, w.to(ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
@@ -134,8 +135,9 @@ def _expand_kernel(src, src_start, out, out_start, scale_ptr, n_groups, QTYPE: t
         else:
             w = (_f16(block, mask) * scale) * _exact(q, 0) + _f16(block + 2, mask) * scale
         _store(out, w, mask)
-    elif QTYPE <= 11:  # Q2_K: scales[16] qs[64] d dmin; Q3_K: hmask[32] qs[64] scales[12] d. h: the half, whose
-        qs = tl.load(block + (16 if QTYPE == 10 else 32) + 32 * h + l, mask=mask, other=0)  # 4 runs j: 2 bits each
+    elif QTYPE <= 11:  # Q2_K: scales[16] qs[64] d dmin; Q3_K: hmask[32] qs[64] scales[12] d
+        # h: the half block, whose runs j = 0..3 take 2 bits of each of its 32 code bytes
+        qs = tl.load(block + (16 if QTYPE == 10 else 32) + 32 * h + l, mask=mask, other=0)
         if QTYPE == 11:
             hm = tl.load(block + l, mask=mask, other=0)  # every run's top bit: bit 4h + j
         for j in tl.static_range(4):
@@ -151,7 +153,8 @@ def _expand_kernel(src, src_start, out, out_start, scale_ptr, n_groups, QTYPE: t
                 q = ql | (((hm >> (4 * h + j)) & 1) << 2)
                 w = ((_f16(block + 108, mask) * scale) * _exact(low | (top << 4), 32)) * _exact(q, 4)
             _store(out + 32 * j, w, mask)
-    elif QTYPE == 14:  # Q6_K: ql[128] qh[64] scales[16] (int8) d. h: the half, whose runs t = 0..3 take
+    elif QTYPE == 14:  # Q6_K: ql[128] qh[64] scales[16] (int8) d
+        # h: the half block, whose runs t = 0..3 take a nibble of ql_a or ql_b and 2 bits of qh
         ql_a = tl.load(block + 64 * h + l, mask=mask, other=0)  # low nibbles: t = 0, high: t = 2
         ql_b = tl.load(block + 64 * h + 32 + l, mask=mask, other=0)  # t = 1, 3
         qh = tl.load(block + 128 + 32 * h + l, mask=mask, other=0)  # 2 top bits per run
@@ -164,8 +167,9 @@ def _expand_kernel(src, src_start, out, out_start, scale_ptr, n_groups, QTYPE: t
             q = ((ql >> (4 * (t // 2))) & 0x0F) | (((qh >> (2 * t)) & 3) << 4)
             sc = tl.load(block + 192 + 8 * h + 2 * t + l // 16, mask=mask, other=0) ^ 0x80  # int8 + 128
             _store(out + 32 * t, (d * _exact(sc, 128)) * _exact(q, 32), mask)
-    else:  # Q4_K: d dmin scales[12] qs[128]; Q5_K: d dmin scales[12] qh[32] qs[128]. h: the pair of runs 2h, 2h + 1
-        # whose 32 code bytes (low nibbles, high) are read as 8 words [R, 8] and worked on 4 bytes at a time
+    else:  # Q4_K: d dmin scales[12] qs[128]; Q5_K: d dmin scales[12] qh[32] qs[128]
+        # h: the pair of runs 2h, 2h + 1, whose 32 code bytes (low nibbles, high) are read as 8 words [R, 8] and
+        # worked on 4 bytes at a time
         w8 = tl.arange(0, 8)[None, :]
         qs = tl.load((block + (16 if QTYPE == 12 else 48) + 32 * h).to(tl.pointer_type(tl.uint32)) + w8, mask=mask,
                      other=0)
@@ -194,7 +198,8 @@ def _expand_q8_0_planes_kernel(src, out, scale_ptr, n_blocks, d_at, ROWS: tl.con
 
 
 @triton_op("t5core::gguf_expand_q8_0_planes", mutates_args=())
-def expand_q8_0_planes(planes: torch.Tensor, shape: list[int], scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def expand_q8_0_planes(planes: torch.Tensor, shape: list[int], scale: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
     """A planar Q8_0 weight's bytes (PackedWeight.make_planar_) -> (weight * scale).to(dtype) of `shape`."""
     out = torch.empty(shape, dtype=dtype, device=planes.device)
     if planes.storage_offset() % 4:  # codes are read as 4-byte words
