@@ -31,7 +31,7 @@ from gguf_gpu import k_blocks, q8_0_blocks, timed  # noqa: E402  (this folder)
 from t5core import gguf_kernels  # noqa: E402
 from t5core.gguf import QTYPES, PackedWeight  # noqa: E402
 
-QTYPE = {"Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+QTYPE = {"Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q3_K": 11, "Q2_K": 10}
 
 
 def load_baseline(path: Path) -> types.ModuleType:

@@ -2,7 +2,7 @@
 
 For each type (--types) one random T5 v1.1 encoder of the chosen size is written as a GGUF file:
   Q8_0  random float32 weights quantized with torch (per 32 values: an fp16 scale absmax/127 and int8 codes);
-  Q4_K, Q5_K, Q6_K  random blocks with sane fp16 scales (6-bit sub-block scales and mins, codes at random);
+  Q2_K..Q6_K  random blocks with sane fp16 scales (sub-block scales, mins and codes at random);
   Q4_K_M, Q5_K_M    Q4_K / Q5_K with attn_v and ffn_down in Q6_K in half the layers, as llama.cpp's _M recipe;
 norms and relative-attention tables in F32, as llama.cpp writes them. Then, on --device:
   compressed  t5core.load_encoder(file, dtype=bfloat16, compile=...): the product path, blocks kept (on CUDA the
@@ -90,23 +90,22 @@ def q8_0_blocks(w: torch.Tensor) -> np.ndarray:
 
 # Random K-type blocks: (bytes per block, the std of a value's integer part (scale times code, less min times mins)
 # when the scale bytes and codes are uniform random: d = std / that, the mean code: dmin = d times it, so values
-# center on 0)
-K_BLOCKS = {"Q4_K": (144, 245, 7.5), "Q5_K": (176, 513, 15.5), "Q6_K": (210, 1366, None)}
+# center on 0; where d and dmin lie in the block)
+K_BLOCKS = {"Q4_K": (144, 245, 7.5, 0, 2), "Q5_K": (176, 513, 15.5, 0, 2), "Q6_K": (210, 1366, None, 208, None),
+            "Q3_K": (110, 43, None, 108, None), "Q2_K": (84, 14, 1.5, 80, 82)}
 TYPES = ("Q8_0", *K_BLOCKS, "Q4_K_M", "Q5_K_M")
 
 
 def k_blocks(qtype: str, rows: int, cols: int, std: float, gen: torch.Generator, device) -> np.ndarray:
-    """Random Q4_K / Q5_K / Q6_K bytes [R, C / 256 * size] whose values have about `std` and mean 0: the float16
-    fields (d and dmin, Q6_K's d) set so that the random 6-bit (Q6_K: int8) scales, mins and codes spread like that."""
-    size, spread, mean_code = K_BLOCKS[qtype]
+    """Random bytes of a K type [R, C / 256 * size] whose values have about `std` and mean 0: the float16 fields
+    (d, and dmin where the type has one) set so that the random scales, mins and codes spread like that."""
+    size, spread, mean_code, d_at, dmin_at = K_BLOCKS[qtype]
     nb = cols // 256
     b = torch.randint(0, 256, (rows, nb, size), dtype=torch.uint8, generator=gen, device=device)
     d = torch.full((rows, nb, 1), std / spread, dtype=torch.float16, device=device)
-    if qtype == "Q6_K":
-        b[..., 208:210] = d.view(torch.uint8)
-    else:
-        b[..., 0:2] = d.view(torch.uint8)
-        b[..., 2:4] = (d * mean_code).view(torch.uint8)
+    b[..., d_at:d_at + 2] = d.view(torch.uint8)
+    if dmin_at is not None:
+        b[..., dmin_at:dmin_at + 2] = (d * mean_code).view(torch.uint8)
     return b.reshape(rows, -1).cpu().numpy()
 
 
