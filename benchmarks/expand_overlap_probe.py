@@ -8,15 +8,16 @@ distinct random weights, 1 x 512 tokens, bf16 compute; everything captured in on
                   (two buffers per projection kind; events order each buffer's writer and reader)
 
 fmt: q8 (int8 codes [N, K] and float16 scales [N, K/32]) and fp8 (e4m3 rows [N, K], float32 scale per row).
-Median of --reps graph replays, CUDA events, variants interleaved. Prints a table last.
+Median of --reps graph replays, CUDA events, variants interleaved (gguf_gpu.timed). Prints a table last.
 
     python benchmarks/expand_overlap_probe.py
 """
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
+
+from gguf_gpu import timed  # this folder: interleaved medians after warm-up
 
 D, H, FF, LAYERS, L = 4096, 64, 10240, 24, 512
 SHAPES = {"qkv": (3 * D, D), "o": (D, D), "ff_in": (2 * FF, D), "ff_out": (D, FF)}
@@ -179,23 +180,10 @@ def main():
                 for n in SHAPES:
                     ex(*w[n], bufs[n])
         variants[f"{fmt} expansion alone"] = graphed(expand_all)
-    times = {k: [] for k in variants}
-    for _ in range(3):
-        for g, *_ in variants.values():
-            g.replay()
-    for _ in range(args.reps):
-        for k, (g, *_) in variants.items():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times[k].append(a.elapsed_time(b))
-    base = statistics.median(times["bf16"])
+    ms = timed({k: g.replay for k, (g, *_) in variants.items()}, args.reps, torch.device("cuda"))
     print("\n| variant | ms 1x512 (median) | x bf16 |\n|---|---|---|")
-    for k, t in times.items():
-        m = statistics.median(t)
-        print(f"| {k} | {m:.2f} | {m / base:.2f}x |")
+    for k, m in ms.items():
+        print(f"| {k} | {m:.2f} | {m / ms['bf16']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -3,19 +3,19 @@ expanding it whole? (The hope: the bf16 chunk is read back by the matmul from th
 
 One T5-XXL layer's four projections (qkv 4096 -> 12288, o 4096 -> 4096, ff_in 4096 -> 20480, wo 10240 -> 4096)
 at M = 512 tokens, each variant captured in a CUDA graph and timed with CUDA events, interleaved, median of 50
-after 10 warm-ups: bf16 weights resident; random Q8_0 blocks expanded by t5core.gguf_kernels then multiplied,
-whole and in chunks of 512 .. 4096 rows (outputs concatenated); random fp8 weights with per-row scales expanded
-and multiplied under torch.compile, whole and in chunks. Markdown table last; x24 is the encoder's 24 layers.
+after warm-up (gguf_gpu.timed): bf16 weights resident; random Q8_0 blocks expanded by t5core.gguf_kernels then
+multiplied, whole and in chunks of 512 .. 4096 rows (outputs concatenated); random fp8 weights with per-row scales
+expanded and multiplied under torch.compile, whole and in chunks. Markdown table last; x24 is the encoder's 24 layers.
 
     python benchmarks/l2_chunks_gpu.py
 """
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
+from gguf_gpu import timed  # this folder: interleaved medians after warm-up
 from t5core.gguf import Q8_0, QTYPES
 from t5core.gguf_kernels import expand
 
@@ -84,22 +84,12 @@ def main() -> None:
     for p, (n, k) in SHAPES.items():  # chunks give the product of the whole (up to the matmul's order of sums)
         torch.testing.assert_close(q8_linear(xs[p], q8[p], k, 2048), q8_linear(xs[p], q8[p], k, n))
     replays = {name: captured(fn) for name, fn in variants.items()}
-    times = {name: [] for name in replays}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for it in range(60):
-        for name, replay in replays.items():
-            start.record()
-            replay()
-            end.record()
-            torch.cuda.synchronize()
-            if it >= 10:
-                times[name].append(start.elapsed_time(end))
+    times = timed(replays, 50, torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: one XXL layer's four projections, M = {M}, "
           f"CUDA graphs, median ms of 50")
-    base = statistics.median(times["bf16 resident"])
+    base = times["bf16 resident"]
     print("\n| variant | ms per layer | x24 | vs bf16 resident |\n|---|---|---|---|")
-    for name, t in times.items():
-        ms = statistics.median(t)
+    for name, ms in times.items():
         print(f"| {name} | {ms:.3f} | {24 * ms:.2f} | {ms / base:.2f}x |")
 
 
