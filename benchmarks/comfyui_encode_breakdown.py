@@ -2,7 +2,8 @@
 ("T5 Encoder to CLIP (fast)") for a family, on the model files tools/comfyui_gpu_check.py writes. Per prompt change,
 CUDA-synchronized wall times of: ComfyUI's tokenize; the whole encode_from_tokens_scheduled (what CLIPTextEncode runs);
 ComfyUI's T5 SDClipModel.encode_token_weights alone (its T5 part, with ComfyUI's padding, embeddings and mask);
-the CLIP-L part alone (flux); t5core's Encoder.encode alone on ids of the padded length. Then CUDA-graph captures
+the CLIP-L part alone (flux) and the GPU kernel time inside it (torch.profiler: what of its wall time the GPU is
+busy); t5core's Encoder.encode alone on ids of the padded length. Then CUDA-graph captures
 per encode (t5core.runtime.Encoder._capture counted) and a cProfile of t5core's encodes without graphs (host time by
 function). Variants: comfy (ComfyUI's own CLIP), t5core_fp16 / _bf16 / _fp32 (the Load node's weight_dtype),
 with _nographs: the compiled layers without CUDA graphs.
@@ -112,6 +113,16 @@ def timed(fn):
     return out, (time.perf_counter() - t0) * 1e3
 
 
+def kernel_ms(fn) -> float:
+    """CUDA kernel time (ms) of one call of fn, summed over its kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e3
+
+
 def without_graphs(enc) -> None:
     """The compiled layers run as they are, without CUDA graphs (t5core before graphs of eager layers under
     cudaMallocAsync): the runtime's own no-graph path."""
@@ -125,7 +136,8 @@ def run(variant: str, texts: list) -> dict:
         without_graphs(enc)
     for text in (PRECISION_PROMPT, *texts[:2]):  # load, compile, capture
         clip.encode_from_tokens_scheduled(clip.tokenize(text), add_dict=ADD)
-    rows = {k: [] for k in ("tokenize", "encode", "t5_part", "clip_l_part", "t5core_alone", "captures")}
+    rows = {k: [] for k in ("tokenize", "encode", "t5_part", "clip_l_part", "clip_l_kernels", "t5core_alone",
+                            "captures")}
     for text in texts[2:]:
         before = captures[0]
         tokens, ms = timed(lambda: clip.tokenize(text))
@@ -137,6 +149,8 @@ def run(variant: str, texts: list) -> dict:
         rows["t5_part"].append(timed(lambda: getattr(model, T5).encode_token_weights(tokens[T5]))[1])
         if "l" in tokens:
             rows["clip_l_part"].append(timed(lambda: model.clip_l.encode_token_weights(tokens["l"]))[1])
+            if torch.cuda.is_available() and not args.cpu:
+                rows["clip_l_kernels"].append(kernel_ms(lambda: model.clip_l.encode_token_weights(tokens["l"])))
         if enc is not None:
             ids, runtime = torch.tensor([[t[0] for t in tokens[T5][0]]]), enc.on_device()
             rows["t5core_alone"].append(timed(lambda: runtime.encode(ids))[1])
@@ -166,7 +180,7 @@ texts = prompts(args.prompts + 2, seed=3)
 device = "CPU" if args.cpu else f"{torch.cuda.get_device_name()}, allocator {torch.cuda.get_allocator_backend()}"
 print(f"# python3 {command}\n# torch {torch.__version__}, {device}", flush=True)
 results = {v: run_and_free(v, texts) for v in args.variants.split(",")}
-cols = ("t5_tokens", "tokenize", "encode", "t5_part", "clip_l_part", "t5core_alone", "captures")
+cols = ("t5_tokens", "tokenize", "encode", "t5_part", "clip_l_part", "clip_l_kernels", "t5core_alone", "captures")
 print("| variant | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
 for v, r in results.items():
     print(f"| {v} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

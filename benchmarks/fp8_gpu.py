@@ -50,9 +50,10 @@ class Variant:
     options: Optional[dict] = None  # torch.compile options
 
 
-# minutes of autotuning: inductor's Triton GEMM templates only, which may fuse the fp8 -> bf16 dequantization into
-# their prologue (reading fp8 weights) instead of writing a bf16 copy of each weight before cuBLAS
-TRITON_GEMMS = {"max_autotune": True, "max_autotune_gemm_backends": "TRITON", "triton.cudagraphs": False}
+# minutes of autotuning: inductor's Triton GEMM templates beside cuBLAS (which alone writes float32 out of bf16
+# inputs, the f32_out projections), picked by timing; a template may fuse the fp8 -> bf16 dequantization into its
+# prologue (reading fp8 weights) instead of writing a bf16 copy of each weight before cuBLAS
+TRITON_GEMMS = {"max_autotune": True, "max_autotune_gemm_backends": "TRITON,ATEN", "triton.cudagraphs": False}
 
 
 VARIANTS = {
