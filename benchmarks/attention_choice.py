@@ -8,6 +8,9 @@ the kernels of one encode without graphs (profiler: count and GPU ms by kernel, 
 variant's relative error against the float32 model (eager SDPA, TF32 off) on the real tokens.
 
     PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python benchmarks/attention_choice.py
+
+--mode fp32-on-fp16: float32 compute on float16 projection weights (the Load node's fp32 on a float16 file:
+t5_common.split_linear), whose attention runs in float32, instead of float16 compute.
 """
 import argparse
 import collections
@@ -57,7 +60,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--shapes", default="wan,flux,t5-512")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--mode", choices=("fp16", "fp32-on-fp16"), default="fp16")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    precision = ({"dtype": torch.float16} if args.mode == "fp16" else
+                 {"dtype": torch.float32, "weight_dtype": "float16"})
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, allocator "
           f"{torch.cuda.get_allocator_backend()}", flush=True)
     rows = []
@@ -68,11 +76,12 @@ def main() -> None:
         if pads:
             mask = torch.ones(1, L, dtype=torch.bool)
             mask[:, L - pads:] = False
-        config = t5core.T5Config.from_name("xxl", dtype=torch.float16, pos_emb_per_layer=umt5)
+        config = t5core.T5Config.from_name("xxl", pos_emb_per_layer=umt5, **precision)
         torch.backends.cuda.matmul.allow_tf32 = False
-        ref = t5core.Encoder(random_t5(config.model_copy(update={"dtype": torch.float32}), "cuda")).encode(ids, mask)
+        ref_config = config.model_copy(update={"dtype": torch.float32, "weight_dtype": None})
+        ref = t5core.Encoder(random_t5(ref_config, "cuda")).encode(ids, mask)
         encoders, outs, counts = {}, {}, {}
-        for v in VARIANTS:  # random_t5 seeds itself: the same weights
+        for v in variants:  # random_t5 seeds itself: the same weights
             attn = v.split(",")[0]
             model = fuse_norm_scales_enc(random_t5(config.model_copy(update={"attn_impl": attn}), "cuda"))
             if v.endswith("one by one"):
@@ -91,12 +100,13 @@ def main() -> None:
                 print(f"  {t:7.3f} ms {n[k]:4d}x {k}")
         real = slice(0, L - pads)
         t = timed({k: (lambda e=e: e.encode(ids, mask)) for k, e in encoders.items()}, args.reps, torch.device("cuda"))
-        for v in VARIANTS:
-            rows.append((shape, L, pads, v, t[v], t[v] / t["sdpa"], counts[v],
+        for v in variants:
+            rows.append((shape, L, pads, v, t[v], t[v] / t[variants[0]], counts[v],
                          relative_error(outs[v][0, real], ref[0, real])))
         del encoders, model, enc, ref
         torch.cuda.empty_cache()
-    print("\n| shape | tokens | pads | variant | ms | / sdpa | kernels per encode | rel. error vs float32 |\n"
+    print(f"\n{args.mode}\n| shape | tokens | pads | variant | ms | / {variants[0]} | kernels per encode "
+          "| rel. error vs float32 |\n"
           "|---|---|---|---|---|---|---|---|")
     for shape, L, pads, v, ms, ratio, n, err in rows:
         print(f"| {shape} | {L} | {pads} | {v} | {ms:.2f} | {ratio:.3f} | {n} | {err:.2e} |")

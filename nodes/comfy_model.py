@@ -144,7 +144,8 @@ class T5Encoder:
 
     def attention(self) -> str:
         """The attention kernel: as planned, else t5core's choice for this model, device and compile setting."""
-        return self.plan.attention or default_attention(self.config, self.devices()[0], self.plan.compile)
+        return self.plan.attention or default_attention(self.config, self.plan.dtype, self.devices()[0],
+                                                        self.plan.compile)
 
     def patcher(self):
         """The ModelPatcher holding the weights, loaded from the file on first use (onto the offload device)."""

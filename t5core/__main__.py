@@ -74,7 +74,7 @@ def _add_model_args(p: argparse.ArgumentParser, dtype_default="float32", format_
     p.add_argument("--dtype", type=_dtype_arg, default=dtype_default, help="float32 | bfloat16 | float16 (default %(default)s)")
     p.add_argument("--device", type=_device_arg, default="cpu", help="cpu | cuda | cuda:N (default %(default)s)")
     p.add_argument("--attn", choices=["sdpa", "flex"], default=None,
-                   help="attention kernel (default: flex for a compiled UMT5 on CUDA, else sdpa)")
+                   help="attention kernel (default: flex for a compiled UMT5 in 16 bits on CUDA, else sdpa)")
     p.add_argument("--fuse-norms", action="store_true", help="fold RMSNorm scales into the following projections")
     p.add_argument("--fp16-scales", type=_scales_arg, default="auto",
                    help="float16 residual scales: auto (saved, calibrated or preset by size), none, calibrate, "

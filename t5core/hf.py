@@ -123,8 +123,8 @@ class FastT5EncoderModel(PreTrainedModel):
 
         torch_dtype / dtype: the compute dtype, float32, bfloat16 or float16; None or "auto" keeps the stored
         dtype (float8 files compute in bfloat16), as transformers does. device / device_map ({"": device} or a
-        device string) place the weights; attn_impl: "sdpa" or "flex" (None: flex for a compiled UMT5 on CUDA, else
-        sdpa). fuse_norms, fp16_scales, compile and weight_dtype ("auto": float8 files keep fp8 weights;
+        device string) place the weights; attn_impl: "sdpa" or "flex" (None: flex for a compiled UMT5 in 16 bits on
+        CUDA, else sdpa). fuse_norms, fp16_scales, compile and weight_dtype ("auto": float8 files keep fp8 weights;
         "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast", or the compute dtype to expand them; t5core.fp8; "float16" /
         "bfloat16" with float32 compute) are t5core.load_encoder's options; a float16 load with fp16_scales="auto"
         reuses scales saved by save_pretrained, which writes fp8 weights as ComfyUI's scaled fp8 file. Hub names are
@@ -160,7 +160,7 @@ class FastT5EncoderModel(PreTrainedModel):
                              "convert it before enabling offload")
         dtype = _requested_dtype(torch_dtype, None) or hf_model.dtype
         config = config_from_hf(hf_model.config.to_dict())
-        impl = T5AttnImpl(attn_impl or default_attention(config, device, compile))
+        impl = T5AttnImpl(attn_impl or default_attention(config, dtype, device, compile))
         config = config.model_copy(update={"dtype": dtype, "attn_impl": impl})
         scales = resolve_scales(fp16_scales, config) if dtype == torch.float16 else None
         if fuse_norms or (scales is not None and not scales.is_unit):

@@ -264,12 +264,14 @@ class FusingDeserializer:
         self.ckpt = None
 
 
-def default_attention(config: T5Config, device, compile: bool) -> str:
-    """The attention kernel when none is named: flex for a compiled UMT5 on a CUDA GPU, SDPA otherwise. UMT5 has a
-    bias table per layer, which SDPA needs as a dense [B, H, L, L] mask made in every layer and flex reads inside its
-    kernel (WAN's 1 x 512: 5% faster on an H100, BENCHMARKS.md); with T5's one table the dense bias is made once per
-    encode and SDPA is as fast or faster. Uncompiled, SDPA needs no Triton."""
-    return "flex" if compile and torch.device(device).type == "cuda" and config.pos_emb_per_layer else "sdpa"
+def default_attention(config: T5Config, dtype: torch.dtype, device, compile: bool) -> str:
+    """The attention kernel when none is named: flex for a compiled UMT5 computing in 16 bits on a CUDA GPU, SDPA
+    otherwise. UMT5 has a bias table per layer, which SDPA needs as a dense [B, H, L, L] mask made in every layer
+    and flex reads inside its kernel (WAN's 1 x 512: 5% faster on an H100, BENCHMARKS.md); with T5's one table the
+    dense bias is made once per encode and SDPA is as fast or faster. In float32 flex's kernel is 6.6x slower than
+    SDPA's (WAN on an H100: 39.9 against 6.1 ms per encode). Uncompiled, SDPA needs no Triton."""
+    return ("flex" if compile and torch.device(device).type == "cuda" and config.pos_emb_per_layer
+            and dtype in (torch.float16, torch.bfloat16) else "sdpa")
 
 
 def load_encoder(
@@ -289,8 +291,8 @@ def load_encoder(
     open_checkpoint returned (its subfolder and format already chosen).
 
     dtype: float32 / bfloat16 / float16. attn_impl: "sdpa" or "flex"; None: default_attention (flex for a compiled
-    UMT5 on CUDA, else SDPA). Compiled, the two are within 2-4% for T5 v1.1 (BENCHMARKS.md); on CUDA flex always
-    compiles its kernel with Triton, SDPA uncompiled needs no Triton.
+    UMT5 in 16 bits on CUDA, else SDPA). Compiled, the two are within 2-4% for T5 v1.1 (BENCHMARKS.md); on CUDA flex
+    always compiles its kernel with Triton, SDPA uncompiled needs no Triton.
     fuse_norms: fold norm scales into the projections while loading.
     fp16_scales (float16 only; t5core.fp16_scales): "auto" (scales baked into the checkpoint, else calibrated
     ones saved beside it, else ones recorded in its config.json, else the preset for its size), "calibrate"
@@ -326,7 +328,7 @@ def load_encoder(
         raise ValueError(f"{ckpt.path}: fuse_norms=True cannot fold norm scales into GGUF blocks kept compressed (that "
                          f"would mean re-quantizing): pass weight_dtype={str(dtype).removeprefix('torch.')!r} to expand "
                          f"the weights at load, or fuse_norms=False")
-    impl = T5AttnImpl(attn_impl or default_attention(ckpt.config, device, compile))
+    impl = T5AttnImpl(attn_impl or default_attention(ckpt.config, dtype, device, compile))
     wdtype = None if packed else resolve_weight_dtype(weight_dtype, dtype, ckpt.projection_dtype(), ckpt.path)
     config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl, "weight_dtype": wdtype})
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales

@@ -523,12 +523,15 @@ def test_wan_through_comfyuis_encoder(comfy, hf_umt5):
 
 
 def test_attention_auto_is_flex_for_a_compiled_umt5_on_a_gpu(comfy, monkeypatch):
-    """attention auto: flex where ComfyUI runs text encoders on a CUDA GPU, the Load node compiles and the file is a
-    UMT5 (a bias table per layer); SDPA otherwise; a named kernel is kept. (Decided, not run: no GPU here.)"""
-    umt5, t5 = load(comfy, "umt5_tiny.safetensors", compile=True), load(comfy, "t5_tiny.safetensors", compile=True)
+    """attention auto: flex where ComfyUI runs text encoders on a CUDA GPU, the Load node compiles, the file is a
+    UMT5 (a bias table per layer) and the compute is 16-bit; SDPA otherwise; a named kernel is kept. (Decided, not
+    run: no GPU here.)"""
+    umt5 = load(comfy, "umt5_tiny.safetensors", weight_dtype="bf16", compile=True)
+    t5 = load(comfy, "t5_tiny.safetensors", weight_dtype="bf16", compile=True)
     assert umt5.attention() == t5.attention() == "sdpa"  # ComfyUI's text-encoder device is the CPU here
     monkeypatch.setattr(comfy.mm, "text_encoder_device", lambda: torch.device("cuda"))
     assert (umt5.attention(), t5.attention()) == ("flex", "sdpa")
+    assert load(comfy, "umt5_tiny.safetensors", weight_dtype="fp32", compile=True).attention() == "sdpa"
     assert "flex" in umt5.describe()
     umt5.patcher()  # loads (onto the offload device, the CPU) and compiles lazily: nothing runs on the GPU yet
     runtime = umt5._runtime

@@ -27,15 +27,18 @@ def pair(request, tmp_path_factory):
 
 
 def test_default_attention():
-    """No attn_impl: flex only for a compiled UMT5 on CUDA (its per-layer bias tables read inside the kernel)."""
+    """No attn_impl: flex only for a compiled UMT5 in 16 bits on CUDA (its per-layer bias tables read inside the
+    kernel); float32 takes SDPA, whose float32 kernel is far faster than flex's."""
     from t5core.weight_load import default_attention
 
     umt5 = t5core.T5Config.from_name("small", pos_emb_per_layer=True)
     t5 = t5core.T5Config.from_name("small")
-    assert default_attention(umt5, "cuda", compile=True) == "flex"
-    assert default_attention(umt5, torch.device("cuda", 1), compile=True) == "flex"
-    for config, device, compile in ((umt5, "cpu", True), (umt5, "cuda", False), (t5, "cuda", True)):
-        assert default_attention(config, device, compile) == "sdpa"
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert default_attention(umt5, bf16, "cuda", compile=True) == "flex"
+    assert default_attention(umt5, fp16, torch.device("cuda", 1), compile=True) == "flex"
+    for config, dtype, device, compile in ((umt5, bf16, "cpu", True), (umt5, bf16, "cuda", False),
+                                           (t5, bf16, "cuda", True), (umt5, fp32, "cuda", True)):
+        assert default_attention(config, dtype, device, compile) == "sdpa"
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "flex"])

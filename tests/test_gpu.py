@@ -78,15 +78,17 @@ def test_float32_parity_compiled_with_graphs(hf_and_folder, attn):
 
 
 def test_compiled_umt5_takes_flex_by_default(tmp_path):
-    """No attn_impl: a compiled UMT5 on CUDA runs flex attention (its per-layer bias tables read in the kernel),
-    equal to transformers' UMT5 in float32, padded prompts included."""
+    """No attn_impl: a compiled UMT5 on CUDA runs flex attention (its per-layer bias tables read in the kernel) in
+    16 bits, SDPA in float32 and uncompiled; flex compiled equals transformers' UMT5 in float32, padded prompts
+    included."""
     hf = make_hf_encoder("umt5", vocab_size=512, num_layers=3, seed=12)
     folder = save_hf(hf, tmp_path)
     hf = hf.to(CUDA)
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = t5core.load_encoder(folder, "float32", "cuda", compile=True)
-    assert model.config.attn_impl == t5core.T5AttnImpl.Flex
-    assert t5core.load_encoder(folder, "float32", "cuda").config.attn_impl == t5core.T5AttnImpl.SDPA
+    assert t5core.load_encoder(folder, "bfloat16", "cuda", compile=True).config.attn_impl == t5core.T5AttnImpl.Flex
+    assert t5core.load_encoder(folder, "float32", "cuda", compile=True).config.attn_impl == t5core.T5AttnImpl.SDPA
+    assert t5core.load_encoder(folder, "bfloat16", "cuda").config.attn_impl == t5core.T5AttnImpl.SDPA
+    model = t5core.load_encoder(folder, "float32", "cuda", attn_impl="flex", compile=True)
     for seed, lengths in ((0, None), (1, [64, 9])):
         ids, mask = batch(2, 64, lengths, seed)
         with torch.no_grad():
