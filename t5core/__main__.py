@@ -109,14 +109,13 @@ def _load(args, ckpt, compile: bool = False, expand: bool = False):
 
 def _tokenizer_for(args, ckpt=None, folder=None):
     """--tokenizer, else the checkpoint's own (beside it or embedded) or the one in folder, else the bundled one."""
-    from .tokenizer import bundled_tokenizer, find_tokenizer, load_tokenizer
+    from .tokenizer import load_tokenizer, tokenizer_in
 
     if args.tokenizer is not None:
         return load_tokenizer(args.tokenizer)
     if ckpt is not None:
         return ckpt.tokenizer_or_bundled()
-    found = find_tokenizer(folder)
-    return load_tokenizer(found) if found is not None else bundled_tokenizer(f"in {folder}")
+    return tokenizer_in(folder)
 
 
 def cmd_encode(args) -> None:

@@ -11,7 +11,7 @@ from .precision import relative_error
 from .save import save_encoder
 from .t5_common import T5Config
 from .t5_encoder import T5EncoderStack
-from .tokenizer import BUNDLED_SPIECE, find_tokenizer, load_tokenizer
+from .tokenizer import BUNDLED_SPIECE, load_tokenizer, tokenizer_in
 from .weight_load import load_encoder
 
 PROMPTS = ["illustration of a nice tree", "a photograph of an astronaut riding a horse on the moon", "a cat"]
@@ -51,7 +51,7 @@ def run(args) -> None:
         if path is None:
             path = build_demo_model(Path(tmp) / "t5-small-random")
             print(f"built a random T5 v1.1 small encoder and saved it as {path}/enc.tensors + config.json")
-        tok = load_tokenizer(find_tokenizer(path) or BUNDLED_SPIECE)
+        tok = tokenizer_in(path)
         ids, mask = tok(args.prompts or PROMPTS)
         print(f"tokenized {len(ids)} prompts -> input_ids {list(ids.shape)}, {int(mask.sum())} real tokens")
         ref = load_encoder(path, "float32", args.device, attn_impl="sdpa").encode(ids, mask)

@@ -120,7 +120,8 @@ class Encoder:
         cannot build, encode() logs why and falls back to the Python wrapper."""
         allow_many_compiled_shapes()
         self._compile_kwargs = compile_kwargs
-        inductor = compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs  # options
+        # inductor's options (cpp_wrapper) cannot be given beside a `mode`
+        inductor = compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs
         self._cpp_wrapper = inductor and torch.cuda.is_available() and not compiled_code_captures()
         self._compile_each_layer()
         return self

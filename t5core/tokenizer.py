@@ -278,3 +278,9 @@ def bundled_tokenizer(missing: str) -> T5Tokenizer:
     "beside model.safetensors")."""
     logging.getLogger("t5core").warning("no tokenizer %s; using the bundled T5 tokenizer", missing)
     return load_tokenizer(BUNDLED_SPIECE)
+
+
+def tokenizer_in(folder_or_file: "str | os.PathLike") -> T5Tokenizer:
+    """The tokenizer find_tokenizer finds for a model folder or file, else the bundled one (bundled_tokenizer)."""
+    found = find_tokenizer(folder_or_file)
+    return load_tokenizer(found) if found is not None else bundled_tokenizer(f"in {folder_or_file}")

@@ -12,10 +12,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file from a checkout: make `t5core` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from t5core import load_encoder, load_tokenizer
+from t5core import load_encoder
 from t5core.distributed import end_process_group, init_from_env, load_fsdp
 from t5core.precision import relative_error
-from t5core.tokenizer import BUNDLED_SPIECE, find_tokenizer
+from t5core.tokenizer import tokenizer_in
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     sharded = load_fsdp(args.dcp_folder, args.dtype, device)
     w = sharded.model.layers[0].attn.qkv_proj.weight
     print(f"rank {rank}/{world}: layers.0.attn.qkv_proj.weight local shard {list(w.to_local().shape)} of {list(w.shape)}")
-    tok = load_tokenizer(find_tokenizer(Path(args.dcp_folder)) or BUNDLED_SPIECE)
+    tok = tokenizer_in(args.dcp_folder)
     ids, mask = tok(args.prompt or ["a photo of a cat wearing a tiny hat", "an oil painting of a lighthouse at dusk"])
     out = sharded.encode(ids, mask)
     if rank == 0:
