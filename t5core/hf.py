@@ -169,8 +169,7 @@ class FastT5EncoderModel(PreTrainedModel):
                                  norm_fusion_via_f32=True, scales=scales)
         else:
             encoder = _share_weights(hf_model, config)
-        runtime = Encoder(encoder)
-        runtime.flex_by_default = attn_impl is None and impl == T5AttnImpl.Flex
+        runtime = Encoder(encoder, flex_by_default=attn_impl is None and impl == T5AttnImpl.Flex)
         return cls._wrap(runtime.compile() if compile else runtime, name_or_path=hf_model.name_or_path)
 
     @classmethod

@@ -48,7 +48,8 @@ class Encoder:
     """A T5EncoderStack and the way it runs. `model` is the nn.Module (move it, offload it, hook it); this object
     holds only what depends on how it runs: compiled code and CUDA graphs, recaptured when weights move."""
 
-    def __init__(self, model: T5EncoderStack, sharded: bool = False, source_path=None) -> None:
+    def __init__(self, model: T5EncoderStack, sharded: bool = False, source_path=None,
+                 flex_by_default: bool = False) -> None:
         self.model = model
         self.sharded = sharded  # FSDP2 (t5core.distributed.load_fsdp): all-gathers need no_grad, not inference mode
         self.source_path = source_path  # the weights' file or folder, where calibrated scales are saved
@@ -63,7 +64,7 @@ class Encoder:
         self.stream_to: Optional[torch.device] = None  # see stream_weights
         # flex attention was t5core's pick (weight_load.default_attention), not the caller's: if the compiled layers
         # cannot be captured after all (the C++ wrapper's fallback below), SDPA's eager layers are captured instead
-        self.flex_by_default = False
+        self.flex_by_default = flex_by_default
 
     @property
     def config(self):

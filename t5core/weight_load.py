@@ -355,6 +355,5 @@ def load_encoder(
         else:
             model = build_empty(config, device, ckpt)
         load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True, scales=scales)
-    encoder = Encoder(model, source_path=Path(ckpt.path))
-    encoder.flex_by_default = attn_impl is None and impl == T5AttnImpl.Flex
+    encoder = Encoder(model, source_path=Path(ckpt.path), flex_by_default=attn_impl is None and impl == T5AttnImpl.Flex)
     return encoder.compile() if compile else encoder
