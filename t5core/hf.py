@@ -18,12 +18,12 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .checkpoint import (Checkpoint, CheckpointError, TensorDictSource, config_from_hf, hf_config_dict, native_target,
                          open_checkpoint)
-from .t5_common import DTYPES, T5AttnImpl, T5Config, parse_dtype
+from .t5_common import DTYPES, T5Config, parse_dtype
 from .runtime import Encoder
 from .t5_encoder import T5EncoderStack
 from .save import save_hf_folder
 from .fp16_scales import Scales, resolve as resolve_scales
-from .weight_load import build_empty, default_attention, load_checkpoint_into, load_encoder
+from .weight_load import build_empty, load_checkpoint_into, load_encoder, pick_attention
 
 HF_T5_CLASSES = ("T5EncoderModel", "MT5EncoderModel", "UMT5EncoderModel")
 DENOISER_SLOTS = ("transformer", "unet", "prior", "decoder")
@@ -160,7 +160,7 @@ class FastT5EncoderModel(PreTrainedModel):
                              "convert it before enabling offload")
         dtype = _requested_dtype(torch_dtype, None) or hf_model.dtype
         config = config_from_hf(hf_model.config.to_dict())
-        impl = T5AttnImpl(attn_impl or default_attention(config, dtype, device, compile))
+        impl, flex_by_default = pick_attention(attn_impl, config, dtype, device, compile)
         config = config.model_copy(update={"dtype": dtype, "attn_impl": impl})
         scales = resolve_scales(fp16_scales, config) if dtype == torch.float16 else None
         if fuse_norms or (scales is not None and not scales.is_unit):
@@ -169,7 +169,7 @@ class FastT5EncoderModel(PreTrainedModel):
                                  norm_fusion_via_f32=True, scales=scales)
         else:
             encoder = _share_weights(hf_model, config)
-        runtime = Encoder(encoder, flex_by_default=attn_impl is None and impl == T5AttnImpl.Flex)
+        runtime = Encoder(encoder, flex_by_default=flex_by_default)
         return cls._wrap(runtime.compile() if compile else runtime, name_or_path=hf_model.name_or_path)
 
     @classmethod

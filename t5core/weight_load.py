@@ -274,6 +274,14 @@ def default_attention(config: T5Config, dtype: torch.dtype, device, compile: boo
             and dtype in (torch.float16, torch.bfloat16) else "sdpa")
 
 
+def pick_attention(attn_impl: Optional[str], config: T5Config, dtype: torch.dtype, device,
+                   compile: bool) -> tuple[T5AttnImpl, bool]:
+    """-> (the attention kernel: attn_impl, else default_attention; whether it is flex by t5core's pick rather
+    than the caller's, Encoder's flex_by_default)."""
+    impl = T5AttnImpl(attn_impl or default_attention(config, dtype, device, compile))
+    return impl, attn_impl is None and impl == T5AttnImpl.Flex
+
+
 def load_encoder(
     path,
     dtype="float32",
@@ -328,7 +336,7 @@ def load_encoder(
         raise ValueError(f"{ckpt.path}: fuse_norms=True cannot fold norm scales into GGUF blocks kept compressed (that "
                          f"would mean re-quantizing): pass weight_dtype={str(dtype).removeprefix('torch.')!r} to expand "
                          f"the weights at load, or fuse_norms=False")
-    impl = T5AttnImpl(attn_impl or default_attention(ckpt.config, dtype, device, compile))
+    impl, flex_by_default = pick_attention(attn_impl, ckpt.config, dtype, device, compile)
     wdtype = None if packed else resolve_weight_dtype(weight_dtype, dtype, ckpt.projection_dtype(), ckpt.path)
     config = ckpt.config.model_copy(update={"dtype": dtype, "attn_impl": impl, "weight_dtype": wdtype})
     baked = config.enc_ffn_out_scales or config.enc_attn_out_scales
@@ -355,5 +363,5 @@ def load_encoder(
         else:
             model = build_empty(config, device, ckpt)
         load_checkpoint_into(model, ckpt, fuse_norm_scales=fuse_norms, norm_fusion_via_f32=True, scales=scales)
-    encoder = Encoder(model, source_path=Path(ckpt.path), flex_by_default=attn_impl is None and impl == T5AttnImpl.Flex)
+    encoder = Encoder(model, source_path=Path(ckpt.path), flex_by_default=flex_by_default)
     return encoder.compile() if compile else encoder
